@@ -1,0 +1,86 @@
+//! The serde mirror of the TOML file: exactly the keys a user may write, unknown keys rejected.
+//! Every field is optional here; defaults and checks live in [`super::model`].
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub proxy: ProxySection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    pub genesys: Option<GenesysSection>,
+    #[serde(default)]
+    pub token: TokenSection,
+    #[serde(default)]
+    pub audit: AuditSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    pub listen: Option<String>,
+    pub allowed_client_cidrs: Option<Vec<String>>,
+    pub allowed_path_prefixes: Option<Vec<String>>,
+    pub replay_body_limit_bytes: Option<u64>,
+    pub token_wait_timeout_ms: Option<u64>,
+    pub refresh_wait_timeout_ms: Option<u64>,
+    pub upstream_connect_timeout_ms: Option<u64>,
+    pub upstream_read_timeout_ms: Option<u64>,
+    pub shutdown_grace_seconds: Option<u64>,
+    pub dns_refresh_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenesysSection {
+    pub region: Option<String>,
+    pub login_url: Option<String>,
+    pub api_url: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<SecretRef>,
+    pub previous_client_secret: Option<SecretRef>,
+}
+
+/// `{ env = "NAME" }` or `{ file = "/path" }`. A plain string is refused on purpose: secrets do
+/// not belong in config files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    pub env: Option<String>,
+    pub file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSection {
+    pub refresh_before_expiry_seconds: Option<u64>,
+    pub validation: Option<String>,
+    pub max_token_requests_per_minute: Option<u64>,
+    pub backoff_initial_ms: Option<u64>,
+    pub backoff_max_ms: Option<u64>,
+    pub request_timeout_ms: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}

@@ -1,0 +1,51 @@
+//! Configuration: [`file`] is the serde mirror of the TOML file (the stable external format),
+//! [`model`] the validated types the program uses. Only this module knows TOML.
+
+pub mod file;
+pub mod model;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+
+pub use model::{
+    ApiTarget, AuditTarget, Config, LogFormat, ProxySettings, TokenSettings, Validation,
+};
+
+/// Why a config file was refused. The message always names the file, and the key when one is
+/// at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: {key}: {message}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// Reads, parses and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates config text; `path` is used in messages only.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let raw: file::FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        file: path.to_path_buf(),
+        message: e.to_string().trim_end().replace('\n', " "),
+    })?;
+    Config::from_file(raw, path)
+}

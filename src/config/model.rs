@@ -1,0 +1,359 @@
+//! The validated configuration the rest of the program uses. Built once from the file mirror by
+//! [`Config::from_file`], which applies every default and returns an error naming the key on
+//! the first bad value.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use reqwest::Url;
+
+use super::file::{FileConfig, SecretRef};
+use super::ConfigError;
+use crate::region;
+use crate::token::secret::{Secret, SecretSource};
+
+/// pingora replays at most this much request body from its retry buffer.
+pub const PINGORA_RETRY_BUFFER_BYTES: u64 = 64 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy: ProxySettings,
+    pub admin: AdminSettings,
+    pub genesys: GenesysSettings,
+    pub token: TokenSettings,
+    pub audit: AuditSettings,
+    pub log: LogSettings,
+    /// Non-fatal findings (e.g. a secret file readable by others), printed at start-up.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub listen: SocketAddr,
+    pub allowed_client_cidrs: Vec<IpNet>,
+    pub allowed_path_prefixes: Vec<String>,
+    pub replay_body_limit_bytes: u64,
+    pub token_wait_timeout: Duration,
+    pub refresh_wait_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_read_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub dns_refresh: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+}
+
+/// Where requests go: scheme, host and port of the Genesys API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiTarget {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl ApiTarget {
+    /// The `Host` header value: the host, plus the port when it is not the scheme's default.
+    pub fn host_header(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == default {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+
+    /// Base URL, e.g. `https://api.mypurecloud.com`.
+    pub fn base_url(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.host_header())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenesysSettings {
+    /// `https://login.<domain>/oauth/token`.
+    pub token_url: Url,
+    pub api: ApiTarget,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub client_secret_source: SecretSource,
+    pub previous_client_secret: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validation {
+    /// `GET /api/v2/tokens/me?preserveIdleTTL=true` with the new token before it is used.
+    TokensMe,
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenSettings {
+    pub refresh_before_expiry: Duration,
+    pub validation: Validation,
+    pub max_token_requests_per_minute: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditTarget {
+    File(PathBuf),
+    Stdout,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub target: AuditTarget,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Config {
+    /// Applies defaults and validates. `file` names the source in error messages.
+    pub fn from_file(raw: FileConfig, file: &Path) -> Result<Config, ConfigError> {
+        let err = |key: &str, message: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            key: key.to_string(),
+            message,
+        };
+        let mut warnings = Vec::new();
+
+        let p = raw.proxy;
+        let listen = parse_addr(p.listen.as_deref().unwrap_or("127.0.0.1:8080"))
+            .map_err(|m| err("proxy.listen", m))?;
+        let cidrs = p
+            .allowed_client_cidrs
+            .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1/128".into()]);
+        let mut allowed_client_cidrs = Vec::with_capacity(cidrs.len());
+        for c in &cidrs {
+            let net = c
+                .parse::<IpNet>()
+                .or_else(|_| c.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| err("proxy.allowed_client_cidrs", format!("{c:?} is not a CIDR or IP address")))?;
+            allowed_client_cidrs.push(net);
+        }
+        if allowed_client_cidrs.is_empty() {
+            return Err(err("proxy.allowed_client_cidrs", "must list at least one CIDR".into()));
+        }
+        let allowed_path_prefixes = p.allowed_path_prefixes.unwrap_or_else(|| vec!["/api/v2/".into()]);
+        if allowed_path_prefixes.is_empty() {
+            return Err(err("proxy.allowed_path_prefixes", "must list at least one prefix".into()));
+        }
+        for prefix in &allowed_path_prefixes {
+            if !prefix.starts_with('/') || prefix.contains("..") {
+                return Err(err(
+                    "proxy.allowed_path_prefixes",
+                    format!("{prefix:?} must start with '/' and contain no '..'"),
+                ));
+            }
+        }
+        let replay_body_limit_bytes = p.replay_body_limit_bytes.unwrap_or(PINGORA_RETRY_BUFFER_BYTES);
+        if replay_body_limit_bytes > PINGORA_RETRY_BUFFER_BYTES {
+            return Err(err(
+                "proxy.replay_body_limit_bytes",
+                format!("{replay_body_limit_bytes} exceeds pingora's 65536-byte retry buffer"),
+            ));
+        }
+        let proxy = ProxySettings {
+            listen,
+            allowed_client_cidrs,
+            allowed_path_prefixes,
+            replay_body_limit_bytes,
+            token_wait_timeout: ms(p.token_wait_timeout_ms, 5_000, "proxy.token_wait_timeout_ms", &err)?,
+            refresh_wait_timeout: ms(p.refresh_wait_timeout_ms, 5_000, "proxy.refresh_wait_timeout_ms", &err)?,
+            upstream_connect_timeout: ms(p.upstream_connect_timeout_ms, 5_000, "proxy.upstream_connect_timeout_ms", &err)?,
+            upstream_read_timeout: ms(p.upstream_read_timeout_ms, 60_000, "proxy.upstream_read_timeout_ms", &err)?,
+            shutdown_grace: Duration::from_secs(p.shutdown_grace_seconds.unwrap_or(30)),
+            dns_refresh: Duration::from_secs(p.dns_refresh_seconds.unwrap_or(30).max(1)),
+        };
+
+        let admin = AdminSettings {
+            listen: parse_addr(raw.admin.listen.as_deref().unwrap_or("127.0.0.1:9090"))
+                .map_err(|m| err("admin.listen", m))?,
+        };
+        if admin.listen == proxy.listen && admin.listen.port() != 0 {
+            return Err(err("admin.listen", "must differ from proxy.listen".into()));
+        }
+
+        let g = raw
+            .genesys
+            .ok_or_else(|| err("genesys", "section is required (client_id, client_secret)".into()))?;
+        let region = g.region.as_deref().unwrap_or("us-east-1");
+        let domain = region::domain_for(region).ok_or_else(|| {
+            err("genesys.region", format!("{region:?} is neither a known region nor a domain"))
+        })?;
+        let (login_default, api_default) = region::urls_for(&domain);
+        let login_url = parse_url(g.login_url.as_deref().unwrap_or(&login_default))
+            .map_err(|m| err("genesys.login_url", m))?;
+        let token_url = login_url
+            .join("/oauth/token")
+            .map_err(|e| err("genesys.login_url", e.to_string()))?;
+        let api_url = parse_url(g.api_url.as_deref().unwrap_or(&api_default))
+            .map_err(|m| err("genesys.api_url", m))?;
+        if !matches!(api_url.path(), "" | "/") || api_url.query().is_some() {
+            return Err(err("genesys.api_url", "must be scheme://host[:port] with no path".into()));
+        }
+        let api = ApiTarget {
+            tls: api_url.scheme() == "https",
+            host: api_url
+                .host_str()
+                .unwrap_or_default()
+                .trim_matches(|c| c == '[' || c == ']')
+                .to_string(),
+            port: api_url.port_or_known_default().unwrap_or(443),
+        };
+        let client_id = g.client_id.unwrap_or_default();
+        if client_id.trim().is_empty() {
+            return Err(err("genesys.client_id", "is required and must not be empty".into()));
+        }
+        if client_id.contains(':') {
+            return Err(err("genesys.client_id", "must not contain ':'".into()));
+        }
+        let secret_ref = g
+            .client_secret
+            .ok_or_else(|| err("genesys.client_secret", "is required: { env = \"NAME\" } or { file = \"/path\" }".into()))?;
+        let client_secret_source =
+            secret_source(secret_ref).map_err(|m| err("genesys.client_secret", m))?;
+        let client_secret = client_secret_source
+            .read()
+            .map_err(|e| err("genesys.client_secret", e.to_string()))?;
+        warnings.extend(client_secret_source.permission_warning());
+        let previous_client_secret = match g.previous_client_secret {
+            None => None,
+            Some(r) => {
+                let source = secret_source(r).map_err(|m| err("genesys.previous_client_secret", m))?;
+                warnings.extend(source.permission_warning());
+                Some(source.read().map_err(|e| err("genesys.previous_client_secret", e.to_string()))?)
+            }
+        };
+        let genesys = GenesysSettings {
+            token_url,
+            api,
+            client_id,
+            client_secret,
+            client_secret_source,
+            previous_client_secret,
+        };
+
+        let t = raw.token;
+        let validation = match t.validation.as_deref().unwrap_or("tokens_me") {
+            "tokens_me" => Validation::TokensMe,
+            "none" => Validation::None,
+            "jwks" => {
+                return Err(err(
+                    "token.validation",
+                    "\"jwks\" is for generic OAuth2 issuers and is not supported yet; Genesys tokens are opaque: use \"tokens_me\"".into(),
+                ))
+            }
+            other => return Err(err("token.validation", format!("{other:?} is not one of \"tokens_me\", \"none\""))),
+        };
+        let max_per_minute = t.max_token_requests_per_minute.unwrap_or(20);
+        if !(1..=600).contains(&max_per_minute) {
+            return Err(err("token.max_token_requests_per_minute", "must be between 1 and 600".into()));
+        }
+        let backoff_initial = ms(t.backoff_initial_ms, 500, "token.backoff_initial_ms", &err)?;
+        let backoff_max = ms(t.backoff_max_ms, 60_000, "token.backoff_max_ms", &err)?;
+        if backoff_max < backoff_initial {
+            return Err(err("token.backoff_max_ms", "must be at least token.backoff_initial_ms".into()));
+        }
+        let token = TokenSettings {
+            refresh_before_expiry: Duration::from_secs(t.refresh_before_expiry_seconds.unwrap_or(300)),
+            validation,
+            max_token_requests_per_minute: max_per_minute as u32,
+            backoff_initial,
+            backoff_max,
+            request_timeout: ms(t.request_timeout_ms, 10_000, "token.request_timeout_ms", &err)?,
+            connect_timeout: ms(t.connect_timeout_ms, 3_000, "token.connect_timeout_ms", &err)?,
+        };
+
+        let audit_path = raw.audit.path.unwrap_or_else(|| "audit.jsonl".into());
+        let audit = AuditSettings {
+            target: match audit_path.as_str() {
+                "" => return Err(err("audit.path", "must not be empty (use \"-\" for stdout)".into())),
+                "-" => AuditTarget::Stdout,
+                p => AuditTarget::File(PathBuf::from(p)),
+            },
+        };
+
+        let log = LogSettings {
+            format: match raw.log.format.as_deref().unwrap_or("json") {
+                "json" => LogFormat::Json,
+                "text" => LogFormat::Text,
+                other => return Err(err("log.format", format!("{other:?} is not \"json\" or \"text\""))),
+            },
+            level: {
+                let level = raw.log.level.unwrap_or_else(|| "info".into());
+                tracing_subscriber::EnvFilter::try_new(&level)
+                    .map_err(|e| err("log.level", format!("{level:?}: {e}")))?;
+                level
+            },
+        };
+
+        Ok(Config { proxy, admin, genesys, token, audit, log, warnings })
+    }
+}
+
+/// A millisecond setting with its default; zero is refused (it would disable a timeout).
+fn ms<E>(value: Option<u64>, default: u64, key: &str, err: &E) -> Result<Duration, ConfigError>
+where
+    E: Fn(&str, String) -> ConfigError,
+{
+    let v = value.unwrap_or(default);
+    if v == 0 {
+        return Err(err(key, "must be greater than 0".into()));
+    }
+    Ok(Duration::from_millis(v))
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("{s:?} is not an IP:port address (e.g. \"127.0.0.1:8080\")"))
+}
+
+/// Parses a base URL; plain `http` is accepted only for loopback hosts (the simulator).
+fn parse_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    let host = url.host_str().ok_or_else(|| format!("{s:?} has no host"))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if is_loopback_host(host) => Ok(url),
+        "http" => Err(format!("{s:?} uses plain http; only https is allowed for non-loopback hosts")),
+        other => Err(format!("{s:?}: scheme {other:?} is not http or https")),
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_matches(|c| c == '[' || c == ']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn secret_source(r: SecretRef) -> Result<SecretSource, String> {
+    match (r.env, r.file) {
+        (Some(env), None) if !env.trim().is_empty() => Ok(SecretSource::Env(env)),
+        (None, Some(file)) if !file.trim().is_empty() => Ok(SecretSource::File(PathBuf::from(file))),
+        _ => Err("give exactly one of { env = \"NAME\" } or { file = \"/path\" }".into()),
+    }
+}

@@ -1,0 +1,170 @@
+//! The Genesys Cloud simulator: a local stand-in for `login.<domain>` and `api.<domain>` that
+//! keeps state the way Genesys does (clients with several secrets, opaque tokens with lifetimes,
+//! revocation, idle timeout, per-token API rate limits, token-endpoint throttling answered with
+//! 400), plus a loopback-only control API under `/__sim/` for tests and demos.
+//!
+//! One listener serves both hosts' paths. Start it in-process with [`start`] on a listener you
+//! bound (port 0 in tests), or from the command line with `genesys-auth-proxy sim`.
+
+mod api;
+mod control;
+pub mod jwt;
+mod oauth;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::Router;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rand::RngCore;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use state::{FaultKind, SimState};
+
+/// The token format the simulator issues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TokenFormat {
+    /// Random opaque strings, as Genesys issues.
+    #[default]
+    Opaque,
+    /// RS256 JWTs with a JWKS at `/.well-known/jwks.json` (for generic OAuth2 issuers).
+    Jwt,
+}
+
+/// Start-up settings of the simulator.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// `(client_id, secret)` pairs known at start.
+    pub clients: Vec<(String, String)>,
+    pub token_lifetime_seconds: u64,
+    pub token_rate_limit_per_minute: u64,
+    pub api_rate_limit_per_minute: u64,
+    pub idle_timeout_seconds: Option<u64>,
+    pub token_format: TokenFormat,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            clients: Vec::new(),
+            token_lifetime_seconds: 86_400,
+            token_rate_limit_per_minute: 300,
+            api_rate_limit_per_minute: 300,
+            idle_timeout_seconds: None,
+            token_format: TokenFormat::Opaque,
+        }
+    }
+}
+
+/// A running simulator. Dropping it stops the server.
+pub struct SimHandle {
+    pub addr: SocketAddr,
+    pub state: Arc<SimState>,
+    task: JoinHandle<()>,
+}
+
+impl SimHandle {
+    /// `http://127.0.0.1:PORT`, the base URL for both login and API paths.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits until the server task ends (it only ends on error or when aborted).
+    pub async fn wait(mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves the simulator on `listener` until the returned handle is dropped.
+pub fn start(config: SimConfig, listener: TcpListener) -> std::io::Result<SimHandle> {
+    let addr = listener.local_addr()?;
+    let state = Arc::new(SimState::new(config));
+    let app = router(state.clone());
+    let task = tokio::spawn(async move {
+        let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(listener, service).await {
+            tracing::error!(error = %e, "simulator server stopped");
+        }
+    });
+    Ok(SimHandle { addr, state, task })
+}
+
+fn router(state: Arc<SimState>) -> Router {
+    Router::new()
+        .route("/oauth/token", post(oauth::token))
+        .route("/.well-known/jwks.json", get(oauth::jwks))
+        .nest("/__sim", control::router())
+        .route("/api/v2/{*rest}", any(api::handle))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found() -> Response {
+    genesys_error(
+        StatusCode::NOT_FOUND,
+        "not.found",
+        "The requested resource was not found.",
+    )
+}
+
+/// A fresh opaque token: 32 random bytes, base64url (43 characters, 256 bits of entropy).
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A random correlation id in UUID form, like Genesys's `ININ-Correlation-Id`.
+pub fn correlation_id() -> String {
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// A response in Genesys's `ErrorBody` shape, with `ININ-Correlation-Id` equal to `contextId`.
+pub fn genesys_error(status: StatusCode, code: &str, message: &str) -> Response {
+    genesys_error_with(status, code, message, HeaderMap::new())
+}
+
+pub fn genesys_error_with(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    mut headers: HeaderMap,
+) -> Response {
+    let cid = correlation_id();
+    let body = serde_json::json!({
+        "message": message,
+        "code": code,
+        "status": status.as_u16(),
+        "contextId": cid,
+        "details": [],
+        "errors": [],
+    });
+    if let Ok(v) = HeaderValue::from_str(&cid) {
+        headers.insert("inin-correlation-id", v);
+    }
+    (status, headers, axum::Json(body)).into_response()
+}

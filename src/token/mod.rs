@@ -1,0 +1,13 @@
+//! The token lifecycle.
+//!
+//! - [`secret`]: secrets and tokens that cannot be printed.
+//! - [`endpoint`]: the token endpoint client and the failure classes.
+//! - [`schedule`]: when to refresh and how long to back off (pure functions).
+//! - [`store`]: the current token in an `ArcSwap`, and the 401 → refresh hand-off.
+//! - [`refresher`]: the one task that mints tokens.
+
+pub mod endpoint;
+pub mod refresher;
+pub mod schedule;
+pub mod secret;
+pub mod store;
