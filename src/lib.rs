@@ -34,3 +34,7 @@ pub mod token;
 pub mod audit;
 pub mod metrics;
 pub mod proxy;
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod commands;

@@ -1,0 +1,140 @@
+//! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics` (and `/reload`), on its own
+//! port so load balancers and scrapers never share the proxy's allowlists or capacity.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use crate::audit::AuditLog;
+use crate::metrics::Metrics;
+use crate::token::refresher::RefreshInfo;
+use crate::token::store::TokenStore;
+
+pub struct AdminState {
+    pub store: Arc<TokenStore>,
+    pub metrics: Arc<Metrics>,
+    pub refresh: Arc<Mutex<RefreshInfo>>,
+    pub audit: Arc<AuditLog>,
+    /// True once shutdown began: `/readyz` answers 503 so balancers drain first.
+    pub draining: AtomicBool,
+    pub config_loaded_at: SystemTime,
+    pub config_generation: u64,
+}
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/reload", post(reload))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .with_state(state)
+}
+
+/// Ready when a valid token is held and shutdown has not begun; otherwise the one-line reason.
+pub fn readiness(state: &AdminState) -> Result<(), &'static str> {
+    if state.draining.load(Ordering::Relaxed) {
+        return Err("shutting down");
+    }
+    match state.store.current() {
+        None => Err("no token acquired yet"),
+        Some(t) if !t.is_valid_at(Instant::now()) => Err("token expired and no refresh succeeded"),
+        Some(_) => Ok(()),
+    }
+}
+
+async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+    match readiness(&state) {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")).into_response(),
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> Response {
+    let now = Instant::now();
+    let token = state.store.current();
+    let info = state.refresh.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let valid = token.as_ref().is_some_and(|t| t.is_valid_at(now));
+    let health = if !valid {
+        "unhealthy"
+    } else if info.consecutive_failures > 0 || state.audit.failures() > 0 {
+        "degraded"
+    } else {
+        "healthy"
+    };
+    let token_json = token.map(|t| {
+        serde_json::json!({
+            "valid": t.is_valid_at(now),
+            "expires_at": rfc3339(t.expires_at_wall),
+            "expires_in_seconds": t.expires_at.saturating_duration_since(now).as_secs(),
+            "generation": t.generation,
+            "fingerprint": t.fingerprint,
+            "source": t.source.as_str(),
+        })
+    });
+    let m = &state.metrics;
+    let counter = |v: &prometheus::IntCounterVec| -> u64 {
+        let mut total = 0;
+        for family in prometheus::core::Collector::collect(v) {
+            for metric in family.get_metric() {
+                total += metric.get_counter().get_value() as u64;
+            }
+        }
+        total
+    };
+    let body = serde_json::json!({
+        "status": health,
+        "token": token_json.unwrap_or(serde_json::json!({"valid": false})),
+        "last_refresh": info.last_refresh.map(rfc3339),
+        "refresh_count": info.refresh_count,
+        "consecutive_refresh_failures": info.consecutive_failures,
+        "last_refresh_error": info.last_error,
+        "anomaly": {"state": "clear", "since": null, "reason": null},
+        "config": {
+            "loaded_at": rfc3339(state.config_loaded_at),
+            "generation": state.config_generation,
+        },
+        "audit_write_failures": state.audit.failures(),
+        "counters": {
+            "requests_total": counter(&m.requests_total),
+            "upstream_unauthorized_total": m.upstream_unauthorized_total.get(),
+            "replays_total": counter(&m.replays_total),
+            "token_requests_total": counter(&m.token_requests_total),
+            "upstream_rate_limited_total": m.upstream_rate_limited_total.get(),
+            "rejected_requests_total": counter(&m.rejected_requests_total),
+        },
+        "now": SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
+    });
+    Json(body).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Reloading (SIGHUP / `POST /reload`) arrives with secret rotation; until then say so plainly.
+async fn reload() -> Response {
+    (
+        StatusCode::NOT_IMPLEMENTED,
+        Json(serde_json::json!({
+            "outcome": "not_implemented",
+            "reason": "configuration reload is not implemented yet; restart the proxy to apply changes",
+        })),
+    )
+        .into_response()
+}

@@ -1,0 +1,260 @@
+//! The one place that wires the parts together: token store and refresher, DNS resolver, the
+//! pingora proxy on its listener, the admin listener, audit log, and graceful shutdown.
+//!
+//! [`start`] binds both listeners (port 0 works: tests read the bound addresses from
+//! [`Running`]) and returns at once; [`Running::shutdown`] drains in-flight requests within the
+//! configured grace period.
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use pingora::apps::ServerApp;
+use pingora::protocols::{GetSocketDigest, SocketDigest};
+use pingora::server::configuration::ServerConf;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminState};
+use crate::audit::AuditLog;
+use crate::config::{ApiTarget, Config};
+use crate::metrics::Metrics;
+use crate::proxy::{GenesysProxy, ProxyState};
+use crate::token::endpoint::TokenEndpoint;
+use crate::token::refresher::{Credentials, RefreshInfo, Refresher};
+use crate::token::store::TokenStore;
+
+/// A running proxy.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub store: Arc<TokenStore>,
+    pub metrics: Arc<Metrics>,
+    shutdown_tx: watch::Sender<bool>,
+    done: JoinHandle<()>,
+}
+
+impl Running {
+    /// Starts a graceful shutdown and waits until it is complete.
+    pub async fn shutdown(self) {
+        self.shutdown_tx.send_replace(true);
+        let _ = self.done.await;
+    }
+
+    /// Waits for SIGTERM or SIGINT, then shuts down gracefully.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    tracing::warn!("SIGHUP received: configuration reload is not implemented yet; restart to apply changes");
+                }
+            }
+        }
+        tracing::info!("shutting down: draining in-flight requests");
+        self.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Installs the ring crypto provider once (the only provider compiled in).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Binds the listeners, starts every background task and returns.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    install_crypto_provider();
+    let metrics = Arc::new(Metrics::new());
+    let audit = Arc::new(
+        AuditLog::open(&config.audit.target, &config.genesys.client_id, metrics.clone())
+            .with_context(|| format!("audit.path: cannot open {:?}", config.audit.target))?,
+    );
+    let store = Arc::new(TokenStore::new());
+    let refresh_info = Arc::new(Mutex::new(RefreshInfo::default()));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let proxy_listener = TcpListener::bind(config.proxy.listen)
+        .await
+        .with_context(|| format!("proxy.listen: cannot bind {}", config.proxy.listen))?;
+    let admin_listener = TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("admin.listen: cannot bind {}", config.admin.listen))?;
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let api = config.genesys.api.clone();
+    let endpoint = TokenEndpoint::new(
+        config.genesys.token_url.clone(),
+        &api.base_url(),
+        config.token.connect_timeout,
+        config.token.request_timeout,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let refresher = Refresher {
+        store: store.clone(),
+        endpoint,
+        credentials: Credentials {
+            client_id: config.genesys.client_id.clone(),
+            secret: config.genesys.client_secret.clone(),
+            previous: config.genesys.previous_client_secret.clone(),
+        },
+        settings: config.token.clone(),
+        metrics: metrics.clone(),
+        audit: audit.clone(),
+        info: refresh_info.clone(),
+    };
+    let refresher_task = tokio::spawn(refresher.run(shutdown_rx.clone()));
+
+    let state = Arc::new(ProxyState {
+        settings: ArcSwap::from_pointee(config.proxy.clone()),
+        host_header: HeaderValue::from_str(&api.host_header()).context("genesys.api_url: host is not a valid Host header")?,
+        api: api.clone(),
+        upstream_addrs: ArcSwap::from_pointee(Vec::new()),
+        store: store.clone(),
+        metrics: metrics.clone(),
+    });
+    let resolver_task = tokio::spawn(resolve_loop(api.clone(), state.clone(), config.proxy.dns_refresh, shutdown_rx.clone()));
+
+    let admin_state = Arc::new(AdminState {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        refresh: refresh_info,
+        audit: audit.clone(),
+        draining: false.into(),
+        config_loaded_at: SystemTime::now(),
+        config_generation: 1,
+    });
+    let mut admin_shutdown = shutdown_rx.clone();
+    let admin_router = admin::router(admin_state.clone());
+    let admin_task = tokio::spawn(async move {
+        let serve = axum::serve(admin_listener, admin_router)
+            .with_graceful_shutdown(async move {
+                let _ = admin_shutdown.wait_for(|s| *s).await;
+            });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+
+    let server_conf = Arc::new(ServerConf::default());
+    let app = Arc::new(pingora::proxy::http_proxy(&server_conf, GenesysProxy { state }));
+    let tracker = TaskTracker::new();
+    let (pingora_shutdown_tx, pingora_shutdown_rx) = watch::channel(false);
+    let accept_task = {
+        let app = app.clone();
+        let tracker = tracker.clone();
+        let mut shutdown = shutdown_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    accepted = proxy_listener.accept() => match accepted {
+                        Ok((tcp, peer)) => {
+                            let _ = tcp.set_nodelay(true);
+                            let stream = to_pingora_stream(tcp, peer);
+                            let app = app.clone();
+                            let watch = pingora_shutdown_rx.clone();
+                            tracker.spawn(async move {
+                                let mut reuse = app.process_new(stream, &watch).await;
+                                while let Some(stream) = reuse {
+                                    reuse = app.process_new(stream, &watch).await;
+                                }
+                            });
+                        }
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off briefly, keep serving.
+                            tracing::error!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
+                    _ = until_true(&mut shutdown) => break,
+                }
+            }
+        })
+    };
+
+    audit.record(
+        "PROXY_STARTED",
+        serde_json::json!({
+            "proxy_listen": proxy_addr.to_string(),
+            "admin_listen": admin_addr.to_string(),
+            "api_host": api.host,
+            "version": env!("CARGO_PKG_VERSION"),
+        }),
+        None,
+    );
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, api = %api.base_url(), "genesys-auth-proxy listening");
+
+    let grace = config.proxy.shutdown_grace;
+    let mut shutdown = shutdown_rx;
+    let done = tokio::spawn(async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+        admin_state.draining.store(true, Ordering::Relaxed);
+        let _ = accept_task.await;
+        pingora_shutdown_tx.send_replace(true);
+        app.cleanup().await;
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(grace_seconds = grace.as_secs(), "grace period over; dropping remaining connections");
+        }
+        let _ = refresher_task.await;
+        let _ = resolver_task.await;
+        let _ = admin_task.await;
+        audit.record("PROXY_STOPPED", serde_json::json!({}), None);
+        tracing::info!("stopped");
+    });
+
+    Ok(Running { proxy_addr, admin_addr, store, metrics, shutdown_tx, done })
+}
+
+/// Wraps an accepted socket the way pingora's own listener does, so `client_addr()` works.
+fn to_pingora_stream(tcp: tokio::net::TcpStream, peer: SocketAddr) -> pingora::protocols::Stream {
+    let mut stream = pingora::protocols::l4::stream::Stream::from(tcp);
+    let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
+    let _ = digest.peer_addr.set(Some(peer.into()));
+    stream.set_socket_digest(digest);
+    Box::new(stream)
+}
+
+/// Resolves the API host now and every `every`, off the request path. A failed lookup keeps
+/// the previous addresses.
+async fn resolve_loop(api: ApiTarget, state: Arc<ProxyState>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut delay = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = until_true(&mut shutdown) => return,
+        }
+        match tokio::net::lookup_host((api.host.as_str(), api.port)).await {
+            Ok(addrs) => {
+                let addrs: Vec<SocketAddr> = addrs.collect();
+                if !addrs.is_empty() {
+                    state.upstream_addrs.store(Arc::new(addrs));
+                }
+                delay = every;
+            }
+            Err(e) => {
+                tracing::warn!(host = %api.host, error = %e, "cannot resolve the Genesys API host; keeping previous addresses");
+                delay = Duration::from_secs(1).min(every);
+            }
+        }
+    }
+}
+
+/// Resolves once the shutdown flag is true (the watch guard is dropped inside, keeping callers
+/// `Send`).
+async fn until_true(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

@@ -1,0 +1,256 @@
+//! The commands behind the CLI. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or config.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::cli::{Command, SimArgs};
+use crate::config::{self, Config, LogFormat};
+use crate::sim::{self, SimConfig};
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+/// Environment variable `demo` fills with a random secret when it is unset.
+pub const DEMO_SECRET_ENV: &str = "GENESYS_DEMO_CLIENT_SECRET";
+
+pub fn dispatch(command: Command) -> ExitCode {
+    match command {
+        Command::Run { config } => run(&config),
+        Command::Check { config, live } => check(&config, live),
+        Command::Demo { config } => demo(&config),
+        Command::Sim(args) => run_sim(args),
+        Command::AuditVerify { file } => match crate::audit::verify(&file) {
+            Ok(n) => {
+                println!("{}: ok, {n} events, hash chain intact", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: TAMPERED or damaged at {e}", file.display());
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
+    }
+}
+
+fn load_or_exit(path: &Path) -> Result<Config, ExitCode> {
+    config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// Sets up `tracing` (JSON or text); `RUST_LOG` overrides the configured level. pingora's
+/// `log` records are bridged in by the subscriber's log compatibility layer.
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        eprintln!("error: cannot start the async runtime: {e}");
+        ExitCode::from(EXIT_RUNTIME)
+    })
+}
+
+fn run(path: &Path) -> ExitCode {
+    let config = match load_or_exit(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(config.log.format, &config.log.level);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result = rt.block_on(async {
+        let running = crate::app::start(config).await?;
+        running.run_until_signal().await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn check(paths: &[std::path::PathBuf], live: bool) -> ExitCode {
+    let mut configs = Vec::new();
+    for path in paths {
+        match load_or_exit(path) {
+            Ok(c) => {
+                for w in &c.warnings {
+                    eprintln!("warning: {}: {w}", path.display());
+                }
+                println!("{}: ok", path.display());
+                configs.push(c);
+            }
+            Err(code) => return code,
+        }
+    }
+    if !live {
+        return ExitCode::SUCCESS;
+    }
+    crate::app::install_crypto_provider();
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    for (path, c) in paths.iter().zip(&configs) {
+        let result = rt.block_on(async {
+            let endpoint = crate::token::endpoint::TokenEndpoint::new(
+                c.genesys.token_url.clone(),
+                &c.genesys.api.base_url(),
+                c.token.connect_timeout,
+                c.token.request_timeout,
+            )
+            .map_err(|e| e.to_string())?;
+            let minted = endpoint.mint(&c.genesys.client_id, &c.genesys.client_secret).await.map_err(|e| e.to_string())?;
+            endpoint.validate(&minted.access_token).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(minted)
+        });
+        match result {
+            Ok(m) => println!(
+                "{}: live: minted and validated token {} (expires_in {} s)",
+                path.display(),
+                m.access_token.fingerprint(),
+                m.expires_in.as_secs()
+            ),
+            Err(e) => {
+                eprintln!("{}: live check failed: {e}", path.display());
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn parse_clients(specs: &[String]) -> Result<Vec<(String, String)>, String> {
+    specs
+        .iter()
+        .map(|s| match s.split_once(':') {
+            Some((id, secret)) if !id.is_empty() && !secret.is_empty() => Ok((id.to_string(), secret.to_string())),
+            _ => Err(format!("--client {s:?}: expected ID:SECRET with both parts non-empty")),
+        })
+        .collect()
+}
+
+fn run_sim(args: SimArgs) -> ExitCode {
+    let clients = match parse_clients(&args.clients) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_logging(LogFormat::Text, "info");
+    let config = SimConfig {
+        clients,
+        token_lifetime_seconds: args.token_lifetime_seconds,
+        token_rate_limit_per_minute: args.token_rate_limit_per_minute,
+        api_rate_limit_per_minute: args.api_rate_limit_per_minute,
+        idle_timeout_seconds: args.idle_timeout_seconds,
+        token_format: args.token_format,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result: anyhow::Result<()> = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        let handle = sim::start(config, listener)?;
+        println!("Genesys Cloud simulator listening on {}", handle.url());
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = wait_term() => {}
+        }
+        drop(handle);
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+async fn wait_term() {
+    if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        s.recv().await;
+    } else {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn demo(path: &Path) -> ExitCode {
+    if std::env::var_os(DEMO_SECRET_ENV).is_none() {
+        // Single-threaded here: no runtime exists yet, so setting the variable is sound.
+        std::env::set_var(DEMO_SECRET_ENV, sim::random_token());
+    }
+    let config = match load_or_exit(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(config.log.format, &config.log.level);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result: anyhow::Result<()> = rt.block_on(async {
+        let api = &config.genesys.api;
+        let sim_addr = format!("{}:{}", api.host, api.port);
+        let listener = tokio::net::TcpListener::bind(&sim_addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot start the simulator on {sim_addr} (genesys.api_url in {}): {e}", path.display())
+        })?;
+        let sim = sim::start(
+            SimConfig {
+                clients: vec![(config.genesys.client_id.clone(), config.genesys.client_secret.expose().to_string())],
+                token_lifetime_seconds: 3600,
+                ..SimConfig::default()
+            },
+            listener,
+        )?;
+        let running = crate::app::start(config).await?;
+        let p = running.proxy_addr;
+        let a = running.admin_addr;
+        let s = sim.url();
+        println!(
+            "\ngenesys-auth-proxy demo: simulator on {s}, proxy on http://{p}, admin on http://{a}\n\n\
+             Try (no credentials needed, the proxy injects the token):\n\
+             \x20 curl -s http://{p}/api/v2/organizations/me\n\
+             \x20 curl -s 'http://{p}/api/v2/users?pageSize=5&pageNumber=1'\n\
+             \x20 curl -s -X POST -d '{{\"hello\":\"world\"}}' http://{p}/api/v2/anything/you/like\n\
+             \x20 curl -s http://{a}/status\n\
+             \x20 curl -s http://{a}/metrics | grep genesys_proxy_\n\n\
+             Make the simulator revoke every token, then watch the proxy refresh and replay:\n\
+             \x20 curl -s -X POST -d '{{}}' {s}/__sim/revoke && curl -s http://{p}/api/v2/organizations/me\n\
+             \x20 curl -s {s}/__sim/stats\n\n\
+             Press Ctrl-C to stop.\n"
+        );
+        tokio::signal::ctrl_c().await?;
+        running.shutdown().await;
+        drop(sim);
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
