@@ -161,7 +161,7 @@ fn run_sim(args: SimArgs) -> ExitCode {
         token_lifetime_seconds: args.token_lifetime_seconds,
         token_rate_limit_per_minute: args.token_rate_limit_per_minute,
         api_rate_limit_per_minute: args.api_rate_limit_per_minute,
-        idle_timeout_seconds: args.idle_timeout_seconds,
+        idle_timeout: args.idle_timeout_seconds.map(std::time::Duration::from_secs),
         token_format: args.token_format,
     };
     let rt = match runtime() {

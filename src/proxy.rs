@@ -238,8 +238,10 @@ impl ProxyHttp for GenesysProxy {
         let content_length = req.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
         let downstream = session.as_downstream();
         if !replayable(ctx.replayed, content_length, downstream.body_bytes_read() as u64, downstream.retry_buffer_truncated(), settings.replay_body_limit_bytes) {
-            let outcome = if ctx.replayed { "rejected_again" } else { "body_too_large" };
-            metrics.replays_total.with_label_values(&[outcome]).inc();
+            // A refused replay is counted in `logging`; here only the too-large case.
+            if !ctx.replayed {
+                metrics.replays_total.with_label_values(&["body_too_large"]).inc();
+            }
             // Tell the refresher anyway: the token is dead for the next request.
             self.state.store.report_rejected(used.generation);
             return Ok(());
@@ -258,6 +260,11 @@ impl ProxyHttp for GenesysProxy {
                 Ok(())
             }
         }
+    }
+
+    fn suppress_proxy_warn_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error, _context: pingora::proxy::ProxyWarnLogContext) -> bool {
+        // A replay after a 401 is expected behaviour, counted in replays_total; not a warning.
+        error.etype() == &REPLAY
     }
 
     fn error_while_proxy(&self, peer: &HttpPeer, session: &mut Session, e: Box<Error>, _ctx: &mut RequestCtx, client_reused: bool) -> Box<Error> {

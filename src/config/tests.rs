@@ -4,10 +4,13 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 
+/// A secret file of its own for each call: tests run in parallel.
 fn secret_file(name: &str, contents: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!("gap-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = dir.join(format!("{name}-{n}"));
     std::fs::write(&p, contents).unwrap();
     #[cfg(unix)]
     {
@@ -205,7 +208,7 @@ fn backoff_max_below_initial() {
 #[test]
 fn bad_log_settings() {
     assert!(err_of(&base("", "[log]\nformat = \"xml\"")).contains("log.format"));
-    assert!(err_of(&base("", "[log]\nlevel = \"[[[\"")).contains("log.level"));
+    assert!(err_of(&base("", "[log]\nlevel = \"foo=notalevel\"")).contains("log.level"));
 }
 
 #[test]

@@ -70,6 +70,8 @@ pub async fn handle(
             headers,
         );
     }
+    state.api_in_flight.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight(&state);
     let latency = state.api_latency_ms.load(Ordering::Relaxed);
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
@@ -77,6 +79,15 @@ pub async fn handle(
     let response = route(&state, &method, path, query, &headers, &body, token, &admission);
     state.count_api(response.status().as_u16(), Some(&admission.fingerprint));
     with_headers(response, limits)
+}
+
+/// Decrements the in-flight count however the handler ends (including cancellation).
+struct InFlight<'a>(&'a SimState);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.api_in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

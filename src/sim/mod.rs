@@ -45,7 +45,9 @@ pub struct SimConfig {
     pub token_lifetime_seconds: u64,
     pub token_rate_limit_per_minute: u64,
     pub api_rate_limit_per_minute: u64,
-    pub idle_timeout_seconds: Option<u64>,
+    /// Tokens unused this long die (the org inactivity timeout). Sub-second values are for
+    /// in-process tests; the CLI takes whole seconds.
+    pub idle_timeout: Option<std::time::Duration>,
     pub token_format: TokenFormat,
 }
 
@@ -56,7 +58,7 @@ impl Default for SimConfig {
             token_lifetime_seconds: 86_400,
             token_rate_limit_per_minute: 300,
             api_rate_limit_per_minute: 300,
-            idle_timeout_seconds: None,
+            idle_timeout: None,
             token_format: TokenFormat::Opaque,
         }
     }

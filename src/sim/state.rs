@@ -86,14 +86,19 @@ pub struct SimState {
     tokens: Mutex<HashMap<String, TokenRecord>>,
     token_calls: Mutex<HashMap<String, VecDeque<Instant>>>,
     faults: Mutex<VecDeque<(FaultKind, u64)>>,
+    recent: Mutex<VecDeque<String>>,
     stats: Mutex<Stats>,
     pub token_latency_ms: AtomicU64,
     pub api_latency_ms: AtomicU64,
     pub token_lifetime_seconds: AtomicU64,
+    /// API calls being served right now (lets tests see a request is in flight).
+    pub api_in_flight: AtomicU64,
     pub keys: SigningKeys,
 }
 
 const WINDOW: Duration = Duration::from_secs(60);
+/// How many issued token values [`SimState::recent_token_values`] remembers.
+pub const RECENT_TOKENS: usize = 256;
 
 impl SimState {
     pub fn new(config: SimConfig) -> Self {
@@ -109,10 +114,12 @@ impl SimState {
             tokens: Mutex::new(HashMap::new()),
             token_calls: Mutex::new(HashMap::new()),
             faults: Mutex::new(VecDeque::new()),
+            recent: Mutex::new(VecDeque::new()),
             stats: Mutex::new(Stats::default()),
             token_latency_ms: AtomicU64::new(0),
             api_latency_ms: AtomicU64::new(0),
             token_lifetime_seconds: AtomicU64::new(lifetime),
+            api_in_flight: AtomicU64::new(0),
             keys,
         }
     }
@@ -203,6 +210,12 @@ impl SimState {
             tokens.retain(|_, r| r.expires_at > now);
         }
         tokens.insert(token.to_string(), record);
+        drop(tokens);
+        let mut recent = lock(&self.recent);
+        if recent.len() == RECENT_TOKENS {
+            recent.pop_front();
+        }
+        recent.push_back(token.to_string());
         lifetime
     }
 
@@ -228,8 +241,8 @@ impl SimState {
             tokens.remove(token);
             return Err(TokenRefusal::Expired);
         }
-        if let Some(idle) = self.config.idle_timeout_seconds {
-            if now.duration_since(record.last_used) >= Duration::from_secs(idle) {
+        if let Some(idle) = self.config.idle_timeout {
+            if now.duration_since(record.last_used) >= idle {
                 tokens.remove(token);
                 return Err(TokenRefusal::Idle);
             }
@@ -248,9 +261,10 @@ impl SimState {
         }
         let elapsed = now.duration_since(record.window_start);
         let reset_seconds = (WINDOW.saturating_sub(elapsed).as_secs_f64().ceil() as u64).max(1);
-        let idles_at = self.config.idle_timeout_seconds.map(|idle| {
-            SystemTime::now() + Duration::from_secs(idle) - now.duration_since(record.last_used)
-        });
+        let idles_at = self
+            .config
+            .idle_timeout
+            .map(|idle| SystemTime::now() + idle.saturating_sub(now.duration_since(record.last_used)));
         Ok(ApiAdmission {
             client_id: record.client_id.clone(),
             fingerprint: record.fingerprint.clone(),
@@ -285,6 +299,12 @@ impl SimState {
         n
     }
 
+    /// The raw values of the last [`RECENT_TOKENS`] tokens issued, revoked or not: lets leak
+    /// tests grep every output for them.
+    pub fn recent_token_values(&self) -> Vec<String> {
+        lock(&self.recent).iter().cloned().collect()
+    }
+
     pub fn count_api(&self, status: u16, fingerprint: Option<&str>) {
         let mut stats = lock(&self.stats);
         stats.api_total += 1;
@@ -306,6 +326,7 @@ impl SimState {
                 "total": stats.api_total,
                 "by_status": stats.api_by_status,
                 "by_token": stats.api_by_token,
+                "in_flight": self.api_in_flight.load(Ordering::Relaxed),
             },
             "revocations": stats.revocations,
             "live_tokens": live,

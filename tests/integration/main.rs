@@ -1,0 +1,9 @@
+//! One integration-test binary. Every test talks to the real simulator and the real proxy over
+//! real sockets on 127.0.0.1 port 0; nothing touches the internet or a fixed port.
+
+mod support;
+
+mod cli;
+mod proxy;
+mod replay;
+mod sim;
