@@ -53,7 +53,11 @@ pub fn readiness(state: &AdminState) -> Result<(), &'static str> {
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     match readiness(&state) {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")).into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -64,7 +68,11 @@ fn rfc3339(t: SystemTime) -> String {
 async fn status(State(state): State<Arc<AdminState>>) -> Response {
     let now = Instant::now();
     let token = state.store.current();
-    let info = state.refresh.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let info = state
+        .refresh
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let valid = token.as_ref().is_some_and(|t| t.is_valid_at(now));
     let health = if !valid {
         "unhealthy"
@@ -121,7 +129,10 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
         .into_response()

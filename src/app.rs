@@ -79,8 +79,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     install_crypto_provider();
     let metrics = Arc::new(Metrics::new());
     let audit = Arc::new(
-        AuditLog::open(&config.audit.target, &config.genesys.client_id, metrics.clone())
-            .with_context(|| format!("audit.path: cannot open {:?}", config.audit.target))?,
+        AuditLog::open(
+            &config.audit.target,
+            &config.genesys.client_id,
+            metrics.clone(),
+        )
+        .with_context(|| format!("audit.path: cannot open {:?}", config.audit.target))?,
     );
     let store = Arc::new(TokenStore::new());
     let refresh_info = Arc::new(Mutex::new(RefreshInfo::default()));
@@ -120,13 +124,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let state = Arc::new(ProxyState {
         settings: ArcSwap::from_pointee(config.proxy.clone()),
-        host_header: HeaderValue::from_str(&api.host_header()).context("genesys.api_url: host is not a valid Host header")?,
+        host_header: HeaderValue::from_str(&api.host_header())
+            .context("genesys.api_url: host is not a valid Host header")?,
         api: api.clone(),
         upstream_addrs: ArcSwap::from_pointee(Vec::new()),
         store: store.clone(),
         metrics: metrics.clone(),
     });
-    let resolver_task = tokio::spawn(resolve_loop(api.clone(), state.clone(), config.proxy.dns_refresh, shutdown_rx.clone()));
+    let resolver_task = tokio::spawn(resolve_loop(
+        api.clone(),
+        state.clone(),
+        config.proxy.dns_refresh,
+        shutdown_rx.clone(),
+    ));
 
     let admin_state = Arc::new(AdminState {
         store: store.clone(),
@@ -140,17 +150,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut admin_shutdown = shutdown_rx.clone();
     let admin_router = admin::router(admin_state.clone());
     let admin_task = tokio::spawn(async move {
-        let serve = axum::serve(admin_listener, admin_router)
-            .with_graceful_shutdown(async move {
-                let _ = admin_shutdown.wait_for(|s| *s).await;
-            });
+        let serve = axum::serve(admin_listener, admin_router).with_graceful_shutdown(async move {
+            let _ = admin_shutdown.wait_for(|s| *s).await;
+        });
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "admin listener failed");
         }
     });
 
     let server_conf = Arc::new(ServerConf::default());
-    let app = Arc::new(pingora::proxy::http_proxy(&server_conf, GenesysProxy { state }));
+    let app = Arc::new(pingora::proxy::http_proxy(
+        &server_conf,
+        GenesysProxy { state },
+    ));
     let tracker = TaskTracker::new();
     let (pingora_shutdown_tx, pingora_shutdown_rx) = watch::channel(false);
     let accept_task = {
@@ -207,7 +219,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         app.cleanup().await;
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::warn!(grace_seconds = grace.as_secs(), "grace period over; dropping remaining connections");
+            tracing::warn!(
+                grace_seconds = grace.as_secs(),
+                "grace period over; dropping remaining connections"
+            );
         }
         let _ = refresher_task.await;
         let _ = resolver_task.await;
@@ -216,7 +231,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::info!("stopped");
     });
 
-    Ok(Running { proxy_addr, admin_addr, store, metrics, shutdown_tx, done })
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        store,
+        metrics,
+        shutdown_tx,
+        done,
+    })
 }
 
 /// Wraps an accepted socket the way pingora's own listener does, so `client_addr()` works.
@@ -230,7 +252,12 @@ fn to_pingora_stream(tcp: tokio::net::TcpStream, peer: SocketAddr) -> pingora::p
 
 /// Resolves the API host now and every `every`, off the request path. A failed lookup keeps
 /// the previous addresses.
-async fn resolve_loop(api: ApiTarget, state: Arc<ProxyState>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+async fn resolve_loop(
+    api: ApiTarget,
+    state: Arc<ProxyState>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut delay = Duration::ZERO;
     loop {
         tokio::select! {

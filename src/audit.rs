@@ -60,7 +60,11 @@ pub struct AuditLog {
 
 impl AuditLog {
     /// Opens (or creates with mode 0600) the log and reads its tail to continue the chain.
-    pub fn open(target: &AuditTarget, client_id: &str, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+    pub fn open(
+        target: &AuditTarget,
+        client_id: &str,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
         let (sink, seq, prev, path) = match target {
             AuditTarget::Stdout => (Sink::Stdout, 0, GENESIS.to_string(), None),
             AuditTarget::File(path) => {
@@ -104,7 +108,10 @@ impl AuditLog {
         let hash = hex::encode(Sha256::digest(body.as_bytes()));
         let line = format!("{}{HASH_KEY}{hash}\"}}\n", &body[..body.len() - 1]);
         let written = match &mut chain.sink {
-            Sink::File(f) => f.write_all(line.as_bytes()).and_then(|_| f.flush()).and_then(|_| f.sync_data()),
+            Sink::File(f) => f
+                .write_all(line.as_bytes())
+                .and_then(|_| f.flush())
+                .and_then(|_| f.sync_data()),
             Sink::Stdout => {
                 let mut out = std::io::stdout().lock();
                 out.write_all(line.as_bytes()).and_then(|_| out.flush())
@@ -114,7 +121,10 @@ impl AuditLog {
             Ok(()) => {
                 chain.seq = seq;
                 chain.prev = hash;
-                self.metrics.audit_events_total.with_label_values(&[event]).inc();
+                self.metrics
+                    .audit_events_total
+                    .with_label_values(&[event])
+                    .inc();
             }
             Err(e) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
@@ -143,7 +153,10 @@ fn last_link(f: File) -> std::io::Result<(u64, String)> {
         return Ok((0, GENESIS.to_string()));
     };
     let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("last audit line is not JSON: {e}"))
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("last audit line is not JSON: {e}"),
+        )
     })?;
     let seq = v["seq"].as_u64().unwrap_or(0);
     let hash = v["hash"].as_str().unwrap_or(GENESIS).to_string();
@@ -160,21 +173,32 @@ pub struct VerifyError {
 
 /// Verifies the hash chain of a log file and returns the number of events.
 pub fn verify(path: &Path) -> Result<usize, VerifyError> {
-    let text = std::fs::read(path).map_err(|e| VerifyError { line: 0, reason: format!("cannot read {}: {e}", path.display()) })?;
-    let text = String::from_utf8(text).map_err(|_| VerifyError { line: 0, reason: "file is not UTF-8".into() })?;
+    let text = std::fs::read(path).map_err(|e| VerifyError {
+        line: 0,
+        reason: format!("cannot read {}: {e}", path.display()),
+    })?;
+    let text = String::from_utf8(text).map_err(|_| VerifyError {
+        line: 0,
+        reason: "file is not UTF-8".into(),
+    })?;
     let mut prev = GENESIS.to_string();
     let mut expected_seq: Option<u64> = None;
     let mut count = 0;
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
     for (i, raw) in lines.iter().enumerate() {
         let n = i + 1;
-        let bad = |reason: &str| VerifyError { line: n, reason: reason.to_string() };
+        let bad = |reason: &str| VerifyError {
+            line: n,
+            reason: reason.to_string(),
+        };
         let Some(line) = raw.strip_suffix('\n') else {
             return Err(bad("truncated: the last line has no newline"));
         };
         let at = line.rfind(HASH_KEY).ok_or_else(|| bad("no hash field"))?;
         let body = format!("{}}}", &line[..at]);
-        let stored = line[at + HASH_KEY.len()..].strip_suffix("\"}").ok_or_else(|| bad("malformed hash field"))?;
+        let stored = line[at + HASH_KEY.len()..]
+            .strip_suffix("\"}")
+            .ok_or_else(|| bad("malformed hash field"))?;
         if hex::encode(Sha256::digest(body.as_bytes())) != stored {
             return Err(bad("hash does not match the line's content (edited)"));
         }
@@ -210,7 +234,11 @@ mod tests {
         let m = Arc::new(Metrics::new());
         let log = AuditLog::open(&AuditTarget::File(path.to_path_buf()), "cid", m.clone()).unwrap();
         log.record("PROXY_STARTED", serde_json::json!({}), None);
-        log.record("TOKEN_ACQUIRED", serde_json::json!({"generation": 1}), Some("sha256:abcdefabcdef"));
+        log.record(
+            "TOKEN_ACQUIRED",
+            serde_json::json!({"generation": 1}),
+            Some("sha256:abcdefabcdef"),
+        );
         drop(log);
         // A restart continues the chain.
         let log = AuditLog::open(&AuditTarget::File(path.to_path_buf()), "cid", m).unwrap();
@@ -225,7 +253,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
     }
 

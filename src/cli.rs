@@ -10,7 +10,11 @@ use crate::sim::TokenFormat;
 pub const DEFAULT_CONFIG: &str = "conf/genesys-auth-proxy.toml";
 
 #[derive(Debug, Parser)]
-#[command(name = "genesys-auth-proxy", version, about = "Reverse proxy that injects Genesys Cloud client-credentials bearer tokens")]
+#[command(
+    name = "genesys-auth-proxy",
+    version,
+    about = "Reverse proxy that injects Genesys Cloud client-credentials bearer tokens"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -45,7 +45,9 @@ pub fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -53,10 +55,13 @@ pub fn init_logging(format: LogFormat, level: &str) {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
-        eprintln!("error: cannot start the async runtime: {e}");
-        ExitCode::from(EXIT_RUNTIME)
-    })
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        })
 }
 
 fn run(path: &Path) -> ExitCode {
@@ -117,8 +122,14 @@ fn check(paths: &[std::path::PathBuf], live: bool) -> ExitCode {
                 c.token.request_timeout,
             )
             .map_err(|e| e.to_string())?;
-            let minted = endpoint.mint(&c.genesys.client_id, &c.genesys.client_secret).await.map_err(|e| e.to_string())?;
-            endpoint.validate(&minted.access_token).await.map_err(|e| e.to_string())?;
+            let minted = endpoint
+                .mint(&c.genesys.client_id, &c.genesys.client_secret)
+                .await
+                .map_err(|e| e.to_string())?;
+            endpoint
+                .validate(&minted.access_token)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok::<_, String>(minted)
         });
         match result {
@@ -141,8 +152,12 @@ fn parse_clients(specs: &[String]) -> Result<Vec<(String, String)>, String> {
     specs
         .iter()
         .map(|s| match s.split_once(':') {
-            Some((id, secret)) if !id.is_empty() && !secret.is_empty() => Ok((id.to_string(), secret.to_string())),
-            _ => Err(format!("--client {s:?}: expected ID:SECRET with both parts non-empty")),
+            Some((id, secret)) if !id.is_empty() && !secret.is_empty() => {
+                Ok((id.to_string(), secret.to_string()))
+            }
+            _ => Err(format!(
+                "--client {s:?}: expected ID:SECRET with both parts non-empty"
+            )),
         })
         .collect()
 }
@@ -161,7 +176,9 @@ fn run_sim(args: SimArgs) -> ExitCode {
         token_lifetime_seconds: args.token_lifetime_seconds,
         token_rate_limit_per_minute: args.token_rate_limit_per_minute,
         api_rate_limit_per_minute: args.api_rate_limit_per_minute,
-        idle_timeout: args.idle_timeout_seconds.map(std::time::Duration::from_secs),
+        idle_timeout: args
+            .idle_timeout_seconds
+            .map(std::time::Duration::from_secs),
         token_format: args.token_format,
     };
     let rt = match runtime() {

@@ -26,15 +26,15 @@
 //!    bounded time, and replays the request once (body from pingora's retry buffer).
 //! 4. Everything else, including a second 401 and 429s, passes through unchanged.
 
-pub mod fingerprint;
-pub mod sim;
-pub mod config;
-pub mod region;
-pub mod token;
-pub mod audit;
-pub mod metrics;
-pub mod proxy;
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod commands;
+pub mod config;
+pub mod fingerprint;
+pub mod metrics;
+pub mod proxy;
+pub mod region;
+pub mod sim;
+pub mod token;

@@ -45,41 +45,101 @@ fn opts(name: &str, help: &str) -> Opts {
 }
 
 fn hist(name: &str, help: &str) -> Histogram {
-    Histogram::with_opts(HistogramOpts::new(name, help).namespace(PREFIX).buckets(LATENCY_BUCKETS.to_vec()))
-        .expect("static histogram definition") // ok: constant, checked by tests
+    Histogram::with_opts(
+        HistogramOpts::new(name, help)
+            .namespace(PREFIX)
+            .buckets(LATENCY_BUCKETS.to_vec()),
+    )
+    .expect("static histogram definition") // ok: constant, checked by tests
 }
 
 fn counter_vec(name: &str, help: &str, label: &str) -> IntCounterVec {
-    IntCounterVec::new(opts(name, help), &[label]).expect("static metric definition") // ok: constant
+    IntCounterVec::new(opts(name, help), &[label]).expect("static metric definition")
+    // ok: constant
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let m = Metrics {
             registry: Registry::new(),
-            requests_total: counter_vec("requests_total", "Requests answered by the proxy, by HTTP status code.", "code"),
-            request_duration_seconds: hist("request_duration_seconds", "Time from request start to response end, in seconds."),
-            upstream_unauthorized_total: IntCounter::with_opts(opts("upstream_unauthorized_total", "Upstream 401 answers seen."))
-                .expect("static metric definition"), // ok: constant
-            replays_total: counter_vec("replays_total", "Requests replayed or not after an upstream 401, by outcome.", "outcome"),
-            token_requests_total: counter_vec("token_requests_total", "Token endpoint calls by outcome.", "outcome"),
-            token_refresh_duration_seconds: hist("token_refresh_duration_seconds", "Duration of a token refresh (mint and validate), in seconds."),
-            token_expiry_timestamp_seconds: Gauge::with_opts(opts("token_expiry_timestamp_seconds", "Unix time at which the current token expires."))
-                .expect("static metric definition"), // ok: constant
-            token_fallback_active: IntGauge::with_opts(opts("token_fallback_active", "1 while the token in use was minted with the previous client secret."))
-                .expect("static metric definition"), // ok: constant
-            secret_rotations_total: counter_vec("secret_rotations_total", "Client secret rotations by outcome.", "outcome"),
-            config_reloads_total: counter_vec("config_reloads_total", "Configuration reloads by outcome.", "outcome"),
-            upstream_rate_limited_total: IntCounter::with_opts(opts("upstream_rate_limited_total", "Upstream 429 answers passed through."))
-                .expect("static metric definition"), // ok: constant
-            upstream_ratelimit_remaining: IntGauge::with_opts(opts("upstream_ratelimit_remaining", "Requests left in the current Genesys rate-limit window (allowed - count)."))
-                .expect("static metric definition"), // ok: constant
-            anomaly_active: IntGauge::with_opts(opts("anomaly_active", "1 while an anomaly is raised."))
-                .expect("static metric definition"), // ok: constant
-            audit_events_total: counter_vec("audit_events_total", "Audit events written, by event.", "event"),
-            audit_write_failures_total: IntCounter::with_opts(opts("audit_write_failures_total", "Audit events that could not be written."))
-                .expect("static metric definition"), // ok: constant
-            rejected_requests_total: counter_vec("rejected_requests_total", "Requests refused by the proxy itself, by reason.", "reason"),
+            requests_total: counter_vec(
+                "requests_total",
+                "Requests answered by the proxy, by HTTP status code.",
+                "code",
+            ),
+            request_duration_seconds: hist(
+                "request_duration_seconds",
+                "Time from request start to response end, in seconds.",
+            ),
+            upstream_unauthorized_total: IntCounter::with_opts(opts(
+                "upstream_unauthorized_total",
+                "Upstream 401 answers seen.",
+            ))
+            .expect("static metric definition"), // ok: constant
+            replays_total: counter_vec(
+                "replays_total",
+                "Requests replayed or not after an upstream 401, by outcome.",
+                "outcome",
+            ),
+            token_requests_total: counter_vec(
+                "token_requests_total",
+                "Token endpoint calls by outcome.",
+                "outcome",
+            ),
+            token_refresh_duration_seconds: hist(
+                "token_refresh_duration_seconds",
+                "Duration of a token refresh (mint and validate), in seconds.",
+            ),
+            token_expiry_timestamp_seconds: Gauge::with_opts(opts(
+                "token_expiry_timestamp_seconds",
+                "Unix time at which the current token expires.",
+            ))
+            .expect("static metric definition"), // ok: constant
+            token_fallback_active: IntGauge::with_opts(opts(
+                "token_fallback_active",
+                "1 while the token in use was minted with the previous client secret.",
+            ))
+            .expect("static metric definition"), // ok: constant
+            secret_rotations_total: counter_vec(
+                "secret_rotations_total",
+                "Client secret rotations by outcome.",
+                "outcome",
+            ),
+            config_reloads_total: counter_vec(
+                "config_reloads_total",
+                "Configuration reloads by outcome.",
+                "outcome",
+            ),
+            upstream_rate_limited_total: IntCounter::with_opts(opts(
+                "upstream_rate_limited_total",
+                "Upstream 429 answers passed through.",
+            ))
+            .expect("static metric definition"), // ok: constant
+            upstream_ratelimit_remaining: IntGauge::with_opts(opts(
+                "upstream_ratelimit_remaining",
+                "Requests left in the current Genesys rate-limit window (allowed - count).",
+            ))
+            .expect("static metric definition"), // ok: constant
+            anomaly_active: IntGauge::with_opts(opts(
+                "anomaly_active",
+                "1 while an anomaly is raised.",
+            ))
+            .expect("static metric definition"), // ok: constant
+            audit_events_total: counter_vec(
+                "audit_events_total",
+                "Audit events written, by event.",
+                "event",
+            ),
+            audit_write_failures_total: IntCounter::with_opts(opts(
+                "audit_write_failures_total",
+                "Audit events that could not be written.",
+            ))
+            .expect("static metric definition"), // ok: constant
+            rejected_requests_total: counter_vec(
+                "rejected_requests_total",
+                "Requests refused by the proxy itself, by reason.",
+                "reason",
+            ),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.requests_total.clone()),
@@ -124,20 +184,39 @@ mod tests {
         m.requests_total.with_label_values(&["200"]).inc();
         m.token_requests_total.with_label_values(&["success"]).inc();
         m.replays_total.with_label_values(&["success"]).inc();
-        m.secret_rotations_total.with_label_values(&["success"]).inc();
+        m.secret_rotations_total
+            .with_label_values(&["success"])
+            .inc();
         m.config_reloads_total.with_label_values(&["success"]).inc();
-        m.audit_events_total.with_label_values(&["PROXY_STARTED"]).inc();
-        m.rejected_requests_total.with_label_values(&["client_not_allowed"]).inc();
+        m.audit_events_total
+            .with_label_values(&["PROXY_STARTED"])
+            .inc();
+        m.rejected_requests_total
+            .with_label_values(&["client_not_allowed"])
+            .inc();
         m.request_duration_seconds.observe(0.001);
         let text = m.render();
         for name in [
-            "requests_total", "request_duration_seconds", "upstream_unauthorized_total", "replays_total",
-            "token_requests_total", "token_refresh_duration_seconds", "token_expiry_timestamp_seconds",
-            "token_fallback_active", "secret_rotations_total", "config_reloads_total",
-            "upstream_rate_limited_total", "upstream_ratelimit_remaining", "anomaly_active",
-            "audit_events_total", "rejected_requests_total",
+            "requests_total",
+            "request_duration_seconds",
+            "upstream_unauthorized_total",
+            "replays_total",
+            "token_requests_total",
+            "token_refresh_duration_seconds",
+            "token_expiry_timestamp_seconds",
+            "token_fallback_active",
+            "secret_rotations_total",
+            "config_reloads_total",
+            "upstream_rate_limited_total",
+            "upstream_ratelimit_remaining",
+            "anomaly_active",
+            "audit_events_total",
+            "rejected_requests_total",
         ] {
-            assert!(text.contains(&format!("genesys_proxy_{name}")), "missing {name}");
+            assert!(
+                text.contains(&format!("genesys_proxy_{name}")),
+                "missing {name}"
+            );
         }
     }
 }

@@ -85,7 +85,9 @@ impl Refusal {
     fn message(self) -> &'static str {
         match self {
             Refusal::ClientNotAllowed => "This client address is not allowed to use the proxy.",
-            Refusal::PathNotAllowed => "This path is not allowed by the proxy's allowed_path_prefixes.",
+            Refusal::PathNotAllowed => {
+                "This path is not allowed by the proxy's allowed_path_prefixes."
+            }
             Refusal::NoToken => "The proxy holds no valid Genesys Cloud token yet; retry shortly.",
             Refusal::UpstreamUnreachable => "The Genesys Cloud API could not be reached.",
             Refusal::UpstreamTimeout => "The Genesys Cloud API did not answer in time.",
@@ -118,7 +120,11 @@ pub fn path_allowed(path: &str, prefixes: &[String]) -> bool {
         return false;
     }
     let lower = path.to_ascii_lowercase();
-    if lower.contains("%2e") || lower.contains("%2f") || lower.contains("%5c") || lower.contains("%00") {
+    if lower.contains("%2e")
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains("%00")
+    {
         return false;
     }
     if path.split('/').any(|seg| seg == "." || seg == "..") {
@@ -129,14 +135,25 @@ pub fn path_allowed(path: &str, prefixes: &[String]) -> bool {
 
 /// Can a request that got a 401 be replayed? Only once, and only if its whole body is still in
 /// pingora's retry buffer and within the configured limit.
-pub fn replayable(already_replayed: bool, content_length: Option<u64>, body_bytes_read: u64, buffer_truncated: bool, limit: u64) -> bool {
-    !already_replayed && !buffer_truncated && content_length.unwrap_or(0) <= limit && body_bytes_read <= limit
+pub fn replayable(
+    already_replayed: bool,
+    content_length: Option<u64>,
+    body_bytes_read: u64,
+    buffer_truncated: bool,
+    limit: u64,
+) -> bool {
+    !already_replayed
+        && !buffer_truncated
+        && content_length.unwrap_or(0) <= limit
+        && body_bytes_read <= limit
 }
 
 /// Which refusal an upstream error becomes.
 pub fn refusal_for(etype: &ErrorType) -> Refusal {
     match etype {
-        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => Refusal::UpstreamTimeout,
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+            Refusal::UpstreamTimeout
+        }
         _ => Refusal::UpstreamUnreachable,
     }
 }
@@ -152,7 +169,11 @@ async fn respond(session: &mut Session, refusal: Refusal) -> Result<()> {
 
 impl GenesysProxy {
     async fn refuse(&self, session: &mut Session, refusal: Refusal) -> Result<bool> {
-        self.state.metrics.rejected_requests_total.with_label_values(&[refusal.reason()]).inc();
+        self.state
+            .metrics
+            .rejected_requests_total
+            .with_label_values(&[refusal.reason()])
+            .inc();
         respond(session, refusal).await?;
         Ok(true)
     }
@@ -163,21 +184,37 @@ impl ProxyHttp for GenesysProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx { started: Instant::now(), token: None, replayed: false, tries: 0 }
+        RequestCtx {
+            started: Instant::now(),
+            token: None,
+            replayed: false,
+            tries: 0,
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let settings = self.state.settings.load();
-        let ip = session.client_addr().and_then(PingoraAddr::as_inet).map(|a| a.ip());
+        let ip = session
+            .client_addr()
+            .and_then(PingoraAddr::as_inet)
+            .map(|a| a.ip());
         if !ip.is_some_and(|ip| client_allowed(ip, &settings.allowed_client_cidrs)) {
             return self.refuse(session, Refusal::ClientNotAllowed).await;
         }
-        if !path_allowed(session.req_header().uri.path(), &settings.allowed_path_prefixes) {
+        if !path_allowed(
+            session.req_header().uri.path(),
+            &settings.allowed_path_prefixes,
+        ) {
             return self.refuse(session, Refusal::PathNotAllowed).await;
         }
         let token = match self.state.store.valid(Instant::now()) {
             Some(t) => Some(t),
-            None => self.state.store.wait_valid(settings.token_wait_timeout).await,
+            None => {
+                self.state
+                    .store
+                    .wait_valid(settings.token_wait_timeout)
+                    .await
+            }
         };
         match token {
             Some(t) => {
@@ -188,11 +225,21 @@ impl ProxyHttp for GenesysProxy {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         ctx.tries += 1;
         let addrs = self.state.upstream_addrs.load();
-        let Some(addr) = addrs.get(usize::from(ctx.tries) % addrs.len().max(1)).copied() else {
-            return Error::e_explain(ErrorType::ConnectNoRoute, "the Genesys API host has not resolved yet");
+        let Some(addr) = addrs
+            .get(usize::from(ctx.tries) % addrs.len().max(1))
+            .copied()
+        else {
+            return Error::e_explain(
+                ErrorType::ConnectNoRoute,
+                "the Genesys API host has not resolved yet",
+            );
         };
         let settings = self.state.settings.load();
         // SNI is always the API host: an empty SNI would disable certificate checks.
@@ -204,10 +251,22 @@ impl ProxyHttp for GenesysProxy {
         Ok(Box::new(peer))
     }
 
-    async fn upstream_request_filter(&self, session: &mut Session, upstream: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<()> {
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
         // Only the path and query go upstream: an absolute-form URI cannot pick the host.
-        let path_and_query = session.req_header().uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
-        let uri: Uri = path_and_query.parse().map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad request path"))?;
+        let path_and_query = session
+            .req_header()
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/");
+        let uri: Uri = path_and_query
+            .parse()
+            .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad request path"))?;
         upstream.set_uri(uri);
         upstream.remove_header(&header::AUTHORIZATION);
         upstream.remove_header(&header::PROXY_AUTHORIZATION);
@@ -218,10 +277,20 @@ impl ProxyHttp for GenesysProxy {
         Ok(())
     }
 
-    async fn upstream_response_filter(&self, session: &mut Session, upstream: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
         let metrics = &self.state.metrics;
-        if let (Some(count), Some(allowed)) = (header_u64(upstream, "inin-ratelimit-count"), header_u64(upstream, "inin-ratelimit-allowed")) {
-            metrics.upstream_ratelimit_remaining.set(allowed.saturating_sub(count) as i64);
+        if let (Some(count), Some(allowed)) = (
+            header_u64(upstream, "inin-ratelimit-count"),
+            header_u64(upstream, "inin-ratelimit-allowed"),
+        ) {
+            metrics
+                .upstream_ratelimit_remaining
+                .set(allowed.saturating_sub(count) as i64);
         }
         match upstream.status.as_u16() {
             401 => {}
@@ -232,48 +301,89 @@ impl ProxyHttp for GenesysProxy {
             _ => return Ok(()),
         }
         metrics.upstream_unauthorized_total.inc();
-        let Some(used) = ctx.token.clone() else { return Ok(()) };
+        let Some(used) = ctx.token.clone() else {
+            return Ok(());
+        };
         let settings = self.state.settings.load();
         let req = session.req_header();
-        let content_length = req.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        let content_length = req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         let downstream = session.as_downstream();
-        if !replayable(ctx.replayed, content_length, downstream.body_bytes_read() as u64, downstream.retry_buffer_truncated(), settings.replay_body_limit_bytes) {
+        if !replayable(
+            ctx.replayed,
+            content_length,
+            downstream.body_bytes_read() as u64,
+            downstream.retry_buffer_truncated(),
+            settings.replay_body_limit_bytes,
+        ) {
             // A refused replay is counted in `logging`; here only the too-large case.
             if !ctx.replayed {
-                metrics.replays_total.with_label_values(&["body_too_large"]).inc();
+                metrics
+                    .replays_total
+                    .with_label_values(&["body_too_large"])
+                    .inc();
             }
             // Tell the refresher anyway: the token is dead for the next request.
             self.state.store.report_rejected(used.generation);
             return Ok(());
         }
         self.state.store.report_rejected(used.generation);
-        match self.state.store.wait_newer(used.generation, settings.refresh_wait_timeout).await {
+        match self
+            .state
+            .store
+            .wait_newer(used.generation, settings.refresh_wait_timeout)
+            .await
+        {
             Some(fresh) => {
                 ctx.token = Some(fresh);
                 ctx.replayed = true;
-                let mut e = Error::explain(REPLAY, "upstream answered 401; replaying with a newer token");
+                let mut e = Error::explain(
+                    REPLAY,
+                    "upstream answered 401; replaying with a newer token",
+                );
                 e.retry = RetryType::Decided(true);
                 Err(e)
             }
             None => {
-                metrics.replays_total.with_label_values(&["no_new_token"]).inc();
+                metrics
+                    .replays_total
+                    .with_label_values(&["no_new_token"])
+                    .inc();
                 Ok(())
             }
         }
     }
 
-    fn suppress_proxy_warn_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error, _context: pingora::proxy::ProxyWarnLogContext) -> bool {
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        error: &Error,
+        _context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
         // A replay after a 401 is expected behaviour, counted in replays_total; not a warning.
         error.etype() == &REPLAY
     }
 
-    fn error_while_proxy(&self, peer: &HttpPeer, session: &mut Session, e: Box<Error>, _ctx: &mut RequestCtx, client_reused: bool) -> Box<Error> {
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        _ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
         // Our replay is safe for any method: the upstream refused the request before acting on it.
         if e.etype() == &REPLAY {
             return e;
         }
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if !session.req_header().method.is_idempotent() || session.as_downstream().retry_buffer_truncated() {
+        if !session.req_header().method.is_idempotent()
+            || session.as_downstream().retry_buffer_truncated()
+        {
             e.set_retry(false);
         } else {
             e.retry.decide_reuse(client_reused);
@@ -281,12 +391,27 @@ impl ProxyHttp for GenesysProxy {
         e
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let code = match e.esource() {
-            pingora::ErrorSource::Upstream | pingora::ErrorSource::Internal | pingora::ErrorSource::Unset => {
+            pingora::ErrorSource::Upstream
+            | pingora::ErrorSource::Internal
+            | pingora::ErrorSource::Unset => {
                 let refusal = refusal_for(e.etype());
-                self.state.metrics.rejected_requests_total.with_label_values(&[refusal.reason()]).inc();
-                if respond(session, refusal).await.is_err() { 0 } else { refusal.status() }
+                self.state
+                    .metrics
+                    .rejected_requests_total
+                    .with_label_values(&[refusal.reason()])
+                    .inc();
+                if respond(session, refusal).await.is_err() {
+                    0
+                } else {
+                    refusal.status()
+                }
             }
             pingora::ErrorSource::Downstream => match e.etype() {
                 ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
@@ -296,16 +421,31 @@ impl ProxyHttp for GenesysProxy {
                 }
             },
         };
-        FailToProxy { error_code: code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
         let metrics = &self.state.metrics;
-        metrics.requests_total.with_label_values(&[status_label(status)]).inc();
-        metrics.request_duration_seconds.observe(ctx.started.elapsed().as_secs_f64());
+        metrics
+            .requests_total
+            .with_label_values(&[status_label(status)])
+            .inc();
+        metrics
+            .request_duration_seconds
+            .observe(ctx.started.elapsed().as_secs_f64());
         if ctx.replayed {
-            let outcome = if status == 401 { "rejected_again" } else { "success" };
+            let outcome = if status == 401 {
+                "rejected_again"
+            } else {
+                "success"
+            };
             metrics.replays_total.with_label_values(&[outcome]).inc();
         }
     }
@@ -317,12 +457,39 @@ fn header_u64(resp: &ResponseHeader, name: &str) -> Option<u64> {
 
 /// Status codes as static labels, so the label set stays bounded and allocation-free.
 fn status_label(status: u16) -> &'static str {
+    const COMMON: [(u16, &str); 21] = [
+        (200, "200"),
+        (201, "201"),
+        (202, "202"),
+        (204, "204"),
+        (301, "301"),
+        (302, "302"),
+        (304, "304"),
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (405, "405"),
+        (409, "409"),
+        (413, "413"),
+        (415, "415"),
+        (429, "429"),
+        (500, "500"),
+        (501, "501"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+    ];
+    if let Some((_, label)) = COMMON.iter().find(|(code, _)| *code == status) {
+        return label;
+    }
     match status {
-        200 => "200", 201 => "201", 202 => "202", 204 => "204", 301 => "301", 302 => "302", 304 => "304",
-        400 => "400", 401 => "401", 403 => "403", 404 => "404", 405 => "405", 409 => "409", 413 => "413",
-        415 => "415", 429 => "429", 500 => "500", 501 => "501", 502 => "502", 503 => "503", 504 => "504",
         0 => "0",
-        100..=199 => "1xx", 200..=299 => "2xx", 300..=399 => "3xx", 400..=499 => "4xx", _ => "5xx",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
     }
 }
 
@@ -363,11 +530,25 @@ mod tests {
     }
 
     #[test]
+    fn status_labels_are_bounded() {
+        assert_eq!(status_label(200), "200");
+        assert_eq!(status_label(418), "4xx");
+        assert_eq!(status_label(599), "5xx");
+        assert_eq!(status_label(0), "0");
+    }
+
+    #[test]
     fn refusal_bodies_have_genesys_shape() {
         let v: serde_json::Value = serde_json::from_slice(&Refusal::NoToken.body()).unwrap();
         assert_eq!(v["code"], "proxy.no_token");
         assert_eq!(v["status"], 503);
-        assert_eq!(refusal_for(&ErrorType::ConnectRefused), Refusal::UpstreamUnreachable);
-        assert_eq!(refusal_for(&ErrorType::ReadTimedout), Refusal::UpstreamTimeout);
+        assert_eq!(
+            refusal_for(&ErrorType::ConnectRefused),
+            Refusal::UpstreamUnreachable
+        );
+        assert_eq!(
+            refusal_for(&ErrorType::ReadTimedout),
+            Refusal::UpstreamTimeout
+        );
     }
 }

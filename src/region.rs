@@ -31,15 +31,18 @@ pub fn domain_for(region: &str) -> Option<String> {
         return Some((*domain).to_string());
     }
     let looks_like_domain = region.contains('.')
-        && region
-            .split('.')
-            .all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+        && region.split('.').all(|label| {
+            !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
     looks_like_domain.then(|| region.to_ascii_lowercase())
 }
 
 /// `(login base URL, API base URL)` for a domain, as the SDKs derive them.
 pub fn urls_for(domain: &str) -> (String, String) {
-    (format!("https://login.{domain}"), format!("https://api.{domain}"))
+    (
+        format!("https://login.{domain}"),
+        format!("https://api.{domain}"),
+    )
 }
 
 #[cfg(test)]
@@ -57,7 +60,10 @@ mod tests {
 
     #[test]
     fn bare_domain_is_accepted_and_junk_is_not() {
-        assert_eq!(domain_for("new1.pure.cloud").as_deref(), Some("new1.pure.cloud"));
+        assert_eq!(
+            domain_for("new1.pure.cloud").as_deref(),
+            Some("new1.pure.cloud")
+        );
         assert_eq!(domain_for("us-east-9"), None);
         assert_eq!(domain_for("bad..domain"), None);
         assert_eq!(domain_for("evil.com/path"), None);

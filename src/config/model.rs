@@ -74,7 +74,11 @@ impl ApiTarget {
 
     /// Base URL, e.g. `https://api.mypurecloud.com`.
     pub fn base_url(&self) -> String {
-        format!("{}://{}", if self.tls { "https" } else { "http" }, self.host_header())
+        format!(
+            "{}://{}",
+            if self.tls { "https" } else { "http" },
+            self.host_header()
+        )
     }
 }
 
@@ -151,15 +155,28 @@ impl Config {
             let net = c
                 .parse::<IpNet>()
                 .or_else(|_| c.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| err("proxy.allowed_client_cidrs", format!("{c:?} is not a CIDR or IP address")))?;
+                .map_err(|_| {
+                    err(
+                        "proxy.allowed_client_cidrs",
+                        format!("{c:?} is not a CIDR or IP address"),
+                    )
+                })?;
             allowed_client_cidrs.push(net);
         }
         if allowed_client_cidrs.is_empty() {
-            return Err(err("proxy.allowed_client_cidrs", "must list at least one CIDR".into()));
+            return Err(err(
+                "proxy.allowed_client_cidrs",
+                "must list at least one CIDR".into(),
+            ));
         }
-        let allowed_path_prefixes = p.allowed_path_prefixes.unwrap_or_else(|| vec!["/api/v2/".into()]);
+        let allowed_path_prefixes = p
+            .allowed_path_prefixes
+            .unwrap_or_else(|| vec!["/api/v2/".into()]);
         if allowed_path_prefixes.is_empty() {
-            return Err(err("proxy.allowed_path_prefixes", "must list at least one prefix".into()));
+            return Err(err(
+                "proxy.allowed_path_prefixes",
+                "must list at least one prefix".into(),
+            ));
         }
         for prefix in &allowed_path_prefixes {
             if !prefix.starts_with('/') || prefix.contains("..") {
@@ -169,7 +186,9 @@ impl Config {
                 ));
             }
         }
-        let replay_body_limit_bytes = p.replay_body_limit_bytes.unwrap_or(PINGORA_RETRY_BUFFER_BYTES);
+        let replay_body_limit_bytes = p
+            .replay_body_limit_bytes
+            .unwrap_or(PINGORA_RETRY_BUFFER_BYTES);
         if replay_body_limit_bytes > PINGORA_RETRY_BUFFER_BYTES {
             return Err(err(
                 "proxy.replay_body_limit_bytes",
@@ -181,10 +200,30 @@ impl Config {
             allowed_client_cidrs,
             allowed_path_prefixes,
             replay_body_limit_bytes,
-            token_wait_timeout: ms(p.token_wait_timeout_ms, 5_000, "proxy.token_wait_timeout_ms", &err)?,
-            refresh_wait_timeout: ms(p.refresh_wait_timeout_ms, 5_000, "proxy.refresh_wait_timeout_ms", &err)?,
-            upstream_connect_timeout: ms(p.upstream_connect_timeout_ms, 5_000, "proxy.upstream_connect_timeout_ms", &err)?,
-            upstream_read_timeout: ms(p.upstream_read_timeout_ms, 60_000, "proxy.upstream_read_timeout_ms", &err)?,
+            token_wait_timeout: ms(
+                p.token_wait_timeout_ms,
+                5_000,
+                "proxy.token_wait_timeout_ms",
+                &err,
+            )?,
+            refresh_wait_timeout: ms(
+                p.refresh_wait_timeout_ms,
+                5_000,
+                "proxy.refresh_wait_timeout_ms",
+                &err,
+            )?,
+            upstream_connect_timeout: ms(
+                p.upstream_connect_timeout_ms,
+                5_000,
+                "proxy.upstream_connect_timeout_ms",
+                &err,
+            )?,
+            upstream_read_timeout: ms(
+                p.upstream_read_timeout_ms,
+                60_000,
+                "proxy.upstream_read_timeout_ms",
+                &err,
+            )?,
             shutdown_grace: Duration::from_secs(p.shutdown_grace_seconds.unwrap_or(30)),
             dns_refresh: Duration::from_secs(p.dns_refresh_seconds.unwrap_or(30).max(1)),
         };
@@ -197,12 +236,18 @@ impl Config {
             return Err(err("admin.listen", "must differ from proxy.listen".into()));
         }
 
-        let g = raw
-            .genesys
-            .ok_or_else(|| err("genesys", "section is required (client_id, client_secret)".into()))?;
+        let g = raw.genesys.ok_or_else(|| {
+            err(
+                "genesys",
+                "section is required (client_id, client_secret)".into(),
+            )
+        })?;
         let region = g.region.as_deref().unwrap_or("us-east-1");
         let domain = region::domain_for(region).ok_or_else(|| {
-            err("genesys.region", format!("{region:?} is neither a known region nor a domain"))
+            err(
+                "genesys.region",
+                format!("{region:?} is neither a known region nor a domain"),
+            )
         })?;
         let (login_default, api_default) = region::urls_for(&domain);
         let login_url = parse_url(g.login_url.as_deref().unwrap_or(&login_default))
@@ -213,7 +258,10 @@ impl Config {
         let api_url = parse_url(g.api_url.as_deref().unwrap_or(&api_default))
             .map_err(|m| err("genesys.api_url", m))?;
         if !matches!(api_url.path(), "" | "/") || api_url.query().is_some() {
-            return Err(err("genesys.api_url", "must be scheme://host[:port] with no path".into()));
+            return Err(err(
+                "genesys.api_url",
+                "must be scheme://host[:port] with no path".into(),
+            ));
         }
         let api = ApiTarget {
             tls: api_url.scheme() == "https",
@@ -226,14 +274,20 @@ impl Config {
         };
         let client_id = g.client_id.unwrap_or_default();
         if client_id.trim().is_empty() {
-            return Err(err("genesys.client_id", "is required and must not be empty".into()));
+            return Err(err(
+                "genesys.client_id",
+                "is required and must not be empty".into(),
+            ));
         }
         if client_id.contains(':') {
             return Err(err("genesys.client_id", "must not contain ':'".into()));
         }
-        let secret_ref = g
-            .client_secret
-            .ok_or_else(|| err("genesys.client_secret", "is required: { env = \"NAME\" } or { file = \"/path\" }".into()))?;
+        let secret_ref = g.client_secret.ok_or_else(|| {
+            err(
+                "genesys.client_secret",
+                "is required: { env = \"NAME\" } or { file = \"/path\" }".into(),
+            )
+        })?;
         let client_secret_source =
             secret_source(secret_ref).map_err(|m| err("genesys.client_secret", m))?;
         let client_secret = client_secret_source
@@ -243,9 +297,14 @@ impl Config {
         let previous_client_secret = match g.previous_client_secret {
             None => None,
             Some(r) => {
-                let source = secret_source(r).map_err(|m| err("genesys.previous_client_secret", m))?;
+                let source =
+                    secret_source(r).map_err(|m| err("genesys.previous_client_secret", m))?;
                 warnings.extend(source.permission_warning());
-                Some(source.read().map_err(|e| err("genesys.previous_client_secret", e.to_string()))?)
+                Some(
+                    source
+                        .read()
+                        .map_err(|e| err("genesys.previous_client_secret", e.to_string()))?,
+                )
             }
         };
         let genesys = GenesysSettings {
@@ -271,27 +330,50 @@ impl Config {
         };
         let max_per_minute = t.max_token_requests_per_minute.unwrap_or(20);
         if !(1..=600).contains(&max_per_minute) {
-            return Err(err("token.max_token_requests_per_minute", "must be between 1 and 600".into()));
+            return Err(err(
+                "token.max_token_requests_per_minute",
+                "must be between 1 and 600".into(),
+            ));
         }
         let backoff_initial = ms(t.backoff_initial_ms, 500, "token.backoff_initial_ms", &err)?;
         let backoff_max = ms(t.backoff_max_ms, 60_000, "token.backoff_max_ms", &err)?;
         if backoff_max < backoff_initial {
-            return Err(err("token.backoff_max_ms", "must be at least token.backoff_initial_ms".into()));
+            return Err(err(
+                "token.backoff_max_ms",
+                "must be at least token.backoff_initial_ms".into(),
+            ));
         }
         let token = TokenSettings {
-            refresh_before_expiry: Duration::from_secs(t.refresh_before_expiry_seconds.unwrap_or(300)),
+            refresh_before_expiry: Duration::from_secs(
+                t.refresh_before_expiry_seconds.unwrap_or(300),
+            ),
             validation,
             max_token_requests_per_minute: max_per_minute as u32,
             backoff_initial,
             backoff_max,
-            request_timeout: ms(t.request_timeout_ms, 10_000, "token.request_timeout_ms", &err)?,
-            connect_timeout: ms(t.connect_timeout_ms, 3_000, "token.connect_timeout_ms", &err)?,
+            request_timeout: ms(
+                t.request_timeout_ms,
+                10_000,
+                "token.request_timeout_ms",
+                &err,
+            )?,
+            connect_timeout: ms(
+                t.connect_timeout_ms,
+                3_000,
+                "token.connect_timeout_ms",
+                &err,
+            )?,
         };
 
         let audit_path = raw.audit.path.unwrap_or_else(|| "audit.jsonl".into());
         let audit = AuditSettings {
             target: match audit_path.as_str() {
-                "" => return Err(err("audit.path", "must not be empty (use \"-\" for stdout)".into())),
+                "" => {
+                    return Err(err(
+                        "audit.path",
+                        "must not be empty (use \"-\" for stdout)".into(),
+                    ))
+                }
                 "-" => AuditTarget::Stdout,
                 p => AuditTarget::File(PathBuf::from(p)),
             },
@@ -301,7 +383,12 @@ impl Config {
             format: match raw.log.format.as_deref().unwrap_or("json") {
                 "json" => LogFormat::Json,
                 "text" => LogFormat::Text,
-                other => return Err(err("log.format", format!("{other:?} is not \"json\" or \"text\""))),
+                other => {
+                    return Err(err(
+                        "log.format",
+                        format!("{other:?} is not \"json\" or \"text\""),
+                    ))
+                }
             },
             level: {
                 let level = raw.log.level.unwrap_or_else(|| "info".into());
@@ -311,7 +398,15 @@ impl Config {
             },
         };
 
-        Ok(Config { proxy, admin, genesys, token, audit, log, warnings })
+        Ok(Config {
+            proxy,
+            admin,
+            genesys,
+            token,
+            audit,
+            log,
+            warnings,
+        })
     }
 }
 
@@ -339,7 +434,9 @@ fn parse_url(s: &str) -> Result<Url, String> {
     match url.scheme() {
         "https" => Ok(url),
         "http" if is_loopback_host(host) => Ok(url),
-        "http" => Err(format!("{s:?} uses plain http; only https is allowed for non-loopback hosts")),
+        "http" => Err(format!(
+            "{s:?} uses plain http; only https is allowed for non-loopback hosts"
+        )),
         other => Err(format!("{s:?}: scheme {other:?} is not http or https")),
     }
 }
@@ -353,7 +450,9 @@ fn is_loopback_host(host: &str) -> bool {
 fn secret_source(r: SecretRef) -> Result<SecretSource, String> {
     match (r.env, r.file) {
         (Some(env), None) if !env.trim().is_empty() => Ok(SecretSource::Env(env)),
-        (None, Some(file)) if !file.trim().is_empty() => Ok(SecretSource::File(PathBuf::from(file))),
+        (None, Some(file)) if !file.trim().is_empty() => {
+            Ok(SecretSource::File(PathBuf::from(file)))
+        }
         _ => Err("give exactly one of { env = \"NAME\" } or { file = \"/path\" }".into()),
     }
 }

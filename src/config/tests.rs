@@ -42,7 +42,10 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9090");
     assert_eq!(c.proxy.allowed_path_prefixes, vec!["/api/v2/".to_string()]);
     assert_eq!(c.proxy.replay_body_limit_bytes, 65536);
-    assert_eq!(c.genesys.token_url.as_str(), "https://login.mypurecloud.com/oauth/token");
+    assert_eq!(
+        c.genesys.token_url.as_str(),
+        "https://login.mypurecloud.com/oauth/token"
+    );
     assert_eq!(c.genesys.api.host, "api.mypurecloud.com");
     assert!(c.genesys.api.tls);
     assert_eq!(c.genesys.client_secret.expose(), "s3cret");
@@ -71,7 +74,10 @@ fn missing_genesys_section() {
 #[test]
 fn missing_client_id() {
     let f = secret_file("noid", "x");
-    let e = err_of(&format!("[genesys]\nclient_secret = {{ file = {:?} }}\n", f.display().to_string()));
+    let e = err_of(&format!(
+        "[genesys]\nclient_secret = {{ file = {:?} }}\n",
+        f.display().to_string()
+    ));
     assert!(e.contains("genesys.client_id"), "{e}");
 }
 
@@ -83,20 +89,32 @@ fn inline_secret_string_is_refused() {
 
 #[test]
 fn missing_secret_env_var() {
-    let e = err_of("[genesys]\nclient_id = \"a\"\nclient_secret = { env = \"GAP_TEST_SURELY_UNSET_VAR\" }\n");
-    assert!(e.contains("genesys.client_secret") && e.contains("GAP_TEST_SURELY_UNSET_VAR"), "{e}");
+    let e = err_of(
+        "[genesys]\nclient_id = \"a\"\nclient_secret = { env = \"GAP_TEST_SURELY_UNSET_VAR\" }\n",
+    );
+    assert!(
+        e.contains("genesys.client_secret") && e.contains("GAP_TEST_SURELY_UNSET_VAR"),
+        "{e}"
+    );
 }
 
 #[test]
 fn empty_secret_file() {
     let f = secret_file("empty", "\n");
-    let e = err_of(&format!("[genesys]\nclient_id = \"a\"\nclient_secret = {{ file = {:?} }}\n", f.display().to_string()));
-    assert!(e.contains("genesys.client_secret") && e.contains("empty"), "{e}");
+    let e = err_of(&format!(
+        "[genesys]\nclient_id = \"a\"\nclient_secret = {{ file = {:?} }}\n",
+        f.display().to_string()
+    ));
+    assert!(
+        e.contains("genesys.client_secret") && e.contains("empty"),
+        "{e}"
+    );
 }
 
 #[test]
 fn secret_with_both_env_and_file() {
-    let e = err_of("[genesys]\nclient_id = \"a\"\nclient_secret = { env = \"X\", file = \"/y\" }\n");
+    let e =
+        err_of("[genesys]\nclient_id = \"a\"\nclient_secret = { env = \"X\", file = \"/y\" }\n");
     assert!(e.contains("exactly one"), "{e}");
 }
 
@@ -107,11 +125,18 @@ fn group_readable_secret_file_warns() {
     let f = secret_file("loose", "abc");
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
     let c = parse(
-        &format!("[genesys]\nclient_id = \"a\"\nclient_secret = {{ file = {:?} }}\n", f.display().to_string()),
+        &format!(
+            "[genesys]\nclient_id = \"a\"\nclient_secret = {{ file = {:?} }}\n",
+            f.display().to_string()
+        ),
         Path::new("t.toml"),
     )
     .unwrap();
-    assert!(c.warnings.iter().any(|w| w.contains("readable")), "{:?}", c.warnings);
+    assert!(
+        c.warnings.iter().any(|w| w.contains("readable")),
+        "{:?}",
+        c.warnings
+    );
 }
 
 #[test]
@@ -121,7 +146,11 @@ fn unknown_region() {
 
 #[test]
 fn bare_domain_region() {
-    let c = parse(&base("region = \"new9.pure.cloud\"", ""), Path::new("t.toml")).unwrap();
+    let c = parse(
+        &base("region = \"new9.pure.cloud\"", ""),
+        Path::new("t.toml"),
+    )
+    .unwrap();
     assert_eq!(c.genesys.api.host, "api.new9.pure.cloud");
 }
 
@@ -132,7 +161,10 @@ fn plain_http_refused_unless_loopback() {
     let e = err_of(&base("login_url = \"http://login.example.com\"", ""));
     assert!(e.contains("genesys.login_url"), "{e}");
     let c = parse(
-        &base("api_url = \"http://127.0.0.1:9999\"\nlogin_url = \"http://localhost:9999\"", ""),
+        &base(
+            "api_url = \"http://127.0.0.1:9999\"\nlogin_url = \"http://localhost:9999\"",
+            "",
+        ),
         Path::new("t.toml"),
     )
     .unwrap();
@@ -153,13 +185,19 @@ fn bad_listen_address() {
 
 #[test]
 fn same_listen_for_admin_and_proxy() {
-    let e = err_of(&base("", "[proxy]\nlisten = \"127.0.0.1:8000\"\n[admin]\nlisten = \"127.0.0.1:8000\""));
+    let e = err_of(&base(
+        "",
+        "[proxy]\nlisten = \"127.0.0.1:8000\"\n[admin]\nlisten = \"127.0.0.1:8000\"",
+    ));
     assert!(e.contains("admin.listen"), "{e}");
 }
 
 #[test]
 fn bad_cidr() {
-    let e = err_of(&base("", "[proxy]\nallowed_client_cidrs = [\"10.0.0.0/33\"]"));
+    let e = err_of(&base(
+        "",
+        "[proxy]\nallowed_client_cidrs = [\"10.0.0.0/33\"]",
+    ));
     assert!(e.contains("proxy.allowed_client_cidrs"), "{e}");
     let e = err_of(&base("", "[proxy]\nallowed_client_cidrs = []"));
     assert!(e.contains("proxy.allowed_client_cidrs"), "{e}");
@@ -169,7 +207,10 @@ fn bad_cidr() {
 fn bad_path_prefix() {
     let e = err_of(&base("", "[proxy]\nallowed_path_prefixes = [\"api\"]"));
     assert!(e.contains("proxy.allowed_path_prefixes"), "{e}");
-    let e = err_of(&base("", "[proxy]\nallowed_path_prefixes = [\"/api/../x\"]"));
+    let e = err_of(&base(
+        "",
+        "[proxy]\nallowed_path_prefixes = [\"/api/../x\"]",
+    ));
     assert!(e.contains("proxy.allowed_path_prefixes"), "{e}");
 }
 
@@ -189,7 +230,11 @@ fn zero_timeout_refused() {
 fn validation_values() {
     assert!(err_of(&base("", "[token]\nvalidation = \"jwks\"")).contains("not supported yet"));
     assert!(err_of(&base("", "[token]\nvalidation = \"maybe\"")).contains("token.validation"));
-    let c = parse(&base("", "[token]\nvalidation = \"none\""), Path::new("t.toml")).unwrap();
+    let c = parse(
+        &base("", "[token]\nvalidation = \"none\""),
+        Path::new("t.toml"),
+    )
+    .unwrap();
     assert_eq!(c.token.validation, Validation::None);
 }
 
@@ -201,7 +246,10 @@ fn token_rate_cap_range() {
 
 #[test]
 fn backoff_max_below_initial() {
-    let e = err_of(&base("", "[token]\nbackoff_initial_ms = 5000\nbackoff_max_ms = 100"));
+    let e = err_of(&base(
+        "",
+        "[token]\nbackoff_initial_ms = 5000\nbackoff_max_ms = 100",
+    ));
     assert!(e.contains("token.backoff_max_ms"), "{e}");
 }
 
@@ -221,6 +269,9 @@ fn empty_audit_path() {
 #[test]
 fn client_id_with_colon() {
     let f = secret_file("colon", "x");
-    let e = err_of(&format!("[genesys]\nclient_id = \"a:b\"\nclient_secret = {{ file = {:?} }}\n", f.display().to_string()));
+    let e = err_of(&format!(
+        "[genesys]\nclient_id = \"a:b\"\nclient_secret = {{ file = {:?} }}\n",
+        f.display().to_string()
+    ));
     assert!(e.contains("genesys.client_id"), "{e}");
 }

@@ -40,8 +40,8 @@ pub async fn handle(
     };
     let path = uri.path();
     let query = uri.query().unwrap_or("");
-    let preserve_idle = path == "/api/v2/tokens/me"
-        && query.split('&').any(|kv| kv == "preserveIdleTTL=true");
+    let preserve_idle =
+        path == "/api/v2/tokens/me" && query.split('&').any(|kv| kv == "preserveIdleTTL=true");
     let admission = match state.admit(token, Instant::now(), preserve_idle) {
         Ok(a) => a,
         Err(refusal) => {
@@ -58,7 +58,10 @@ pub async fn handle(
     if admission.limited {
         state.count_api(429, Some(&admission.fingerprint));
         let mut headers = limits;
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(admission.reset_seconds));
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(admission.reset_seconds),
+        );
         let message = format!(
             "Rate limit exceeded the maximum. Retry the request in [{}] seconds",
             admission.reset_seconds
@@ -76,7 +79,9 @@ pub async fn handle(
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
-    let response = route(&state, &method, path, query, &headers, &body, token, &admission);
+    let response = route(
+        &state, &method, path, query, &headers, &body, token, &admission,
+    );
     state.count_api(response.status().as_u16(), Some(&admission.fingerprint));
     with_headers(response, limits)
 }

@@ -39,7 +39,10 @@ async fn loopback_only(
     next: Next,
 ) -> Response {
     if !peer.ip().is_loopback() {
-        return bad(StatusCode::FORBIDDEN, "the control API answers loopback peers only");
+        return bad(
+            StatusCode::FORBIDDEN,
+            "the control API answers loopback peers only",
+        );
     }
     next.run(request).await
 }
@@ -53,9 +56,8 @@ fn ok(value: serde_json::Value) -> Response {
 }
 
 /// Parses a JSON body, answering 400 naming the problem instead of axum's plain-text rejection.
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body)
-        .map_err(|e| bad(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))
 }
 
 #[derive(Deserialize)]
@@ -71,7 +73,7 @@ async fn add_secret(
 ) -> Response {
     let body: SecretBody = match parse(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(reason) => return bad(StatusCode::BAD_REQUEST, &reason),
     };
     if id.is_empty() || id.contains(':') || body.secret.is_empty() {
         return bad(
@@ -80,8 +82,16 @@ async fn add_secret(
         );
     }
     let added = state.add_secret(&id, &body.secret);
-    let status = if added { StatusCode::CREATED } else { StatusCode::OK };
-    (status, Json(serde_json::json!({ "client_id": id, "added": added }))).into_response()
+    let status = if added {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (
+        status,
+        Json(serde_json::json!({ "client_id": id, "added": added })),
+    )
+        .into_response()
 }
 
 async fn remove_secret(
@@ -107,7 +117,7 @@ async fn revoke(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
     } else {
         match parse(&body) {
             Ok(b) => b,
-            Err(r) => return r,
+            Err(reason) => return bad(StatusCode::BAD_REQUEST, &reason),
         }
     };
     let n = state.revoke_all(body.client_id.as_deref());
@@ -129,10 +139,13 @@ fn one() -> u64 {
 async fn faults(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
     let body: FaultBody = match parse(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(reason) => return bad(StatusCode::BAD_REQUEST, &reason),
     };
     if body.count == 0 || body.count > 1_000_000 {
-        return bad(StatusCode::BAD_REQUEST, "count must be between 1 and 1000000");
+        return bad(
+            StatusCode::BAD_REQUEST,
+            "count must be between 1 and 1000000",
+        );
     }
     state.push_fault(body.kind, body.count);
     ok(serde_json::json!({ "kind": body.kind, "count": body.count }))
@@ -151,7 +164,7 @@ const MAX_LATENCY_MS: u64 = 600_000;
 async fn latency(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
     let body: LatencyBody = match parse(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(reason) => return bad(StatusCode::BAD_REQUEST, &reason),
     };
     if body.token_ms.unwrap_or(0) > MAX_LATENCY_MS || body.api_ms.unwrap_or(0) > MAX_LATENCY_MS {
         return bad(StatusCode::BAD_REQUEST, "latency must be at most 600000 ms");
@@ -177,14 +190,19 @@ struct LifetimeBody {
 async fn token_lifetime(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
     let body: LifetimeBody = match parse(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(reason) => return bad(StatusCode::BAD_REQUEST, &reason),
     };
     // Genesys allows 300..=172800; the simulator also allows shorter lifetimes so tests of
     // proactive refresh finish in seconds.
     if body.seconds == 0 || body.seconds > 172_800 {
-        return bad(StatusCode::BAD_REQUEST, "seconds must be between 1 and 172800");
+        return bad(
+            StatusCode::BAD_REQUEST,
+            "seconds must be between 1 and 172800",
+        );
     }
-    state.token_lifetime_seconds.store(body.seconds, Ordering::Relaxed);
+    state
+        .token_lifetime_seconds
+        .store(body.seconds, Ordering::Relaxed);
     ok(serde_json::json!({ "seconds": body.seconds }))
 }
 

@@ -46,7 +46,11 @@ pub const AUDIENCE: &str = "genesys-cloud-api";
 
 impl SigningKeys {
     pub fn new(enabled: bool) -> Self {
-        let keys = if enabled { vec![generate()] } else { Vec::new() };
+        let keys = if enabled {
+            vec![generate()]
+        } else {
+            Vec::new()
+        };
         SigningKeys {
             keys: Mutex::new(keys),
         }
@@ -84,7 +88,10 @@ impl SigningKeys {
         for k in keys.iter_mut() {
             k.retired_at.get_or_insert(now);
         }
-        keys.retain(|k| k.retired_at.is_none_or(|t| now.duration_since(t) < ROTATION_GRACE));
+        keys.retain(|k| {
+            k.retired_at
+                .is_none_or(|t| now.duration_since(t) < ROTATION_GRACE)
+        });
         let key = generate();
         let kid = key.kid.clone();
         keys.push(key);
@@ -97,7 +104,10 @@ impl SigningKeys {
         let now = Instant::now();
         let published: Vec<_> = keys
             .iter()
-            .filter(|k| k.retired_at.is_none_or(|t| now.duration_since(t) < ROTATION_GRACE))
+            .filter(|k| {
+                k.retired_at
+                    .is_none_or(|t| now.duration_since(t) < ROTATION_GRACE)
+            })
             .map(|k| {
                 serde_json::json!({
                     "kty": "RSA", "use": "sig", "alg": "RS256",

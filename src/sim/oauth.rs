@@ -22,8 +22,14 @@ use super::TokenFormat;
 /// forgotten connection does not live forever.
 const HANG: Duration = Duration::from_secs(300);
 
-pub async fn token(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let latency = state.token_latency_ms.load(std::sync::atomic::Ordering::Relaxed);
+pub async fn token(
+    State(state): State<Arc<SimState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let latency = state
+        .token_latency_ms
+        .load(std::sync::atomic::Ordering::Relaxed);
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
@@ -59,11 +65,18 @@ fn grant(state: &SimState, headers: &HeaderMap, body: &[u8]) -> (&'static str, R
         Err(_) => {
             return (
                 "invalid_request",
-                oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "malformed form body"),
+                oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "malformed form body",
+                ),
             )
         }
     };
-    let grant_type = form.iter().find(|(k, _)| k == "grant_type").map(|(_, v)| v.as_str());
+    let grant_type = form
+        .iter()
+        .find(|(k, _)| k == "grant_type")
+        .map(|(_, v)| v.as_str());
     match grant_type {
         Some("client_credentials") => {}
         Some(_) => {
@@ -79,7 +92,11 @@ fn grant(state: &SimState, headers: &HeaderMap, body: &[u8]) -> (&'static str, R
         None => {
             return (
                 "invalid_request",
-                oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "missing grant_type"),
+                oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "missing grant_type",
+                ),
             )
         }
     }
@@ -102,7 +119,11 @@ fn grant(state: &SimState, headers: &HeaderMap, body: &[u8]) -> (&'static str, R
             None => {
                 return (
                     "server_error",
-                    oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "signing failed"),
+                    oauth_error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        "signing failed",
+                    ),
                 )
             }
         },
@@ -113,7 +134,10 @@ fn grant(state: &SimState, headers: &HeaderMap, body: &[u8]) -> (&'static str, R
         "token_type": "bearer",
         "expires_in": lifetime,
     });
-    ("success", (StatusCode::OK, no_store(), Json(body)).into_response())
+    (
+        "success",
+        (StatusCode::OK, no_store(), Json(body)).into_response(),
+    )
 }
 
 async fn fault_response(state: &SimState, fault: FaultKind) -> Response {
@@ -135,7 +159,10 @@ async fn fault_response(state: &SimState, fault: FaultKind) -> Response {
             )
                 .into_response(),
         ),
-        FaultKind::Empty => ("empty", (StatusCode::OK, Json(serde_json::json!({}))).into_response()),
+        FaultKind::Empty => (
+            "empty",
+            (StatusCode::OK, Json(serde_json::json!({}))).into_response(),
+        ),
         FaultKind::RateLimit => ("rate_limited", rate_limited()),
         FaultKind::InvalidClient => ("invalid_client", invalid_client()),
         FaultKind::Timeout => {

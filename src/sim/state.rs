@@ -182,7 +182,10 @@ impl SimState {
         let limit = self.config.token_rate_limit_per_minute;
         let mut calls = lock(&self.token_calls);
         let window = calls.entry(client_id.to_string()).or_default();
-        while window.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
+        while window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= WINDOW)
+        {
             window.pop_front();
         }
         if window.len() as u64 >= limit {
@@ -222,7 +225,10 @@ impl SimState {
     pub fn count_token_outcome(&self, outcome: &str) {
         let mut stats = lock(&self.stats);
         stats.token_total += 1;
-        *stats.token_by_outcome.entry(outcome.to_string()).or_default() += 1;
+        *stats
+            .token_by_outcome
+            .entry(outcome.to_string())
+            .or_default() += 1;
     }
 
     // ---- API -----------------------------------------------------------------------------
@@ -261,10 +267,9 @@ impl SimState {
         }
         let elapsed = now.duration_since(record.window_start);
         let reset_seconds = (WINDOW.saturating_sub(elapsed).as_secs_f64().ceil() as u64).max(1);
-        let idles_at = self
-            .config
-            .idle_timeout
-            .map(|idle| SystemTime::now() + idle.saturating_sub(now.duration_since(record.last_used)));
+        let idles_at = self.config.idle_timeout.map(|idle| {
+            SystemTime::now() + idle.saturating_sub(now.duration_since(record.last_used))
+        });
         Ok(ApiAdmission {
             client_id: record.client_id.clone(),
             fingerprint: record.fingerprint.clone(),
@@ -392,7 +397,10 @@ mod tests {
         assert!(!s.admit("tok", t0, false).unwrap().limited);
         assert!(s.admit("tok", t0, false).unwrap().limited);
         assert!(!s.admit("tok", t0 + WINDOW, false).unwrap().limited);
-        assert_eq!(s.admit("nope", t0, false).unwrap_err(), TokenRefusal::Unknown);
+        assert_eq!(
+            s.admit("nope", t0, false).unwrap_err(),
+            TokenRefusal::Unknown
+        );
     }
 
     #[test]

@@ -80,8 +80,9 @@ impl TokenEndpoint {
         connect_timeout: Duration,
         request_timeout: Duration,
     ) -> Result<Self, String> {
-        let tokens_me_url = Url::parse(&format!("{api_base}/api/v2/tokens/me?preserveIdleTTL=true"))
-            .map_err(|e| format!("bad API URL: {e}"))?;
+        let tokens_me_url =
+            Url::parse(&format!("{api_base}/api/v2/tokens/me?preserveIdleTTL=true"))
+                .map_err(|e| format!("bad API URL: {e}"))?;
         let client = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .timeout(request_timeout)
@@ -146,15 +147,18 @@ impl TokenEndpoint {
 /// Turns a token-endpoint answer into a token or a classified error.
 pub fn classify(status: StatusCode, body: &[u8]) -> Result<Minted, MintError> {
     if status.is_success() {
-        let parsed: TokenResponse = serde_json::from_slice(body)
-            .map_err(|_| MintError::InvalidResponse(format!("HTTP {} body is not JSON", status.as_u16())))?;
+        let parsed: TokenResponse = serde_json::from_slice(body).map_err(|_| {
+            MintError::InvalidResponse(format!("HTTP {} body is not JSON", status.as_u16()))
+        })?;
         let token = parsed
             .access_token
             .filter(|t| !t.trim().is_empty())
             .ok_or_else(|| MintError::InvalidResponse("no access_token".into()))?;
         if let Some(tt) = parsed.token_type.as_deref() {
             if !tt.eq_ignore_ascii_case("bearer") {
-                return Err(MintError::InvalidResponse(format!("token_type {tt:?} is not bearer")));
+                return Err(MintError::InvalidResponse(format!(
+                    "token_type {tt:?} is not bearer"
+                )));
             }
         }
         let expires_in = match parsed.expires_in {
@@ -164,10 +168,14 @@ pub fn classify(status: StatusCode, body: &[u8]) -> Result<Minted, MintError> {
         }
         .ok_or_else(|| MintError::InvalidResponse("no numeric expires_in".into()))?;
         if !(expires_in.is_finite() && expires_in >= 1.0) {
-            return Err(MintError::InvalidResponse(format!("expires_in {expires_in} is not positive")));
+            return Err(MintError::InvalidResponse(format!(
+                "expires_in {expires_in} is not positive"
+            )));
         }
         if header::HeaderValue::from_str(&token).is_err() {
-            return Err(MintError::InvalidResponse("access_token has characters not allowed in a header".into()));
+            return Err(MintError::InvalidResponse(
+                "access_token has characters not allowed in a header".into(),
+            ));
         }
         return Ok(Minted {
             access_token: Secret::new(token),
@@ -175,7 +183,10 @@ pub fn classify(status: StatusCode, body: &[u8]) -> Result<Minted, MintError> {
         });
     }
     let oauth: Option<OAuthError> = serde_json::from_slice(body).ok();
-    let error = oauth.as_ref().and_then(|o| o.error.as_deref()).unwrap_or("");
+    let error = oauth
+        .as_ref()
+        .and_then(|o| o.error.as_deref())
+        .unwrap_or("");
     let description = oauth
         .as_ref()
         .and_then(|o| o.error_description.as_deref().or(o.description.as_deref()))
@@ -227,19 +238,44 @@ mod tests {
 
     #[test]
     fn success_reads_expires_in() {
-        let m = class(200, r#"{"access_token":"abc","token_type":"bearer","expires_in":86400}"#).unwrap();
+        let m = class(
+            200,
+            r#"{"access_token":"abc","token_type":"bearer","expires_in":86400}"#,
+        )
+        .unwrap();
         assert_eq!(m.expires_in, Duration::from_secs(86400));
         assert_eq!(m.access_token.expose(), "abc");
     }
 
     #[test]
     fn every_failure_is_classified() {
-        assert_eq!(class(200, "<html>").unwrap_err().outcome(), "invalid_response");
+        assert_eq!(
+            class(200, "<html>").unwrap_err().outcome(),
+            "invalid_response"
+        );
         assert_eq!(class(200, "{}").unwrap_err().outcome(), "invalid_response");
-        assert_eq!(class(200, r#"{"access_token":"","expires_in":5}"#).unwrap_err().outcome(), "invalid_response");
-        assert_eq!(class(200, r#"{"access_token":"a","expires_in":0}"#).unwrap_err().outcome(), "invalid_response");
-        assert_eq!(class(200, r#"{"access_token":"a","expires_in":-5}"#).unwrap_err().outcome(), "invalid_response");
-        assert_eq!(class(200, r#"{"access_token":"a"}"#).unwrap_err().outcome(), "invalid_response");
+        assert_eq!(
+            class(200, r#"{"access_token":"","expires_in":5}"#)
+                .unwrap_err()
+                .outcome(),
+            "invalid_response"
+        );
+        assert_eq!(
+            class(200, r#"{"access_token":"a","expires_in":0}"#)
+                .unwrap_err()
+                .outcome(),
+            "invalid_response"
+        );
+        assert_eq!(
+            class(200, r#"{"access_token":"a","expires_in":-5}"#)
+                .unwrap_err()
+                .outcome(),
+            "invalid_response"
+        );
+        assert_eq!(
+            class(200, r#"{"access_token":"a"}"#).unwrap_err().outcome(),
+            "invalid_response"
+        );
         assert_eq!(
             class(401, r#"{"error":"invalid_client","description":"authentication failed","error_description":"authentication failed"}"#)
                 .unwrap_err(),
@@ -249,7 +285,10 @@ mod tests {
             class(400, r#"{"error":"invalid_request","error_description":"rate limit exceeded; try later"}"#).unwrap_err(),
             MintError::RateLimited
         );
-        assert_eq!(class(400, r#"{"error":"invalid_request"}"#).unwrap_err(), MintError::ServerError(400));
+        assert_eq!(
+            class(400, r#"{"error":"invalid_request"}"#).unwrap_err(),
+            MintError::ServerError(400)
+        );
         assert_eq!(class(500, "oops").unwrap_err(), MintError::ServerError(500));
         assert_eq!(class(503, "").unwrap_err().outcome(), "server_error");
     }

@@ -98,7 +98,11 @@ impl Refresher {
                     Some((g, _)) if g == t.generation => Some(Reason::Proactive),
                     _ => {
                         let at = t.acquired_at
-                            + refresh_delay(t.lifetime, self.settings.refresh_before_expiry, rand::random());
+                            + refresh_delay(
+                                t.lifetime,
+                                self.settings.refresh_before_expiry,
+                                rand::random(),
+                            );
                         refresh_at = Some((t.generation, at));
                         continue;
                     }
@@ -115,12 +119,18 @@ impl Refresher {
             };
 
             // Client-side cap on token requests per minute.
-            while recent.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60)) {
+            while recent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+            {
                 recent.pop_front();
             }
             if recent.len() >= self.settings.max_token_requests_per_minute as usize {
                 let until = recent[0] + Duration::from_secs(60);
-                tracing::warn!(cap = self.settings.max_token_requests_per_minute, "token request cap reached; waiting");
+                tracing::warn!(
+                    cap = self.settings.max_token_requests_per_minute,
+                    "token request cap reached; waiting"
+                );
                 tokio::select! {
                     _ = tokio::time::sleep_until(until.into()) => {}
                     _ = shutdown.changed() => return,
@@ -133,7 +143,9 @@ impl Refresher {
             match self.refresh_once(&mut recent, generation, reason).await {
                 Ok(token) => {
                     failures = 0;
-                    self.metrics.token_refresh_duration_seconds.observe(started.elapsed().as_secs_f64());
+                    self.metrics
+                        .token_refresh_duration_seconds
+                        .observe(started.elapsed().as_secs_f64());
                     self.store.publish(token);
                 }
                 Err(e) => {
@@ -142,7 +154,13 @@ impl Refresher {
                         MintError::InvalidClient | MintError::RateLimited => FailureClass::Harsh,
                         _ => FailureClass::Transient,
                     };
-                    let delay = backoff(failures, class, self.settings.backoff_initial, self.settings.backoff_max, rand::random());
+                    let delay = backoff(
+                        failures,
+                        class,
+                        self.settings.backoff_initial,
+                        self.settings.backoff_max,
+                        rand::random(),
+                    );
                     self.note_failure(&e, failures, delay, current.as_deref());
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -155,21 +173,35 @@ impl Refresher {
 
     /// Mints (current secret, then previous on `invalid_client`), validates, and builds the
     /// record to publish.
-    async fn refresh_once(&self, recent: &mut VecDeque<Instant>, generation: u64, reason: Reason) -> Result<Token, MintError> {
+    async fn refresh_once(
+        &self,
+        recent: &mut VecDeque<Instant>,
+        generation: u64,
+        reason: Reason,
+    ) -> Result<Token, MintError> {
         let creds = &self.credentials;
         // Expiry counts from before the request: Genesys starts the clock when it issues.
         let requested_at = Instant::now();
         recent.push_back(requested_at);
-        let mut result = self.mint_counted(&creds.secret).await.map(|m| (m, TokenSource::Current));
+        let mut result = self
+            .mint_counted(&creds.secret)
+            .await
+            .map(|m| (m, TokenSource::Current));
         if let (Err(MintError::InvalidClient), Some(previous)) = (&result, &creds.previous) {
             recent.push_back(Instant::now());
-            result = self.mint_counted(previous).await.map(|m| (m, TokenSource::Previous));
+            result = self
+                .mint_counted(previous)
+                .await
+                .map(|m| (m, TokenSource::Previous));
         }
         let (minted, source) = result?;
         let acquired_at = requested_at;
         if self.settings.validation == Validation::TokensMe {
             if let Err(e) = self.endpoint.validate(&minted.access_token).await {
-                self.metrics.token_requests_total.with_label_values(&["validation_failed"]).inc();
+                self.metrics
+                    .token_requests_total
+                    .with_label_values(&["validation_failed"])
+                    .inc();
                 self.audit.record(
                     "TOKEN_VALIDATION_FAILED",
                     json!({"error": e.to_string()}),
@@ -180,9 +212,15 @@ impl Refresher {
         }
         let token = build_token(&minted, generation, acquired_at, source)?;
         self.metrics.token_expiry_timestamp_seconds.set(
-            token.expires_at_wall.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
+            token
+                .expires_at_wall
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
         );
-        self.metrics.token_fallback_active.set(i64::from(source == TokenSource::Previous));
+        self.metrics
+            .token_fallback_active
+            .set(i64::from(source == TokenSource::Previous));
         {
             let mut info = self.info.lock().unwrap_or_else(|e| e.into_inner());
             info.last_refresh = Some(SystemTime::now());
@@ -212,12 +250,18 @@ impl Refresher {
     }
 
     async fn mint_counted(&self, secret: &Secret) -> Result<Minted, MintError> {
-        let result = self.endpoint.mint(&self.credentials.client_id, secret).await;
+        let result = self
+            .endpoint
+            .mint(&self.credentials.client_id, secret)
+            .await;
         let outcome = match &result {
             Ok(_) => "success",
             Err(e) => e.outcome(),
         };
-        self.metrics.token_requests_total.with_label_values(&[outcome]).inc();
+        self.metrics
+            .token_requests_total
+            .with_label_values(&[outcome])
+            .inc();
         result
     }
 
@@ -248,9 +292,15 @@ impl Refresher {
     }
 }
 
-fn build_token(minted: &Minted, generation: u64, acquired_at: Instant, source: TokenSource) -> Result<Token, MintError> {
-    let mut header = http::HeaderValue::from_str(&format!("Bearer {}", minted.access_token.expose()))
-        .map_err(|_| MintError::InvalidResponse("token is not a valid header value".into()))?;
+fn build_token(
+    minted: &Minted,
+    generation: u64,
+    acquired_at: Instant,
+    source: TokenSource,
+) -> Result<Token, MintError> {
+    let mut header =
+        http::HeaderValue::from_str(&format!("Bearer {}", minted.access_token.expose()))
+            .map_err(|_| MintError::InvalidResponse("token is not a valid header value".into()))?;
     header.set_sensitive(true);
     Ok(Token {
         header,

@@ -16,10 +16,16 @@ const JITTER_SPREAD: f64 = 0.2;
 /// by up to a fifth of the margin so replicas started together do not refresh together.
 pub fn refresh_delay(lifetime: Duration, margin: Duration, jitter: f64) -> Duration {
     let life = lifetime.as_secs_f64();
-    let margin = margin.as_secs_f64().min(life * (1.0 - MIN_REFRESH_FRACTION));
+    let margin = margin
+        .as_secs_f64()
+        .min(life * (1.0 - MIN_REFRESH_FRACTION));
     let jitter = jitter.clamp(0.0, 1.0);
     let delay = life - margin - margin * JITTER_SPREAD * jitter;
-    Duration::from_secs_f64(delay.max(life * MIN_REFRESH_FRACTION * (1.0 - JITTER_SPREAD)).max(0.0))
+    Duration::from_secs_f64(
+        delay
+            .max(life * MIN_REFRESH_FRACTION * (1.0 - JITTER_SPREAD))
+            .max(0.0),
+    )
 }
 
 /// What kind of failure the backoff follows.
@@ -34,7 +40,13 @@ pub enum FailureClass {
 
 /// Exponential backoff with "equal jitter": the `attempt`-th consecutive failure (from 1)
 /// waits between half and all of `initial * 2^(attempt-1)`, capped at `max`.
-pub fn backoff(attempt: u32, class: FailureClass, initial: Duration, max: Duration, jitter: f64) -> Duration {
+pub fn backoff(
+    attempt: u32,
+    class: FailureClass,
+    initial: Duration,
+    max: Duration,
+    jitter: f64,
+) -> Duration {
     let extra = match class {
         FailureClass::Transient => 0,
         FailureClass::Harsh => 3,
@@ -60,9 +72,15 @@ mod tests {
                     let l = Duration::from_secs(life);
                     let d = refresh_delay(l, Duration::from_secs(margin), j);
                     assert!(d <= l, "life {life} margin {margin} j {j}: {d:?}");
-                    assert!(d.as_secs_f64() >= life as f64 * 0.4 - 1e-9, "too early: life {life} margin {margin} {d:?}");
+                    assert!(
+                        d.as_secs_f64() >= life as f64 * 0.4 - 1e-9,
+                        "too early: life {life} margin {margin} {d:?}"
+                    );
                     if margin > 0 {
-                        assert!(d < l, "must refresh before expiry: life {life} margin {margin}");
+                        assert!(
+                            d < l,
+                            "must refresh before expiry: life {life} margin {margin}"
+                        );
                     }
                 }
             }
@@ -91,7 +109,10 @@ mod tests {
             last_hi = hi;
         }
         assert_eq!(backoff(1, FailureClass::Transient, init, max, 1.0), init);
-        assert_eq!(backoff(2, FailureClass::Transient, init, max, 1.0), init * 2);
+        assert_eq!(
+            backoff(2, FailureClass::Transient, init, max, 1.0),
+            init * 2
+        );
         assert_eq!(backoff(40, FailureClass::Transient, init, max, 1.0), max);
     }
 

@@ -60,7 +60,8 @@ impl SecretSource {
     pub fn read(&self) -> Result<Secret, SecretError> {
         match self {
             SecretSource::Env(name) => {
-                let value = std::env::var(name).map_err(|_| SecretError::EnvMissing(name.clone()))?;
+                let value =
+                    std::env::var(name).map_err(|_| SecretError::EnvMissing(name.clone()))?;
                 let value = value.trim();
                 if value.is_empty() {
                     return Err(SecretError::EnvEmpty(name.clone()));
@@ -122,7 +123,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("s");
         std::fs::write(&f, "abc\n").unwrap();
-        assert_eq!(SecretSource::File(f.clone()).read().unwrap().expose(), "abc");
+        assert_eq!(
+            SecretSource::File(f.clone()).read().unwrap().expose(),
+            "abc"
+        );
         std::fs::write(&f, "\n").unwrap();
         assert!(matches!(
             SecretSource::File(f.clone()).read(),

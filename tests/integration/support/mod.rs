@@ -42,7 +42,13 @@ pub fn sim_config() -> SimConfig {
 
 /// TOML for a proxy in front of `sim_url`, listeners on port 0, secret in a 0600 file.
 /// `extra` is appended as further sections/keys (e.g. "[token]\nvalidation = \"none\"").
-pub fn proxy_toml(sim_url: &str, secret: &str, proxy_extra: &str, token_extra: &str, dir: &std::path::Path) -> String {
+pub fn proxy_toml(
+    sim_url: &str,
+    secret: &str,
+    proxy_extra: &str,
+    token_extra: &str,
+    dir: &std::path::Path,
+) -> String {
     let secret_file = dir.join("client-secret");
     std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
     #[cfg(unix)]
@@ -114,7 +120,13 @@ impl Proxy {
 
 pub async fn start_proxy_with(sim: &SimHandle, proxy_extra: &str, token_extra: &str) -> Proxy {
     let dir = temp_dir("proxy");
-    let cfg = config_from(&proxy_toml(&sim.url(), SECRET, proxy_extra, token_extra, &dir));
+    let cfg = config_from(&proxy_toml(
+        &sim.url(),
+        SECRET,
+        proxy_extra,
+        token_extra,
+        &dir,
+    ));
     let running = app::start(cfg).await.unwrap();
     Proxy { running, dir }
 }
@@ -180,5 +192,7 @@ pub async fn mint_token(sim: &SimHandle) -> String {
 }
 
 pub fn token_successes(stats: &Value) -> u64 {
-    stats["token_requests"]["by_outcome"]["success"].as_u64().unwrap_or(0)
+    stats["token_requests"]["by_outcome"]["success"]
+        .as_u64()
+        .unwrap_or(0)
 }
