@@ -158,6 +158,28 @@ pub fn refusal_for(etype: &ErrorType) -> Refusal {
     }
 }
 
+/// Rewrites the request that goes upstream: only the path and query are kept (an
+/// absolute-form URI cannot pick the host), client credentials are removed, `Host` is the API
+/// host, and the bearer is injected.
+pub fn rewrite_upstream_request(
+    upstream: &mut RequestHeader,
+    path_and_query: &str,
+    host: &HeaderValue,
+    bearer: Option<&HeaderValue>,
+) -> Result<()> {
+    let uri: Uri = path_and_query
+        .parse()
+        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad request path"))?;
+    upstream.set_uri(uri);
+    upstream.remove_header(&header::AUTHORIZATION);
+    upstream.remove_header(&header::PROXY_AUTHORIZATION);
+    upstream.insert_header(header::HOST, host.clone())?;
+    if let Some(bearer) = bearer {
+        upstream.insert_header(header::AUTHORIZATION, bearer.clone())?;
+    }
+    Ok(())
+}
+
 async fn respond(session: &mut Session, refusal: Refusal) -> Result<()> {
     let body = refusal.body();
     let mut resp = ResponseHeader::build(refusal.status(), Some(3))?;
@@ -257,24 +279,18 @@ impl ProxyHttp for GenesysProxy {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        // Only the path and query go upstream: an absolute-form URI cannot pick the host.
         let path_and_query = session
             .req_header()
             .uri
             .path_and_query()
             .map(|pq| pq.as_str())
             .unwrap_or("/");
-        let uri: Uri = path_and_query
-            .parse()
-            .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad request path"))?;
-        upstream.set_uri(uri);
-        upstream.remove_header(&header::AUTHORIZATION);
-        upstream.remove_header(&header::PROXY_AUTHORIZATION);
-        upstream.insert_header(header::HOST, self.state.host_header.clone())?;
-        if let Some(token) = &ctx.token {
-            upstream.insert_header(header::AUTHORIZATION, token.header.clone())?;
-        }
-        Ok(())
+        rewrite_upstream_request(
+            upstream,
+            path_and_query,
+            &self.state.host_header,
+            ctx.token.as_deref().map(|t| &t.header),
+        )
     }
 
     async fn upstream_response_filter(
