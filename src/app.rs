@@ -163,39 +163,36 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         &server_conf,
         GenesysProxy { state },
     ));
-    let tracker = TaskTracker::new();
     let (pingora_shutdown_tx, pingora_shutdown_rx) = watch::channel(false);
-    let accept_task = {
-        let app = app.clone();
-        let tracker = tracker.clone();
-        let mut shutdown = shutdown_rx.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    accepted = proxy_listener.accept() => match accepted {
-                        Ok((tcp, peer)) => {
-                            let _ = tcp.set_nodelay(true);
-                            let stream = to_pingora_stream(tcp, peer);
-                            let app = app.clone();
-                            let watch = pingora_shutdown_rx.clone();
-                            tracker.spawn(async move {
-                                let mut reuse = app.process_new(stream, &watch).await;
-                                while let Some(stream) = reuse {
-                                    reuse = app.process_new(stream, &watch).await;
-                                }
-                            });
-                        }
-                        Err(e) => {
-                            // Out of file descriptors and the like: back off briefly, keep serving.
-                            tracing::error!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    },
-                    _ = until_true(&mut shutdown) => break,
+    // One single-threaded runtime per worker thread, each accepting on a clone of the listener:
+    // a connection lives on one thread, with no cross-thread wake-ups (pingora's own model).
+    let std_listener = proxy_listener.into_std()?;
+    let mut workers = Vec::with_capacity(config.proxy.threads);
+    for i in 0..config.proxy.threads {
+        let listener = std_listener.try_clone()?;
+        let worker = Worker {
+            app: app.clone(),
+            pingora_shutdown: pingora_shutdown_rx.clone(),
+            shutdown: shutdown_rx.clone(),
+            grace: config.proxy.shutdown_grace,
+        };
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("proxy-worker-{i}"))
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(worker.run(listener)),
+                    Err(e) => tracing::error!(error = %e, "cannot start a proxy worker runtime"),
                 }
-            }
-        })
-    };
+                let _ = done_tx.send(());
+            })
+            .context("spawning a proxy worker thread")?;
+        workers.push(done_rx);
+    }
+    drop(std_listener);
 
     audit.record(
         "PROXY_STARTED",
@@ -209,20 +206,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, api = %api.base_url(), "genesys-auth-proxy listening");
 
-    let grace = config.proxy.shutdown_grace;
     let mut shutdown = shutdown_rx;
     let done = tokio::spawn(async move {
         let _ = shutdown.wait_for(|s| *s).await;
         admin_state.draining.store(true, Ordering::Relaxed);
-        let _ = accept_task.await;
         pingora_shutdown_tx.send_replace(true);
         app.cleanup().await;
-        tracker.close();
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::warn!(
-                grace_seconds = grace.as_secs(),
-                "grace period over; dropping remaining connections"
-            );
+        for done in workers {
+            let _ = done.await;
         }
         let _ = refresher_task.await;
         let _ = resolver_task.await;
@@ -239,6 +230,63 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown_tx,
         done,
     })
+}
+
+/// One proxy worker: its own runtime, accept loop and connections.
+struct Worker {
+    app: Arc<pingora::proxy::HttpProxy<GenesysProxy>>,
+    pingora_shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+    grace: Duration,
+}
+
+impl Worker {
+    /// Accepts until shutdown, then waits up to the grace period for this worker's connections.
+    async fn run(mut self, listener: std::net::TcpListener) {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "proxy worker cannot use the listener");
+                return;
+            }
+        };
+        let tracker = TaskTracker::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        let _ = tcp.set_nodelay(true);
+                        let stream = to_pingora_stream(tcp, peer);
+                        let app = self.app.clone();
+                        let watch = self.pingora_shutdown.clone();
+                        tracker.spawn(async move {
+                            let mut reuse = app.process_new(stream, &watch).await;
+                            while let Some(stream) = reuse {
+                                reuse = app.process_new(stream, &watch).await;
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off briefly, keep serving.
+                        tracing::error!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = until_true(&mut self.shutdown) => break,
+            }
+        }
+        drop(listener);
+        tracker.close();
+        if tokio::time::timeout(self.grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_seconds = self.grace.as_secs(),
+                "grace period over; dropping remaining connections"
+            );
+        }
+    }
 }
 
 /// Wraps an accepted socket the way pingora's own listener does, so `client_addr()` works.

@@ -45,6 +45,7 @@ pub fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let max = filter.max_level_hint();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -52,6 +53,21 @@ pub fn init_logging(format: LogFormat, level: &str) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    // The `log` bridge would otherwise hand every pingora `debug!` record to the filter at run
+    // time; capping `log`'s own level makes a disabled record cost one comparison.
+    log::set_max_level(log_level(max));
+}
+
+fn log_level(max: Option<tracing::level_filters::LevelFilter>) -> log::LevelFilter {
+    use tracing::level_filters::LevelFilter as L;
+    match max {
+        Some(L::OFF) => log::LevelFilter::Off,
+        Some(L::ERROR) => log::LevelFilter::Error,
+        Some(L::WARN) => log::LevelFilter::Warn,
+        Some(L::INFO) => log::LevelFilter::Info,
+        Some(L::DEBUG) => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {

@@ -6,3 +6,8 @@ fn main() -> std::process::ExitCode {
     let cli = genesys_auth_proxy::cli::Cli::parse();
     genesys_auth_proxy::commands::dispatch(cli.command)
 }
+
+/// glibc malloc's arena locks showed up as contention under load; mimalloc has thread-local
+/// heaps.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -373,6 +373,15 @@ impl ProxyHttp for GenesysProxy {
         }
     }
 
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        // A client that hangs up mid-request is routine, not an error of the proxy.
+        *error.esource() == pingora::ErrorSource::Downstream
+            && matches!(
+                error.etype(),
+                ErrorType::ConnectionClosed | ErrorType::WriteError | ErrorType::ReadError
+            )
+    }
+
     fn suppress_proxy_warn_log(
         &self,
         _session: &Session,

@@ -32,6 +32,7 @@ pub struct ProxySection {
     pub upstream_read_timeout_ms: Option<u64>,
     pub shutdown_grace_seconds: Option<u64>,
     pub dns_refresh_seconds: Option<u64>,
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

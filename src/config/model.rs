@@ -41,6 +41,8 @@ pub struct ProxySettings {
     pub upstream_read_timeout: Duration,
     pub shutdown_grace: Duration,
     pub dns_refresh: Duration,
+    /// Proxy worker threads, each with its own single-threaded runtime.
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -226,6 +228,11 @@ impl Config {
             )?,
             shutdown_grace: Duration::from_secs(p.shutdown_grace_seconds.unwrap_or(30)),
             dns_refresh: Duration::from_secs(p.dns_refresh_seconds.unwrap_or(30).max(1)),
+            threads: match p.threads {
+                None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+                Some(n) if (1..=256).contains(&n) => n,
+                Some(_) => return Err(err("proxy.threads", "must be between 1 and 256".into())),
+            },
         };
 
         let admin = AdminSettings {
