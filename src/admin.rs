@@ -13,8 +13,9 @@ use axum::{Json, Router};
 
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
+use crate::reload::Reloader;
 use crate::token::refresher::RefreshInfo;
-use crate::token::store::TokenStore;
+use crate::token::store::{TokenSource, TokenStore};
 
 pub struct AdminState {
     pub store: Arc<TokenStore>,
@@ -23,8 +24,7 @@ pub struct AdminState {
     pub audit: Arc<AuditLog>,
     /// True once shutdown began: `/readyz` answers 503 so balancers drain first.
     pub draining: AtomicBool,
-    pub config_loaded_at: SystemTime,
-    pub config_generation: u64,
+    pub reloader: Arc<Reloader>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -74,9 +74,16 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let valid = token.as_ref().is_some_and(|t| t.is_valid_at(now));
+    let config = state.reloader.info();
     let health = if !valid {
         "unhealthy"
-    } else if info.consecutive_failures > 0 || state.audit.failures() > 0 {
+    } else if info.consecutive_failures > 0
+        || info.pending_rotation.is_some()
+        || state.audit.failures() > 0
+        || token
+            .as_ref()
+            .is_some_and(|t| t.source == TokenSource::Previous)
+    {
         "degraded"
     } else {
         "healthy"
@@ -110,8 +117,14 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
         "last_refresh_error": info.last_error,
         "anomaly": {"state": "clear", "since": null, "reason": null},
         "config": {
-            "loaded_at": rfc3339(state.config_loaded_at),
-            "generation": state.config_generation,
+            "loaded_at": rfc3339(config.loaded_at),
+            "generation": config.generation,
+            "path": state.reloader.path().display().to_string(),
+        },
+        "rotation": {
+            "pending_new_secret": info.pending_rotation.as_ref().map(|(fp, _)| fp.clone()),
+            "retry_until": info.pending_rotation.as_ref().map(|(_, t)| rfc3339(*t)),
+            "last_error": info.last_rotation_error,
         },
         "audit_write_failures": state.audit.failures(),
         "counters": {
@@ -138,14 +151,10 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         .into_response()
 }
 
-/// Reloading (SIGHUP / `POST /reload`) arrives with secret rotation; until then say so plainly.
-async fn reload() -> Response {
-    (
-        StatusCode::NOT_IMPLEMENTED,
-        Json(serde_json::json!({
-            "outcome": "not_implemented",
-            "reason": "configuration reload is not implemented yet; restart the proxy to apply changes",
-        })),
-    )
-        .into_response()
+/// Same as SIGHUP: re-read config and secrets, validate, swap. 200 with the outcome, 4xx/5xx
+/// with the reason.
+async fn reload(State(state): State<Arc<AdminState>>) -> Response {
+    let outcome = state.reloader.reload("admin_api").await;
+    let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(outcome.body)).into_response()
 }

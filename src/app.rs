@@ -7,9 +7,10 @@
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -27,12 +28,14 @@ use crate::audit::AuditLog;
 use crate::config::{ApiTarget, Config};
 use crate::metrics::Metrics;
 use crate::proxy::{GenesysProxy, ProxyState};
+use crate::reload::{self, Reloader};
 use crate::token::endpoint::TokenEndpoint;
 use crate::token::refresher::{Credentials, RefreshInfo, Refresher};
 use crate::token::store::TokenStore;
 
 /// A running proxy.
 pub struct Running {
+    pub reloader: Arc<Reloader>,
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub store: Arc<TokenStore>,
@@ -59,7 +62,8 @@ impl Running {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => {
-                    tracing::warn!("SIGHUP received: configuration reload is not implemented yet; restart to apply changes");
+                    let outcome = self.reloader.reload("sighup").await;
+                    tracing::info!(status = outcome.status, outcome = %outcome.body, "SIGHUP reload");
                 }
             }
         }
@@ -75,7 +79,8 @@ pub fn install_crypto_provider() {
 }
 
 /// Binds the listeners, starts every background task and returns.
-pub async fn start(config: Config) -> anyhow::Result<Running> {
+/// `config_path` is where reloads read the configuration from.
+pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Running> {
     install_crypto_provider();
     let metrics = Arc::new(Metrics::new());
     let audit = Arc::new(
@@ -107,6 +112,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.token.request_timeout,
     )
     .map_err(anyhow::Error::msg)?;
+    let token_settings = Arc::new(ArcSwap::from_pointee(config.token.clone()));
+    let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(16);
     let refresher = Refresher {
         store: store.clone(),
         endpoint,
@@ -115,10 +122,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             secret: config.genesys.client_secret.clone(),
             previous: config.genesys.previous_client_secret.clone(),
         },
-        settings: config.token.clone(),
+        settings: token_settings.clone(),
         metrics: metrics.clone(),
         audit: audit.clone(),
         info: refresh_info.clone(),
+        commands: commands_rx,
     };
     let refresher_task = tokio::spawn(refresher.run(shutdown_rx.clone()));
 
@@ -138,14 +146,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown_rx.clone(),
     ));
 
+    let reloader = Arc::new(Reloader::new(
+        config_path,
+        config.clone(),
+        state.clone(),
+        token_settings,
+        commands_tx,
+        audit.clone(),
+        metrics.clone(),
+    ));
+    let watch_task = reload::watch_secret_files(
+        reloader.clone(),
+        reloader.watched_files().await,
+        shutdown_rx.clone(),
+    );
     let admin_state = Arc::new(AdminState {
         store: store.clone(),
         metrics: metrics.clone(),
         refresh: refresh_info,
         audit: audit.clone(),
         draining: false.into(),
-        config_loaded_at: SystemTime::now(),
-        config_generation: 1,
+        reloader: reloader.clone(),
     });
     let mut admin_shutdown = shutdown_rx.clone();
     let admin_router = admin::router(admin_state.clone());
@@ -215,6 +236,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         for done in workers {
             let _ = done.await;
         }
+        if let Some(t) = watch_task {
+            let _ = t.await;
+        }
         let _ = refresher_task.await;
         let _ = resolver_task.await;
         let _ = admin_task.await;
@@ -223,6 +247,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
 
     Ok(Running {
+        reloader,
         proxy_addr,
         admin_addr,
         store,

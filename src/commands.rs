@@ -39,37 +39,6 @@ fn load_or_exit(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
-/// Sets up `tracing` (JSON or text); `RUST_LOG` overrides the configured level. pingora's
-/// `log` records are bridged in by the subscriber's log compatibility layer.
-pub fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let max = filter.max_level_hint();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-    // The `log` bridge would otherwise hand every pingora `debug!` record to the filter at run
-    // time; capping `log`'s own level makes a disabled record cost one comparison.
-    log::set_max_level(log_level(max));
-}
-
-fn log_level(max: Option<tracing::level_filters::LevelFilter>) -> log::LevelFilter {
-    use tracing::level_filters::LevelFilter as L;
-    match max {
-        Some(L::OFF) => log::LevelFilter::Off,
-        Some(L::ERROR) => log::LevelFilter::Error,
-        Some(L::WARN) => log::LevelFilter::Warn,
-        Some(L::INFO) => log::LevelFilter::Info,
-        Some(L::DEBUG) => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
-    }
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -85,7 +54,7 @@ fn run(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(config.log.format, &config.log.level);
+    crate::logging::init(config.log.format, &config.log.level);
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
@@ -94,7 +63,7 @@ fn run(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     let result = rt.block_on(async {
-        let running = crate::app::start(config).await?;
+        let running = crate::app::start(config, path.to_path_buf()).await?;
         running.run_until_signal().await
     });
     match result {
@@ -186,7 +155,7 @@ fn run_sim(args: SimArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_logging(LogFormat::Text, "info");
+    crate::logging::init(LogFormat::Text, "info");
     let config = SimConfig {
         clients,
         token_lifetime_seconds: args.token_lifetime_seconds,
@@ -238,7 +207,7 @@ fn demo(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(config.log.format, &config.log.level);
+    crate::logging::init(config.log.format, &config.log.level);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -257,7 +226,7 @@ fn demo(path: &Path) -> ExitCode {
             },
             listener,
         )?;
-        let running = crate::app::start(config).await?;
+        let running = crate::app::start(config, path.to_path_buf()).await?;
         let p = running.proxy_addr;
         let a = running.admin_addr;
         let s = sim.url();

@@ -158,6 +158,16 @@ pub fn refusal_for(etype: &ErrorType) -> Refusal {
     }
 }
 
+/// The error that makes pingora run the request again (see `error_while_proxy`).
+fn replay_error() -> Box<Error> {
+    let mut e = Error::explain(
+        REPLAY,
+        "upstream answered 401; replaying with another token",
+    );
+    e.retry = RetryType::Decided(true);
+    e
+}
+
 /// Rewrites the request that goes upstream: only the path and query are kept (an
 /// absolute-form URI cannot pick the host), client credentials are removed, `Host` is the API
 /// host, and the bearer is injected.
@@ -347,6 +357,17 @@ impl ProxyHttp for GenesysProxy {
             return Ok(());
         }
         self.state.store.report_rejected(used.generation);
+        // During a secret rotation the token from before it is still valid: try it first.
+        if let Some(fallback) = self
+            .state
+            .store
+            .fallback_valid(Instant::now())
+            .filter(|f| f.generation < used.generation)
+        {
+            ctx.token = Some(fallback);
+            ctx.replayed = true;
+            return Err(replay_error());
+        }
         match self
             .state
             .store
@@ -356,12 +377,7 @@ impl ProxyHttp for GenesysProxy {
             Some(fresh) => {
                 ctx.token = Some(fresh);
                 ctx.replayed = true;
-                let mut e = Error::explain(
-                    REPLAY,
-                    "upstream answered 401; replaying with a newer token",
-                );
-                e.retry = RetryType::Decided(true);
-                Err(e)
+                Err(replay_error())
             }
             None => {
                 metrics

@@ -50,6 +50,7 @@ pub struct GenesysSection {
     pub client_id: Option<String>,
     pub client_secret: Option<SecretRef>,
     pub previous_client_secret: Option<SecretRef>,
+    pub watch_secret_files: Option<bool>,
 }
 
 /// `{ env = "NAME" }` or `{ file = "/path" }`. A plain string is refused on purpose: secrets do
@@ -71,6 +72,7 @@ pub struct TokenSection {
     pub backoff_max_ms: Option<u64>,
     pub request_timeout_ms: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
+    pub rotation_retry_window_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

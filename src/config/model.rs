@@ -29,7 +29,7 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProxySettings {
     pub listen: SocketAddr,
     pub allowed_client_cidrs: Vec<IpNet>,
@@ -45,7 +45,7 @@ pub struct ProxySettings {
     pub threads: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminSettings {
     pub listen: SocketAddr,
 }
@@ -93,6 +93,9 @@ pub struct GenesysSettings {
     pub client_secret: Secret,
     pub client_secret_source: SecretSource,
     pub previous_client_secret: Option<Secret>,
+    pub previous_client_secret_source: Option<SecretSource>,
+    /// Reload when a secret file changes (the directory is watched: Kubernetes swaps a symlink).
+    pub watch_secret_files: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +105,7 @@ pub enum Validation {
     None,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TokenSettings {
     pub refresh_before_expiry: Duration,
     pub validation: Validation,
@@ -111,6 +114,8 @@ pub struct TokenSettings {
     pub backoff_max: Duration,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// How long a failed rotation to a new secret keeps being retried.
+    pub rotation_retry_window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +124,7 @@ pub enum AuditTarget {
     Stdout,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuditSettings {
     pub target: AuditTarget,
 }
@@ -130,7 +135,7 @@ pub enum LogFormat {
     Text,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogSettings {
     pub format: LogFormat,
     pub level: String,
@@ -301,17 +306,15 @@ impl Config {
             .read()
             .map_err(|e| err("genesys.client_secret", e.to_string()))?;
         warnings.extend(client_secret_source.permission_warning());
-        let previous_client_secret = match g.previous_client_secret {
-            None => None,
+        let (previous_client_secret, previous_client_secret_source) = match g.previous_client_secret
+        {
+            None => (None, None),
             Some(r) => {
-                let source =
-                    secret_source(r).map_err(|m| err("genesys.previous_client_secret", m))?;
+                let key = "genesys.previous_client_secret";
+                let source = secret_source(r).map_err(|m| err(key, m))?;
                 warnings.extend(source.permission_warning());
-                Some(
-                    source
-                        .read()
-                        .map_err(|e| err("genesys.previous_client_secret", e.to_string()))?,
-                )
+                let secret = source.read().map_err(|e| err(key, e.to_string()))?;
+                (Some(secret), Some(source))
             }
         };
         let genesys = GenesysSettings {
@@ -321,6 +324,8 @@ impl Config {
             client_secret,
             client_secret_source,
             previous_client_secret,
+            previous_client_secret_source,
+            watch_secret_files: g.watch_secret_files.unwrap_or(true),
         };
 
         let t = raw.token;
@@ -370,6 +375,9 @@ impl Config {
                 "token.connect_timeout_ms",
                 &err,
             )?,
+            rotation_retry_window: Duration::from_secs(
+                t.rotation_retry_window_seconds.unwrap_or(600),
+            ),
         };
 
         let audit_path = raw.audit.path.unwrap_or_else(|| "audit.jsonl".into());

@@ -1,15 +1,22 @@
 //! The refresher: the only code that calls the token endpoint, so single-flight holds by
-//! construction. It sleeps until the proactive refresh time or until a request reports a 401
-//! for the current generation, mints (falling back to the previous secret on
-//! `invalid_client`), validates, publishes, and backs off with jitter on failure without ever
-//! giving up for good. While refreshes fail, the current token keeps serving until it expires.
+//! construction. It sleeps until the proactive refresh time, a request reporting a 401 for the
+//! current generation, or a command (secret rotation); mints (falling back to the previous
+//! secret on `invalid_client`), validates, publishes, and backs off with jitter on failure
+//! without ever giving up for good. While refreshes fail, the current token keeps serving until
+//! it expires.
+//!
+//! Rotation ([`Command::Rotate`]): mint and validate with the new secret *before* anything is
+//! swapped. Success swaps credentials and token atomically and keeps the old token as fallback
+//! until it expires; failure keeps everything as it was and retries with backoff for the
+//! configured window (the new secret may not be active at Genesys yet).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::endpoint::{MintError, Minted, TokenEndpoint};
 use super::schedule::{backoff, refresh_delay, FailureClass};
@@ -26,24 +33,39 @@ pub struct RefreshInfo {
     pub refresh_count: u64,
     pub consecutive_failures: u32,
     pub last_error: Option<String>,
+    /// A rotation that failed and is being retried: (new secret fingerprint, retry until).
+    pub pending_rotation: Option<(String, SystemTime)>,
+    pub last_rotation_error: Option<String>,
 }
 
 /// Credentials the refresher mints with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Credentials {
     pub client_id: String,
     pub secret: Secret,
     pub previous: Option<Secret>,
 }
 
+/// Requests to the refresher from the reload path.
+pub enum Command {
+    /// Switch to new credentials once a token minted with them validates.
+    Rotate {
+        credentials: Credentials,
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+    /// Change only the previous (fallback) secret.
+    SetPrevious(Option<Secret>),
+}
+
 pub struct Refresher {
     pub store: Arc<TokenStore>,
     pub endpoint: TokenEndpoint,
     pub credentials: Credentials,
-    pub settings: TokenSettings,
+    pub settings: Arc<ArcSwap<TokenSettings>>,
     pub metrics: Arc<Metrics>,
     pub audit: Arc<AuditLog>,
     pub info: Arc<Mutex<RefreshInfo>>,
+    pub commands: mpsc::Receiver<Command>,
 }
 
 /// Why the refresher is about to mint.
@@ -53,6 +75,7 @@ enum Reason {
     Proactive,
     Rejected,
     Expired,
+    Rotation,
 }
 
 impl Reason {
@@ -62,155 +85,339 @@ impl Reason {
             Reason::Proactive => "proactive",
             Reason::Rejected => "rejected_upstream",
             Reason::Expired => "expired",
+            Reason::Rotation => "rotation",
         }
     }
 }
 
+/// A rotation that failed and is retried until `deadline`.
+struct PendingRotation {
+    credentials: Credentials,
+    deadline: Instant,
+    next_try: Instant,
+    failures: u32,
+}
+
+/// The refresher's private, mutable state.
+struct Loop {
+    failures: u32,
+    recent: VecDeque<Instant>,
+    refresh_at: Option<(u64, Instant)>,
+    reported_rejection: u64,
+    pending: Option<PendingRotation>,
+    /// When the normal path may mint again after a failure.
+    backoff_until: Option<Instant>,
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
 impl Refresher {
     /// Runs until `shutdown` turns true.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut failures: u32 = 0;
-        let mut recent: VecDeque<Instant> = VecDeque::new();
-        let mut refresh_at: Option<(u64, Instant)> = None;
-        let mut reported_rejection = 0u64;
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut st = Loop {
+            failures: 0,
+            recent: VecDeque::new(),
+            refresh_at: None,
+            reported_rejection: 0,
+            pending: None,
+            backoff_until: None,
+        };
         loop {
             if *shutdown.borrow() {
                 return;
             }
+            while let Ok(cmd) = self.commands.try_recv() {
+                self.handle(cmd, &mut st).await;
+            }
             let now = Instant::now();
-            let current = self.store.current();
-            let reason = match &current {
-                None => Some(Reason::Initial),
-                Some(t) if self.store.rejected_generation() >= t.generation => {
-                    if reported_rejection < t.generation {
-                        reported_rejection = t.generation;
-                        self.audit.record(
-                            "TOKEN_REJECTED_UPSTREAM",
-                            json!({"generation": t.generation, "age_seconds": now.duration_since(t.acquired_at).as_secs()}),
-                            Some(&t.fingerprint),
-                        );
-                    }
-                    Some(Reason::Rejected)
-                }
-                Some(t) if !t.is_valid_at(now) => Some(Reason::Expired),
-                Some(t) => match refresh_at {
-                    Some((g, at)) if g == t.generation && now < at => None,
-                    Some((g, _)) if g == t.generation => Some(Reason::Proactive),
-                    _ => {
-                        let at = t.acquired_at
-                            + refresh_delay(
-                                t.lifetime,
-                                self.settings.refresh_before_expiry,
-                                rand::random(),
-                            );
-                        refresh_at = Some((t.generation, at));
-                        continue;
-                    }
-                },
-            };
-            let Some(reason) = reason else {
-                let (_, at) = refresh_at.unwrap_or((0, now));
-                tokio::select! {
-                    _ = tokio::time::sleep_until(at.into()) => {}
-                    _ = self.store.woken() => {}
-                    _ = shutdown.changed() => return,
-                }
-                continue;
-            };
-
-            // Client-side cap on token requests per minute.
-            while recent
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+            if let Some((deadline, next_try, creds)) = st
+                .pending
+                .as_ref()
+                .map(|p| (p.deadline, p.next_try, p.credentials.clone()))
             {
-                recent.pop_front();
+                if now >= deadline {
+                    let fp = creds.secret.fingerprint();
+                    self.audit.record("SECRET_ROTATION_FAILED", json!({"final": true, "new_secret": fp, "reason": "retry window over; keeping the current secret"}), None);
+                    self.info().pending_rotation = None;
+                    st.pending = None;
+                } else if now >= next_try && self.under_cap(&mut st, now) {
+                    let _ = self.try_rotate(creds, &mut st).await;
+                    continue;
+                }
             }
-            if recent.len() >= self.settings.max_token_requests_per_minute as usize {
-                let until = recent[0] + Duration::from_secs(60);
-                tracing::warn!(
-                    cap = self.settings.max_token_requests_per_minute,
-                    "token request cap reached; waiting"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep_until(until.into()) => {}
-                    _ = shutdown.changed() => return,
+            let settings = self.settings.load_full();
+            let reason = self.due(&mut st, now, &settings);
+            let wake = match reason {
+                Some(_) if st.backoff_until.is_some_and(|t| now < t) => st.backoff_until,
+                Some(_) if !self.under_cap(&mut st, now) => st.recent.front().map(|t| *t + MINUTE),
+                Some(reason) => {
+                    self.refresh(reason, &mut st, &settings).await;
+                    continue;
                 }
-                continue;
-            }
-
-            let started = Instant::now();
-            let generation = self.store.generation() + 1;
-            match self.refresh_once(&mut recent, generation, reason).await {
-                Ok(token) => {
-                    failures = 0;
-                    self.metrics
-                        .token_refresh_duration_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    self.store.publish(token);
-                }
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    let class = match e {
-                        MintError::InvalidClient | MintError::RateLimited => FailureClass::Harsh,
-                        _ => FailureClass::Transient,
-                    };
-                    let delay = backoff(
-                        failures,
-                        class,
-                        self.settings.backoff_initial,
-                        self.settings.backoff_max,
-                        rand::random(),
-                    );
-                    self.note_failure(&e, failures, delay, current.as_deref());
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => return,
-                    }
-                }
+                None => st.refresh_at.map(|(_, at)| at),
+            };
+            let wake = [
+                wake,
+                st.pending.as_ref().map(|p| p.next_try.min(p.deadline)),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(now + Duration::from_secs(3600));
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = self.store.woken() => {}
+                cmd = self.commands.recv() => if let Some(cmd) = cmd { self.handle(cmd, &mut st).await },
+                _ = shutdown.changed() => return,
             }
         }
     }
 
-    /// Mints (current secret, then previous on `invalid_client`), validates, and builds the
-    /// record to publish.
-    async fn refresh_once(
-        &self,
-        recent: &mut VecDeque<Instant>,
-        generation: u64,
-        reason: Reason,
-    ) -> Result<Token, MintError> {
-        let creds = &self.credentials;
-        // Expiry counts from before the request: Genesys starts the clock when it issues.
+    fn info(&self) -> std::sync::MutexGuard<'_, RefreshInfo> {
+        self.info.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Is a mint due now, and why?
+    fn due(&self, st: &mut Loop, now: Instant, settings: &TokenSettings) -> Option<Reason> {
+        let current = self.store.current();
+        match &current {
+            None => Some(Reason::Initial),
+            Some(t) if self.store.rejected_generation() >= t.generation => {
+                if st.reported_rejection < t.generation {
+                    st.reported_rejection = t.generation;
+                    // A 401 for a fresh token is news; it also clears any backoff: the token
+                    // we hold is dead, waiting helps nobody.
+                    st.backoff_until = None;
+                    self.audit.record(
+                        "TOKEN_REJECTED_UPSTREAM",
+                        json!({"generation": t.generation, "age_seconds": now.duration_since(t.acquired_at).as_secs()}),
+                        Some(&t.fingerprint),
+                    );
+                }
+                Some(Reason::Rejected)
+            }
+            Some(t) if !t.is_valid_at(now) => Some(Reason::Expired),
+            Some(t) => match st.refresh_at {
+                Some((g, at)) if g == t.generation && now < at => None,
+                Some((g, _)) if g == t.generation => Some(Reason::Proactive),
+                _ => {
+                    let at = t.acquired_at
+                        + refresh_delay(t.lifetime, settings.refresh_before_expiry, rand::random());
+                    st.refresh_at = Some((t.generation, at));
+                    (now >= at).then_some(Reason::Proactive)
+                }
+            },
+        }
+    }
+
+    /// The client-side cap on token requests per minute.
+    fn under_cap(&self, st: &mut Loop, now: Instant) -> bool {
+        while st
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= MINUTE)
+        {
+            st.recent.pop_front();
+        }
+        let cap = self.settings.load().max_token_requests_per_minute as usize;
+        if st.recent.len() >= cap {
+            tracing::warn!(cap, "token request cap reached; waiting");
+            return false;
+        }
+        true
+    }
+
+    async fn handle(&mut self, cmd: Command, st: &mut Loop) {
+        match cmd {
+            Command::SetPrevious(previous) => self.credentials.previous = previous,
+            Command::Rotate { credentials, reply } => {
+                if credentials == self.credentials {
+                    st.pending = None;
+                    self.info().pending_rotation = None;
+                    let _ = reply.send(Ok(self.store.generation()));
+                    return;
+                }
+                let result = self.try_rotate(credentials, st).await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// One rotation attempt: mint and validate with the new credentials, then swap.
+    async fn try_rotate(&mut self, new: Credentials, st: &mut Loop) -> Result<u64, String> {
+        let settings = self.settings.load_full();
+        let generation = self.store.generation() + 1;
         let requested_at = Instant::now();
-        recent.push_back(requested_at);
+        st.recent.push_back(requested_at);
+        let result = match self.mint_counted(&new.client_id, &new.secret).await {
+            Ok(minted) => self.validate(&minted, &settings).await.map(|()| minted),
+            Err(e) => Err(e),
+        };
+        let new_fp = new.secret.fingerprint();
+        match result.and_then(|m| {
+            build_token(&m, generation, requested_at, TokenSource::Current).map(|t| (m, t))
+        }) {
+            Ok((minted, token)) => {
+                let old_fp = self.credentials.secret.fingerprint();
+                let previous = new
+                    .previous
+                    .clone()
+                    .or_else(|| Some(self.credentials.secret.clone()));
+                self.credentials = Credentials { previous, ..new };
+                st.pending = None;
+                st.failures = 0;
+                st.backoff_until = None;
+                self.metrics
+                    .secret_rotations_total
+                    .with_label_values(&["success"])
+                    .inc();
+                self.audit.record(
+                    "SECRET_ROTATED",
+                    json!({"generation": generation, "old_secret": old_fp, "new_secret": new_fp}),
+                    Some(&token.fingerprint),
+                );
+                {
+                    let mut info = self.info();
+                    info.pending_rotation = None;
+                    info.last_rotation_error = None;
+                }
+                self.accept(token, &minted, Reason::Rotation);
+                tracing::info!(generation, new_secret = %new_fp, "client secret rotated");
+                Ok(generation)
+            }
+            Err(e) => {
+                self.metrics
+                    .secret_rotations_total
+                    .with_label_values(&["failed"])
+                    .inc();
+                let window = settings.rotation_retry_window;
+                let now = Instant::now();
+                let (deadline, failures) = match &st.pending {
+                    Some(p) if p.credentials.secret == new.secret => (p.deadline, p.failures + 1),
+                    _ => (now + window, 1),
+                };
+                let class = failure_class(&e);
+                let delay = backoff(
+                    failures,
+                    class,
+                    settings.backoff_initial,
+                    settings.backoff_max,
+                    rand::random(),
+                );
+                let retry_until = SystemTime::now() + deadline.saturating_duration_since(now);
+                self.audit.record(
+                    "SECRET_ROTATION_FAILED",
+                    json!({
+                        "new_secret": new_fp,
+                        "outcome": e.outcome(),
+                        "error": e.to_string(),
+                        "attempt": failures,
+                        "retry_in_ms": delay.as_millis() as u64,
+                        "retry_until": humantime::format_rfc3339_seconds(retry_until).to_string(),
+                    }),
+                    self.store
+                        .current()
+                        .map(|t| t.fingerprint.clone())
+                        .as_deref(),
+                );
+                {
+                    let mut info = self.info();
+                    info.pending_rotation = Some((new_fp.clone(), retry_until));
+                    info.last_rotation_error = Some(e.to_string());
+                }
+                tracing::warn!(new_secret = %new_fp, error = %e, attempt = failures, "secret rotation failed; keeping the current secret and retrying");
+                st.pending = Some(PendingRotation {
+                    credentials: new,
+                    deadline,
+                    next_try: now + delay,
+                    failures,
+                });
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// A normal refresh: current secret, then previous on `invalid_client`.
+    async fn refresh(&mut self, reason: Reason, st: &mut Loop, settings: &TokenSettings) {
+        let started = Instant::now();
+        let generation = self.store.generation() + 1;
+        let current = self.store.current();
+        st.recent.push_back(started);
+        let client_id = self.credentials.client_id.clone();
         let mut result = self
-            .mint_counted(&creds.secret)
+            .mint_counted(&client_id, &self.credentials.secret.clone())
             .await
             .map(|m| (m, TokenSource::Current));
-        if let (Err(MintError::InvalidClient), Some(previous)) = (&result, &creds.previous) {
-            recent.push_back(Instant::now());
+        if let (Err(MintError::InvalidClient), Some(previous)) =
+            (&result, self.credentials.previous.clone())
+        {
+            st.recent.push_back(Instant::now());
             result = self
-                .mint_counted(previous)
+                .mint_counted(&client_id, &previous)
                 .await
                 .map(|m| (m, TokenSource::Previous));
         }
-        let (minted, source) = result?;
-        let acquired_at = requested_at;
-        if self.settings.validation == Validation::TokensMe {
-            if let Err(e) = self.endpoint.validate(&minted.access_token).await {
+        let result = match result {
+            Ok((minted, source)) => match self.validate(&minted, settings).await {
+                Ok(()) => build_token(&minted, generation, started, source).map(|t| (minted, t)),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok((minted, token)) => {
+                st.failures = 0;
+                st.backoff_until = None;
                 self.metrics
-                    .token_requests_total
-                    .with_label_values(&["validation_failed"])
-                    .inc();
-                self.audit.record(
-                    "TOKEN_VALIDATION_FAILED",
-                    json!({"error": e.to_string()}),
-                    Some(&minted.access_token.fingerprint()),
+                    .token_refresh_duration_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                if token.source == TokenSource::Previous {
+                    self.audit.record(
+                        "FALLBACK_TO_PREVIOUS_SECRET",
+                        json!({"generation": generation, "reason": "current secret refused (invalid_client)"}),
+                        Some(&token.fingerprint),
+                    );
+                }
+                self.accept(token, &minted, reason);
+            }
+            Err(e) => {
+                st.failures = st.failures.saturating_add(1);
+                let delay = backoff(
+                    st.failures,
+                    failure_class(&e),
+                    settings.backoff_initial,
+                    settings.backoff_max,
+                    rand::random(),
                 );
-                return Err(e);
+                st.backoff_until = Some(Instant::now() + delay);
+                self.note_failure(&e, st.failures, delay, current.as_deref());
             }
         }
-        let token = build_token(&minted, generation, acquired_at, source)?;
+    }
+
+    async fn validate(&self, minted: &Minted, settings: &TokenSettings) -> Result<(), MintError> {
+        if settings.validation != Validation::TokensMe {
+            return Ok(());
+        }
+        let result = self.endpoint.validate(&minted.access_token).await;
+        if let Err(e) = &result {
+            self.metrics
+                .token_requests_total
+                .with_label_values(&["validation_failed"])
+                .inc();
+            self.audit.record(
+                "TOKEN_VALIDATION_FAILED",
+                json!({"error": e.to_string()}),
+                Some(&minted.access_token.fingerprint()),
+            );
+        }
+        result
+    }
+
+    /// Publishes a validated token and records it everywhere.
+    fn accept(&self, token: Token, minted: &Minted, reason: Reason) {
+        let source = token.source;
+        let generation = token.generation;
         self.metrics.token_expiry_timestamp_seconds.set(
             token
                 .expires_at_wall
@@ -222,18 +429,11 @@ impl Refresher {
             .token_fallback_active
             .set(i64::from(source == TokenSource::Previous));
         {
-            let mut info = self.info.lock().unwrap_or_else(|e| e.into_inner());
+            let mut info = self.info();
             info.last_refresh = Some(SystemTime::now());
             info.refresh_count += 1;
             info.consecutive_failures = 0;
             info.last_error = None;
-        }
-        if source == TokenSource::Previous {
-            self.audit.record(
-                "FALLBACK_TO_PREVIOUS_SECRET",
-                json!({"generation": generation, "reason": "current secret refused (invalid_client)"}),
-                Some(&token.fingerprint),
-            );
         }
         self.audit.record(
             "TOKEN_ACQUIRED",
@@ -246,14 +446,15 @@ impl Refresher {
             Some(&token.fingerprint),
         );
         tracing::info!(generation, fingerprint = %token.fingerprint, expires_in_seconds = minted.expires_in.as_secs(), source = source.as_str(), reason = reason.as_str(), "token acquired");
-        Ok(token)
+        if matches!(reason, Reason::Rotation) {
+            self.store.publish_rotated(token);
+        } else {
+            self.store.publish(token);
+        }
     }
 
-    async fn mint_counted(&self, secret: &Secret) -> Result<Minted, MintError> {
-        let result = self
-            .endpoint
-            .mint(&self.credentials.client_id, secret)
-            .await;
+    async fn mint_counted(&self, client_id: &str, secret: &Secret) -> Result<Minted, MintError> {
+        let result = self.endpoint.mint(client_id, secret).await;
         let outcome = match &result {
             Ok(_) => "success",
             Err(e) => e.outcome(),
@@ -267,14 +468,13 @@ impl Refresher {
 
     fn note_failure(&self, e: &MintError, failures: u32, delay: Duration, current: Option<&Token>) {
         {
-            let mut info = self.info.lock().unwrap_or_else(|e| e.into_inner());
+            let mut info = self.info();
             info.consecutive_failures = failures;
             info.last_error = Some(e.to_string());
         }
         let still_valid = current.is_some_and(|t| t.is_valid_at(Instant::now()));
         let event = match e {
             MintError::RateLimited => "TOKEN_RATE_LIMITED",
-            MintError::ValidationFailed(_) => "TOKEN_REFRESH_FAILED",
             _ => "TOKEN_REFRESH_FAILED",
         };
         self.audit.record(
@@ -289,6 +489,13 @@ impl Refresher {
             current.map(|t| t.fingerprint.as_str()),
         );
         tracing::warn!(outcome = e.outcome(), error = %e, consecutive_failures = failures, retry_in_ms = delay.as_millis() as u64, current_token_still_valid = still_valid, "token refresh failed");
+    }
+}
+
+fn failure_class(e: &MintError) -> FailureClass {
+    match e {
+        MintError::InvalidClient | MintError::RateLimited => FailureClass::Harsh,
+        _ => FailureClass::Transient,
     }
 }
 

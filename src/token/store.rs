@@ -62,6 +62,9 @@ impl Token {
 /// Shared holder of the current token.
 pub struct TokenStore {
     current: ArcSwapOption<Token>,
+    /// The token in use before the last secret rotation, kept until it expires: a request whose
+    /// new token gets a 401 during the rotation window is replayed with it first.
+    fallback: ArcSwapOption<Token>,
     /// Generation of the newest published token; waiters watch it.
     generation_tx: watch::Sender<u64>,
     /// Highest generation a request reported as rejected by the API (401).
@@ -80,6 +83,7 @@ impl TokenStore {
     pub fn new() -> Self {
         TokenStore {
             current: ArcSwapOption::empty(),
+            fallback: ArcSwapOption::empty(),
             generation_tx: watch::channel(0).0,
             rejected: AtomicU64::new(0),
             wake: Notify::new(),
@@ -101,6 +105,20 @@ impl TokenStore {
         let generation = token.generation;
         self.current.store(Some(Arc::new(token)));
         self.generation_tx.send_replace(generation);
+    }
+
+    /// Publishes the first token minted with a rotated secret; the token it replaces becomes
+    /// the fallback until it expires.
+    pub fn publish_rotated(&self, token: Token) {
+        if let Some(old) = self.current.load_full() {
+            self.fallback.store(Some(old));
+        }
+        self.publish(token);
+    }
+
+    /// The pre-rotation token, if it is still valid.
+    pub fn fallback_valid(&self, now: Instant) -> Option<Arc<Token>> {
+        self.fallback.load_full().filter(|t| t.is_valid_at(now))
     }
 
     pub fn generation(&self) -> u64 {
@@ -193,6 +211,16 @@ mod tests {
         s.report_rejected(3);
         s.report_rejected(2);
         assert_eq!(s.rejected_generation(), 3);
+    }
+
+    #[test]
+    fn rotation_keeps_the_old_token_as_fallback() {
+        let s = TokenStore::new();
+        s.publish(token(1, Duration::from_secs(60)));
+        assert!(s.fallback_valid(Instant::now()).is_none());
+        s.publish_rotated(token(2, Duration::from_secs(60)));
+        assert_eq!(s.fallback_valid(Instant::now()).unwrap().generation, 1);
+        assert_eq!(s.valid(Instant::now()).unwrap().generation, 2);
     }
 
     #[tokio::test]

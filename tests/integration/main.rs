@@ -6,4 +6,6 @@ mod support;
 mod cli;
 mod proxy;
 mod replay;
+mod rotation;
+mod rotation_load;
 mod sim;

@@ -183,9 +183,7 @@ async fn no_valid_token_answers_503_no_token_and_not_ready() {
         "",
         &dir,
     );
-    let running = genesys_auth_proxy::app::start(config_from(&toml))
-        .await
-        .unwrap();
+    let running = start_from_toml(&toml, dir).await.running;
     let c = client();
     let r = c
         .get(format!("http://{}/api/v2/users", running.proxy_addr))
@@ -231,9 +229,7 @@ async fn startup_with_genesys_unreachable_serves_503_until_a_token_arrives() {
         "",
         &dir,
     );
-    let running = genesys_auth_proxy::app::start(config_from(&toml))
-        .await
-        .unwrap();
+    let running = start_from_toml(&toml, dir).await.running;
     let c = client();
     let r = c
         .get(format!("http://{}/api/v2/users", running.proxy_addr))

@@ -120,15 +120,28 @@ impl Proxy {
 
 pub async fn start_proxy_with(sim: &SimHandle, proxy_extra: &str, token_extra: &str) -> Proxy {
     let dir = temp_dir("proxy");
-    let cfg = config_from(&proxy_toml(
-        &sim.url(),
-        SECRET,
-        proxy_extra,
-        token_extra,
-        &dir,
-    ));
-    let running = app::start(cfg).await.unwrap();
+    let toml = proxy_toml(&sim.url(), SECRET, proxy_extra, token_extra, &dir);
+    start_from_toml(&toml, dir).await
+}
+
+/// Writes `toml` to `dir/proxy.toml` (where reloads read it) and starts the proxy.
+pub async fn start_from_toml(toml: &str, dir: PathBuf) -> Proxy {
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, toml).unwrap();
+    let running = app::start(config_from(toml), path).await.unwrap();
     Proxy { running, dir }
+}
+
+/// Replaces a file atomically (write a temporary file, rename), as deploy tools do.
+pub fn write_atomic(path: &std::path::Path, contents: &str) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, contents).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 pub async fn start_proxy(sim: &SimHandle) -> Proxy {
@@ -195,4 +208,220 @@ pub fn token_successes(stats: &Value) -> u64 {
     stats["token_requests"]["by_outcome"]["success"]
         .as_u64()
         .unwrap_or(0)
+}
+
+/// A steady, bounded stream of requests from several concurrent clients (GET and POST with
+/// bodies) against `base`, until stopped. Counts every outcome.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Load {
+    pub fn start(base: String, clients: usize) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|i| {
+                let stop = stop.clone();
+                let base = base.clone();
+                tokio::spawn(async move {
+                    let c = client();
+                    let mut sent = 0u64;
+                    let mut failures = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let body = format!(
+                            "client {i} request {sent} {}",
+                            "x".repeat((sent % 4096) as usize)
+                        );
+                        let is_post = sent % 2 == 1;
+                        let r = if is_post {
+                            c.post(format!("{base}/api/v2/load/{i}"))
+                                .body(body.clone())
+                                .send()
+                                .await
+                        } else {
+                            c.get(format!("{base}/api/v2/load/{i}")).send().await
+                        };
+                        sent += 1;
+                        match r {
+                            Ok(r) if r.status() == 200 => {
+                                if is_post {
+                                    let v: Value = r.json().await.unwrap_or(Value::Null);
+                                    if v["body_sha256"]
+                                        != genesys_auth_proxy::fingerprint::sha256_hex(
+                                            body.as_bytes(),
+                                        )
+                                    {
+                                        failures
+                                            .push(format!("client {i}: body changed in transit"));
+                                    }
+                                }
+                            }
+                            Ok(r) => failures.push(format!(
+                                "client {i}: HTTP {}: {}",
+                                r.status(),
+                                r.text().await.unwrap_or_default()
+                            )),
+                            Err(e) => failures.push(format!("client {i}: {e}")),
+                        }
+                        // Pacing keeps the stream steady without saturating two cores.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    (sent, failures)
+                })
+            })
+            .collect();
+        Load { stop, tasks }
+    }
+
+    /// Stops the clients; returns (requests sent, failure descriptions).
+    pub async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut sent = 0;
+        let mut failures = Vec::new();
+        for t in self.tasks {
+            let (n, f) = t.await.unwrap();
+            sent += n;
+            failures.extend(f);
+        }
+        (sent, failures)
+    }
+}
+
+/// Polls `check` every 20 ms until it holds or `limit` passes (then panics with `what`).
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn metrics_text(p: &Proxy) -> String {
+    client()
+        .get(p.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The proxy binary running as a child process (real signals), with stderr collected.
+pub struct ProxyProcess {
+    pub child: std::process::Child,
+    pub proxy: String,
+    pub admin: String,
+    logs: std::sync::mpsc::Receiver<String>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    pub seen: String,
+}
+
+impl ProxyProcess {
+    /// Starts `genesys-auth-proxy run -c conf` and waits for its "listening" log line (JSON
+    /// logs required) to learn the port-0 addresses.
+    pub fn spawn(conf: &std::path::Path) -> ProxyProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_genesys-auth-proxy"))
+            .args(["run", "-c"])
+            .arg(conf)
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, logs) = std::sync::mpsc::channel::<String>();
+        // Drain stderr continuously so the child never blocks on a full pipe.
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let mut seen = String::new();
+        loop {
+            let Ok(line) = logs.recv_timeout(Duration::from_secs(30)) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the proxy never logged its listening line:\n{seen}");
+            };
+            seen.push_str(&line);
+            seen.push('\n');
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if v["message"] == "genesys-auth-proxy listening" {
+                    let proxy = v["proxy"].as_str().unwrap().to_string();
+                    let admin = v["admin"].as_str().unwrap().to_string();
+                    return ProxyProcess {
+                        child,
+                        proxy,
+                        admin,
+                        logs,
+                        reader: Some(reader),
+                        seen,
+                    };
+                }
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    pub async fn wait_ready(&self) {
+        let c = client();
+        let url = format!("http://{}/readyz", self.admin);
+        eventually(Duration::from_secs(10), "readiness", || {
+            let c = c.clone();
+            let url = url.clone();
+            async move { c.get(url).send().await.is_ok_and(|r| r.status() == 200) }
+        })
+        .await;
+    }
+
+    /// SIGTERM, wait for exit, and return (exit status, all stderr, all stdout).
+    pub fn stop(mut self) -> (std::process::ExitStatus, String, String) {
+        use std::io::Read;
+        self.signal("TERM");
+        let status = self.child.wait().unwrap();
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        let mut seen = std::mem::take(&mut self.seen);
+        for l in self.logs.try_iter() {
+            seen.push_str(&l);
+            seen.push('\n');
+        }
+        let mut stdout = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        (status, seen, stdout)
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,348 @@
+//! Reload and secret rotation: validated swap, failure keeps serving, broken files change
+//! nothing, previous-secret fallback, pre-rotation token replay, file watching.
+
+use std::time::Duration;
+
+use genesys_auth_proxy::fingerprint::fingerprint;
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+/// A proxy whose secret file is not watched, so each test picks its own trigger.
+async fn unwatched_proxy(sim: &genesys_auth_proxy::sim::SimHandle, token_extra: &str) -> Proxy {
+    let dir = temp_dir("rotation");
+    let toml = proxy_toml(&sim.url(), SECRET, "", token_extra, &dir)
+        .replace("client_id = ", "watch_secret_files = false\nclient_id = ");
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    p
+}
+
+async fn post_reload(p: &Proxy) -> (u16, Value) {
+    let r = client().post(p.admin("/reload")).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+fn audit_count(p: &Proxy, event: &str) -> usize {
+    std::fs::read_to_string(p.audit_path())
+        .unwrap_or_default()
+        .matches(&format!("\"event\":\"{event}\""))
+        .count()
+}
+
+#[tokio::test]
+async fn a_new_secret_is_validated_then_swapped_and_the_old_token_kept() {
+    let sim = start_sim(sim_config()).await;
+    let p = unwatched_proxy(&sim, "").await;
+    let before = p.running.store.current().unwrap();
+    sim_post(
+        &sim,
+        &format!("/__sim/clients/{CLIENT_ID}/secrets"),
+        json!({"secret": "second-secret"}),
+    )
+    .await;
+    write_atomic(&p.dir.join("client-secret"), "second-secret\n");
+    let (status, body) = post_reload(&p).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outcome"], "applied");
+    assert_eq!(body["rotation"]["outcome"], "rotated");
+    let after = p.running.store.current().unwrap();
+    assert!(after.generation > before.generation);
+    assert_eq!(
+        p.running
+            .store
+            .fallback_valid(std::time::Instant::now())
+            .unwrap()
+            .generation,
+        before.generation
+    );
+    assert_eq!(audit_count(&p, "SECRET_ROTATED"), 1);
+    assert_eq!(audit_count(&p, "CONFIG_RELOADED"), 1);
+    assert!(metrics_text(&p)
+        .await
+        .contains("genesys_proxy_secret_rotations_total{outcome=\"success\"} 1"));
+    // The new secret minted the token in use: remove the old one at Genesys, all still works.
+    client()
+        .delete(format!(
+            "{}/__sim/clients/{CLIENT_ID}/secrets/{SECRET}",
+            sim.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = client()
+        .get(p.url("/api/v2/x"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["token_fingerprint"], after.fingerprint.as_str());
+    let (status, body) = post_reload(&p).await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("unchanged")));
+}
+
+#[tokio::test]
+async fn a_wrong_secret_keeps_the_old_one_serving_and_is_retried() {
+    let sim = start_sim(sim_config()).await;
+    let p = unwatched_proxy(&sim, "").await;
+    let before = p.running.store.current().unwrap();
+    write_atomic(&p.dir.join("client-secret"), "not-yet-active\n");
+    let (status, body) = post_reload(&p).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["outcome"], "rotation_failed");
+    assert_eq!(
+        body["rotation"]["new_secret"],
+        fingerprint(b"not-yet-active")
+    );
+    assert_eq!(
+        p.running.store.current().unwrap().generation,
+        before.generation,
+        "nothing swapped"
+    );
+    assert_eq!(
+        client()
+            .get(p.url("/api/v2/x"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let s: Value = client()
+        .get(p.admin("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["status"], "degraded");
+    assert_eq!(
+        s["rotation"]["pending_new_secret"],
+        fingerprint(b"not-yet-active")
+    );
+    assert!(metrics_text(&p)
+        .await
+        .contains("genesys_proxy_secret_rotations_total{outcome=\"failed\"}"));
+    assert!(audit_count(&p, "SECRET_ROTATION_FAILED") >= 1);
+    // The secret becomes active at Genesys: the refresher's retries pick it up by themselves.
+    sim_post(
+        &sim,
+        &format!("/__sim/clients/{CLIENT_ID}/secrets"),
+        json!({"secret": "not-yet-active"}),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the pending rotation to succeed",
+        || async { audit_count(&p, "SECRET_ROTATED") == 1 },
+    )
+    .await;
+    let s: Value = client()
+        .get(p.admin("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["rotation"]["pending_new_secret"], Value::Null);
+}
+
+#[tokio::test]
+async fn a_broken_config_is_rejected_and_changes_nothing() {
+    let sim = start_sim(sim_config()).await;
+    let p = unwatched_proxy(&sim, "").await;
+    let path = p.dir.join("proxy.toml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    for broken in [
+        good.replace("[proxy]", "[proxy\n"),
+        good.replace("[admin]", "[admin]\nbogus_key = 1"),
+        good.clone(),
+    ] {
+        std::fs::write(&path, &broken).unwrap();
+        if broken == good {
+            std::fs::write(p.dir.join("client-secret"), "").unwrap();
+        }
+        let (status, body) = post_reload(&p).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["outcome"], "rejected");
+        assert!(
+            body["reason"].as_str().unwrap().contains("proxy.toml"),
+            "{body}"
+        );
+        assert_eq!(
+            client()
+                .get(p.url("/api/v2/x"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    assert_eq!(audit_count(&p, "CONFIG_RELOAD_REJECTED"), 3);
+    assert!(metrics_text(&p)
+        .await
+        .contains("genesys_proxy_config_reloads_total{outcome=\"rejected\"} 3"));
+}
+
+#[tokio::test]
+async fn in_place_settings_apply_and_listen_changes_need_a_restart() {
+    let sim = start_sim(sim_config()).await;
+    let p = unwatched_proxy(&sim, "").await;
+    assert_eq!(
+        client()
+            .get(p.url("/api/v3/thing"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let path = p.dir.join("proxy.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(
+            "[proxy]\n",
+            "[proxy]\nallowed_path_prefixes = [\"/api/v2/\", \"/api/v3/\"]\n",
+        )
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            "[admin]\nlisten = \"127.0.0.1:1\"",
+        );
+    std::fs::write(&path, text).unwrap();
+    let (status, body) = post_reload(&p).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outcome"], "partially_applied");
+    assert_eq!(body["applied"], json!(["proxy.allowed_path_prefixes"]));
+    assert_eq!(body["restart_required"], json!(["admin.listen"]));
+    // The simulator (not the proxy's allowlist) now answers /api/v3 paths.
+    let r = client().get(p.url("/api/v3/thing")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        client()
+            .get(p.admin("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "admin still on its old address"
+    );
+}
+
+#[tokio::test]
+async fn minting_falls_back_to_the_previous_secret_on_invalid_client() {
+    let sim = start_sim(sim_config()).await;
+    let dir = temp_dir("previous");
+    let previous = dir.join("previous-secret");
+    write_atomic(&previous, &format!("{SECRET}\n"));
+    let toml = proxy_toml(&sim.url(), "rotated-but-not-active", "", "", &dir).replace(
+        "client_id = ",
+        &format!(
+            "previous_client_secret = {{ file = {:?} }}\nclient_id = ",
+            previous.display().to_string()
+        ),
+    );
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    let token = p.running.store.current().unwrap();
+    assert_eq!(token.source.as_str(), "previous");
+    assert_eq!(
+        client()
+            .get(p.url("/api/v2/x"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let s: Value = client()
+        .get(p.admin("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["token"]["source"], "previous");
+    assert_eq!(s["status"], "degraded");
+    assert!(metrics_text(&p)
+        .await
+        .contains("genesys_proxy_token_fallback_active 1"));
+    assert_eq!(audit_count(&p, "FALLBACK_TO_PREVIOUS_SECRET"), 1);
+}
+
+#[tokio::test]
+async fn a_401_on_the_new_token_is_replayed_with_the_pre_rotation_token() {
+    let sim = start_sim(sim_config()).await;
+    let p = unwatched_proxy(&sim, "").await;
+    let old = p.running.store.current().unwrap();
+    sim_post(
+        &sim,
+        &format!("/__sim/clients/{CLIENT_ID}/secrets"),
+        json!({"secret": "s2"}),
+    )
+    .await;
+    write_atomic(&p.dir.join("client-secret"), "s2\n");
+    assert_eq!(post_reload(&p).await.0, 200);
+    // Genesys kills the new token, and no newer one can be minted for a while.
+    let new_token = sim.state.recent_token_values().last().unwrap().clone();
+    assert_eq!(
+        fingerprint(new_token.as_bytes()),
+        p.running.store.current().unwrap().fingerprint
+    );
+    let r = client()
+        .delete(format!("{}/api/v2/tokens/me", sim.url()))
+        .bearer_auth(&new_token)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    sim_post(
+        &sim,
+        "/__sim/faults",
+        json!({"kind": "status500", "count": 1000}),
+    )
+    .await;
+    let r = client()
+        .post(p.url("/api/v2/after-rotation"))
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["token_fingerprint"],
+        old.fingerprint.as_str(),
+        "replayed with the pre-rotation token"
+    );
+    assert_eq!(v["body_len"], 7);
+}
+
+#[tokio::test]
+async fn changing_a_watched_secret_file_rotates_without_a_signal() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy(&sim).await;
+    let before = p.running.store.generation();
+    sim_post(
+        &sim,
+        &format!("/__sim/clients/{CLIENT_ID}/secrets"),
+        json!({"secret": "watched-new"}),
+    )
+    .await;
+    write_atomic(&p.dir.join("client-secret"), "watched-new\n");
+    eventually(
+        Duration::from_secs(10),
+        "the file watch to rotate",
+        || async { audit_count(&p, "SECRET_ROTATED") == 1 },
+    )
+    .await;
+    assert!(p.running.store.generation() > before);
+    let log = std::fs::read_to_string(p.audit_path()).unwrap();
+    assert!(log.contains("\"trigger\":\"secret_file_changed\""), "{log}");
+}
