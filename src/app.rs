@@ -95,8 +95,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
     let refresh_info = Arc::new(Mutex::new(RefreshInfo::default()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
-    let proxy_listener = TcpListener::bind(config.proxy.listen)
-        .await
+    let proxy_listener = bind(config.proxy.listen, config.proxy.reuse_port)
         .with_context(|| format!("proxy.listen: cannot bind {}", config.proxy.listen))?;
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
@@ -255,6 +254,22 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         shutdown_tx,
         done,
     })
+}
+
+/// Binds a listener; with `reuse_port` a second process can bind the same address, which is
+/// how a restart hands over without refusing connections (see the README).
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// One proxy worker: its own runtime, accept loop and connections.

@@ -69,6 +69,7 @@ pub fn diff(old: &Config, new: &Config) -> Diff {
     let (op, np) = (&old.proxy, &new.proxy);
     check(op.listen != np.listen, "proxy.listen", false);
     check(op.threads != np.threads, "proxy.threads", false);
+    check(op.reuse_port != np.reuse_port, "proxy.reuse_port", false);
     check(
         op.dns_refresh != np.dns_refresh,
         "proxy.dns_refresh_seconds",
@@ -276,6 +277,7 @@ impl Reloader {
         let mut proxy = new.proxy.clone();
         proxy.listen = current.proxy.listen;
         proxy.threads = current.proxy.threads;
+        proxy.reuse_port = current.proxy.reuse_port;
         proxy.dns_refresh = current.proxy.dns_refresh;
         proxy.shutdown_grace = current.proxy.shutdown_grace;
         self.proxy.settings.store(Arc::new(proxy.clone()));
@@ -457,4 +459,49 @@ pub fn watch_secret_files(
             tracing::info!(status = outcome.status, outcome = %outcome.body["outcome"], "reload after secret file change");
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra_proxy: &str, secret: &str) -> Config {
+        let dir = std::env::temp_dir().join(format!("gap-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A file of its own per call: tests run in parallel.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let f = dir.join(format!("s-{n}"));
+        std::fs::write(&f, secret).unwrap();
+        let text = format!(
+            "[proxy]\n{extra_proxy}\n[genesys]\nclient_id = \"a\"\nclient_secret = {{ file = {:?} }}\n",
+            f.display().to_string()
+        );
+        config::parse(&text, Path::new("t.toml")).unwrap()
+    }
+
+    #[test]
+    fn identical_configs_do_not_differ() {
+        assert!(diff(&config("", "s"), &config("", "s")).is_empty());
+    }
+
+    #[test]
+    fn in_place_and_restart_keys_are_told_apart() {
+        let d = diff(
+            &config("", "s"),
+            &config(
+                "listen = \"127.0.0.1:1234\"\nallowed_path_prefixes = [\"/api/v2/users\"]",
+                "s",
+            ),
+        );
+        assert_eq!(d.applied, vec!["proxy.allowed_path_prefixes"]);
+        assert_eq!(d.restart_required, vec!["proxy.listen"]);
+        assert!(!d.credentials);
+    }
+
+    #[test]
+    fn a_new_secret_is_a_credentials_change() {
+        let d = diff(&config("", "s"), &config("", "t"));
+        assert!(d.credentials && d.applied.is_empty() && d.restart_required.is_empty());
+    }
 }

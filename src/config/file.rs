@@ -33,6 +33,7 @@ pub struct ProxySection {
     pub shutdown_grace_seconds: Option<u64>,
     pub dns_refresh_seconds: Option<u64>,
     pub threads: Option<usize>,
+    pub reuse_port: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -43,6 +43,8 @@ pub struct ProxySettings {
     pub dns_refresh: Duration,
     /// Proxy worker threads, each with its own single-threaded runtime.
     pub threads: usize,
+    /// SO_REUSEPORT on the proxy listener, for hand-over restarts.
+    pub reuse_port: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -238,6 +240,7 @@ impl Config {
                 Some(n) if (1..=256).contains(&n) => n,
                 Some(_) => return Err(err("proxy.threads", "must be between 1 and 256".into())),
             },
+            reuse_port: p.reuse_port.unwrap_or(false),
         };
 
         let admin = AdminSettings {

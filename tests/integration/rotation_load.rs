@@ -104,6 +104,7 @@ async fn secret_rotations_under_load_drop_no_request() {
             .unwrap();
         assert_eq!(r.status(), 200);
         old = new;
+        tokio::time::sleep(pause).await; // soak pacing (0 in CI)
     }
     let rotation_time = started.elapsed();
 
