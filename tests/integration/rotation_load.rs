@@ -33,6 +33,12 @@ async fn secret_rotations_under_load_drop_no_request() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    let pause = Duration::from_millis(
+        std::env::var("ROTATION_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    );
     let sim = start_sim(genesys_auth_proxy::sim::SimConfig {
         api_rate_limit_per_minute: 1_000_000,
         token_rate_limit_per_minute: 10_000,
