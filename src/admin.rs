@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
+use crate::anomaly::AnomalyMonitor;
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
@@ -24,6 +25,7 @@ pub struct AdminState {
     pub audit: Arc<AuditLog>,
     /// True once shutdown began: `/readyz` answers 503 so balancers drain first.
     pub draining: AtomicBool,
+    pub anomaly: Arc<AnomalyMonitor>,
     pub reloader: Arc<Reloader>,
 }
 
@@ -75,10 +77,12 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
         .clone();
     let valid = token.as_ref().is_some_and(|t| t.is_valid_at(now));
     let config = state.reloader.info();
+    let anomaly = state.anomaly.view();
     let health = if !valid {
         "unhealthy"
     } else if info.consecutive_failures > 0
         || info.pending_rotation.is_some()
+        || !anomaly.active.is_empty()
         || state.audit.failures() > 0
         || token
             .as_ref()
@@ -115,7 +119,12 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
         "refresh_count": info.refresh_count,
         "consecutive_refresh_failures": info.consecutive_failures,
         "last_refresh_error": info.last_error,
-        "anomaly": {"state": "clear", "since": null, "reason": null},
+        "anomaly": {
+            "state": if anomaly.active.is_empty() { "clear" } else { "raised" },
+            "since": anomaly.since.map(rfc3339),
+            "reason": anomaly.reason,
+            "active": anomaly.active,
+        },
         "config": {
             "loaded_at": rfc3339(config.loaded_at),
             "generation": config.generation,

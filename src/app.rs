@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
+use crate::anomaly::AnomalyMonitor;
 use crate::audit::AuditLog;
 use crate::config::{ApiTarget, Config};
 use crate::metrics::Metrics;
@@ -92,6 +93,11 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         .with_context(|| format!("audit.path: cannot open {:?}", config.audit.target))?,
     );
     let store = Arc::new(TokenStore::new());
+    let anomaly = Arc::new(AnomalyMonitor::new(
+        config.anomaly.clone(),
+        audit.clone(),
+        metrics.clone(),
+    ));
     let refresh_info = Arc::new(Mutex::new(RefreshInfo::default()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
@@ -126,6 +132,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         audit: audit.clone(),
         info: refresh_info.clone(),
         commands: commands_rx,
+        anomaly: anomaly.clone(),
     };
     let refresher_task = tokio::spawn(refresher.run(shutdown_rx.clone()));
 
@@ -137,6 +144,8 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         upstream_addrs: ArcSwap::from_pointee(Vec::new()),
         store: store.clone(),
         metrics: metrics.clone(),
+        anomaly: anomaly.clone(),
+        access_log: config.log.access_log.into(),
     });
     let resolver_task = tokio::spawn(resolve_loop(
         api.clone(),
@@ -145,6 +154,20 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         shutdown_rx.clone(),
     ));
 
+    // Clears quiet anomalies.
+    let anomaly_task = {
+        let anomaly = anomaly.clone();
+        let mut shutdown = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => anomaly.tick(),
+                    _ = until_true(&mut shutdown) => return,
+                }
+            }
+        })
+    };
     let reloader = Arc::new(Reloader::new(
         config_path,
         config.clone(),
@@ -165,9 +188,11 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         refresh: refresh_info,
         audit: audit.clone(),
         draining: false.into(),
+        anomaly: anomaly.clone(),
         reloader: reloader.clone(),
     });
-    let mut admin_shutdown = shutdown_rx.clone();
+    // The admin listener outlives the drain, so balancers see /readyz 503 while it runs.
+    let (admin_stop_tx, mut admin_shutdown) = watch::channel(false);
     let admin_router = admin::router(admin_state.clone());
     let admin_task = tokio::spawn(async move {
         let serve = axum::serve(admin_listener, admin_router).with_graceful_shutdown(async move {
@@ -238,6 +263,8 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         if let Some(t) = watch_task {
             let _ = t.await;
         }
+        admin_stop_tx.send_replace(true);
+        let _ = anomaly_task.await;
         let _ = refresher_task.await;
         let _ = resolver_task.await;
         let _ = admin_task.await;

@@ -69,7 +69,9 @@ impl AuditLog {
             AuditTarget::Stdout => (Sink::Stdout, 0, GENESIS.to_string(), None),
             AuditTarget::File(path) => {
                 let (seq, prev) = match File::open(path) {
-                    Ok(f) => last_link(f)?,
+                    // Only a regular file has a chain to continue (not /dev/null, a FIFO...).
+                    Ok(f) if f.metadata()?.is_file() => last_link(f)?,
+                    Ok(_) => (0, GENESIS.to_string()),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, GENESIS.to_string()),
                     Err(e) => return Err(e),
                 };

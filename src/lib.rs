@@ -27,6 +27,7 @@
 //! 4. Everything else, including a second 401 and 429s, passes through unchanged.
 
 pub mod admin;
+pub mod anomaly;
 pub mod app;
 pub mod audit;
 pub mod cli;

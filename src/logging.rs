@@ -14,7 +14,7 @@ static LEVEL: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `level`.
 pub fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
+        .or_else(|_| EnvFilter::try_new(guarded(level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let max = filter.max_level_hint();
     let (filter, handle) = reload::Layer::new(filter);
@@ -40,13 +40,24 @@ pub fn init(format: LogFormat, level: &str) {
 
 /// Changes the level filter (config reload). Errors name the bad filter.
 pub fn set_level(level: &str) -> Result<(), String> {
-    let filter = EnvFilter::try_new(level).map_err(|e| format!("log.level {level:?}: {e}"))?;
+    let filter =
+        EnvFilter::try_new(guarded(level)).map_err(|e| format!("log.level {level:?}: {e}"))?;
     let max = filter.max_level_hint();
     if let Some(handle) = LEVEL.get() {
         handle.reload(filter).map_err(|e| e.to_string())?;
         cap_log_crate(max);
     }
     Ok(())
+}
+
+/// pingora's `debug!` records print request lines with query strings and whole response
+/// bodies; unless the filter names pingora itself, its crates stay at `info`.
+fn guarded(level: &str) -> String {
+    if level.contains("pingora") {
+        level.to_string()
+    } else {
+        format!("{level},pingora_proxy=info,pingora_core=info")
+    }
 }
 
 /// The `log` bridge would otherwise hand every pingora `debug!` record to the filter at run

@@ -3,8 +3,8 @@
 //! serves them.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 const PREFIX: &str = "genesys_proxy";
@@ -28,7 +28,7 @@ pub struct Metrics {
     pub config_reloads_total: IntCounterVec,
     pub upstream_rate_limited_total: IntCounter,
     pub upstream_ratelimit_remaining: IntGauge,
-    pub anomaly_active: IntGauge,
+    pub anomaly_active: IntGaugeVec,
     pub audit_events_total: IntCounterVec,
     pub audit_write_failures_total: IntCounter,
     pub rejected_requests_total: IntCounterVec,
@@ -120,10 +120,13 @@ impl Metrics {
                 "Requests left in the current Genesys rate-limit window (allowed - count).",
             ))
             .expect("static metric definition"), // ok: constant
-            anomaly_active: IntGauge::with_opts(opts(
-                "anomaly_active",
-                "1 while an anomaly is raised.",
-            ))
+            anomaly_active: IntGaugeVec::new(
+                opts(
+                    "anomaly_active",
+                    "1 while an anomaly of this kind is raised.",
+                ),
+                &["kind"],
+            )
             .expect("static metric definition"), // ok: constant
             audit_events_total: counter_vec(
                 "audit_events_total",
@@ -195,6 +198,9 @@ mod tests {
             .with_label_values(&["client_not_allowed"])
             .inc();
         m.request_duration_seconds.observe(0.001);
+        m.anomaly_active
+            .with_label_values(&["refresh_failures"])
+            .set(0);
         let text = m.render();
         for name in [
             "requests_total",

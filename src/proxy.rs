@@ -7,6 +7,7 @@
 //! `upstream_response_filter` (401 → refresh → replay once) → `logging` (metrics).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorType, RetryType};
 
+use crate::anomaly::{AnomalyMonitor, Kind};
 use crate::config::{ApiTarget, ProxySettings};
 use crate::metrics::Metrics;
 use crate::token::store::{Token, TokenStore};
@@ -37,6 +39,9 @@ pub struct ProxyState {
     pub upstream_addrs: ArcSwap<Vec<SocketAddr>>,
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,
+    pub anomaly: Arc<AnomalyMonitor>,
+    /// `[log] access_log`, changeable by reload.
+    pub access_log: AtomicBool,
 }
 
 pub struct GenesysProxy {
@@ -46,6 +51,9 @@ pub struct GenesysProxy {
 /// Per-request state.
 pub struct RequestCtx {
     started: Instant,
+    upstream_status: u16,
+    /// `ININ-Correlation-Id` of the upstream answer, kept only for the access log.
+    correlation_id: Option<String>,
     token: Option<Arc<Token>>,
     replayed: bool,
     tries: u8,
@@ -218,6 +226,8 @@ impl ProxyHttp for GenesysProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
+            upstream_status: 0,
+            correlation_id: None,
             token: None,
             replayed: false,
             tries: 0,
@@ -310,6 +320,14 @@ impl ProxyHttp for GenesysProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let metrics = &self.state.metrics;
+        ctx.upstream_status = upstream.status.as_u16();
+        if self.state.access_log.load(Ordering::Relaxed) {
+            ctx.correlation_id = upstream
+                .headers
+                .get("inin-correlation-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+        }
         if let (Some(count), Some(allowed)) = (
             header_u64(upstream, "inin-ratelimit-count"),
             header_u64(upstream, "inin-ratelimit-allowed"),
@@ -322,11 +340,13 @@ impl ProxyHttp for GenesysProxy {
             401 => {}
             429 => {
                 metrics.upstream_rate_limited_total.inc();
+                self.state.anomaly.observe(Kind::RateLimitStorm);
                 return Ok(());
             }
             _ => return Ok(()),
         }
         metrics.upstream_unauthorized_total.inc();
+        self.state.anomaly.observe(Kind::UnauthorizedSpike);
         let Some(used) = ctx.token.clone() else {
             return Ok(());
         };
@@ -488,6 +508,26 @@ impl ProxyHttp for GenesysProxy {
                 "success"
             };
             metrics.replays_total.with_label_values(&[outcome]).inc();
+        }
+        if self.state.access_log.load(Ordering::Relaxed) {
+            let req = session.req_header();
+            let client = session
+                .client_addr()
+                .and_then(PingoraAddr::as_inet)
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(
+                target: "access",
+                method = %req.method,
+                path = req.uri.path(),
+                status,
+                upstream_status = ctx.upstream_status,
+                duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+                replayed = ctx.replayed,
+                client = %client,
+                correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
+                "request"
+            );
         }
     }
 }

@@ -166,6 +166,12 @@ pub fn diff(old: &Config, new: &Config) -> Diff {
     check(old.audit != new.audit, "audit.path", false);
     check(old.log.format != new.log.format, "log.format", false);
     check(old.log.level != new.log.level, "log.level", true);
+    check(
+        old.log.access_log != new.log.access_log,
+        "log.access_log",
+        true,
+    );
+    check(old.anomaly != new.anomaly, "anomaly", true);
     d
 }
 
@@ -290,10 +296,16 @@ impl Reloader {
                 tracing::warn!(error = %e, "log level not changed");
             }
         }
+        self.proxy
+            .access_log
+            .store(new.log.access_log, std::sync::atomic::Ordering::Relaxed);
+        self.proxy.anomaly.set_thresholds(new.anomaly.clone());
         let mut next = current.clone();
         next.proxy = proxy;
         next.token = token;
         next.log.level = new.log.level.clone();
+        next.log.access_log = new.log.access_log;
+        next.anomaly = new.anomaly.clone();
 
         // Secrets: the refresher validates before it swaps.
         let mut rotation = Value::Null;

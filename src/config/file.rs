@@ -17,6 +17,21 @@ pub struct FileConfig {
     pub audit: AuditSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub anomaly: AnomalySection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnomalySection {
+    pub window_ms: Option<u64>,
+    pub quiet_ms: Option<u64>,
+    pub refresh_failures: Option<u32>,
+    pub invalid_client: Option<u32>,
+    pub early_rejection: Option<u32>,
+    pub early_rejection_age_ms: Option<u64>,
+    pub unauthorized: Option<u32>,
+    pub rate_limited: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -87,4 +102,5 @@ pub struct AuditSection {
 pub struct LogSection {
     pub format: Option<String>,
     pub level: Option<String>,
+    pub access_log: Option<bool>,
 }

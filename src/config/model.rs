@@ -25,6 +25,7 @@ pub struct Config {
     pub token: TokenSettings,
     pub audit: AuditSettings,
     pub log: LogSettings,
+    pub anomaly: crate::anomaly::Thresholds,
     /// Non-fatal findings (e.g. a secret file readable by others), printed at start-up.
     pub warnings: Vec<String>,
 }
@@ -141,6 +142,9 @@ pub enum LogFormat {
 pub struct LogSettings {
     pub format: LogFormat,
     pub level: String,
+    /// One line per request (target `access`): method, path without query, status, upstream
+    /// status, duration, replayed, client address, correlation id. Never a header value.
+    pub access_log: bool,
 }
 
 impl Config {
@@ -414,9 +418,54 @@ impl Config {
                     .map_err(|e| err("log.level", format!("{level:?}: {e}")))?;
                 level
             },
+            access_log: raw.log.access_log.unwrap_or(false),
+        };
+
+        let a = raw.anomaly;
+        let d = crate::anomaly::Thresholds::default();
+        let anomaly = crate::anomaly::Thresholds {
+            window: ms(
+                a.window_ms,
+                d.window.as_millis() as u64,
+                "anomaly.window_ms",
+                &err,
+            )?,
+            quiet: ms(
+                a.quiet_ms,
+                d.quiet.as_millis() as u64,
+                "anomaly.quiet_ms",
+                &err,
+            )?,
+            refresh_failures: count(
+                a.refresh_failures,
+                d.refresh_failures,
+                "anomaly.refresh_failures",
+                &err,
+            )?,
+            invalid_client: count(
+                a.invalid_client,
+                d.invalid_client,
+                "anomaly.invalid_client",
+                &err,
+            )?,
+            early_rejection: count(
+                a.early_rejection,
+                d.early_rejection,
+                "anomaly.early_rejection",
+                &err,
+            )?,
+            unauthorized: count(a.unauthorized, d.unauthorized, "anomaly.unauthorized", &err)?,
+            rate_limited: count(a.rate_limited, d.rate_limited, "anomaly.rate_limited", &err)?,
+            early_rejection_age: ms(
+                a.early_rejection_age_ms,
+                d.early_rejection_age.as_millis() as u64,
+                "anomaly.early_rejection_age_ms",
+                &err,
+            )?,
         };
 
         Ok(Config {
+            anomaly,
             proxy,
             admin,
             genesys,
@@ -425,6 +474,17 @@ impl Config {
             log,
             warnings,
         })
+    }
+}
+
+/// An event-count threshold with its default; zero is refused (it would never raise).
+fn count<E>(value: Option<u32>, default: u32, key: &str, err: &E) -> Result<u32, ConfigError>
+where
+    E: Fn(&str, String) -> ConfigError,
+{
+    match value.unwrap_or(default) {
+        0 => Err(err(key, "must be at least 1".into())),
+        n => Ok(n),
     }
 }
 

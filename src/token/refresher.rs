@@ -22,6 +22,7 @@ use super::endpoint::{MintError, Minted, TokenEndpoint};
 use super::schedule::{backoff, refresh_delay, FailureClass};
 use super::secret::Secret;
 use super::store::{Token, TokenSource, TokenStore};
+use crate::anomaly::{AnomalyMonitor, Kind};
 use crate::audit::AuditLog;
 use crate::config::{TokenSettings, Validation};
 use crate::metrics::Metrics;
@@ -66,6 +67,7 @@ pub struct Refresher {
     pub audit: Arc<AuditLog>,
     pub info: Arc<Mutex<RefreshInfo>>,
     pub commands: mpsc::Receiver<Command>,
+    pub anomaly: Arc<AnomalyMonitor>,
 }
 
 /// Why the refresher is about to mint.
@@ -188,6 +190,8 @@ impl Refresher {
                     // A 401 for a fresh token is news; it also clears any backoff: the token
                     // we hold is dead, waiting helps nobody.
                     st.backoff_until = None;
+                    self.anomaly
+                        .token_rejected(now.duration_since(t.acquired_at));
                     self.audit.record(
                         "TOKEN_REJECTED_UPSTREAM",
                         json!({"generation": t.generation, "age_seconds": now.duration_since(t.acquired_at).as_secs()}),
@@ -467,6 +471,7 @@ impl Refresher {
     }
 
     fn note_failure(&self, e: &MintError, failures: u32, delay: Duration, current: Option<&Token>) {
+        self.observe_failure(e);
         {
             let mut info = self.info();
             info.consecutive_failures = failures;
@@ -489,6 +494,18 @@ impl Refresher {
             current.map(|t| t.fingerprint.as_str()),
         );
         tracing::warn!(outcome = e.outcome(), error = %e, consecutive_failures = failures, retry_in_ms = delay.as_millis() as u64, current_token_still_valid = still_valid, "token refresh failed");
+    }
+}
+
+impl Refresher {
+    /// Feeds the anomaly detector with one failed token call.
+    fn observe_failure(&self, e: &MintError) {
+        self.anomaly.observe(Kind::RefreshFailures);
+        match e {
+            MintError::InvalidClient => self.anomaly.observe(Kind::InvalidClient),
+            MintError::RateLimited => self.anomaly.observe(Kind::RateLimitStorm),
+            _ => {}
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 mod support;
 
 mod cli;
+mod observability;
 mod proxy;
 mod replay;
 mod rotation;

@@ -1,0 +1,272 @@
+//! What dashboards, balancers and auditors see: `/status`, metric values, anomalies raised and
+//! cleared, an unwritable audit log, `/readyz` during a drain.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+async fn status(p: &Proxy) -> Value {
+    client()
+        .get(p.admin("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn audit_has(p: &Proxy, event: &str) -> bool {
+    std::fs::read_to_string(p.audit_path())
+        .unwrap_or_default()
+        .contains(&format!("\"event\":\"{event}\""))
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn status_has_every_documented_field() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy(&sim).await;
+    let s = status(&p).await;
+    for key in [
+        "status",
+        "token",
+        "last_refresh",
+        "refresh_count",
+        "anomaly",
+        "config",
+        "counters",
+    ] {
+        assert!(s.get(key).is_some(), "missing {key}: {s}");
+    }
+    for key in [
+        "valid",
+        "expires_at",
+        "expires_in_seconds",
+        "generation",
+        "fingerprint",
+        "source",
+    ] {
+        assert!(s["token"].get(key).is_some(), "missing token.{key}");
+    }
+    for key in ["state", "since", "reason"] {
+        assert!(s["anomaly"].get(key).is_some(), "missing anomaly.{key}");
+    }
+    for key in ["loaded_at", "generation"] {
+        assert!(s["config"].get(key).is_some(), "missing config.{key}");
+    }
+    assert_eq!(s["anomaly"]["state"], "clear");
+    assert_eq!(s["refresh_count"], 1);
+}
+
+#[tokio::test]
+async fn metric_values_move_as_requests_flow() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy(&sim).await;
+    let c = client();
+    for _ in 0..7 {
+        assert_eq!(
+            c.get(p.url("/api/v2/m")).send().await.unwrap().status(),
+            200
+        );
+    }
+    assert_eq!(c.get(p.url("/nope")).send().await.unwrap().status(), 403);
+    let m = metrics_text(&p).await;
+    assert_eq!(
+        metric(&m, "genesys_proxy_requests_total{code=\"200\"}"),
+        7.0
+    );
+    assert_eq!(
+        metric(&m, "genesys_proxy_requests_total{code=\"403\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "genesys_proxy_request_duration_seconds_count"),
+        8.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "genesys_proxy_rejected_requests_total{reason=\"path_not_allowed\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "genesys_proxy_token_requests_total{outcome=\"success\"}"
+        ),
+        1.0
+    );
+    let expiry = metric(&m, "genesys_proxy_token_expiry_timestamp_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (expiry - (now + 86_400.0)).abs() < 60.0,
+        "expiry {expiry} vs now {now}"
+    );
+    // The simulator's rate-limit headers feed the remaining-budget gauge: 300 allowed, 8 used
+    // (7 requests + the validation call, which preserves idle time but counts).
+    assert_eq!(
+        metric(&m, "genesys_proxy_upstream_ratelimit_remaining"),
+        292.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "genesys_proxy_audit_events_total{event=\"TOKEN_ACQUIRED\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn repeated_refresh_failures_raise_an_anomaly_that_clears_when_quiet() {
+    let sim = start_sim(sim_config()).await;
+    sim_post(
+        &sim,
+        "/__sim/faults",
+        json!({"kind": "status500", "count": 3}),
+    )
+    .await;
+    let dir = temp_dir("anomaly");
+    let toml = proxy_toml(&sim.url(), SECRET, "", "", &dir)
+        + "\n[anomaly]\nrefresh_failures = 2\nquiet_ms = 300\n";
+    let p = start_from_toml(&toml, dir).await;
+    // The first mints fail (raising the anomaly), then a token arrives.
+    p.ready().await;
+    assert!(audit_has(&p, "ANOMALY_RAISED"));
+    let m = metrics_text(&p).await;
+    assert!(
+        m.contains("genesys_proxy_anomaly_active{kind=\"refresh_failures\"}"),
+        "{m}"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the anomaly to clear after the quiet period",
+        || async { audit_has(&p, "ANOMALY_CLEARED") },
+    )
+    .await;
+    let s = status(&p).await;
+    assert_eq!(s["anomaly"]["state"], "clear");
+    assert_eq!(s["status"], "healthy");
+    assert_eq!(
+        metric(
+            &metrics_text(&p).await,
+            "genesys_proxy_anomaly_active{kind=\"refresh_failures\"}"
+        ),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn invalid_client_raises_an_anomaly_visible_in_status() {
+    let sim = start_sim(sim_config()).await;
+    let dir = temp_dir("anomaly-ic");
+    let toml = proxy_toml(
+        &sim.url(),
+        "revoked-secret",
+        "token_wait_timeout_ms = 100",
+        "",
+        &dir,
+    );
+    let p = start_from_toml(&toml, dir).await;
+    eventually(
+        Duration::from_secs(5),
+        "the invalid_client anomaly",
+        || async { audit_has(&p, "ANOMALY_RAISED") },
+    )
+    .await;
+    let s = status(&p).await;
+    assert_eq!(s["anomaly"]["state"], "raised");
+    assert!(
+        s["anomaly"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("refused the client credentials"),
+        "{s}"
+    );
+    assert!(s["anomaly"]["since"].is_string());
+    assert_eq!(s["status"], "unhealthy", "no token at all");
+    let m = metrics_text(&p).await;
+    assert_eq!(
+        metric(&m, "genesys_proxy_anomaly_active{kind=\"invalid_client\"}"),
+        1.0
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn an_unwritable_audit_log_is_counted_and_serving_goes_on() {
+    let sim = start_sim(sim_config()).await;
+    let dir = temp_dir("audit-full");
+    let toml = proxy_toml(&sim.url(), SECRET, "", "", &dir).replace(
+        &format!("path = {:?}", dir.join("audit.jsonl").display().to_string()),
+        "path = \"/dev/full\"",
+    );
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    assert_eq!(
+        client()
+            .get(p.url("/api/v2/x"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let s = status(&p).await;
+    assert!(s["audit_write_failures"].as_u64().unwrap() >= 2, "{s}");
+    assert_eq!(s["status"], "degraded");
+    assert!(
+        metric(
+            &metrics_text(&p).await,
+            "genesys_proxy_audit_write_failures_total"
+        ) >= 2.0
+    );
+}
+
+#[tokio::test]
+async fn readyz_turns_503_as_soon_as_the_drain_starts() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy(&sim).await;
+    sim_put(&sim, "/__sim/latency", json!({"api_ms": 800})).await;
+    let url = p.url("/api/v2/slow");
+    let in_flight = tokio::spawn(async move { client().get(url).send().await.unwrap().status() });
+    eventually(
+        Duration::from_secs(5),
+        "the request to reach the simulator",
+        || async { stats(&sim).await["api_requests"]["in_flight"] == 1 },
+    )
+    .await;
+    let readyz = p.admin("/readyz");
+    let shutdown = tokio::spawn(p.running.shutdown());
+    eventually(
+        Duration::from_secs(5),
+        "readyz 503 during the drain",
+        || {
+            let url = readyz.clone();
+            async move {
+                client()
+                    .get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 503)
+            }
+        },
+    )
+    .await;
+    assert_eq!(in_flight.await.unwrap(), 200);
+    shutdown.await.unwrap();
+}
