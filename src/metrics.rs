@@ -165,6 +165,56 @@ impl Metrics {
         for c in collectors {
             m.registry.register(c).expect("unique metric names"); // ok: constant set
         }
+        // Known label values start at 0 so rate() and alerts work before the first event.
+        let known: [(&IntCounterVec, &[&str]); 5] = [
+            (
+                &m.token_requests_total,
+                &[
+                    "success",
+                    "invalid_client",
+                    "rate_limited",
+                    "server_error",
+                    "network_error",
+                    "invalid_response",
+                    "validation_failed",
+                ],
+            ),
+            (
+                &m.replays_total,
+                &[
+                    "success",
+                    "rejected_again",
+                    "body_too_large",
+                    "no_new_token",
+                ],
+            ),
+            (&m.secret_rotations_total, &["success", "failed"]),
+            (
+                &m.config_reloads_total,
+                &[
+                    "applied",
+                    "partially_applied",
+                    "unchanged",
+                    "rejected",
+                    "rotation_failed",
+                ],
+            ),
+            (
+                &m.rejected_requests_total,
+                &[
+                    "client_not_allowed",
+                    "path_not_allowed",
+                    "no_token",
+                    "upstream_unreachable",
+                    "upstream_timeout",
+                ],
+            ),
+        ];
+        for (vec, values) in known {
+            for v in values {
+                vec.with_label_values(&[v]);
+            }
+        }
         m
     }
 

@@ -425,3 +425,12 @@ impl Drop for ProxyProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The value of one sample (`name` including labels) in Prometheus text, 0 when absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
