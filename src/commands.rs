@@ -39,6 +39,18 @@ fn load_or_exit(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// 0 on success; 1 with the error chain on stderr (and in the log, when one is set up).
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -66,14 +78,7 @@ fn run(path: &Path) -> ExitCode {
         let running = crate::app::start(config, path.to_path_buf()).await?;
         running.run_until_signal().await
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_RUNTIME)
-        }
-    }
+    exit_code(result)
 }
 
 fn check(paths: &[std::path::PathBuf], live: bool) -> ExitCode {
@@ -181,13 +186,7 @@ fn run_sim(args: SimArgs) -> ExitCode {
         drop(handle);
         Ok(())
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_RUNTIME)
-        }
-    }
+    exit_code(result)
 }
 
 async fn wait_term() {
@@ -248,11 +247,5 @@ fn demo(path: &Path) -> ExitCode {
         drop(sim);
         Ok(())
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_RUNTIME)
-        }
-    }
+    exit_code(result)
 }

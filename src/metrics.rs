@@ -53,6 +53,20 @@ fn hist(name: &str, help: &str) -> Histogram {
     .expect("static histogram definition") // ok: constant, checked by tests
 }
 
+// The definitions below are constants: `expect` cannot fire at run time (the unit test renders
+// every metric).
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::with_opts(opts(name, help)).expect("static metric definition")
+}
+
+fn int_gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::with_opts(opts(name, help)).expect("static metric definition")
+}
+
+fn gauge(name: &str, help: &str) -> Gauge {
+    Gauge::with_opts(opts(name, help)).expect("static metric definition")
+}
+
 fn counter_vec(name: &str, help: &str, label: &str) -> IntCounterVec {
     IntCounterVec::new(opts(name, help), &[label]).expect("static metric definition")
     // ok: constant
@@ -71,11 +85,10 @@ impl Metrics {
                 "request_duration_seconds",
                 "Time from request start to response end, in seconds.",
             ),
-            upstream_unauthorized_total: IntCounter::with_opts(opts(
+            upstream_unauthorized_total: counter(
                 "upstream_unauthorized_total",
                 "Upstream 401 answers seen.",
-            ))
-            .expect("static metric definition"), // ok: constant
+            ),
             replays_total: counter_vec(
                 "replays_total",
                 "Requests replayed or not after an upstream 401, by outcome.",
@@ -90,16 +103,14 @@ impl Metrics {
                 "token_refresh_duration_seconds",
                 "Duration of a token refresh (mint and validate), in seconds.",
             ),
-            token_expiry_timestamp_seconds: Gauge::with_opts(opts(
+            token_expiry_timestamp_seconds: gauge(
                 "token_expiry_timestamp_seconds",
                 "Unix time at which the current token expires.",
-            ))
-            .expect("static metric definition"), // ok: constant
-            token_fallback_active: IntGauge::with_opts(opts(
+            ),
+            token_fallback_active: int_gauge(
                 "token_fallback_active",
                 "1 while the token in use was minted with the previous client secret.",
-            ))
-            .expect("static metric definition"), // ok: constant
+            ),
             secret_rotations_total: counter_vec(
                 "secret_rotations_total",
                 "Client secret rotations by outcome.",
@@ -110,16 +121,14 @@ impl Metrics {
                 "Configuration reloads by outcome.",
                 "outcome",
             ),
-            upstream_rate_limited_total: IntCounter::with_opts(opts(
+            upstream_rate_limited_total: counter(
                 "upstream_rate_limited_total",
                 "Upstream 429 answers passed through.",
-            ))
-            .expect("static metric definition"), // ok: constant
-            upstream_ratelimit_remaining: IntGauge::with_opts(opts(
+            ),
+            upstream_ratelimit_remaining: int_gauge(
                 "upstream_ratelimit_remaining",
                 "Requests left in the current Genesys rate-limit window (allowed - count).",
-            ))
-            .expect("static metric definition"), // ok: constant
+            ),
             anomaly_active: IntGaugeVec::new(
                 opts(
                     "anomaly_active",
@@ -133,11 +142,10 @@ impl Metrics {
                 "Audit events written, by event.",
                 "event",
             ),
-            audit_write_failures_total: IntCounter::with_opts(opts(
+            audit_write_failures_total: counter(
                 "audit_write_failures_total",
                 "Audit events that could not be written.",
-            ))
-            .expect("static metric definition"), // ok: constant
+            ),
             rejected_requests_total: counter_vec(
                 "rejected_requests_total",
                 "Requests refused by the proxy itself, by reason.",

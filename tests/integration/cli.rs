@@ -1,9 +1,7 @@
 //! The binary itself: `check`, `audit-verify`, `sim --help`, and `run` as a real process with a
 //! known secret, grepping every output for the secret and the tokens.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use serde_json::{json, Value};
 
@@ -101,26 +99,6 @@ fn sim_help_documents_every_flag() {
     }
 }
 
-/// Reads stderr JSON lines until the "listening" line and returns (proxy, admin) addresses.
-fn listening_addrs(
-    lines: &mut impl Iterator<Item = String>,
-    seen: &mut String,
-) -> (String, String) {
-    for line in lines {
-        seen.push_str(&line);
-        seen.push('\n');
-        if let Ok(v) = serde_json::from_str::<Value>(&line) {
-            if v["message"] == "genesys-auth-proxy listening" {
-                return (
-                    v["proxy"].as_str().unwrap().to_string(),
-                    v["admin"].as_str().unwrap().to_string(),
-                );
-            }
-        }
-    }
-    panic!("the proxy never logged its listening line:\n{seen}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_run_never_prints_the_secret_or_a_token() {
     let sim = start_sim(sim_config()).await;
@@ -130,59 +108,25 @@ async fn a_real_run_never_prints_the_secret_or_a_token() {
         .replace("level = \"warn\"", "level = \"debug\"\naccess_log = true");
     let conf = dir.join("proxy.toml");
     std::fs::write(&conf, toml).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "-c"])
-        .arg(&conf)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut seen = String::new();
-    let (proxy, admin) = {
-        let mut it = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(20)).ok());
-        listening_addrs(&mut it, &mut seen)
-    };
+    let proc = ProxyProcess::spawn(&conf);
+    let (proxy, admin) = (proc.proxy.clone(), proc.admin.clone());
+    proc.wait_ready().await;
 
-    let c = client();
-    // Wait (bounded) for readiness, then exercise injection, a 401 replay and a refresh failure.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while c
-        .get(format!("http://{admin}/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        != 200
-    {
-        assert!(std::time::Instant::now() < deadline, "not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Injection, a 401 replay, and a refresh failure followed by a replay.
     assert_eq!(
-        c.get(format!("http://{proxy}/api/v2/users?pageSize=3"))
-            .send()
+        get(&format!("http://{proxy}/api/v2/users?pageSize=3"))
             .await
-            .unwrap()
             .status(),
         200
     );
     sim_post(&sim, "/__sim/revoke", json!({})).await;
-    assert_eq!(
-        c.post(format!("http://{proxy}/api/v2/x"))
-            .body("b")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    let r = client()
+        .post(format!("http://{proxy}/api/v2/x"))
+        .body("b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     sim_post(
         &sim,
         "/__sim/faults",
@@ -190,49 +134,13 @@ async fn a_real_run_never_prints_the_secret_or_a_token() {
     )
     .await;
     sim_post(&sim, "/__sim/revoke", json!({})).await;
-    assert_eq!(
-        c.get(format!("http://{proxy}/api/v2/y"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let status = c
-        .get(format!("http://{admin}/status"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let metrics = c
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    assert_eq!(get(&format!("http://{proxy}/api/v2/y")).await.status(), 200);
+    let status = get_text(&format!("http://{admin}/status")).await;
+    let metrics = get_text(&format!("http://{admin}/metrics")).await;
 
     // SIGTERM: graceful stop.
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let exit = child.wait().unwrap();
+    let (exit, seen, stdout) = proc.stop();
     assert!(exit.success(), "exit status {exit:?}");
-    reader.join().unwrap();
-    seen.extend(rx.try_iter().map(|l| l + "\n"));
-    let mut stdout = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
     let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
     assert!(audit.contains("PROXY_STOPPED"), "{audit}");
     assert!(seen.contains("token acquired"), "logs are captured: {seen}");

@@ -8,14 +8,7 @@ use serde_json::{json, Value};
 use crate::support::*;
 
 async fn status(p: &Proxy) -> Value {
-    client()
-        .get(p.admin("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(&p.admin("/status")).await
 }
 
 fn audit_has(p: &Proxy, event: &str) -> bool {
@@ -213,15 +206,7 @@ async fn an_unwritable_audit_log_is_counted_and_serving_goes_on() {
     );
     let p = start_from_toml(&toml, dir).await;
     p.ready().await;
-    assert_eq!(
-        client()
-            .get(p.url("/api/v2/x"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get(&p.url("/api/v2/x")).await.status(), 200);
     let s = status(&p).await;
     assert!(s["audit_write_failures"].as_u64().unwrap() >= 2, "{s}");
     assert_eq!(s["status"], "degraded");
@@ -239,7 +224,7 @@ async fn readyz_turns_503_as_soon_as_the_drain_starts() {
     let p = start_proxy(&sim).await;
     sim_put(&sim, "/__sim/latency", json!({"api_ms": 800})).await;
     let url = p.url("/api/v2/slow");
-    let in_flight = tokio::spawn(async move { client().get(url).send().await.unwrap().status() });
+    let in_flight = tokio::spawn(async move { get(&url).await.status() });
     eventually(
         Duration::from_secs(5),
         "the request to reach the simulator",

@@ -166,7 +166,7 @@ async fn proactive_refresh_with_short_lifetimes() {
         std::time::Instant::now() < first.expires_at,
         "the refresh came before the old token expired"
     );
-    let r = client().get(proxy.url("/api/v2/x")).send().await.unwrap();
+    let r = get(&proxy.url("/api/v2/x")).await;
     assert_eq!(r.status(), 200);
     let s = stats(&sim).await;
     assert_eq!(s["api_requests"]["by_status"].get("401"), None);
@@ -326,7 +326,7 @@ async fn graceful_shutdown_drains_in_flight_requests() {
     let proxy = start_proxy(&sim).await;
     sim_put(&sim, "/__sim/latency", json!({"api_ms": 500})).await;
     let url = proxy.url("/api/v2/slow");
-    let in_flight = tokio::spawn(async move { client().get(url).send().await.unwrap().status() });
+    let in_flight = tokio::spawn(async move { get(&url).await.status() });
     // Wait (bounded) until the request is inside the simulator.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while stats(&sim).await["api_requests"]["in_flight"] != 1 {

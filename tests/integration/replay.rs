@@ -66,14 +66,7 @@ async fn a_10_kib_post_is_replayed_intact_after_a_401() {
         s["api_requests"]["by_status"]["401"], 1,
         "the first attempt was refused"
     );
-    let m = client()
-        .get(proxy.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = get_text(&proxy.admin("/metrics")).await;
     assert!(
         m.contains("genesys_proxy_replays_total{outcome=\"success\"} 1"),
         "{m}"
@@ -103,20 +96,9 @@ async fn a_100_kib_post_gets_its_401_passed_through() {
         "the upstream body is passed through unchanged"
     );
     // The token was still reported dead: the next request works with a new one.
-    let r = client()
-        .get(proxy.url("/api/v2/after"))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&proxy.url("/api/v2/after")).await;
     assert_eq!(r.status(), 200);
-    let m = client()
-        .get(proxy.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = get_text(&proxy.admin("/metrics")).await;
     assert!(
         m.contains("genesys_proxy_replays_total{outcome=\"body_too_large\"} 1"),
         "{m}"
@@ -135,7 +117,7 @@ async fn a_401_passes_through_when_no_newer_token_comes() {
     )
     .await;
     sim_post(&sim, "/__sim/revoke", json!({})).await;
-    let r = client().get(proxy.url("/api/v2/x")).send().await.unwrap();
+    let r = get(&proxy.url("/api/v2/x")).await;
     assert_eq!(r.status(), 401);
     assert!(r.headers().contains_key("inin-correlation-id"));
     let v: Value = r.json().await.unwrap();
@@ -152,21 +134,14 @@ async fn a_second_401_after_the_replay_passes_through() {
     .await;
     let proxy = start_proxy_with(&sim, "", "validation = \"none\"").await;
     proxy.ready().await;
-    let r = client().get(proxy.url("/api/v2/x")).send().await.unwrap();
+    let r = get(&proxy.url("/api/v2/x")).await;
     assert_eq!(r.status(), 401);
     let s = stats(&sim).await;
     assert_eq!(
         s["api_requests"]["by_status"]["401"], 2,
         "one try and exactly one replay"
     );
-    let m = client()
-        .get(proxy.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = get_text(&proxy.admin("/metrics")).await;
     assert!(
         m.contains("genesys_proxy_replays_total{outcome=\"rejected_again\"} 1"),
         "{m}"

@@ -70,14 +70,7 @@ async fn a_new_secret_is_validated_then_swapped_and_the_old_token_kept() {
         .send()
         .await
         .unwrap();
-    let v: Value = client()
-        .get(p.url("/api/v2/x"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = get_json(&p.url("/api/v2/x")).await;
     assert_eq!(v["token_fingerprint"], after.fingerprint.as_str());
     let (status, body) = post_reload(&p).await;
     assert_eq!((status, body["outcome"].as_str()), (200, Some("unchanged")));
@@ -101,23 +94,8 @@ async fn a_wrong_secret_keeps_the_old_one_serving_and_is_retried() {
         before.generation,
         "nothing swapped"
     );
-    assert_eq!(
-        client()
-            .get(p.url("/api/v2/x"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let s: Value = client()
-        .get(p.admin("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(get(&p.url("/api/v2/x")).await.status(), 200);
+    let s: Value = get_json(&p.admin("/status")).await;
     assert_eq!(s["status"], "degraded");
     assert_eq!(
         s["rotation"]["pending_new_secret"],
@@ -144,14 +122,7 @@ async fn a_wrong_secret_keeps_the_old_one_serving_and_is_retried() {
         || async { audit_count(&p, "SECRET_ROTATED") == 1 },
     )
     .await;
-    let s: Value = client()
-        .get(p.admin("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s: Value = get_json(&p.admin("/status")).await;
     assert_eq!(s["rotation"]["pending_new_secret"], Value::Null);
 }
 
@@ -177,15 +148,7 @@ async fn a_broken_config_is_rejected_and_changes_nothing() {
             body["reason"].as_str().unwrap().contains("proxy.toml"),
             "{body}"
         );
-        assert_eq!(
-            client()
-                .get(p.url("/api/v2/x"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(get(&p.url("/api/v2/x")).await.status(), 200);
     }
     assert_eq!(audit_count(&p, "CONFIG_RELOAD_REJECTED"), 3);
     assert!(metrics_text(&p)
@@ -197,15 +160,7 @@ async fn a_broken_config_is_rejected_and_changes_nothing() {
 async fn in_place_settings_apply_and_listen_changes_need_a_restart() {
     let sim = start_sim(sim_config()).await;
     let p = unwatched_proxy(&sim, "").await;
-    assert_eq!(
-        client()
-            .get(p.url("/api/v3/thing"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        403
-    );
+    assert_eq!(get(&p.url("/api/v3/thing")).await.status(), 403);
     let path = p.dir.join("proxy.toml");
     let text = std::fs::read_to_string(&path)
         .unwrap()
@@ -224,15 +179,10 @@ async fn in_place_settings_apply_and_listen_changes_need_a_restart() {
     assert_eq!(body["applied"], json!(["proxy.allowed_path_prefixes"]));
     assert_eq!(body["restart_required"], json!(["admin.listen"]));
     // The simulator (not the proxy's allowlist) now answers /api/v3 paths.
-    let r = client().get(p.url("/api/v3/thing")).send().await.unwrap();
+    let r = get(&p.url("/api/v3/thing")).await;
     assert_eq!(r.status(), 404);
     assert_eq!(
-        client()
-            .get(p.admin("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get(&p.admin("/healthz")).await.status(),
         200,
         "admin still on its old address"
     );
@@ -255,23 +205,8 @@ async fn minting_falls_back_to_the_previous_secret_on_invalid_client() {
     p.ready().await;
     let token = p.running.store.current().unwrap();
     assert_eq!(token.source.as_str(), "previous");
-    assert_eq!(
-        client()
-            .get(p.url("/api/v2/x"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let s: Value = client()
-        .get(p.admin("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(get(&p.url("/api/v2/x")).await.status(), 200);
+    let s: Value = get_json(&p.admin("/status")).await;
     assert_eq!(s["token"]["source"], "previous");
     assert_eq!(s["status"], "degraded");
     assert!(metrics_text(&p)

@@ -12,14 +12,7 @@ use serde_json::{json, Value};
 use crate::support::*;
 
 async fn rotations_done(admin: &str) -> u64 {
-    let text = client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&format!("http://{admin}/metrics")).await;
     text.lines()
         .find(|l| l.starts_with("genesys_proxy_secret_rotations_total{outcome=\"success\"}"))
         .and_then(|l| l.rsplit(' ').next())

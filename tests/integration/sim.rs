@@ -545,14 +545,7 @@ async fn jwt_mode_signs_with_a_published_key_and_rotation_keeps_the_old_one() {
     })
     .await;
     let token = mint_token(&sim).await;
-    let jwks: Value = client()
-        .get(format!("{}/.well-known/jwks.json", sim.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks: Value = get_json(&format!("{}/.well-known/jwks.json", sim.url())).await;
     let header = jsonwebtoken::decode_header(&token).unwrap();
     let kid = header.kid.unwrap();
     let key = jwks["keys"]
@@ -587,14 +580,7 @@ async fn jwt_mode_signs_with_a_published_key_and_rotation_keeps_the_old_one() {
         .unwrap();
     let new_kid = r["kid"].as_str().unwrap().to_string();
     assert_ne!(new_kid, kid);
-    let jwks: Value = client()
-        .get(format!("{}/.well-known/jwks.json", sim.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks: Value = get_json(&format!("{}/.well-known/jwks.json", sim.url())).await;
     let kids: Vec<&str> = jwks["keys"]
         .as_array()
         .unwrap()
@@ -620,10 +606,6 @@ async fn jwt_mode_signs_with_a_published_key_and_rotation_keeps_the_old_one() {
 #[tokio::test]
 async fn jwks_is_absent_for_opaque_tokens() {
     let sim = start_sim(sim_config()).await;
-    let r = client()
-        .get(format!("{}/.well-known/jwks.json", sim.url()))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&format!("{}/.well-known/jwks.json", sim.url())).await;
     assert_eq!(r.status(), 404);
 }

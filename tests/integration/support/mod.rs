@@ -159,6 +159,18 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+pub async fn get(url: &str) -> reqwest::Response {
+    client().get(url).send().await.unwrap()
+}
+
+pub async fn get_text(url: &str) -> String {
+    get(url).await.text().await.unwrap()
+}
+
+pub async fn get_json(url: &str) -> Value {
+    get(url).await.json().await.unwrap()
+}
+
 pub async fn stats(sim: &SimHandle) -> Value {
     client()
         .get(format!("{}/__sim/stats", sim.url()))
