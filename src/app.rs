@@ -18,6 +18,7 @@ use http::HeaderValue;
 use pingora::apps::ServerApp;
 use pingora::protocols::{GetSocketDigest, SocketDigest};
 use pingora::server::configuration::ServerConf;
+use pingora::utils::tls::{parse_x509, WrappedX509};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -115,6 +116,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         &api.base_url(),
         config.token.connect_timeout,
         config.token.request_timeout,
+        config.genesys.ca_certs.as_deref(),
     )
     .map_err(anyhow::Error::msg)?;
     let token_settings = Arc::new(ArcSwap::from_pointee(config.token.clone()));
@@ -146,6 +148,13 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         metrics: metrics.clone(),
         anomaly: anomaly.clone(),
         access_log: config.log.access_log.into(),
+        upstream_ca: config.genesys.ca_certs.as_ref().map(|certs| {
+            let wrapped: Vec<WrappedX509> = certs
+                .iter()
+                .map(|der| WrappedX509::new(der.clone(), parse_x509))
+                .collect();
+            Arc::from(wrapped.into_boxed_slice())
+        }),
     });
     let resolver_task = tokio::spawn(resolve_loop(
         api.clone(),

@@ -75,4 +75,8 @@ pub struct SimArgs {
     /// Issue opaque tokens (as Genesys does) or RS256 JWTs with a JWKS.
     #[arg(long, value_enum, default_value_t = TokenFormat::Opaque)]
     pub token_format: TokenFormat,
+    /// Serve HTTPS with a certificate generated at start for localhost and 127.0.0.1, and write
+    /// that certificate (PEM) to this file: point the proxy's genesys.ca_file at it.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert_out: Option<PathBuf>,
 }

@@ -110,6 +110,7 @@ fn check(paths: &[std::path::PathBuf], live: bool) -> ExitCode {
                 &c.genesys.api.base_url(),
                 c.token.connect_timeout,
                 c.token.request_timeout,
+                c.genesys.ca_certs.as_deref(),
             )
             .map_err(|e| e.to_string())?;
             let minted = endpoint
@@ -170,6 +171,7 @@ fn run_sim(args: SimArgs) -> ExitCode {
             .idle_timeout_seconds
             .map(std::time::Duration::from_secs),
         token_format: args.token_format,
+        tls: args.tls_cert_out.is_some(),
     };
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -178,6 +180,10 @@ fn run_sim(args: SimArgs) -> ExitCode {
     let result: anyhow::Result<()> = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         let handle = sim::start(config, listener)?;
+        if let (Some(path), Some(pem)) = (&args.tls_cert_out, &handle.cert_pem) {
+            std::fs::write(path, pem)
+                .map_err(|e| anyhow::anyhow!("--tls-cert-out {}: {e}", path.display()))?;
+        }
         println!("Genesys Cloud simulator listening on {}", handle.url());
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

@@ -42,6 +42,8 @@ pub struct ProxyState {
     pub anomaly: Arc<AnomalyMonitor>,
     /// `[log] access_log`, changeable by reload.
     pub access_log: AtomicBool,
+    /// `genesys.ca_file`: the only CAs trusted for the API host, when set.
+    pub upstream_ca: Option<Arc<pingora::protocols::tls::CaType>>,
 }
 
 pub struct GenesysProxy {
@@ -290,6 +292,7 @@ impl ProxyHttp for GenesysProxy {
         peer.options.total_connection_timeout = Some(settings.upstream_connect_timeout);
         peer.options.read_timeout = Some(settings.upstream_read_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
+        peer.options.ca = self.state.upstream_ca.clone();
         Ok(Box::new(peer))
     }
 

@@ -67,6 +67,7 @@ pub struct GenesysSection {
     pub client_secret: Option<SecretRef>,
     pub previous_client_secret: Option<SecretRef>,
     pub watch_secret_files: Option<bool>,
+    pub ca_file: Option<String>,
 }
 
 /// `{ env = "NAME" }` or `{ file = "/path" }`. A plain string is refused on purpose: secrets do

@@ -99,6 +99,8 @@ pub struct GenesysSettings {
     pub previous_client_secret_source: Option<SecretSource>,
     /// Reload when a secret file changes (the directory is watched: Kubernetes swaps a symlink).
     pub watch_secret_files: bool,
+    /// `ca_file`: when set, the only CAs trusted for the login and API hosts (DER certificates).
+    pub ca_certs: Option<Vec<Vec<u8>>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,6 +335,12 @@ impl Config {
             previous_client_secret,
             previous_client_secret_source,
             watch_secret_files: g.watch_secret_files.unwrap_or(true),
+            ca_certs: match g.ca_file {
+                None => None,
+                Some(f) => {
+                    Some(load_ca_file(Path::new(&f)).map_err(|m| err("genesys.ca_file", m))?)
+                }
+            },
         };
 
         let t = raw.token;
@@ -498,6 +506,21 @@ where
         return Err(err(key, "must be greater than 0".into()));
     }
     Ok(Duration::from_millis(v))
+}
+
+/// Reads a PEM bundle; at least one certificate is required.
+fn load_ca_file(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate bundle: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {

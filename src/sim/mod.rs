@@ -11,6 +11,7 @@ mod control;
 pub mod jwt;
 mod oauth;
 pub mod state;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,6 +50,8 @@ pub struct SimConfig {
     /// in-process tests; the CLI takes whole seconds.
     pub idle_timeout: Option<std::time::Duration>,
     pub token_format: TokenFormat,
+    /// Serve HTTPS with a certificate generated at start (see [`SimHandle::cert_pem`]).
+    pub tls: bool,
 }
 
 impl Default for SimConfig {
@@ -60,6 +63,7 @@ impl Default for SimConfig {
             api_rate_limit_per_minute: 300,
             idle_timeout: None,
             token_format: TokenFormat::Opaque,
+            tls: false,
         }
     }
 }
@@ -68,13 +72,20 @@ impl Default for SimConfig {
 pub struct SimHandle {
     pub addr: SocketAddr,
     pub state: Arc<SimState>,
+    /// With `tls`, the PEM certificate clients must trust.
+    pub cert_pem: Option<String>,
     task: JoinHandle<()>,
 }
 
 impl SimHandle {
-    /// `http://127.0.0.1:PORT`, the base URL for both login and API paths.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS), the base URL for login and API paths.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.cert_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Waits until the server task ends (it only ends on error or when aborted).
@@ -92,15 +103,29 @@ impl Drop for SimHandle {
 /// Serves the simulator on `listener` until the returned handle is dropped.
 pub fn start(config: SimConfig, listener: TcpListener) -> std::io::Result<SimHandle> {
     let addr = listener.local_addr()?;
+    let cert = if config.tls {
+        Some(tls::generate().map_err(std::io::Error::other)?)
+    } else {
+        None
+    };
     let state = Arc::new(SimState::new(config));
     let app = router(state.clone());
-    let task = tokio::spawn(async move {
-        let service = app.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(listener, service).await {
-            tracing::error!(error = %e, "simulator server stopped");
-        }
-    });
-    Ok(SimHandle { addr, state, task })
+    let cert_pem = cert.as_ref().map(|c| c.cert_pem.clone());
+    let task = match cert {
+        Some(cert) => tokio::spawn(tls::serve(listener, app, cert.server_config)),
+        None => tokio::spawn(async move {
+            let service = app.into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(e) = axum::serve(listener, service).await {
+                tracing::error!(error = %e, "simulator server stopped");
+            }
+        }),
+    };
+    Ok(SimHandle {
+        addr,
+        state,
+        cert_pem,
+        task,
+    })
 }
 
 fn router(state: Arc<SimState>) -> Router {

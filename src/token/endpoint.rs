@@ -74,16 +74,27 @@ struct OAuthError {
 }
 
 impl TokenEndpoint {
+    /// `ca_certs` (DER), when given, are the only trusted CAs (the `genesys.ca_file` key).
     pub fn new(
         token_url: Url,
         api_base: &str,
         connect_timeout: Duration,
         request_timeout: Duration,
+        ca_certs: Option<&[Vec<u8>]>,
     ) -> Result<Self, String> {
         let tokens_me_url =
             Url::parse(&format!("{api_base}/api/v2/tokens/me?preserveIdleTTL=true"))
                 .map_err(|e| format!("bad API URL: {e}"))?;
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(certs) = ca_certs {
+            let certs = certs
+                .iter()
+                .map(|der| reqwest::Certificate::from_der(der))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("genesys.ca_file: {e}"))?;
+            builder = builder.tls_certs_only(certs);
+        }
+        let client = builder
             .connect_timeout(connect_timeout)
             .timeout(request_timeout)
             .redirect(reqwest::redirect::Policy::none())

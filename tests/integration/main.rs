@@ -10,3 +10,4 @@ mod replay;
 mod rotation;
 mod rotation_load;
 mod sim;
+mod tls;

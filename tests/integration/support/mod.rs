@@ -171,8 +171,21 @@ pub async fn get_json(url: &str) -> Value {
     get(url).await.json().await.unwrap()
 }
 
+/// A client for the simulator itself, trusting its certificate when it serves HTTPS.
+pub fn sim_client(sim: &SimHandle) -> reqwest::Client {
+    let Some(pem) = &sim.cert_pem else {
+        return client();
+    };
+    app::install_crypto_provider();
+    let cert = reqwest::Certificate::from_pem(pem.as_bytes()).unwrap();
+    reqwest::Client::builder()
+        .tls_certs_only([cert])
+        .build()
+        .unwrap()
+}
+
 pub async fn stats(sim: &SimHandle) -> Value {
-    client()
+    sim_client(sim)
         .get(format!("{}/__sim/stats", sim.url()))
         .send()
         .await
