@@ -124,6 +124,7 @@ pub fn diff(old: &Config, new: &Config) -> Diff {
         "genesys.watch_secret_files",
         false,
     );
+    check(og.ca_certs != ng.ca_certs, "genesys.ca_file", false);
     d.credentials = og.client_id != ng.client_id || og.client_secret != ng.client_secret;
     d.previous_secret = og.previous_client_secret != ng.previous_client_secret;
     let (ot, nt) = (&old.token, &new.token);
