@@ -275,3 +275,28 @@ fn client_id_with_colon() {
     ));
     assert!(e.contains("genesys.client_id"), "{e}");
 }
+
+#[test]
+fn ca_file_must_hold_pem_certificates() {
+    let e = err_of(&base("ca_file = \"/nonexistent/ca.pem\"", ""));
+    assert!(e.contains("genesys.ca_file") && e.contains("cannot read"), "{e}");
+    let junk = secret_file("junk-ca", "not a certificate\n");
+    let e = err_of(&base(&format!("ca_file = {:?}", junk.display().to_string()), ""));
+    assert!(e.contains("genesys.ca_file") && e.contains("no PEM certificate"), "{e}");
+}
+
+#[test]
+fn threads_range() {
+    let e = err_of(&base("", "[proxy]\nthreads = 0"));
+    assert!(e.contains("proxy.threads"), "{e}");
+}
+
+#[test]
+fn anomaly_thresholds_must_be_positive() {
+    let e = err_of(&base("", "[anomaly]\nrefresh_failures = 0"));
+    assert!(e.contains("anomaly.refresh_failures"), "{e}");
+    let e = err_of(&base("", "[anomaly]\nquiet_ms = 0"));
+    assert!(e.contains("anomaly.quiet_ms"), "{e}");
+    let e = err_of(&base("", "[anomaly]\nwhatever = 1"));
+    assert!(e.contains("whatever"), "{e}");
+}
