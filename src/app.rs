@@ -30,7 +30,7 @@ use crate::audit::AuditLog;
 use crate::config::{ApiTarget, Config};
 use crate::metrics::Metrics;
 use crate::proxy::{GenesysProxy, ProxyState};
-use crate::reload::{self, Reloader};
+use crate::reload::Reloader;
 use crate::token::endpoint::TokenEndpoint;
 use crate::token::refresher::{Credentials, RefreshInfo, Refresher};
 use crate::token::store::TokenStore;
@@ -186,7 +186,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         audit.clone(),
         metrics.clone(),
     ));
-    let watch_task = reload::watch_secret_files(
+    let watch_task = crate::watch::secret_files(
         reloader.clone(),
         reloader.watched_files().await,
         shutdown_rx.clone(),

@@ -11,10 +11,15 @@
 //!   lives in an `ArcSwap` store that requests read lock-free.
 //! - [`proxy`]: the pingora `ProxyHttp` implementation: allowlists, header rewriting, the
 //!   401 → refresh → replay path.
-//! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics` on their own listener.
+//! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`, `/reload` on their own listener.
+//! - [`reload`]: the one reload path (SIGHUP, `POST /reload`, [`watch`]ed secret files):
+//!   read → parse → validate → compare → apply; new secrets go to the refresher to validate.
+//! - [`anomaly`]: the sliding-window anomaly detector and its audit/metrics wiring.
+//! - [`logging`]: JSON or text `tracing` logs, pingora's records bridged in, reloadable level.
 //! - [`metrics`]: every Prometheus metric, defined in one place.
 //! - [`audit`]: the hash-chained JSON-lines audit log and its verifier.
 //! - [`sim`]: the Genesys Cloud simulator used by tests, benchmarks and `demo`.
+//! - [`commands`]: what each CLI command does; [`fingerprint`]: how secrets may be shown.
 //!
 //! # The life of a request
 //!
@@ -25,6 +30,7 @@
 //! 3. On an upstream 401 it asks the refresher for a token newer than the one it used, waits a
 //!    bounded time, and replays the request once (body from pingora's retry buffer).
 //! 4. Everything else, including a second 401 and 429s, passes through unchanged.
+//! 5. `logging` records metrics, feeds the anomaly detector and writes the optional access log.
 
 pub mod admin;
 pub mod anomaly;
@@ -41,3 +47,4 @@ pub mod region;
 pub mod reload;
 pub mod sim;
 pub mod token;
+pub mod watch;

@@ -56,19 +56,20 @@ fn hist(name: &str, help: &str) -> Histogram {
 // The definitions below are constants: `expect` cannot fire at run time (the unit test renders
 // every metric).
 fn counter(name: &str, help: &str) -> IntCounter {
-    IntCounter::with_opts(opts(name, help)).expect("static metric definition")
+    IntCounter::with_opts(opts(name, help)).expect("static metric definition") // ok: constant
 }
 
 fn int_gauge(name: &str, help: &str) -> IntGauge {
-    IntGauge::with_opts(opts(name, help)).expect("static metric definition")
+    IntGauge::with_opts(opts(name, help)).expect("static metric definition") // ok: constant
 }
 
 fn gauge(name: &str, help: &str) -> Gauge {
-    Gauge::with_opts(opts(name, help)).expect("static metric definition")
+    Gauge::with_opts(opts(name, help)).expect("static metric definition") // ok: constant
 }
 
 fn counter_vec(name: &str, help: &str, label: &str) -> IntCounterVec {
     IntCounterVec::new(opts(name, help), &[label]).expect("static metric definition")
+    // ok: constant
     // ok: constant
 }
 

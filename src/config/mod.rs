@@ -1,8 +1,9 @@
-//! Configuration: [`file`] is the serde mirror of the TOML file (the stable external format),
+//! Configuration: [`file`](mod@file) is the serde mirror of the TOML file (the stable external format),
 //! [`model`] the validated types the program uses. Only this module knows TOML.
 
 pub mod file;
 pub mod model;
+mod parse;
 
 #[cfg(test)]
 mod tests;

@@ -9,7 +9,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use reqwest::Url;
 
-use super::file::{FileConfig, SecretRef};
+use super::file::FileConfig;
+use super::parse::{count, load_ca_file, ms, parse_addr, parse_url, secret_source};
 use super::ConfigError;
 use crate::region;
 use crate::token::secret::{Secret, SecretSource};
@@ -482,78 +483,5 @@ impl Config {
             log,
             warnings,
         })
-    }
-}
-
-/// An event-count threshold with its default; zero is refused (it would never raise).
-fn count<E>(value: Option<u32>, default: u32, key: &str, err: &E) -> Result<u32, ConfigError>
-where
-    E: Fn(&str, String) -> ConfigError,
-{
-    match value.unwrap_or(default) {
-        0 => Err(err(key, "must be at least 1".into())),
-        n => Ok(n),
-    }
-}
-
-/// A millisecond setting with its default; zero is refused (it would disable a timeout).
-fn ms<E>(value: Option<u64>, default: u64, key: &str, err: &E) -> Result<Duration, ConfigError>
-where
-    E: Fn(&str, String) -> ConfigError,
-{
-    let v = value.unwrap_or(default);
-    if v == 0 {
-        return Err(err(key, "must be greater than 0".into()));
-    }
-    Ok(Duration::from_millis(v))
-}
-
-/// Reads a PEM bundle; at least one certificate is required.
-fn load_ca_file(path: &Path) -> Result<Vec<Vec<u8>>, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .map(|c| c.map(|c| c.to_vec()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate bundle: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no PEM certificate", path.display()));
-    }
-    Ok(certs)
-}
-
-fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse::<SocketAddr>()
-        .map_err(|_| format!("{s:?} is not an IP:port address (e.g. \"127.0.0.1:8080\")"))
-}
-
-/// Parses a base URL; plain `http` is accepted only for loopback hosts (the simulator).
-fn parse_url(s: &str) -> Result<Url, String> {
-    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
-    let host = url.host_str().ok_or_else(|| format!("{s:?} has no host"))?;
-    match url.scheme() {
-        "https" => Ok(url),
-        "http" if is_loopback_host(host) => Ok(url),
-        "http" => Err(format!(
-            "{s:?} uses plain http; only https is allowed for non-loopback hosts"
-        )),
-        other => Err(format!("{s:?}: scheme {other:?} is not http or https")),
-    }
-}
-
-fn is_loopback_host(host: &str) -> bool {
-    let host = host.trim_matches(|c| c == '[' || c == ']');
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-fn secret_source(r: SecretRef) -> Result<SecretSource, String> {
-    match (r.env, r.file) {
-        (Some(env), None) if !env.trim().is_empty() => Ok(SecretSource::Env(env)),
-        (None, Some(file)) if !file.trim().is_empty() => {
-            Ok(SecretSource::File(PathBuf::from(file)))
-        }
-        _ => Err("give exactly one of { env = \"NAME\" } or { file = \"/path\" }".into()),
     }
 }

@@ -279,10 +279,19 @@ fn client_id_with_colon() {
 #[test]
 fn ca_file_must_hold_pem_certificates() {
     let e = err_of(&base("ca_file = \"/nonexistent/ca.pem\"", ""));
-    assert!(e.contains("genesys.ca_file") && e.contains("cannot read"), "{e}");
+    assert!(
+        e.contains("genesys.ca_file") && e.contains("cannot read"),
+        "{e}"
+    );
     let junk = secret_file("junk-ca", "not a certificate\n");
-    let e = err_of(&base(&format!("ca_file = {:?}", junk.display().to_string()), ""));
-    assert!(e.contains("genesys.ca_file") && e.contains("no PEM certificate"), "{e}");
+    let e = err_of(&base(
+        &format!("ca_file = {:?}", junk.display().to_string()),
+        "",
+    ));
+    assert!(
+        e.contains("genesys.ca_file") && e.contains("no PEM certificate"),
+        "{e}"
+    );
 }
 
 #[test]

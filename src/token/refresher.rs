@@ -72,7 +72,7 @@ pub struct Refresher {
 
 /// Why the refresher is about to mint.
 #[derive(Debug, Clone, Copy)]
-enum Reason {
+pub(super) enum Reason {
     Initial,
     Proactive,
     Rejected,
@@ -93,25 +93,25 @@ impl Reason {
 }
 
 /// A rotation that failed and is retried until `deadline`.
-struct PendingRotation {
-    credentials: Credentials,
-    deadline: Instant,
-    next_try: Instant,
-    failures: u32,
+pub(super) struct PendingRotation {
+    pub(super) credentials: Credentials,
+    pub(super) deadline: Instant,
+    pub(super) next_try: Instant,
+    pub(super) failures: u32,
 }
 
 /// The refresher's private, mutable state.
-struct Loop {
-    failures: u32,
-    recent: VecDeque<Instant>,
-    refresh_at: Option<(u64, Instant)>,
-    reported_rejection: u64,
-    pending: Option<PendingRotation>,
+pub(super) struct Loop {
+    pub(super) failures: u32,
+    pub(super) recent: VecDeque<Instant>,
+    pub(super) refresh_at: Option<(u64, Instant)>,
+    pub(super) reported_rejection: u64,
+    pub(super) pending: Option<PendingRotation>,
     /// When the normal path may mint again after a failure.
-    backoff_until: Option<Instant>,
+    pub(super) backoff_until: Option<Instant>,
 }
 
-const MINUTE: Duration = Duration::from_secs(60);
+pub(super) const MINUTE: Duration = Duration::from_secs(60);
 
 impl Refresher {
     /// Runs until `shutdown` turns true.
@@ -175,7 +175,7 @@ impl Refresher {
         }
     }
 
-    fn info(&self) -> std::sync::MutexGuard<'_, RefreshInfo> {
+    pub(super) fn info(&self) -> std::sync::MutexGuard<'_, RefreshInfo> {
         self.info.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -215,7 +215,7 @@ impl Refresher {
     }
 
     /// The client-side cap on token requests per minute.
-    fn under_cap(&self, st: &mut Loop, now: Instant) -> bool {
+    pub(super) fn under_cap(&self, st: &mut Loop, now: Instant) -> bool {
         while st
             .recent
             .front()
@@ -229,116 +229,6 @@ impl Refresher {
             return false;
         }
         true
-    }
-
-    async fn handle(&mut self, cmd: Command, st: &mut Loop) {
-        match cmd {
-            Command::SetPrevious(previous) => self.credentials.previous = previous,
-            Command::Rotate { credentials, reply } => {
-                if credentials == self.credentials {
-                    st.pending = None;
-                    self.info().pending_rotation = None;
-                    let _ = reply.send(Ok(self.store.generation()));
-                    return;
-                }
-                let result = self.try_rotate(credentials, st).await;
-                let _ = reply.send(result);
-            }
-        }
-    }
-
-    /// One rotation attempt: mint and validate with the new credentials, then swap.
-    async fn try_rotate(&mut self, new: Credentials, st: &mut Loop) -> Result<u64, String> {
-        let settings = self.settings.load_full();
-        let generation = self.store.generation() + 1;
-        let requested_at = Instant::now();
-        st.recent.push_back(requested_at);
-        let result = match self.mint_counted(&new.client_id, &new.secret).await {
-            Ok(minted) => self.validate(&minted, &settings).await.map(|()| minted),
-            Err(e) => Err(e),
-        };
-        let new_fp = new.secret.fingerprint();
-        match result.and_then(|m| {
-            build_token(&m, generation, requested_at, TokenSource::Current).map(|t| (m, t))
-        }) {
-            Ok((minted, token)) => {
-                let old_fp = self.credentials.secret.fingerprint();
-                let previous = new
-                    .previous
-                    .clone()
-                    .or_else(|| Some(self.credentials.secret.clone()));
-                self.credentials = Credentials { previous, ..new };
-                st.pending = None;
-                st.failures = 0;
-                st.backoff_until = None;
-                self.metrics
-                    .secret_rotations_total
-                    .with_label_values(&["success"])
-                    .inc();
-                self.audit.record(
-                    "SECRET_ROTATED",
-                    json!({"generation": generation, "old_secret": old_fp, "new_secret": new_fp}),
-                    Some(&token.fingerprint),
-                );
-                {
-                    let mut info = self.info();
-                    info.pending_rotation = None;
-                    info.last_rotation_error = None;
-                }
-                self.accept(token, &minted, Reason::Rotation);
-                tracing::info!(generation, new_secret = %new_fp, "client secret rotated");
-                Ok(generation)
-            }
-            Err(e) => {
-                self.metrics
-                    .secret_rotations_total
-                    .with_label_values(&["failed"])
-                    .inc();
-                let window = settings.rotation_retry_window;
-                let now = Instant::now();
-                let (deadline, failures) = match &st.pending {
-                    Some(p) if p.credentials.secret == new.secret => (p.deadline, p.failures + 1),
-                    _ => (now + window, 1),
-                };
-                let class = failure_class(&e);
-                let delay = backoff(
-                    failures,
-                    class,
-                    settings.backoff_initial,
-                    settings.backoff_max,
-                    rand::random(),
-                );
-                let retry_until = SystemTime::now() + deadline.saturating_duration_since(now);
-                self.audit.record(
-                    "SECRET_ROTATION_FAILED",
-                    json!({
-                        "new_secret": new_fp,
-                        "outcome": e.outcome(),
-                        "error": e.to_string(),
-                        "attempt": failures,
-                        "retry_in_ms": delay.as_millis() as u64,
-                        "retry_until": humantime::format_rfc3339_seconds(retry_until).to_string(),
-                    }),
-                    self.store
-                        .current()
-                        .map(|t| t.fingerprint.clone())
-                        .as_deref(),
-                );
-                {
-                    let mut info = self.info();
-                    info.pending_rotation = Some((new_fp.clone(), retry_until));
-                    info.last_rotation_error = Some(e.to_string());
-                }
-                tracing::warn!(new_secret = %new_fp, error = %e, attempt = failures, "secret rotation failed; keeping the current secret and retrying");
-                st.pending = Some(PendingRotation {
-                    credentials: new,
-                    deadline,
-                    next_try: now + delay,
-                    failures,
-                });
-                Err(e.to_string())
-            }
-        }
     }
 
     /// A normal refresh: current secret, then previous on `invalid_client`.
@@ -399,7 +289,11 @@ impl Refresher {
         }
     }
 
-    async fn validate(&self, minted: &Minted, settings: &TokenSettings) -> Result<(), MintError> {
+    pub(super) async fn validate(
+        &self,
+        minted: &Minted,
+        settings: &TokenSettings,
+    ) -> Result<(), MintError> {
         if settings.validation != Validation::TokensMe {
             return Ok(());
         }
@@ -419,7 +313,7 @@ impl Refresher {
     }
 
     /// Publishes a validated token and records it everywhere.
-    fn accept(&self, token: Token, minted: &Minted, reason: Reason) {
+    pub(super) fn accept(&self, token: Token, minted: &Minted, reason: Reason) {
         let source = token.source;
         let generation = token.generation;
         self.metrics.token_expiry_timestamp_seconds.set(
@@ -457,7 +351,11 @@ impl Refresher {
         }
     }
 
-    async fn mint_counted(&self, client_id: &str, secret: &Secret) -> Result<Minted, MintError> {
+    pub(super) async fn mint_counted(
+        &self,
+        client_id: &str,
+        secret: &Secret,
+    ) -> Result<Minted, MintError> {
         let result = self.endpoint.mint(client_id, secret).await;
         let outcome = match &result {
             Ok(_) => "success",
@@ -499,7 +397,7 @@ impl Refresher {
 
 impl Refresher {
     /// Feeds the anomaly detector with one failed token call.
-    fn observe_failure(&self, e: &MintError) {
+    pub(super) fn observe_failure(&self, e: &MintError) {
         self.anomaly.observe(Kind::RefreshFailures);
         match e {
             MintError::InvalidClient => self.anomaly.observe(Kind::InvalidClient),
@@ -509,14 +407,14 @@ impl Refresher {
     }
 }
 
-fn failure_class(e: &MintError) -> FailureClass {
+pub(super) fn failure_class(e: &MintError) -> FailureClass {
     match e {
         MintError::InvalidClient | MintError::RateLimited => FailureClass::Harsh,
         _ => FailureClass::Transient,
     }
 }
 
-fn build_token(
+pub(super) fn build_token(
     minted: &Minted,
     generation: u64,
     acquired_at: Instant,

@@ -6,16 +6,21 @@
 //! `upstream_request_filter` (strip client credentials, inject bearer, force Host and URI) →
 //! `upstream_response_filter` (401 → refresh → replay once) → `logging` (metrics).
 
-use std::net::{IpAddr, SocketAddr};
+mod decide;
+
+pub use decide::{
+    client_allowed, header_u64, path_allowed, refusal_for, replayable, rewrite_upstream_request,
+    status_label, Refusal,
+};
+
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use bytes::Bytes;
-use http::{header, HeaderValue, Uri};
-use ipnet::IpNet;
+use http::{header, HeaderValue};
 use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -61,113 +66,6 @@ pub struct RequestCtx {
     tries: u8,
 }
 
-/// A refusal the proxy answers itself, in Genesys's error shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    ClientNotAllowed,
-    PathNotAllowed,
-    NoToken,
-    UpstreamUnreachable,
-    UpstreamTimeout,
-}
-
-impl Refusal {
-    pub fn status(self) -> u16 {
-        match self {
-            Refusal::ClientNotAllowed | Refusal::PathNotAllowed => 403,
-            Refusal::NoToken => 503,
-            Refusal::UpstreamUnreachable => 502,
-            Refusal::UpstreamTimeout => 504,
-        }
-    }
-
-    /// The reason, used both in `proxy.<reason>` and as the metric label.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Refusal::ClientNotAllowed => "client_not_allowed",
-            Refusal::PathNotAllowed => "path_not_allowed",
-            Refusal::NoToken => "no_token",
-            Refusal::UpstreamUnreachable => "upstream_unreachable",
-            Refusal::UpstreamTimeout => "upstream_timeout",
-        }
-    }
-
-    fn message(self) -> &'static str {
-        match self {
-            Refusal::ClientNotAllowed => "This client address is not allowed to use the proxy.",
-            Refusal::PathNotAllowed => {
-                "This path is not allowed by the proxy's allowed_path_prefixes."
-            }
-            Refusal::NoToken => "The proxy holds no valid Genesys Cloud token yet; retry shortly.",
-            Refusal::UpstreamUnreachable => "The Genesys Cloud API could not be reached.",
-            Refusal::UpstreamTimeout => "The Genesys Cloud API did not answer in time.",
-        }
-    }
-
-    /// `{"message","code","status"}` as Genesys shapes its errors.
-    pub fn body(self) -> Bytes {
-        Bytes::from(
-            serde_json::json!({
-                "message": self.message(),
-                "code": format!("proxy.{}", self.reason()),
-                "status": self.status(),
-            })
-            .to_string(),
-        )
-    }
-}
-
-/// Is `ip` inside one of the allowed networks? IPv4-mapped IPv6 addresses count as IPv4.
-pub fn client_allowed(ip: IpAddr, allowed: &[IpNet]) -> bool {
-    let ip = ip.to_canonical();
-    allowed.iter().any(|net| net.contains(&ip))
-}
-
-/// Is `path` under an allowed prefix, with no dot segments or encoded separators that could
-/// make the upstream see a different path than the one checked?
-pub fn path_allowed(path: &str, prefixes: &[String]) -> bool {
-    if !path.starts_with('/') || path.contains('\\') {
-        return false;
-    }
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains("%00")
-    {
-        return false;
-    }
-    if path.split('/').any(|seg| seg == "." || seg == "..") {
-        return false;
-    }
-    prefixes.iter().any(|p| path.starts_with(p.as_str()))
-}
-
-/// Can a request that got a 401 be replayed? Only once, and only if its whole body is still in
-/// pingora's retry buffer and within the configured limit.
-pub fn replayable(
-    already_replayed: bool,
-    content_length: Option<u64>,
-    body_bytes_read: u64,
-    buffer_truncated: bool,
-    limit: u64,
-) -> bool {
-    !already_replayed
-        && !buffer_truncated
-        && content_length.unwrap_or(0) <= limit
-        && body_bytes_read <= limit
-}
-
-/// Which refusal an upstream error becomes.
-pub fn refusal_for(etype: &ErrorType) -> Refusal {
-    match etype {
-        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-            Refusal::UpstreamTimeout
-        }
-        _ => Refusal::UpstreamUnreachable,
-    }
-}
-
 /// The error that makes pingora run the request again (see `error_while_proxy`).
 fn replay_error() -> Box<Error> {
     let mut e = Error::explain(
@@ -176,28 +74,6 @@ fn replay_error() -> Box<Error> {
     );
     e.retry = RetryType::Decided(true);
     e
-}
-
-/// Rewrites the request that goes upstream: only the path and query are kept (an
-/// absolute-form URI cannot pick the host), client credentials are removed, `Host` is the API
-/// host, and the bearer is injected.
-pub fn rewrite_upstream_request(
-    upstream: &mut RequestHeader,
-    path_and_query: &str,
-    host: &HeaderValue,
-    bearer: Option<&HeaderValue>,
-) -> Result<()> {
-    let uri: Uri = path_and_query
-        .parse()
-        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad request path"))?;
-    upstream.set_uri(uri);
-    upstream.remove_header(&header::AUTHORIZATION);
-    upstream.remove_header(&header::PROXY_AUTHORIZATION);
-    upstream.insert_header(header::HOST, host.clone())?;
-    if let Some(bearer) = bearer {
-        upstream.insert_header(header::AUTHORIZATION, bearer.clone())?;
-    }
-    Ok(())
 }
 
 async fn respond(session: &mut Session, refusal: Refusal) -> Result<()> {
@@ -532,107 +408,5 @@ impl ProxyHttp for GenesysProxy {
                 "request"
             );
         }
-    }
-}
-
-fn header_u64(resp: &ResponseHeader, name: &str) -> Option<u64> {
-    resp.headers.get(name)?.to_str().ok()?.trim().parse().ok()
-}
-
-/// Status codes as static labels, so the label set stays bounded and allocation-free.
-fn status_label(status: u16) -> &'static str {
-    const COMMON: [(u16, &str); 21] = [
-        (200, "200"),
-        (201, "201"),
-        (202, "202"),
-        (204, "204"),
-        (301, "301"),
-        (302, "302"),
-        (304, "304"),
-        (400, "400"),
-        (401, "401"),
-        (403, "403"),
-        (404, "404"),
-        (405, "405"),
-        (409, "409"),
-        (413, "413"),
-        (415, "415"),
-        (429, "429"),
-        (500, "500"),
-        (501, "501"),
-        (502, "502"),
-        (503, "503"),
-        (504, "504"),
-    ];
-    if let Some((_, label)) = COMMON.iter().find(|(code, _)| *code == status) {
-        return label;
-    }
-    match status {
-        0 => "0",
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn loopback_and_mapped_addresses_are_allowed() {
-        let nets: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
-        assert!(client_allowed("127.0.0.1".parse().unwrap(), &nets));
-        assert!(client_allowed("::1".parse().unwrap(), &nets));
-        assert!(client_allowed("::ffff:127.0.0.1".parse().unwrap(), &nets));
-        assert!(!client_allowed("10.0.0.1".parse().unwrap(), &nets));
-    }
-
-    #[test]
-    fn paths_are_checked_without_tricks() {
-        let p = vec!["/api/v2/".to_string()];
-        assert!(path_allowed("/api/v2/users", &p));
-        assert!(!path_allowed("/api/v1/users", &p));
-        assert!(!path_allowed("/api/v2/../../admin", &p));
-        assert!(!path_allowed("/api/v2/%2e%2e/secret", &p));
-        assert!(!path_allowed("/api/v2/a%2Fb", &p));
-        assert!(!path_allowed("/api/v2/./x", &p));
-        assert!(!path_allowed("/api/v2\\..\\x", &p));
-        assert!(!path_allowed("api/v2/users", &p));
-        assert!(!path_allowed("/__sim/stats", &p));
-    }
-
-    #[test]
-    fn replay_rules() {
-        assert!(replayable(false, Some(10_240), 10_240, false, 65_536));
-        assert!(replayable(false, None, 0, false, 65_536));
-        assert!(!replayable(true, None, 0, false, 65_536));
-        assert!(!replayable(false, Some(102_400), 65_536, true, 65_536));
-        assert!(!replayable(false, Some(2_000), 2_000, false, 1_000));
-    }
-
-    #[test]
-    fn status_labels_are_bounded() {
-        assert_eq!(status_label(200), "200");
-        assert_eq!(status_label(418), "4xx");
-        assert_eq!(status_label(599), "5xx");
-        assert_eq!(status_label(0), "0");
-    }
-
-    #[test]
-    fn refusal_bodies_have_genesys_shape() {
-        let v: serde_json::Value = serde_json::from_slice(&Refusal::NoToken.body()).unwrap();
-        assert_eq!(v["code"], "proxy.no_token");
-        assert_eq!(v["status"], 503);
-        assert_eq!(
-            refusal_for(&ErrorType::ConnectRefused),
-            Refusal::UpstreamUnreachable
-        );
-        assert_eq!(
-            refusal_for(&ErrorType::ReadTimedout),
-            Refusal::UpstreamTimeout
-        );
     }
 }
