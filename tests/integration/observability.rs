@@ -57,14 +57,10 @@ async fn status_has_every_documented_field() {
 async fn metric_values_move_as_requests_flow() {
     let sim = start_sim(sim_config()).await;
     let p = start_proxy(&sim).await;
-    let c = client();
     for _ in 0..7 {
-        assert_eq!(
-            c.get(p.url("/api/v2/m")).send().await.unwrap().status(),
-            200
-        );
+        assert_eq!(get(&p.url("/api/v2/m")).await.status(), 200);
     }
-    assert_eq!(c.get(p.url("/nope")).send().await.unwrap().status(), 403);
+    assert_eq!(get(&p.url("/nope")).await.status(), 403);
     let m = metrics_text(&p).await;
     assert_eq!(
         metric(&m, "genesys_proxy_requests_total{code=\"200\"}"),

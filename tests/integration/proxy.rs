@@ -72,14 +72,13 @@ async fn host_header_and_absolute_uri_cannot_redirect_the_request() {
 async fn paths_and_clients_outside_the_allowlists_get_403_json() {
     let sim = start_sim(sim_config()).await;
     let proxy = start_proxy(&sim).await;
-    let c = client();
     for path in [
         "/__sim/stats",
         "/api/v1/users",
         "/api/v2/../__sim/stats",
         "/api/v2/%2e%2e/__sim/stats",
     ] {
-        let r = c.get(proxy.url(path)).send().await.unwrap();
+        let r = get(&proxy.url(path)).await;
         assert_eq!(r.status(), 403, "{path}");
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["code"], "proxy.path_not_allowed", "{path}");
@@ -87,21 +86,14 @@ async fn paths_and_clients_outside_the_allowlists_get_403_json() {
 
     let blocked = start_proxy_with(&sim, "allowed_client_cidrs = [\"10.0.0.0/8\"]", "").await;
     blocked.ready().await;
-    let r = c.get(blocked.url("/api/v2/users")).send().await.unwrap();
+    let r = get(&blocked.url("/api/v2/users")).await;
     assert_eq!(r.status(), 403);
     let v: Value = r.json().await.unwrap();
     assert_eq!(
         v,
         json!({"message": "This client address is not allowed to use the proxy.", "code": "proxy.client_not_allowed", "status": 403})
     );
-    let metrics = c
-        .get(blocked.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&blocked).await;
     assert!(
         metrics.contains("genesys_proxy_rejected_requests_total{reason=\"client_not_allowed\"} 1"),
         "{metrics}"
@@ -118,27 +110,16 @@ async fn rate_limited_answers_pass_through_with_headers() {
     // Validation would use one call of the token's budget; skip it to keep the count simple.
     let proxy = start_proxy_with(&sim, "", "validation = \"none\"").await;
     proxy.ready().await;
-    let c = client();
     for _ in 0..2 {
-        assert_eq!(
-            c.get(proxy.url("/api/v2/x")).send().await.unwrap().status(),
-            200
-        );
+        assert_eq!(get(&proxy.url("/api/v2/x")).await.status(), 200);
     }
-    let r = c.get(proxy.url("/api/v2/x")).send().await.unwrap();
+    let r = get(&proxy.url("/api/v2/x")).await;
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
     assert!(r.headers().contains_key("inin-ratelimit-reset"));
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["code"], "too.many.requests.retry.after");
-    let metrics = c
-        .get(proxy.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&proxy).await;
     assert!(
         metrics.contains("genesys_proxy_upstream_rate_limited_total 1"),
         "{metrics}"
@@ -184,31 +165,15 @@ async fn no_valid_token_answers_503_no_token_and_not_ready() {
         &dir,
     );
     let running = start_from_toml(&toml, dir).await.running;
-    let c = client();
-    let r = c
-        .get(format!("http://{}/api/v2/users", running.proxy_addr))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&format!("http://{}/api/v2/users", running.proxy_addr)).await;
     assert_eq!(r.status(), 503);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["code"], "proxy.no_token");
     assert_eq!(v["status"], 503);
-    let r = c
-        .get(format!("http://{}/readyz", running.admin_addr))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&format!("http://{}/readyz", running.admin_addr)).await;
     assert_eq!(r.status(), 503);
     assert!(r.text().await.unwrap().contains("no token"));
-    let s: Value = c
-        .get(format!("http://{}/status", running.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s: Value = get_json(&format!("http://{}/status", running.admin_addr)).await;
     assert_eq!(s["status"], "unhealthy");
     assert_eq!(s["token"]["valid"], false);
 }
@@ -230,26 +195,17 @@ async fn startup_with_genesys_unreachable_serves_503_until_a_token_arrives() {
         &dir,
     );
     let running = start_from_toml(&toml, dir).await.running;
-    let c = client();
-    let r = c
-        .get(format!("http://{}/api/v2/users", running.proxy_addr))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&format!("http://{}/api/v2/users", running.proxy_addr)).await;
     assert_eq!(r.status(), 503);
     assert_eq!(
-        c.get(format!("http://{}/healthz", running.admin_addr))
-            .send()
+        get(&format!("http://{}/healthz", running.admin_addr))
             .await
-            .unwrap()
             .status(),
         200
     );
     assert_eq!(
-        c.get(format!("http://{}/readyz", running.admin_addr))
-            .send()
+        get(&format!("http://{}/readyz", running.admin_addr))
             .await
-            .unwrap()
             .status(),
         503
     );
@@ -276,7 +232,6 @@ async fn token_endpoint_faults_while_a_token_is_valid_fail_no_request() {
         sim_post(&sim, "/__sim/faults", json!({"kind": kind, "count": 1})).await;
     }
     let first = proxy.running.store.current().unwrap();
-    let c = client();
     let mut sent = 0;
     // Keep requests flowing until the refresher has worked through every fault and minted a
     // new token; bounded by the deadline.
@@ -286,7 +241,7 @@ async fn token_endpoint_faults_while_a_token_is_valid_fail_no_request() {
             std::time::Instant::now() < deadline,
             "no refresh within 20 s"
         );
-        let r = c.get(proxy.url("/api/v2/x")).send().await.unwrap();
+        let r = get(&proxy.url("/api/v2/x")).await;
         assert_eq!(
             r.status(),
             200,
@@ -299,14 +254,7 @@ async fn token_endpoint_faults_while_a_token_is_valid_fail_no_request() {
     let s = stats(&sim).await;
     let total = s["token_requests"]["total"].as_u64().unwrap();
     assert!(total <= 10, "bounded token calls: {total}");
-    let metrics = c
-        .get(proxy.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&proxy).await;
     for outcome in [
         "server_error",
         "network_error",
@@ -356,31 +304,10 @@ async fn graceful_shutdown_drains_in_flight_requests() {
 async fn admin_endpoints_answer() {
     let sim = start_sim(sim_config()).await;
     let proxy = start_proxy(&sim).await;
-    let c = client();
-    assert_eq!(
-        c.get(proxy.admin("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        c.get(proxy.admin("/readyz")).send().await.unwrap().status(),
-        200
-    );
-    assert_eq!(
-        c.get(proxy.admin("/nope")).send().await.unwrap().status(),
-        404
-    );
-    let s: Value = c
-        .get(proxy.admin("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(get(&proxy.admin("/healthz")).await.status(), 200);
+    assert_eq!(get(&proxy.admin("/readyz")).await.status(), 200);
+    assert_eq!(get(&proxy.admin("/nope")).await.status(), 404);
+    let s: Value = get_json(&proxy.admin("/status")).await;
     assert_eq!(s["status"], "healthy");
     assert_eq!(s["token"]["valid"], true);
     assert_eq!(s["token"]["source"], "current");
@@ -389,14 +316,7 @@ async fn admin_endpoints_answer() {
         .unwrap()
         .starts_with("sha256:"));
     assert!(s["token"]["expires_in_seconds"].as_u64().unwrap() > 80_000);
-    let m = c
-        .get(proxy.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&proxy).await;
     assert!(
         m.contains("genesys_proxy_token_requests_total{outcome=\"success\"} 1"),
         "{m}"

@@ -157,10 +157,7 @@ async fn idle_timeout_org_is_survived_by_refresh_and_replay() {
     .await;
     let proxy = start_proxy(&sim).await;
     let c = client();
-    assert_eq!(
-        c.get(proxy.url("/api/v2/a")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(get(&proxy.url("/api/v2/a")).await.status(), 200);
     // Let the org's inactivity timeout kill the token: the behaviour under test needs time.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let r = c

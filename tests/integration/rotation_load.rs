@@ -115,23 +115,16 @@ async fn secret_rotations_under_load_drop_no_request() {
         Duration::from_secs(15),
         "the failed rotation in /status",
         || {
-            let (c, url) = (c.clone(), status_url.clone());
+            let url = status_url.clone();
             async move {
-                let s: Value = c.get(url).send().await.unwrap().json().await.unwrap();
+                let s: Value = get_json(&url).await;
                 s["rotation"]["pending_new_secret"] == fingerprint(b"wrong-secret")
                     && s["status"] == "degraded"
             }
         },
     )
     .await;
-    let metrics = c
-        .get(format!("http://{}/metrics", proc.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&format!("http://{}/metrics", proc.admin)).await;
     assert!(
         metric(
             &metrics,

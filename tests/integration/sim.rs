@@ -264,11 +264,7 @@ async fn api_resources_and_echo() {
 async fn unauthenticated_calls_get_genesys_401_bodies_with_correlation_ids() {
     let sim = start_sim(sim_config()).await;
     let c = client();
-    let r = c
-        .get(format!("{}/api/v2/users", sim.url()))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&format!("{}/api/v2/users", sim.url())).await;
     assert_eq!(r.status(), 401);
     let cid = r.headers()["inin-correlation-id"]
         .to_str()
