@@ -197,3 +197,90 @@ async fn a_real_run_never_prints_the_secret_or_a_token() {
         String::from_utf8_lossy(&verify.stderr)
     );
 }
+
+// Multi-threaded: the in-process simulator must keep serving while the test blocks on the child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_live_mints_and_validates_one_token() {
+    let sim = start_sim(sim_config()).await;
+    let dir = temp_dir("check-live");
+    let good = dir.join("good.toml");
+    std::fs::write(&good, proxy_toml(&sim.url(), SECRET, "", "", &dir)).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--live", "-c"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("live: minted and validated token sha256:"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(SECRET));
+    let s = stats(&sim).await;
+    assert_eq!(s["token_requests"]["by_outcome"]["success"], 1);
+
+    let bad_dir = temp_dir("check-live-bad");
+    let bad = bad_dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        proxy_toml(&sim.url(), "wrong-secret", "", "", &bad_dir),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--live", "-c"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("invalid_client"), "{stderr}");
+    assert!(!stderr.contains("wrong-secret"));
+}
+
+#[tokio::test]
+async fn the_sim_command_serves_with_its_flags() {
+    use std::io::BufRead;
+    let mut child = Command::new(BIN)
+        .args([
+            "sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--client",
+            "cli-client:cli-secret",
+            "--token-lifetime-seconds",
+            "600",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    let r = client()
+        .post(format!("{url}/oauth/token"))
+        .basic_auth("cli-client", Some("cli-secret"))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["expires_in"], 600);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let out = Command::new(BIN)
+        .args(["sim", "--client", "no-colon"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ID:SECRET"));
+}
