@@ -1,4 +1,4 @@
-//! Small parsers behind [`super::model`]: each turns one raw value into a checked one or a
+//! Parsers behind [`super::model`]: each turns one raw value (or one section) into a checked one or a
 //! message that the caller attaches to the key.
 
 use std::net::{IpAddr, SocketAddr};
@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use reqwest::Url;
 
-use super::file::SecretRef;
+use super::file::{AnomalySection, SecretRef, TokenSection};
+use super::model::{TokenSettings, Validation};
 use super::ConfigError;
 use crate::token::secret::SecretSource;
 
@@ -92,4 +93,103 @@ pub(super) fn secret_source(r: SecretRef) -> Result<SecretSource, String> {
         }
         _ => Err("give exactly one of { env = \"NAME\" } or { file = \"/path\" }".into()),
     }
+}
+
+/// `[token]` with defaults.
+pub(super) fn token_settings<E>(t: TokenSection, err: &E) -> Result<TokenSettings, ConfigError>
+where
+    E: Fn(&str, String) -> ConfigError,
+{
+    let validation = match t.validation.as_deref().unwrap_or("tokens_me") {
+        "tokens_me" => Validation::TokensMe,
+        "none" => Validation::None,
+        "jwks" => {
+            return Err(err(
+                "token.validation",
+                "\"jwks\" is for generic OAuth2 issuers and is not supported yet; Genesys tokens are opaque: use \"tokens_me\"".into(),
+            ))
+        }
+        other => return Err(err("token.validation", format!("{other:?} is not one of \"tokens_me\", \"none\""))),
+    };
+    let max_per_minute = t.max_token_requests_per_minute.unwrap_or(20);
+    if !(1..=600).contains(&max_per_minute) {
+        return Err(err(
+            "token.max_token_requests_per_minute",
+            "must be between 1 and 600".into(),
+        ));
+    }
+    let backoff_initial = ms(t.backoff_initial_ms, 500, "token.backoff_initial_ms", err)?;
+    let backoff_max = ms(t.backoff_max_ms, 60_000, "token.backoff_max_ms", err)?;
+    if backoff_max < backoff_initial {
+        return Err(err(
+            "token.backoff_max_ms",
+            "must be at least token.backoff_initial_ms".into(),
+        ));
+    }
+    Ok(TokenSettings {
+        refresh_before_expiry: Duration::from_secs(t.refresh_before_expiry_seconds.unwrap_or(300)),
+        validation,
+        max_token_requests_per_minute: max_per_minute as u32,
+        backoff_initial,
+        backoff_max,
+        request_timeout: ms(
+            t.request_timeout_ms,
+            10_000,
+            "token.request_timeout_ms",
+            err,
+        )?,
+        connect_timeout: ms(t.connect_timeout_ms, 3_000, "token.connect_timeout_ms", err)?,
+        rotation_retry_window: Duration::from_secs(t.rotation_retry_window_seconds.unwrap_or(600)),
+    })
+}
+
+/// `[anomaly]` with defaults.
+pub(super) fn anomaly_thresholds<E>(
+    a: AnomalySection,
+    err: &E,
+) -> Result<crate::anomaly::Thresholds, ConfigError>
+where
+    E: Fn(&str, String) -> ConfigError,
+{
+    let d = crate::anomaly::Thresholds::default();
+    Ok(crate::anomaly::Thresholds {
+        window: ms(
+            a.window_ms,
+            d.window.as_millis() as u64,
+            "anomaly.window_ms",
+            &err,
+        )?,
+        quiet: ms(
+            a.quiet_ms,
+            d.quiet.as_millis() as u64,
+            "anomaly.quiet_ms",
+            &err,
+        )?,
+        refresh_failures: count(
+            a.refresh_failures,
+            d.refresh_failures,
+            "anomaly.refresh_failures",
+            &err,
+        )?,
+        invalid_client: count(
+            a.invalid_client,
+            d.invalid_client,
+            "anomaly.invalid_client",
+            &err,
+        )?,
+        early_rejection: count(
+            a.early_rejection,
+            d.early_rejection,
+            "anomaly.early_rejection",
+            &err,
+        )?,
+        unauthorized: count(a.unauthorized, d.unauthorized, "anomaly.unauthorized", err)?,
+        rate_limited: count(a.rate_limited, d.rate_limited, "anomaly.rate_limited", err)?,
+        early_rejection_age: ms(
+            a.early_rejection_age_ms,
+            d.early_rejection_age.as_millis() as u64,
+            "anomaly.early_rejection_age_ms",
+            &err,
+        )?,
+    })
 }
