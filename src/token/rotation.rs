@@ -72,7 +72,7 @@ impl Refresher {
                     info.last_rotation_error = None;
                 }
                 self.accept(token, &minted, Reason::Rotation);
-                tracing::info!(generation, new_secret = %new_fp, "client secret rotated");
+                tracing::info!(generation, new_secret_fingerprint = %new_fp, "client secret rotated");
                 Ok(generation)
             }
             Err(e) => {
@@ -119,7 +119,7 @@ impl Refresher {
                     info.pending_rotation = Some((new_fp.clone(), retry_until));
                     info.last_rotation_error = Some(e.to_string());
                 }
-                tracing::warn!(new_secret = %new_fp, error = %e, attempt = failures, "secret rotation failed; keeping the current secret and retrying");
+                tracing::warn!(new_secret_fingerprint = %new_fp, error = %e, attempt = failures, "secret rotation failed; keeping the current secret and retrying");
                 st.pending = Some(PendingRotation {
                     credentials: new,
                     deadline,
