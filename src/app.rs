@@ -213,19 +213,26 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
     });
 
     let server_conf = Arc::new(ServerConf::default());
-    let app = Arc::new(pingora::proxy::http_proxy(
-        &server_conf,
-        GenesysProxy { state },
-    ));
     let (pingora_shutdown_tx, pingora_shutdown_rx) = watch::channel(false);
     // One single-threaded runtime per worker thread, each accepting on a clone of the listener:
     // a connection lives on one thread, with no cross-thread wake-ups (pingora's own model).
+    // Each worker has its own pingora app, hence its own upstream connection pool: pooled
+    // connections never move between threads (a shared pool races its idle watcher and logs
+    // "failed to acquire reusable stream" under load).
+    let mut apps = Vec::with_capacity(config.proxy.threads);
     let std_listener = proxy_listener.into_std()?;
     let mut workers = Vec::with_capacity(config.proxy.threads);
     for i in 0..config.proxy.threads {
         let listener = std_listener.try_clone()?;
+        let app = Arc::new(pingora::proxy::http_proxy(
+            &server_conf,
+            GenesysProxy {
+                state: state.clone(),
+            },
+        ));
+        apps.push(app.clone());
         let worker = Worker {
-            app: app.clone(),
+            app,
             pingora_shutdown: pingora_shutdown_rx.clone(),
             shutdown: shutdown_rx.clone(),
             grace: config.proxy.shutdown_grace,
@@ -265,7 +272,9 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         let _ = shutdown.wait_for(|s| *s).await;
         admin_state.draining.store(true, Ordering::Relaxed);
         pingora_shutdown_tx.send_replace(true);
-        app.cleanup().await;
+        for app in &apps {
+            app.cleanup().await;
+        }
         for done in workers {
             let _ = done.await;
         }
