@@ -251,8 +251,10 @@ impl ProxyHttp for GenesysProxy {
                     .with_label_values(&["body_too_large"])
                     .inc();
             }
-            // Tell the refresher anyway: the token is dead for the next request.
+            // Tell the refresher anyway: the token is dead for the next request. A refused
+            // pre-rotation token is not offered again.
             self.state.store.report_rejected(used.generation);
+            self.state.store.drop_fallback(used.generation);
             return Ok(());
         }
         self.state.store.report_rejected(used.generation);

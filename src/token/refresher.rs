@@ -345,7 +345,8 @@ impl Refresher {
         );
         tracing::info!(generation, fingerprint = %token.fingerprint, expires_in_seconds = minted.expires_in.as_secs(), source = source.as_str(), reason = reason.as_str(), "token acquired");
         if matches!(reason, Reason::Rotation) {
-            self.store.publish_rotated(token);
+            let window = self.settings.load().rotation_retry_window;
+            self.store.publish_rotated(token, window);
         } else {
             self.store.publish(token);
         }

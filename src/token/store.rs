@@ -59,12 +59,18 @@ impl Token {
     }
 }
 
+/// The pre-rotation token and the end of the window in which it is tried.
+struct Fallback {
+    token: Arc<Token>,
+    until: Instant,
+}
+
 /// Shared holder of the current token.
 pub struct TokenStore {
     current: ArcSwapOption<Token>,
-    /// The token in use before the last secret rotation, kept until it expires: a request whose
-    /// new token gets a 401 during the rotation window is replayed with it first.
-    fallback: ArcSwapOption<Token>,
+    /// The token in use before the last secret rotation, for the rotation window: a request
+    /// whose new token gets a 401 then is replayed with it first.
+    fallback: ArcSwapOption<Fallback>,
     /// Generation of the newest published token; waiters watch it.
     generation_tx: watch::Sender<u64>,
     /// Highest generation a request reported as rejected by the API (401).
@@ -108,17 +114,32 @@ impl TokenStore {
     }
 
     /// Publishes the first token minted with a rotated secret; the token it replaces becomes
-    /// the fallback until it expires.
-    pub fn publish_rotated(&self, token: Token) {
+    /// the fallback for `window` (or until it expires). After the window a 401 means what it
+    /// always means (refresh), not "the new secret is not active everywhere yet".
+    pub fn publish_rotated(&self, token: Token, window: Duration) {
         if let Some(old) = self.current.load_full() {
-            self.fallback.store(Some(old));
+            let until = Instant::now() + window;
+            self.fallback
+                .store(Some(Arc::new(Fallback { token: old, until })));
         }
         self.publish(token);
     }
 
-    /// The pre-rotation token, if it is still valid.
+    /// The pre-rotation token, while the rotation window lasts and the token is valid.
     pub fn fallback_valid(&self, now: Instant) -> Option<Arc<Token>> {
-        self.fallback.load_full().filter(|t| t.is_valid_at(now))
+        let fallback = self.fallback.load_full()?;
+        (now < fallback.until && fallback.token.is_valid_at(now)).then(|| fallback.token.clone())
+    }
+
+    /// The fallback token was refused too: stop offering it.
+    pub fn drop_fallback(&self, generation: u64) {
+        let current = self.fallback.load();
+        if current
+            .as_ref()
+            .is_some_and(|f| f.token.generation == generation)
+        {
+            self.fallback.store(None);
+        }
     }
 
     pub fn generation(&self) -> u64 {
@@ -218,8 +239,18 @@ mod tests {
         let s = TokenStore::new();
         s.publish(token(1, Duration::from_secs(60)));
         assert!(s.fallback_valid(Instant::now()).is_none());
-        s.publish_rotated(token(2, Duration::from_secs(60)));
+        s.publish_rotated(token(2, Duration::from_secs(60)), Duration::from_secs(30));
         assert_eq!(s.fallback_valid(Instant::now()).unwrap().generation, 1);
+        assert!(
+            s.fallback_valid(Instant::now() + Duration::from_secs(31))
+                .is_none(),
+            "only during the rotation window"
+        );
+        s.drop_fallback(1);
+        assert!(
+            s.fallback_valid(Instant::now()).is_none(),
+            "a refused fallback is dropped"
+        );
         assert_eq!(s.valid(Instant::now()).unwrap().generation, 2);
     }
 

@@ -285,3 +285,38 @@ async fn changing_a_watched_secret_file_rotates_without_a_signal() {
     let log = std::fs::read_to_string(p.audit_path()).unwrap();
     assert!(log.contains("\"trigger\":\"secret_file_changed\""), "{log}");
 }
+
+// Regression: the pre-rotation token used to be offered for its whole lifetime (hours), so a
+// revoke-all long after a rotation replayed requests with a dead token instead of refreshing.
+#[tokio::test]
+async fn after_the_rotation_window_a_401_refreshes_instead_of_using_the_old_token() {
+    let sim = start_sim(sim_config()).await;
+    let p = unwatched_proxy(&sim, "rotation_retry_window_seconds = 1").await;
+    sim_post(
+        &sim,
+        &format!("/__sim/clients/{CLIENT_ID}/secrets"),
+        json!({"secret": "s3"}),
+    )
+    .await;
+    write_atomic(&p.dir.join("client-secret"), "s3\n");
+    assert_eq!(post_reload(&p).await.0, 200);
+    // The window has to pass: that is the behaviour under test.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    sim_post(&sim, "/__sim/revoke", json!({})).await;
+    let r = client()
+        .post(p.url("/api/v2/later"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "refreshed and replayed, not replayed with the dead old token"
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["token_fingerprint"],
+        p.running.store.current().unwrap().fingerprint.as_str()
+    );
+}
