@@ -15,6 +15,7 @@ use crate::anomaly::AnomalyMonitor;
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
+use crate::sync::lock;
 use crate::token::refresher::RefreshInfo;
 use crate::token::store::{TokenSource, TokenStore};
 
@@ -70,11 +71,7 @@ fn rfc3339(t: SystemTime) -> String {
 async fn status(State(state): State<Arc<AdminState>>) -> Response {
     let now = Instant::now();
     let token = state.store.current();
-    let info = state
-        .refresh
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let info = lock(&state.refresh).clone();
     let valid = token.as_ref().is_some_and(|t| t.is_valid_at(now));
     let config = state.reloader.info();
     let anomaly = state.anomaly.view();

@@ -5,6 +5,7 @@
 //! and what `/status` shows. A kind is raised when its events in the window reach the
 //! threshold, and cleared after a quiet period with no event of that kind.
 
+use crate::sync::lock;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -222,7 +223,7 @@ impl AnomalyMonitor {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Detector> {
-        self.detector.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.detector)
     }
 
     /// A token was rejected upstream at `age`: an anomaly if it was young.
@@ -249,7 +250,7 @@ impl AnomalyMonitor {
     }
 
     fn apply(&self, t: Transition) {
-        let mut since = self.since.lock().unwrap_or_else(|e| e.into_inner());
+        let mut since = lock(&self.since);
         match t {
             Transition::Raised { kind, count } => {
                 since[kind.index()] = Some(SystemTime::now());
@@ -284,7 +285,7 @@ impl AnomalyMonitor {
 
     pub fn view(&self) -> AnomalyView {
         let active = self.lock().active();
-        let since = self.since.lock().unwrap_or_else(|e| e.into_inner());
+        let since = lock(&self.since);
         AnomalyView {
             active: active.iter().map(|(k, _)| k.as_str()).collect(),
             since: active.first().and_then(|(k, _)| since[k.index()]),

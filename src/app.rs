@@ -111,14 +111,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
     let admin_addr = admin_listener.local_addr()?;
 
     let api = config.genesys.api.clone();
-    let endpoint = TokenEndpoint::new(
-        config.genesys.token_url.clone(),
-        &api.base_url(),
-        config.token.connect_timeout,
-        config.token.request_timeout,
-        config.genesys.ca_certs.as_deref(),
-    )
-    .map_err(anyhow::Error::msg)?;
+    let endpoint = TokenEndpoint::for_config(&config).map_err(anyhow::Error::msg)?;
     let token_settings = Arc::new(ArcSwap::from_pointee(config.token.clone()));
     let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(16);
     let refresher = Refresher {

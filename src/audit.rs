@@ -10,6 +10,7 @@
 //! (`audit_write_failures_total`), logged and shown in `/status`. Refusing traffic because a
 //! disk filled up would turn an audit problem into an outage of every application.
 
+use crate::sync::lock;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -93,7 +94,7 @@ impl AuditLog {
 
     /// Appends one event. Never fails the caller: a write error is counted and logged.
     pub fn record(&self, event: &str, details: serde_json::Value, token_fingerprint: Option<&str>) {
-        let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        let mut chain = lock(&self.chain);
         let seq = chain.seq + 1;
         let body = Body {
             ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),

@@ -105,14 +105,8 @@ fn check(paths: &[std::path::PathBuf], live: bool) -> ExitCode {
     };
     for (path, c) in paths.iter().zip(&configs) {
         let result = rt.block_on(async {
-            let endpoint = crate::token::endpoint::TokenEndpoint::new(
-                c.genesys.token_url.clone(),
-                &c.genesys.api.base_url(),
-                c.token.connect_timeout,
-                c.token.request_timeout,
-                c.genesys.ca_certs.as_deref(),
-            )
-            .map_err(|e| e.to_string())?;
+            let endpoint =
+                crate::token::endpoint::TokenEndpoint::for_config(c).map_err(|e| e.to_string())?;
             let minted = endpoint
                 .mint(&c.genesys.client_id, &c.genesys.client_secret)
                 .await

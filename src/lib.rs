@@ -46,5 +46,6 @@ pub mod proxy;
 pub mod region;
 pub mod reload;
 pub mod sim;
+pub mod sync;
 pub mod token;
 pub mod watch;

@@ -4,6 +4,7 @@
 //! generic OAuth2 issuers) can be tested. A rotated-out key stays published for
 //! [`ROTATION_GRACE`] so tokens signed just before a rotation still verify.
 
+use crate::sync::lock;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -58,7 +59,7 @@ impl SigningKeys {
 
     /// Signs a token for `client_id` valid for `lifetime` seconds with the newest key.
     pub fn sign(&self, client_id: &str, lifetime: u64) -> Option<String> {
-        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = lock(&self.keys);
         let key = keys.last()?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -80,7 +81,7 @@ impl SigningKeys {
     /// Adds a new signing key; the previous ones stay published for the grace period.
     /// Returns the new key id, or `None` when the JWT mode is off.
     pub fn rotate(&self) -> Option<String> {
-        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let mut keys = lock(&self.keys);
         if keys.is_empty() {
             return None;
         }
@@ -100,7 +101,7 @@ impl SigningKeys {
 
     /// The JWKS document: every key still within its grace period.
     pub fn jwks(&self) -> serde_json::Value {
-        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = lock(&self.keys);
         let now = Instant::now();
         let published: Vec<_> = keys
             .iter()

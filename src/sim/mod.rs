@@ -87,11 +87,6 @@ impl SimHandle {
         };
         format!("{scheme}://{}", self.addr)
     }
-
-    /// Waits until the server task ends (it only ends on error or when aborted).
-    pub async fn wait(mut self) {
-        let _ = (&mut self.task).await;
-    }
 }
 
 impl Drop for SimHandle {

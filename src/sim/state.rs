@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::jwt::SigningKeys;
 use super::SimConfig;
 use crate::fingerprint::fingerprint;
+use crate::sync::lock;
 
 /// The way a scripted token-endpoint fault fails a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -337,12 +338,6 @@ impl SimState {
             "live_tokens": live,
         })
     }
-}
-
-/// Locks a mutex, carrying on if another thread panicked while holding it: every update here
-/// leaves the maps consistent, so a poisoned lock holds valid data.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Compares secrets without an early exit on the first differing byte.

@@ -108,6 +108,17 @@ impl TokenEndpoint {
         })
     }
 
+    /// The endpoint a validated config describes (token URL, API base, timeouts, `ca_file`).
+    pub fn for_config(config: &crate::config::Config) -> Result<Self, String> {
+        Self::new(
+            config.genesys.token_url.clone(),
+            &config.genesys.api.base_url(),
+            config.token.connect_timeout,
+            config.token.request_timeout,
+            config.genesys.ca_certs.as_deref(),
+        )
+    }
+
     /// Runs the client-credentials grant once.
     pub async fn mint(&self, client_id: &str, secret: &Secret) -> Result<Minted, MintError> {
         let basic = STANDARD.encode(format!("{client_id}:{}", secret.expose()));

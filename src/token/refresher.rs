@@ -10,6 +10,7 @@
 //! until it expires; failure keeps everything as it was and retries with backoff for the
 //! configured window (the new secret may not be active at Genesys yet).
 
+use crate::sync::lock;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -176,7 +177,7 @@ impl Refresher {
     }
 
     pub(super) fn info(&self) -> std::sync::MutexGuard<'_, RefreshInfo> {
-        self.info.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.info)
     }
 
     /// Is a mint due now, and why?
@@ -239,7 +240,7 @@ impl Refresher {
         st.recent.push_back(started);
         let client_id = self.credentials.client_id.clone();
         let mut result = self
-            .mint_counted(&client_id, &self.credentials.secret.clone())
+            .mint_counted(&client_id, &self.credentials.secret)
             .await
             .map(|m| (m, TokenSource::Current));
         if let (Err(MintError::InvalidClient), Some(previous)) =

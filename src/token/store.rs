@@ -188,7 +188,7 @@ impl TokenStore {
             if let Some(t) = self.valid(Instant::now()) {
                 return Some(t);
             }
-            self.wake.notify_one();
+            self.wake_refresher();
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => continue,
                 _ => return self.valid(Instant::now()),
