@@ -5,13 +5,13 @@
 //! and what `/status` shows. A kind is raised when its events in the window reach the
 //! threshold, and cleared after a quiet period with no event of that kind.
 
-use crate::sync::lock;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
+use crate::sync::lock;
 
 /// What can go wrong, as the `kind` label and in `/status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,6 @@
 //! (`audit_write_failures_total`), logged and shown in `/status`. Refusing traffic because a
 //! disk filled up would turn an audit problem into an outage of every application.
 
-use crate::sync::lock;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -23,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::AuditTarget;
 use crate::metrics::Metrics;
+use crate::sync::lock;
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const HASH_KEY: &str = ",\"hash\":\"";

@@ -4,7 +4,6 @@
 //! generic OAuth2 issuers) can be tested. A rotated-out key stays published for
 //! [`ROTATION_GRACE`] so tokens signed just before a rotation still verify.
 
-use crate::sync::lock;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -14,6 +13,8 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rsa::pkcs1::EncodeRsaPrivateKey;
 use rsa::traits::PublicKeyParts;
 use serde::Serialize;
+
+use crate::sync::lock;
 
 /// How long a rotated-out signing key stays in the JWKS.
 pub const ROTATION_GRACE: Duration = Duration::from_secs(3600);

@@ -10,7 +10,6 @@
 //! until it expires; failure keeps everything as it was and retries with backoff for the
 //! configured window (the new secret may not be active at Genesys yet).
 
-use crate::sync::lock;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,6 +26,7 @@ use crate::anomaly::{AnomalyMonitor, Kind};
 use crate::audit::AuditLog;
 use crate::config::{TokenSettings, Validation};
 use crate::metrics::Metrics;
+use crate::sync::lock;
 
 /// What `/status` shows about refreshing.
 #[derive(Debug, Clone, Default)]
