@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use crate::anomaly::AnomalyMonitor;
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
-use crate::reload::Reloader;
+use crate::reload::{ReloadOutcome, Reloader};
 use crate::sync::lock;
 use crate::token::refresher::RefreshInfo;
 use crate::token::store::{TokenSource, TokenStore};
@@ -160,7 +160,17 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
 /// Same as SIGHUP: re-read config and secrets, validate, swap. 200 with the outcome, 4xx/5xx
 /// with the reason.
 async fn reload(State(state): State<Arc<AdminState>>) -> Response {
-    let outcome = state.reloader.reload("admin_api").await;
-    let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, Json(outcome.body)).into_response()
+    let report = state.reloader.reload("admin_api").await;
+    (reload_status(report.outcome), Json(report.body)).into_response()
+}
+
+/// The HTTP status `POST /reload` answers for each outcome.
+pub fn reload_status(outcome: ReloadOutcome) -> StatusCode {
+    match outcome {
+        ReloadOutcome::Applied | ReloadOutcome::PartiallyApplied | ReloadOutcome::Unchanged => {
+            StatusCode::OK
+        }
+        ReloadOutcome::Rejected => StatusCode::BAD_REQUEST,
+        ReloadOutcome::RotationFailed => StatusCode::BAD_GATEWAY,
+    }
 }

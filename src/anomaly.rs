@@ -9,7 +9,10 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::audit::AuditLog;
+use arc_swap::ArcSwap;
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::config::{AnomalyThresholds as Thresholds, Live};
 use crate::metrics::Metrics;
 use crate::sync::lock;
 
@@ -52,46 +55,16 @@ impl Kind {
     }
 }
 
-/// Thresholds and windows (the `[anomaly]` config section).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Thresholds {
-    pub window: Duration,
-    pub quiet: Duration,
-    pub refresh_failures: u32,
-    pub invalid_client: u32,
-    pub early_rejection: u32,
-    pub unauthorized: u32,
-    pub rate_limited: u32,
-    /// A token rejected younger than this counts as an early rejection.
-    pub early_rejection_age: Duration,
-}
-
-impl Default for Thresholds {
-    fn default() -> Self {
-        Thresholds {
-            window: Duration::from_secs(60),
-            quiet: Duration::from_secs(120),
-            refresh_failures: 3,
-            invalid_client: 1,
-            early_rejection: 1,
-            unauthorized: 20,
-            rate_limited: 10,
-            early_rejection_age: Duration::from_secs(60),
-        }
+/// The event count that raises `kind`.
+fn threshold(t: &Thresholds, kind: Kind) -> u32 {
+    match kind {
+        Kind::RefreshFailures => t.refresh_failures,
+        Kind::InvalidClient => t.invalid_client,
+        Kind::EarlyRejection => t.early_rejection,
+        Kind::UnauthorizedSpike => t.unauthorized,
+        Kind::RateLimitStorm => t.rate_limited,
     }
-}
-
-impl Thresholds {
-    fn threshold(&self, kind: Kind) -> u32 {
-        match kind {
-            Kind::RefreshFailures => self.refresh_failures,
-            Kind::InvalidClient => self.invalid_client,
-            Kind::EarlyRejection => self.early_rejection,
-            Kind::UnauthorizedSpike => self.unauthorized,
-            Kind::RateLimitStorm => self.rate_limited,
-        }
-        .max(1)
-    }
+    .max(1)
 }
 
 /// A change of state to record.
@@ -108,29 +81,22 @@ struct KindState {
     last_event: Option<Instant>,
 }
 
-/// The pure sliding-window detector.
-#[derive(Debug, Clone)]
+/// The pure sliding-window detector. Thresholds are passed in on each call: they come from the
+/// live config snapshot, so a reload changes them without telling the detector.
+#[derive(Debug, Clone, Default)]
 pub struct Detector {
-    thresholds: Thresholds,
     kinds: [KindState; 5],
 }
 
 impl Detector {
-    pub fn new(thresholds: Thresholds) -> Self {
-        Detector {
-            thresholds,
-            kinds: Default::default(),
-        }
-    }
-
-    pub fn set_thresholds(&mut self, thresholds: Thresholds) {
-        self.thresholds = thresholds;
+    pub fn new() -> Self {
+        Detector::default()
     }
 
     /// Records one event; returns `Raised` when this event crosses the threshold.
-    pub fn observe(&mut self, kind: Kind, now: Instant) -> Option<Transition> {
-        let window = self.thresholds.window;
-        let threshold = self.thresholds.threshold(kind) as usize;
+    pub fn observe(&mut self, kind: Kind, now: Instant, t: &Thresholds) -> Option<Transition> {
+        let window = t.window;
+        let threshold = threshold(t, kind) as usize;
         let st = &mut self.kinds[kind.index()];
         st.last_event = Some(now);
         st.events.push_back(now);
@@ -156,8 +122,8 @@ impl Detector {
     }
 
     /// Clears every raised kind that has been quiet for the quiet period.
-    pub fn tick(&mut self, now: Instant) -> Vec<Transition> {
-        let quiet = self.thresholds.quiet;
+    pub fn tick(&mut self, now: Instant, t: &Thresholds) -> Vec<Transition> {
+        let quiet = t.quiet;
         let mut out = Vec::new();
         for kind in KINDS {
             let st = &mut self.kinds[kind.index()];
@@ -188,6 +154,7 @@ impl Detector {
 /// The detector wired to the audit log, metrics and `/status`.
 pub struct AnomalyMonitor {
     detector: Mutex<Detector>,
+    live: Arc<ArcSwap<Live>>,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     /// Wall-clock time each kind was raised (for `/status`).
@@ -203,7 +170,7 @@ pub struct AnomalyView {
 }
 
 impl AnomalyMonitor {
-    pub fn new(thresholds: Thresholds, audit: Arc<AuditLog>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(live: Arc<ArcSwap<Live>>, audit: Arc<AuditLog>, metrics: Arc<Metrics>) -> Self {
         for k in KINDS {
             metrics
                 .anomaly_active
@@ -211,15 +178,12 @@ impl AnomalyMonitor {
                 .set(0);
         }
         AnomalyMonitor {
-            detector: Mutex::new(Detector::new(thresholds)),
+            detector: Mutex::new(Detector::new()),
+            live,
             audit,
             metrics,
             since: Mutex::new([None; 5]),
         }
-    }
-
-    pub fn set_thresholds(&self, thresholds: Thresholds) {
-        self.lock().set_thresholds(thresholds);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Detector> {
@@ -228,22 +192,24 @@ impl AnomalyMonitor {
 
     /// A token was rejected upstream at `age`: an anomaly if it was young.
     pub fn token_rejected(&self, age: Duration) {
-        let young = age < self.lock().thresholds.early_rejection_age;
+        let young = age < self.live.load().anomaly.early_rejection_age;
         if young {
             self.observe(Kind::EarlyRejection);
         }
     }
 
     pub fn observe(&self, kind: Kind) {
-        let transition = self.lock().observe(kind, Instant::now());
+        let live = self.live.load();
+        let transition = self.lock().observe(kind, Instant::now(), &live.anomaly);
         if let Some(t) = transition {
             self.apply(t);
         }
     }
 
-    /// Clears quiet kinds; called every second by a background task.
+    /// Clears quiet kinds; called every 250 ms by a background task.
     pub fn tick(&self) {
-        let transitions = self.lock().tick(Instant::now());
+        let live = self.live.load();
+        let transitions = self.lock().tick(Instant::now(), &live.anomaly);
         for t in transitions {
             self.apply(t);
         }
@@ -259,7 +225,7 @@ impl AnomalyMonitor {
                     .with_label_values(&[kind.as_str()])
                     .set(1);
                 let reason = describe(kind);
-                self.audit.record("ANOMALY_RAISED", serde_json::json!({"kind": kind.as_str(), "events_in_window": count, "reason": reason}), None);
+                self.audit.record(AuditEvent::AnomalyRaised, serde_json::json!({"kind": kind.as_str(), "events_in_window": count, "reason": reason}), None);
                 tracing::warn!(
                     kind = kind.as_str(),
                     events_in_window = count,
@@ -274,7 +240,7 @@ impl AnomalyMonitor {
                     .with_label_values(&[kind.as_str()])
                     .set(0);
                 self.audit.record(
-                    "ANOMALY_CLEARED",
+                    AuditEvent::AnomalyCleared,
                     serde_json::json!({"kind": kind.as_str()}),
                     None,
                 );
@@ -321,22 +287,23 @@ mod tests {
 
     #[test]
     fn raises_at_threshold_within_window_once() {
-        let mut d = Detector::new(thresholds());
+        let mut d = Detector::new();
+        let th = thresholds();
         let t0 = Instant::now();
-        assert_eq!(d.observe(Kind::RefreshFailures, t0), None);
+        assert_eq!(d.observe(Kind::RefreshFailures, t0, &th), None);
         assert_eq!(
-            d.observe(Kind::RefreshFailures, t0 + Duration::from_secs(1)),
+            d.observe(Kind::RefreshFailures, t0 + Duration::from_secs(1), &th),
             None
         );
         assert_eq!(
-            d.observe(Kind::RefreshFailures, t0 + Duration::from_secs(2)),
+            d.observe(Kind::RefreshFailures, t0 + Duration::from_secs(2), &th),
             Some(Transition::Raised {
                 kind: Kind::RefreshFailures,
                 count: 3
             })
         );
         assert_eq!(
-            d.observe(Kind::RefreshFailures, t0 + Duration::from_secs(3)),
+            d.observe(Kind::RefreshFailures, t0 + Duration::from_secs(3), &th),
             None,
             "raised once"
         );
@@ -345,12 +312,13 @@ mod tests {
 
     #[test]
     fn events_outside_the_window_do_not_count() {
-        let mut d = Detector::new(thresholds());
+        let mut d = Detector::new();
+        let th = thresholds();
         let t0 = Instant::now();
-        d.observe(Kind::RefreshFailures, t0);
-        d.observe(Kind::RefreshFailures, t0 + Duration::from_secs(5));
+        d.observe(Kind::RefreshFailures, t0, &th);
+        d.observe(Kind::RefreshFailures, t0 + Duration::from_secs(5), &th);
         assert_eq!(
-            d.observe(Kind::RefreshFailures, t0 + Duration::from_secs(16)),
+            d.observe(Kind::RefreshFailures, t0 + Duration::from_secs(16), &th),
             None
         );
         assert!(d.active().is_empty());
@@ -358,27 +326,28 @@ mod tests {
 
     #[test]
     fn clears_after_quiet_period_only() {
-        let mut d = Detector::new(thresholds());
+        let mut d = Detector::new();
+        let th = thresholds();
         let t0 = Instant::now();
         assert!(
-            d.observe(Kind::InvalidClient, t0).is_some(),
+            d.observe(Kind::InvalidClient, t0, &th).is_some(),
             "threshold 1 raises at once"
         );
-        assert!(d.tick(t0 + Duration::from_secs(29)).is_empty());
-        d.observe(Kind::InvalidClient, t0 + Duration::from_secs(29));
+        assert!(d.tick(t0 + Duration::from_secs(29), &th).is_empty());
+        d.observe(Kind::InvalidClient, t0 + Duration::from_secs(29), &th);
         assert!(
-            d.tick(t0 + Duration::from_secs(58)).is_empty(),
+            d.tick(t0 + Duration::from_secs(58), &th).is_empty(),
             "a new event restarts the quiet period"
         );
         assert_eq!(
-            d.tick(t0 + Duration::from_secs(59)),
+            d.tick(t0 + Duration::from_secs(59), &th),
             vec![Transition::Cleared {
                 kind: Kind::InvalidClient
             }]
         );
         assert!(d.active().is_empty());
         assert!(
-            d.observe(Kind::InvalidClient, t0 + Duration::from_secs(60))
+            d.observe(Kind::InvalidClient, t0 + Duration::from_secs(60), &th)
                 .is_some(),
             "can be raised again"
         );
@@ -386,10 +355,11 @@ mod tests {
 
     #[test]
     fn kinds_are_independent_and_memory_is_bounded() {
-        let mut d = Detector::new(thresholds());
+        let mut d = Detector::new();
+        let th = thresholds();
         let t0 = Instant::now();
         for i in 0..10_000 {
-            d.observe(Kind::UnauthorizedSpike, t0 + Duration::from_micros(i));
+            d.observe(Kind::UnauthorizedSpike, t0 + Duration::from_micros(i), &th);
         }
         assert!(d.kinds[Kind::UnauthorizedSpike.index()].events.len() <= 20);
         assert_eq!(

@@ -1,12 +1,11 @@
 //! The one place that wires the parts together: token store and refresher, DNS resolver, the
-//! pingora proxy on its listener, the admin listener, audit log, and graceful shutdown.
+//! pingora proxy on its worker threads, the admin listener, audit log, and graceful shutdown.
 //!
-//! [`start`] binds both listeners (port 0 works: tests read the bound addresses from
-//! [`Running`]) and returns at once; [`Running::shutdown`] drains in-flight requests within the
-//! configured grace period.
+//! [`start`] reads like a script: build the shared parts, bind both listeners (port 0 works:
+//! tests read the bound addresses from [`Running`]), spawn each service, and return at once;
+//! [`Running::shutdown`] drains in-flight requests within the configured grace period.
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -16,24 +15,24 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use pingora::apps::ServerApp;
-use pingora::protocols::{GetSocketDigest, SocketDigest};
 use pingora::server::configuration::ServerConf;
 use pingora::utils::tls::{parse_x509, WrappedX509};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
 use crate::anomaly::AnomalyMonitor;
-use crate::audit::AuditLog;
-use crate::config::{ApiTarget, Config};
+use crate::audit::{AuditEvent, AuditLog};
+use crate::config::{ApiTarget, Config, Live};
 use crate::metrics::Metrics;
 use crate::proxy::{GenesysProxy, ProxyState};
 use crate::reload::Reloader;
+use crate::shutdown::{self, Shutdown, Trigger};
 use crate::token::endpoint::TokenEndpoint;
-use crate::token::refresher::{Credentials, RefreshInfo, Refresher};
+use crate::token::refresher::{self, Credentials, RefreshInfo, Refresher};
 use crate::token::store::TokenStore;
+use crate::worker::{self, Worker};
 
 /// A running proxy.
 pub struct Running {
@@ -42,18 +41,19 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,
-    shutdown_tx: watch::Sender<bool>,
+    pub audit: Arc<AuditLog>,
+    trigger: Trigger,
     done: JoinHandle<()>,
 }
 
 impl Running {
     /// Starts a graceful shutdown and waits until it is complete.
     pub async fn shutdown(self) {
-        self.shutdown_tx.send_replace(true);
+        self.trigger.fire();
         let _ = self.done.await;
     }
 
-    /// Waits for SIGTERM or SIGINT, then shuts down gracefully.
+    /// Waits for SIGTERM or SIGINT, then shuts down gracefully. SIGHUP reloads.
     pub async fn run_until_signal(self) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -64,8 +64,8 @@ impl Running {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => {
-                    let outcome = self.reloader.reload("sighup").await;
-                    tracing::info!(status = outcome.status, outcome = %outcome.body, "SIGHUP reload");
+                    let report = self.reloader.reload("sighup").await;
+                    tracing::info!(outcome = report.outcome.as_str(), body = %report.body, "SIGHUP reload");
                 }
             }
         }
@@ -80,300 +80,273 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// The parts every service shares.
+struct Core {
+    live: Arc<ArcSwap<Live>>,
+    metrics: Arc<Metrics>,
+    audit: Arc<AuditLog>,
+    store: Arc<TokenStore>,
+    anomaly: Arc<AnomalyMonitor>,
+    refresh_info: Arc<Mutex<RefreshInfo>>,
+}
+
+impl Core {
+    fn new(config: &Config) -> anyhow::Result<Core> {
+        let metrics = Arc::new(Metrics::new());
+        let target = &config.restart.audit.target;
+        let audit = Arc::new(
+            AuditLog::open(target, &config.credentials.client_id, metrics.clone())
+                .with_context(|| format!("audit.path: cannot open {target:?}"))?,
+        );
+        let live = Arc::new(ArcSwap::from_pointee(config.live.clone()));
+        let anomaly = Arc::new(AnomalyMonitor::new(
+            live.clone(),
+            audit.clone(),
+            metrics.clone(),
+        ));
+        Ok(Core {
+            live,
+            metrics,
+            audit,
+            store: Arc::new(TokenStore::new()),
+            anomaly,
+            refresh_info: Arc::default(),
+        })
+    }
+}
+
 /// Binds the listeners, starts every background task and returns.
 /// `config_path` is where reloads read the configuration from.
 pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Running> {
     install_crypto_provider();
-    let metrics = Arc::new(Metrics::new());
-    let audit = Arc::new(
-        AuditLog::open(
-            &config.audit.target,
-            &config.genesys.client_id,
-            metrics.clone(),
-        )
-        .with_context(|| format!("audit.path: cannot open {:?}", config.audit.target))?,
-    );
-    let store = Arc::new(TokenStore::new());
-    let anomaly = Arc::new(AnomalyMonitor::new(
-        config.anomaly.clone(),
-        audit.clone(),
-        metrics.clone(),
-    ));
-    let refresh_info = Arc::new(Mutex::new(RefreshInfo::default()));
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-
-    let proxy_listener = bind(config.proxy.listen, config.proxy.reuse_port)
-        .with_context(|| format!("proxy.listen: cannot bind {}", config.proxy.listen))?;
-    let admin_listener = TcpListener::bind(config.admin.listen)
+    let core = Core::new(&config)?;
+    let r = &config.restart;
+    let proxy_listener = worker::bind(r.proxy.listen, r.proxy.reuse_port)
+        .with_context(|| format!("proxy.listen: cannot bind {}", r.proxy.listen))?;
+    let admin_listener = TcpListener::bind(r.admin.listen)
         .await
-        .with_context(|| format!("admin.listen: cannot bind {}", config.admin.listen))?;
-    let proxy_addr = proxy_listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
+        .with_context(|| format!("admin.listen: cannot bind {}", r.admin.listen))?;
+    let (proxy_addr, admin_addr) = (proxy_listener.local_addr()?, admin_listener.local_addr()?);
+    let (trigger, shutdown) = shutdown::channel();
 
-    let api = config.genesys.api.clone();
-    let endpoint = TokenEndpoint::for_config(&config).map_err(anyhow::Error::msg)?;
-    let token_settings = Arc::new(ArcSwap::from_pointee(config.token.clone()));
-    let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(16);
-    let refresher = Refresher {
-        store: store.clone(),
-        endpoint,
-        credentials: Credentials {
-            client_id: config.genesys.client_id.clone(),
-            secret: config.genesys.client_secret.clone(),
-            previous: config.genesys.previous_client_secret.clone(),
-        },
-        settings: token_settings.clone(),
-        metrics: metrics.clone(),
-        audit: audit.clone(),
-        info: refresh_info.clone(),
-        commands: commands_rx,
-        anomaly: anomaly.clone(),
+    let (commands, refresher) = spawn_refresher(&core, &config, shutdown.clone())?;
+    let state = proxy_state(&core, &config)?;
+    let mut tasks = vec![
+        refresher,
+        tokio::spawn(resolve_loop(
+            r.genesys.api.clone(),
+            state.clone(),
+            r.proxy.dns_refresh,
+            shutdown.clone(),
+        )),
+        spawn_anomaly_ticks(core.anomaly.clone(), shutdown.clone()),
+    ];
+    let reloader = Arc::new(Reloader::new(
+        config_path,
+        config.clone(),
+        core.live.clone(),
+        commands,
+        core.audit.clone(),
+        core.metrics.clone(),
+    ));
+    let files = reloader.watched_files().await;
+    tasks.extend(crate::watch::secret_files(
+        reloader.clone(),
+        files,
+        shutdown.clone(),
+    ));
+    let admin_state = Arc::new(AdminState {
+        store: core.store.clone(),
+        metrics: core.metrics.clone(),
+        refresh: core.refresh_info.clone(),
+        audit: core.audit.clone(),
+        draining: false.into(),
+        anomaly: core.anomaly.clone(),
+        reloader: reloader.clone(),
+    });
+    let admin = spawn_admin(admin_listener, admin_state.clone());
+    let proxy = spawn_workers(proxy_listener, state, &config, shutdown.clone())?;
+
+    core.audit.record(
+        AuditEvent::ProxyStarted,
+        serde_json::json!({
+            "proxy_listen": proxy_addr.to_string(),
+            "admin_listen": admin_addr.to_string(),
+            "api_host": r.genesys.api.host,
+            "version": env!("CARGO_PKG_VERSION"),
+        }),
+        None,
+    );
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, api = %r.genesys.api.base_url(), "genesys-auth-proxy listening");
+    let done = tokio::spawn(drain(shutdown, admin_state, proxy, admin, tasks));
+    Ok(Running {
+        reloader,
+        proxy_addr,
+        admin_addr,
+        store: core.store,
+        metrics: core.metrics,
+        audit: core.audit,
+        trigger,
+        done,
+    })
+}
+
+/// The refresher task and the channel the reload path commands it through.
+fn spawn_refresher(
+    core: &Core,
+    config: &Config,
+    shutdown: Shutdown,
+) -> anyhow::Result<(mpsc::Sender<refresher::Command>, JoinHandle<()>)> {
+    let endpoint = TokenEndpoint::for_config(config).map_err(anyhow::Error::msg)?;
+    let (commands_tx, commands_rx) = mpsc::channel(16);
+    let shared = refresher::Shared {
+        store: core.store.clone(),
+        live: core.live.clone(),
+        metrics: core.metrics.clone(),
+        audit: core.audit.clone(),
+        anomaly: core.anomaly.clone(),
+        info: core.refresh_info.clone(),
     };
-    let refresher_task = tokio::spawn(refresher.run(shutdown_rx.clone()));
+    let c = &config.credentials;
+    let credentials = Credentials {
+        client_id: c.client_id.clone(),
+        secret: c.client_secret.clone(),
+        previous: c.previous_client_secret.clone(),
+    };
+    let refresher = Refresher::new(shared, endpoint, credentials, commands_rx);
+    Ok((commands_tx, tokio::spawn(refresher.run(shutdown))))
+}
 
-    let state = Arc::new(ProxyState {
-        settings: ArcSwap::from_pointee(config.proxy.clone()),
-        host_header: HeaderValue::from_str(&api.host_header())
+fn proxy_state(core: &Core, config: &Config) -> anyhow::Result<Arc<ProxyState>> {
+    let upstream = &config.restart.genesys;
+    Ok(Arc::new(ProxyState {
+        live: core.live.clone(),
+        host_header: HeaderValue::from_str(&upstream.api.host_header())
             .context("genesys.api_url: host is not a valid Host header")?,
-        api: api.clone(),
+        api: upstream.api.clone(),
         upstream_addrs: ArcSwap::from_pointee(Vec::new()),
-        store: store.clone(),
-        metrics: metrics.clone(),
-        anomaly: anomaly.clone(),
-        access_log: config.log.access_log.into(),
-        upstream_ca: config.genesys.ca_certs.as_ref().map(|certs| {
+        store: core.store.clone(),
+        metrics: core.metrics.clone(),
+        anomaly: core.anomaly.clone(),
+        upstream_ca: upstream.ca_certs.as_ref().map(|certs| {
             let wrapped: Vec<WrappedX509> = certs
                 .iter()
                 .map(|der| WrappedX509::new(der.clone(), parse_x509))
                 .collect();
             Arc::from(wrapped.into_boxed_slice())
         }),
-    });
-    let resolver_task = tokio::spawn(resolve_loop(
-        api.clone(),
-        state.clone(),
-        config.proxy.dns_refresh,
-        shutdown_rx.clone(),
-    ));
+    }))
+}
 
-    // Clears quiet anomalies.
-    let anomaly_task = {
-        let anomaly = anomaly.clone();
-        let mut shutdown = shutdown_rx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => anomaly.tick(),
-                    _ = until_true(&mut shutdown) => return,
-                }
+/// Clears quiet anomalies every 250 ms.
+fn spawn_anomaly_ticks(anomaly: Arc<AnomalyMonitor>, mut shutdown: Shutdown) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => anomaly.tick(),
+                _ = shutdown.wait() => return,
             }
-        })
-    };
-    let reloader = Arc::new(Reloader::new(
-        config_path,
-        config.clone(),
-        state.clone(),
-        token_settings,
-        commands_tx,
-        audit.clone(),
-        metrics.clone(),
-    ));
-    let watch_task = crate::watch::secret_files(
-        reloader.clone(),
-        reloader.watched_files().await,
-        shutdown_rx.clone(),
-    );
-    let admin_state = Arc::new(AdminState {
-        store: store.clone(),
-        metrics: metrics.clone(),
-        refresh: refresh_info,
-        audit: audit.clone(),
-        draining: false.into(),
-        anomaly: anomaly.clone(),
-        reloader: reloader.clone(),
-    });
-    // The admin listener outlives the drain, so balancers see /readyz 503 while it runs.
-    let (admin_stop_tx, mut admin_shutdown) = watch::channel(false);
-    let admin_router = admin::router(admin_state.clone());
-    let admin_task = tokio::spawn(async move {
-        let serve = axum::serve(admin_listener, admin_router).with_graceful_shutdown(async move {
-            let _ = admin_shutdown.wait_for(|s| *s).await;
-        });
+        }
+    })
+}
+
+/// The admin listener outlives the proxy's drain, so balancers see `/readyz` 503 while it
+/// runs; it stops when the returned sender fires.
+fn spawn_admin(listener: TcpListener, state: Arc<AdminState>) -> (Trigger, JoinHandle<()>) {
+    let (stop, mut stopped) = shutdown::channel();
+    let router = admin::router(state);
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stopped.wait().await });
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "admin listener failed");
         }
     });
+    (stop, task)
+}
 
+/// The proxy's worker threads, and how to stop them.
+struct ProxyWorkers {
+    apps: Vec<Arc<pingora::proxy::HttpProxy<GenesysProxy>>>,
+    pingora_shutdown: watch::Sender<bool>,
+    done: Vec<tokio::sync::oneshot::Receiver<()>>,
+}
+
+fn spawn_workers(
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+    config: &Config,
+    shutdown: Shutdown,
+) -> anyhow::Result<ProxyWorkers> {
     let server_conf = Arc::new(ServerConf::default());
-    let (pingora_shutdown_tx, pingora_shutdown_rx) = watch::channel(false);
-    // One single-threaded runtime per worker thread, each accepting on a clone of the listener:
-    // a connection lives on one thread, with no cross-thread wake-ups (pingora's own model).
-    // Each worker has its own pingora app, hence its own upstream connection pool: pooled
-    // connections never move between threads (a shared pool races its idle watcher and logs
-    // "failed to acquire reusable stream" under load).
-    let mut apps = Vec::with_capacity(config.proxy.threads);
-    let std_listener = proxy_listener.into_std()?;
-    let mut workers = Vec::with_capacity(config.proxy.threads);
-    for i in 0..config.proxy.threads {
+    let (pingora_shutdown, pingora_rx) = watch::channel(false);
+    let threads = config.restart.proxy.threads;
+    let std_listener = listener.into_std()?;
+    let mut workers = ProxyWorkers {
+        apps: Vec::with_capacity(threads),
+        pingora_shutdown,
+        done: Vec::with_capacity(threads),
+    };
+    for i in 0..threads {
         let listener = std_listener.try_clone()?;
-        let app = Arc::new(pingora::proxy::http_proxy(
-            &server_conf,
-            GenesysProxy {
-                state: state.clone(),
-            },
-        ));
-        apps.push(app.clone());
+        let proxy = GenesysProxy {
+            state: state.clone(),
+        };
+        let app = Arc::new(pingora::proxy::http_proxy(&server_conf, proxy));
+        workers.apps.push(app.clone());
         let worker = Worker {
             app,
-            pingora_shutdown: pingora_shutdown_rx.clone(),
-            shutdown: shutdown_rx.clone(),
-            grace: config.proxy.shutdown_grace,
+            pingora_shutdown: pingora_rx.clone(),
+            shutdown: shutdown.clone(),
+            grace: config.restart.proxy.shutdown_grace,
         };
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("proxy-worker-{i}"))
             .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
+                let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
-                    .build()
-                {
+                    .build();
+                match rt {
                     Ok(rt) => rt.block_on(worker.run(listener)),
                     Err(e) => tracing::error!(error = %e, "cannot start a proxy worker runtime"),
                 }
                 let _ = done_tx.send(());
             })
             .context("spawning a proxy worker thread")?;
-        workers.push(done_rx);
+        workers.done.push(done_rx);
     }
-    drop(std_listener);
-
-    audit.record(
-        "PROXY_STARTED",
-        serde_json::json!({
-            "proxy_listen": proxy_addr.to_string(),
-            "admin_listen": admin_addr.to_string(),
-            "api_host": api.host,
-            "version": env!("CARGO_PKG_VERSION"),
-        }),
-        None,
-    );
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, api = %api.base_url(), "genesys-auth-proxy listening");
-
-    let mut shutdown = shutdown_rx;
-    let done = tokio::spawn(async move {
-        let _ = shutdown.wait_for(|s| *s).await;
-        admin_state.draining.store(true, Ordering::Relaxed);
-        pingora_shutdown_tx.send_replace(true);
-        for app in &apps {
-            app.cleanup().await;
-        }
-        for done in workers {
-            let _ = done.await;
-        }
-        if let Some(t) = watch_task {
-            let _ = t.await;
-        }
-        admin_stop_tx.send_replace(true);
-        let _ = anomaly_task.await;
-        let _ = refresher_task.await;
-        let _ = resolver_task.await;
-        let _ = admin_task.await;
-        audit.record("PROXY_STOPPED", serde_json::json!({}), None);
-        tracing::info!("stopped");
-    });
-
-    Ok(Running {
-        reloader,
-        proxy_addr,
-        admin_addr,
-        store,
-        metrics,
-        shutdown_tx,
-        done,
-    })
+    Ok(workers)
 }
 
-/// Binds a listener; with `reuse_port` a second process can bind the same address, which is
-/// how a restart hands over without refusing connections (see the README).
-fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    if reuse_port {
-        socket.set_reuseport(true)?;
+/// Waits for the shutdown, then stops in order: readiness off, proxy drained, background
+/// tasks, admin listener, and the audit log flushed last.
+async fn drain(
+    mut shutdown: Shutdown,
+    admin_state: Arc<AdminState>,
+    proxy: ProxyWorkers,
+    admin: (Trigger, JoinHandle<()>),
+    tasks: Vec<JoinHandle<()>>,
+) {
+    shutdown.wait().await;
+    admin_state.draining.store(true, Ordering::Relaxed);
+    proxy.pingora_shutdown.send_replace(true);
+    for app in &proxy.apps {
+        app.cleanup().await;
     }
-    socket.bind(addr)?;
-    socket.listen(4096)
-}
-
-/// One proxy worker: its own runtime, accept loop and connections.
-struct Worker {
-    app: Arc<pingora::proxy::HttpProxy<GenesysProxy>>,
-    pingora_shutdown: watch::Receiver<bool>,
-    shutdown: watch::Receiver<bool>,
-    grace: Duration,
-}
-
-impl Worker {
-    /// Accepts until shutdown, then waits up to the grace period for this worker's connections.
-    async fn run(mut self, listener: std::net::TcpListener) {
-        let listener = match TcpListener::from_std(listener) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "proxy worker cannot use the listener");
-                return;
-            }
-        };
-        let tracker = TaskTracker::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, peer)) => {
-                        let _ = tcp.set_nodelay(true);
-                        let stream = to_pingora_stream(tcp, peer);
-                        let app = self.app.clone();
-                        let watch = self.pingora_shutdown.clone();
-                        tracker.spawn(async move {
-                            let mut reuse = app.process_new(stream, &watch).await;
-                            while let Some(stream) = reuse {
-                                reuse = app.process_new(stream, &watch).await;
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off briefly, keep serving.
-                        tracing::error!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                _ = until_true(&mut self.shutdown) => break,
-            }
-        }
-        drop(listener);
-        tracker.close();
-        if tokio::time::timeout(self.grace, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                grace_seconds = self.grace.as_secs(),
-                "grace period over; dropping remaining connections"
-            );
-        }
+    for done in proxy.done {
+        let _ = done.await;
     }
-}
-
-/// Wraps an accepted socket the way pingora's own listener does, so `client_addr()` works.
-fn to_pingora_stream(tcp: tokio::net::TcpStream, peer: SocketAddr) -> pingora::protocols::Stream {
-    let mut stream = pingora::protocols::l4::stream::Stream::from(tcp);
-    let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
-    let _ = digest.peer_addr.set(Some(peer.into()));
-    stream.set_socket_digest(digest);
-    Box::new(stream)
+    for task in tasks {
+        let _ = task.await;
+    }
+    admin.0.fire();
+    let _ = admin.1.await;
+    let audit = &admin_state.audit;
+    audit.record(AuditEvent::ProxyStopped, serde_json::json!({}), None);
+    audit.flush().await;
+    tracing::info!("stopped");
 }
 
 /// Resolves the API host now and every `every`, off the request path. A failed lookup keeps
@@ -382,13 +355,13 @@ async fn resolve_loop(
     api: ApiTarget,
     state: Arc<ProxyState>,
     every: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     let mut delay = Duration::ZERO;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = until_true(&mut shutdown) => return,
+            _ = shutdown.wait() => return,
         }
         match tokio::net::lookup_host((api.host.as_str(), api.port)).await {
             Ok(addrs) => {
@@ -404,10 +377,4 @@ async fn resolve_loop(
             }
         }
     }
-}
-
-/// Resolves once the shutdown flag is true (the watch guard is dropped inside, keeping callers
-/// `Send`).
-async fn until_true(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }

@@ -6,6 +6,11 @@
 //! appended, so the verifier needs no JSON canonicalisation. A restarted proxy reads the last
 //! line and continues the chain. Tokens appear only as fingerprints.
 //!
+//! Writes happen on one writer thread fed by a channel: [`AuditLog::record`] never touches a
+//! file, so a proxy worker that raises an anomaly during a 401 storm never waits for an fsync.
+//! [`AuditLog::flush`] waits until everything recorded so far is written (the reload path
+//! answers only after its events are on disk; shutdown flushes last).
+//!
 //! If the file cannot be written the proxy keeps serving: the failure is counted
 //! (`audit_write_failures_total`), logged and shown in `/status`. Refusing traffic because a
 //! disk filled up would turn an audit problem into an outage of every application.
@@ -14,6 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -26,6 +32,64 @@ use crate::sync::lock;
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const HASH_KEY: &str = ",\"hash\":\"";
+
+/// Every event the audit log knows; [`AuditEvent::as_str`] is both the `event` field and the
+/// `audit_events_total{event}` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditEvent {
+    ProxyStarted,
+    ProxyStopped,
+    TokenAcquired,
+    TokenRefreshFailed,
+    TokenRateLimited,
+    TokenValidationFailed,
+    TokenRejectedUpstream,
+    SecretRotated,
+    SecretRotationFailed,
+    FallbackToPreviousSecret,
+    ConfigReloaded,
+    ConfigReloadRejected,
+    AnomalyRaised,
+    AnomalyCleared,
+}
+
+impl AuditEvent {
+    pub const ALL: [AuditEvent; 14] = [
+        AuditEvent::ProxyStarted,
+        AuditEvent::ProxyStopped,
+        AuditEvent::TokenAcquired,
+        AuditEvent::TokenRefreshFailed,
+        AuditEvent::TokenRateLimited,
+        AuditEvent::TokenValidationFailed,
+        AuditEvent::TokenRejectedUpstream,
+        AuditEvent::SecretRotated,
+        AuditEvent::SecretRotationFailed,
+        AuditEvent::FallbackToPreviousSecret,
+        AuditEvent::ConfigReloaded,
+        AuditEvent::ConfigReloadRejected,
+        AuditEvent::AnomalyRaised,
+        AuditEvent::AnomalyCleared,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditEvent::ProxyStarted => "PROXY_STARTED",
+            AuditEvent::ProxyStopped => "PROXY_STOPPED",
+            AuditEvent::TokenAcquired => "TOKEN_ACQUIRED",
+            AuditEvent::TokenRefreshFailed => "TOKEN_REFRESH_FAILED",
+            AuditEvent::TokenRateLimited => "TOKEN_RATE_LIMITED",
+            AuditEvent::TokenValidationFailed => "TOKEN_VALIDATION_FAILED",
+            AuditEvent::TokenRejectedUpstream => "TOKEN_REJECTED_UPSTREAM",
+            AuditEvent::SecretRotated => "SECRET_ROTATED",
+            AuditEvent::SecretRotationFailed => "SECRET_ROTATION_FAILED",
+            AuditEvent::FallbackToPreviousSecret => "FALLBACK_TO_PREVIOUS_SECRET",
+            AuditEvent::ConfigReloaded => "CONFIG_RELOADED",
+            AuditEvent::ConfigReloadRejected => "CONFIG_RELOAD_REJECTED",
+            AuditEvent::AnomalyRaised => "ANOMALY_RAISED",
+            AuditEvent::AnomalyCleared => "ANOMALY_CLEARED",
+        }
+    }
+}
 
 #[derive(Serialize)]
 struct Body<'a> {
@@ -44,23 +108,39 @@ enum Sink {
     Stdout,
 }
 
-struct Chain {
+/// What the writer thread is asked to do.
+enum Message {
+    Event {
+        ts: SystemTime,
+        event: AuditEvent,
+        details: serde_json::Value,
+        token: Option<String>,
+    },
+    /// Answer once every earlier message is handled.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The writer thread's state: the open sink and the end of the chain.
+struct Writer {
     sink: Sink,
     seq: u64,
     prev: String,
+    client_id: String,
+    path: Option<PathBuf>,
+    metrics: Arc<Metrics>,
+    failures: Arc<AtomicU64>,
 }
 
-/// The audit log writer. Cheap to share behind an `Arc`.
+/// The audit log. Cheap to share behind an `Arc`; recording never blocks on I/O.
 pub struct AuditLog {
-    chain: Mutex<Chain>,
-    client_id: String,
-    metrics: Arc<Metrics>,
-    failures: AtomicU64,
-    path: Option<PathBuf>,
+    tx: Mutex<Option<mpsc::Sender<Message>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    failures: Arc<AtomicU64>,
 }
 
 impl AuditLog {
-    /// Opens (or creates with mode 0600) the log and reads its tail to continue the chain.
+    /// Opens (or creates with mode 0600) the log, reads its tail to continue the chain and
+    /// starts the writer thread.
     pub fn open(
         target: &AuditTarget,
         client_id: &str,
@@ -83,34 +163,110 @@ impl AuditLog {
                 (Sink::File(opts.open(path)?), seq, prev, Some(path.clone()))
             }
         };
-        Ok(AuditLog {
-            chain: Mutex::new(Chain { sink, seq, prev }),
+        let failures = Arc::new(AtomicU64::new(0));
+        let mut writer = Writer {
+            sink,
+            seq,
+            prev,
             client_id: client_id.to_string(),
-            metrics,
-            failures: AtomicU64::new(0),
             path,
+            metrics,
+            failures: failures.clone(),
+        };
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || {
+                for message in rx {
+                    match message {
+                        Message::Event {
+                            ts,
+                            event,
+                            details,
+                            token,
+                        } => writer.write(ts, event, &details, token.as_deref()),
+                        Message::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })?;
+        Ok(AuditLog {
+            tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(handle)),
+            failures,
         })
     }
 
-    /// Appends one event. Never fails the caller: a write error is counted and logged.
-    pub fn record(&self, event: &str, details: serde_json::Value, token_fingerprint: Option<&str>) {
-        let mut chain = lock(&self.chain);
-        let seq = chain.seq + 1;
-        let body = Body {
-            ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            seq,
+    /// Queues one event for the writer. Never fails the caller and never blocks on I/O.
+    pub fn record(
+        &self,
+        event: AuditEvent,
+        details: serde_json::Value,
+        token_fingerprint: Option<&str>,
+    ) {
+        let message = Message::Event {
+            ts: SystemTime::now(),
             event,
+            details,
+            token: token_fingerprint.map(str::to_string),
+        };
+        if let Some(tx) = lock(&self.tx).as_ref() {
+            let _ = tx.send(message);
+        }
+    }
+
+    /// Resolves once every event recorded before the call has been written (or has failed).
+    pub async fn flush(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let sent = lock(&self.tx)
+            .as_ref()
+            .is_some_and(|tx| tx.send(Message::Flush(done)).is_ok());
+        if sent {
+            let _ = wait.await;
+        }
+    }
+
+    /// Audit writes that failed since start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for AuditLog {
+    /// Closes the channel and waits for the writer to drain it: nothing recorded is lost.
+    fn drop(&mut self) {
+        lock(&self.tx).take();
+        if let Some(handle) = lock(&self.writer).take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Writer {
+    fn write(
+        &mut self,
+        ts: SystemTime,
+        event: AuditEvent,
+        details: &serde_json::Value,
+        token: Option<&str>,
+    ) {
+        let seq = self.seq + 1;
+        let body = Body {
+            ts: humantime::format_rfc3339_millis(ts).to_string(),
+            seq,
+            event: event.as_str(),
             client_id: &self.client_id,
-            details: &details,
-            token: token_fingerprint,
-            prev: &chain.prev,
+            details,
+            token,
+            prev: &self.prev,
         };
         let Ok(body) = serde_json::to_string(&body) else {
             return;
         };
         let hash = hex::encode(Sha256::digest(body.as_bytes()));
         let line = format!("{}{HASH_KEY}{hash}\"}}\n", &body[..body.len() - 1]);
-        let written = match &mut chain.sink {
+        let written = match &mut self.sink {
             Sink::File(f) => f
                 .write_all(line.as_bytes())
                 .and_then(|_| f.flush())
@@ -122,24 +278,19 @@ impl AuditLog {
         };
         match written {
             Ok(()) => {
-                chain.seq = seq;
-                chain.prev = hash;
+                self.seq = seq;
+                self.prev = hash;
                 self.metrics
                     .audit_events_total
-                    .with_label_values(&[event])
+                    .with_label_values(&[event.as_str()])
                     .inc();
             }
             Err(e) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 self.metrics.audit_write_failures_total.inc();
-                tracing::error!(error = %e, event, path = ?self.path, "cannot write audit event; continuing to serve");
+                tracing::error!(error = %e, event = event.as_str(), path = ?self.path, "cannot write audit event; continuing to serve");
             }
         }
-    }
-
-    /// Audit writes that failed since start.
-    pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
     }
 }
 
@@ -236,16 +387,16 @@ mod tests {
     fn write_three(path: &Path) {
         let m = Arc::new(Metrics::new());
         let log = AuditLog::open(&AuditTarget::File(path.to_path_buf()), "cid", m.clone()).unwrap();
-        log.record("PROXY_STARTED", serde_json::json!({}), None);
+        log.record(AuditEvent::ProxyStarted, serde_json::json!({}), None);
         log.record(
-            "TOKEN_ACQUIRED",
+            AuditEvent::TokenAcquired,
             serde_json::json!({"generation": 1}),
             Some("sha256:abcdefabcdef"),
         );
         drop(log);
         // A restart continues the chain.
         let log = AuditLog::open(&AuditTarget::File(path.to_path_buf()), "cid", m).unwrap();
-        log.record("PROXY_STOPPED", serde_json::json!({}), None);
+        log.record(AuditEvent::ProxyStopped, serde_json::json!({}), None);
     }
 
     #[test]

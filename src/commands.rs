@@ -66,7 +66,7 @@ fn run(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    crate::logging::init(config.log.format, &config.log.level);
+    crate::logging::init(config.restart.log.format, &config.live.log.level);
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
@@ -108,7 +108,7 @@ fn check(paths: &[std::path::PathBuf], live: bool) -> ExitCode {
             let endpoint =
                 crate::token::endpoint::TokenEndpoint::for_config(c).map_err(|e| e.to_string())?;
             let minted = endpoint
-                .mint(&c.genesys.client_id, &c.genesys.client_secret)
+                .mint(&c.credentials.client_id, &c.credentials.client_secret)
                 .await
                 .map_err(|e| e.to_string())?;
             endpoint
@@ -206,20 +206,20 @@ fn demo(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    crate::logging::init(config.log.format, &config.log.level);
+    crate::logging::init(config.restart.log.format, &config.live.log.level);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
     let result: anyhow::Result<()> = rt.block_on(async {
-        let api = &config.genesys.api;
+        let api = &config.restart.genesys.api;
         let sim_addr = format!("{}:{}", api.host, api.port);
         let listener = tokio::net::TcpListener::bind(&sim_addr).await.map_err(|e| {
             anyhow::anyhow!("cannot start the simulator on {sim_addr} (genesys.api_url in {}): {e}", path.display())
         })?;
         let sim = sim::start(
             SimConfig {
-                clients: vec![(config.genesys.client_id.clone(), config.genesys.client_secret.expose().to_string())],
+                clients: vec![(config.credentials.client_id.clone(), config.credentials.client_secret.expose().to_string())],
                 token_lifetime_seconds: 3600,
                 ..SimConfig::default()
             },

@@ -175,7 +175,7 @@ impl Metrics {
             m.registry.register(c).expect("unique metric names"); // ok: constant set
         }
         // Known label values start at 0 so rate() and alerts work before the first event.
-        let known: [(&IntCounterVec, &[&str]); 5] = [
+        let known: [(&IntCounterVec, &[&str]); 4] = [
             (
                 &m.token_requests_total,
                 &[
@@ -198,16 +198,6 @@ impl Metrics {
                 ],
             ),
             (&m.secret_rotations_total, &["success", "failed"]),
-            (
-                &m.config_reloads_total,
-                &[
-                    "applied",
-                    "partially_applied",
-                    "unchanged",
-                    "rejected",
-                    "rotation_failed",
-                ],
-            ),
             (
                 &m.rejected_requests_total,
                 &[

@@ -14,7 +14,7 @@ use crate::reload::Reloader;
 pub fn secret_files(
     reloader: Arc<Reloader>,
     files: Vec<PathBuf>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut shutdown: crate::shutdown::Shutdown,
 ) -> Option<tokio::task::JoinHandle<()>> {
     use notify::{RecursiveMode, Watcher};
     if files.is_empty() {
@@ -68,7 +68,7 @@ pub fn secret_files(
         loop {
             tokio::select! {
                 got = rx.recv() => if got.is_none() { return },
-                _ = shutdown.changed() => return,
+                _ = shutdown.wait() => return,
             }
             // Debounce: wait until no event arrived for 300 ms.
             loop {
@@ -77,8 +77,11 @@ pub fn secret_files(
                     got = rx.recv() => if got.is_none() { return },
                 }
             }
-            let outcome = reloader.reload("secret_file_changed").await;
-            tracing::info!(status = outcome.status, outcome = %outcome.body["outcome"], "reload after secret file change");
+            let report = reloader.reload("secret_file_changed").await;
+            tracing::info!(
+                outcome = report.outcome.as_str(),
+                "reload after secret file change"
+            );
         }
     }))
 }

@@ -1,17 +1,23 @@
-//! Configuration: [`file`](mod@file) is the serde mirror of the TOML file (the stable external format),
-//! [`model`] the validated types the program uses. Only this module knows TOML.
+//! Configuration: [`file`](mod@file) is the serde mirror of the TOML file (the stable external
+//! format), [`model`] the validated types the program uses, [`build`] the step between them
+//! (defaults and checks, one builder per section, on [`value`] parsers). [`keyed`] ties each
+//! model field to its file key and its reload class. Only this module knows TOML.
 
+mod build;
 pub mod file;
+pub mod keyed;
 pub mod model;
-mod parse;
+mod value;
 
 #[cfg(test)]
 mod tests;
 
 use std::path::{Path, PathBuf};
 
+pub use keyed::Keyed;
 pub use model::{
-    ApiTarget, AuditTarget, Config, LogFormat, ProxySettings, TokenSettings, Validation,
+    AnomalyThresholds, ApiTarget, AuditTarget, Config, CredentialSettings, Diff, Live, LogFormat,
+    ProxyLive, Restart, TokenLive, Validation,
 };
 
 /// Why a config file was refused. The message always names the file, and the key when one is
@@ -48,5 +54,5 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         file: path.to_path_buf(),
         message: e.to_string().trim_end().replace('\n', " "),
     })?;
-    Config::from_file(raw, path)
+    build::config(raw, path)
 }

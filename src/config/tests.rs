@@ -38,20 +38,23 @@ fn err_of(text: &str) -> String {
 #[test]
 fn minimal_config_gets_documented_defaults() {
     let c = parse(&base("", ""), Path::new("t.toml")).unwrap();
-    assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:8080");
-    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9090");
-    assert_eq!(c.proxy.allowed_path_prefixes, vec!["/api/v2/".to_string()]);
-    assert_eq!(c.proxy.replay_body_limit_bytes, 65536);
+    assert_eq!(c.restart.proxy.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.restart.admin.listen.to_string(), "127.0.0.1:9090");
     assert_eq!(
-        c.genesys.token_url.as_str(),
+        c.live.proxy.allowed_path_prefixes,
+        vec!["/api/v2/".to_string()]
+    );
+    assert_eq!(c.live.proxy.replay_body_limit_bytes, 65536);
+    assert_eq!(
+        c.restart.genesys.token_url.as_str(),
         "https://login.mypurecloud.com/oauth/token"
     );
-    assert_eq!(c.genesys.api.host, "api.mypurecloud.com");
-    assert!(c.genesys.api.tls);
-    assert_eq!(c.genesys.client_secret.expose(), "s3cret");
-    assert_eq!(c.token.validation, Validation::TokensMe);
-    assert_eq!(c.token.refresh_before_expiry.as_secs(), 300);
-    assert_eq!(c.token.max_token_requests_per_minute, 20);
+    assert_eq!(c.restart.genesys.api.host, "api.mypurecloud.com");
+    assert!(c.restart.genesys.api.tls);
+    assert_eq!(c.credentials.client_secret.expose(), "s3cret");
+    assert_eq!(c.live.token.validation, Validation::TokensMe);
+    assert_eq!(c.live.token.refresh_before_expiry.as_secs(), 300);
+    assert_eq!(c.live.token.max_token_requests_per_minute, 20);
 }
 
 #[test]
@@ -151,7 +154,7 @@ fn bare_domain_region() {
         Path::new("t.toml"),
     )
     .unwrap();
-    assert_eq!(c.genesys.api.host, "api.new9.pure.cloud");
+    assert_eq!(c.restart.genesys.api.host, "api.new9.pure.cloud");
 }
 
 #[test]
@@ -168,8 +171,8 @@ fn plain_http_refused_unless_loopback() {
         Path::new("t.toml"),
     )
     .unwrap();
-    assert!(!c.genesys.api.tls);
-    assert_eq!(c.genesys.api.host_header(), "127.0.0.1:9999");
+    assert!(!c.restart.genesys.api.tls);
+    assert_eq!(c.restart.genesys.api.host_header(), "127.0.0.1:9999");
 }
 
 #[test]
@@ -235,7 +238,7 @@ fn validation_values() {
         Path::new("t.toml"),
     )
     .unwrap();
-    assert_eq!(c.token.validation, Validation::None);
+    assert_eq!(c.live.token.validation, Validation::None);
 }
 
 #[test]
@@ -263,7 +266,7 @@ fn bad_log_settings() {
 fn empty_audit_path() {
     assert!(err_of(&base("", "[audit]\npath = \"\"")).contains("audit.path"));
     let c = parse(&base("", "[audit]\npath = \"-\""), Path::new("t.toml")).unwrap();
-    assert_eq!(c.audit.target, AuditTarget::Stdout);
+    assert_eq!(c.restart.audit.target, AuditTarget::Stdout);
 }
 
 #[test]
@@ -308,4 +311,87 @@ fn anomaly_thresholds_must_be_positive() {
     assert!(e.contains("anomaly.quiet_ms"), "{e}");
     let e = err_of(&base("", "[anomaly]\nwhatever = 1"));
     assert!(e.contains("whatever"), "{e}");
+}
+
+/// The reload class of every file key is decided by the model struct its field lives in. This
+/// walks the file mirror's types (serde-reflection) and fails when a key is added to the file
+/// without a field that names it, i.e. without being classified as restart-only, live or
+/// credential.
+#[test]
+fn every_file_key_is_classified_exactly_once() {
+    use serde_reflection::{ContainerFormat, Format, Tracer, TracerConfig};
+    use std::collections::BTreeSet;
+    let mut tracer = Tracer::new(TracerConfig::default());
+    tracer
+        .trace_simple_type::<file::FileConfig>()
+        .expect("the file mirror can be traced");
+    let registry = tracer.registry().expect("complete registry");
+    fn walk(
+        registry: &serde_reflection::Registry,
+        name: &str,
+        prefix: &str,
+        out: &mut BTreeSet<String>,
+    ) {
+        let Some(ContainerFormat::Struct(fields)) = registry.get(name) else {
+            return;
+        };
+        for f in fields {
+            let key = if prefix.is_empty() {
+                f.name.clone()
+            } else {
+                format!("{prefix}.{}", f.name)
+            };
+            let mut format = &f.value;
+            while let Format::Option(inner) = format {
+                format = inner;
+            }
+            match format {
+                // A secret reference ({ env } or { file }) is one key.
+                Format::TypeName(t) if t != "SecretRef" => walk(registry, t, &key, out),
+                _ => {
+                    out.insert(key);
+                }
+            }
+        }
+    }
+    let mut file_keys = BTreeSet::new();
+    walk(&registry, "FileConfig", "", &mut file_keys);
+
+    let restart: BTreeSet<_> = Restart::all_keys().into_iter().collect();
+    let live: BTreeSet<_> = Live::all_keys().into_iter().collect();
+    let credentials: BTreeSet<_> = CredentialSettings::all_keys().into_iter().collect();
+    for key in &file_keys {
+        let classes = [&restart, &live, &credentials]
+            .iter()
+            .filter(|c| c.contains(key.as_str()))
+            .count();
+        assert_eq!(classes, 1, "file key {key:?} is in {classes} reload classes, not 1: give it a field in Restart, Live or CredentialSettings");
+    }
+    for key in restart.iter().chain(&live).chain(&credentials) {
+        assert!(
+            file_keys.contains(*key),
+            "model names {key:?}, which is not a file key"
+        );
+    }
+    assert!(file_keys.len() > 40, "{file_keys:?}");
+}
+
+#[test]
+fn live_and_restart_changes_are_told_apart_by_type() {
+    let old = parse(&base("", ""), Path::new("t.toml")).unwrap();
+    let new = parse(
+        &base(
+            "",
+            "[proxy]\nlisten = \"127.0.0.1:1234\"\nallowed_path_prefixes = [\"/api/v2/users\"]\n[anomaly]\nquiet_ms = 5",
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let d = Diff::between(&old, &new);
+    assert_eq!(
+        d.applied,
+        vec!["proxy.allowed_path_prefixes", "anomaly.quiet_ms"]
+    );
+    assert_eq!(d.restart_required, vec!["proxy.listen"]);
+    assert!(!d.credentials && !d.previous_secret);
 }

@@ -14,7 +14,6 @@ pub use decide::{
 };
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,16 +27,17 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorType, RetryType};
 
 use crate::anomaly::{AnomalyMonitor, Kind};
-use crate::config::{ApiTarget, ProxySettings};
+use crate::config::{ApiTarget, Live};
 use crate::metrics::Metrics;
 use crate::token::store::{Token, TokenStore};
 
 /// The error that tells pingora to run the request again after a 401.
 const REPLAY: ErrorType = ErrorType::Custom("replay_after_401");
 
-/// Everything the proxy hooks read. Settings sit in an `ArcSwap` so a reload can replace them.
+/// Everything the proxy hooks read. The live settings sit in an `ArcSwap` so a reload can
+/// replace them; each request loads them once ([`RequestCtx::live`]).
 pub struct ProxyState {
-    pub settings: ArcSwap<ProxySettings>,
+    pub live: Arc<ArcSwap<Live>>,
     pub api: ApiTarget,
     pub host_header: HeaderValue,
     /// Resolved API addresses; refreshed off the request path by a background task.
@@ -45,8 +45,6 @@ pub struct ProxyState {
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,
     pub anomaly: Arc<AnomalyMonitor>,
-    /// `[log] access_log`, changeable by reload.
-    pub access_log: AtomicBool,
     /// `genesys.ca_file`: the only CAs trusted for the API host, when set.
     pub upstream_ca: Option<Arc<pingora::protocols::tls::CaType>>,
 }
@@ -58,6 +56,9 @@ pub struct GenesysProxy {
 /// Per-request state.
 pub struct RequestCtx {
     started: Instant,
+    /// The live settings as they were when the request arrived: one snapshot for the whole
+    /// request, so a reload mid-request never mixes limits.
+    live: Arc<Live>,
     upstream_status: u16,
     /// `ININ-Correlation-Id` of the upstream answer, kept only for the access log.
     correlation_id: Option<String>,
@@ -86,6 +87,67 @@ async fn respond(session: &mut Session, refusal: Refusal) -> Result<()> {
 }
 
 impl GenesysProxy {
+    /// Records what every upstream answer tells: status, correlation id (for the access log),
+    /// the rate-limit headers, and 401/429 counts for metrics and the anomaly detector.
+    fn observe_upstream(&self, upstream: &ResponseHeader, ctx: &mut RequestCtx) {
+        let metrics = &self.state.metrics;
+        ctx.upstream_status = upstream.status.as_u16();
+        if ctx.live.log.access_log {
+            ctx.correlation_id = upstream
+                .headers
+                .get("inin-correlation-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+        }
+        if let (Some(count), Some(allowed)) = (
+            header_u64(upstream, "inin-ratelimit-count"),
+            header_u64(upstream, "inin-ratelimit-allowed"),
+        ) {
+            metrics
+                .upstream_ratelimit_remaining
+                .set(allowed.saturating_sub(count) as i64);
+        }
+        match ctx.upstream_status {
+            401 => {
+                metrics.upstream_unauthorized_total.inc();
+                self.state.anomaly.observe(Kind::UnauthorizedSpike);
+            }
+            429 => {
+                metrics.upstream_rate_limited_total.inc();
+                self.state.anomaly.observe(Kind::RateLimitStorm);
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether a request that got a 401 can be replayed (see [`replayable`]); counts a body
+    /// too large to replay.
+    fn may_replay(&self, session: &Session, ctx: &RequestCtx) -> bool {
+        let content_length = session
+            .req_header()
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let downstream = session.as_downstream();
+        let ok = replayable(
+            ctx.replayed,
+            content_length,
+            downstream.body_bytes_read() as u64,
+            downstream.retry_buffer_truncated(),
+            ctx.live.proxy.replay_body_limit_bytes,
+        );
+        // A refused second replay is counted in `logging`; here only the too-large case.
+        if !ok && !ctx.replayed {
+            self.state
+                .metrics
+                .replays_total
+                .with_label_values(&["body_too_large"])
+                .inc();
+        }
+        ok
+    }
+
     async fn refuse(&self, session: &mut Session, refusal: Refusal) -> Result<bool> {
         self.state
             .metrics
@@ -104,6 +166,7 @@ impl ProxyHttp for GenesysProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
+            live: self.state.live.load_full(),
             upstream_status: 0,
             correlation_id: None,
             token: None,
@@ -113,7 +176,7 @@ impl ProxyHttp for GenesysProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let settings = self.state.settings.load();
+        let settings = &ctx.live.proxy;
         let ip = session
             .client_addr()
             .and_then(PingoraAddr::as_inet)
@@ -127,14 +190,10 @@ impl ProxyHttp for GenesysProxy {
         ) {
             return self.refuse(session, Refusal::PathNotAllowed).await;
         }
+        let wait = settings.token_wait_timeout;
         let token = match self.state.store.valid(Instant::now()) {
             Some(t) => Some(t),
-            None => {
-                self.state
-                    .store
-                    .wait_valid(settings.token_wait_timeout)
-                    .await
-            }
+            None => self.state.store.wait_valid(wait).await,
         };
         match token {
             Some(t) => {
@@ -161,7 +220,7 @@ impl ProxyHttp for GenesysProxy {
                 "the Genesys API host has not resolved yet",
             );
         };
-        let settings = self.state.settings.load();
+        let settings = &ctx.live.proxy;
         // SNI is always the API host: an empty SNI would disable certificate checks.
         let mut peer = HttpPeer::new(addr, self.state.api.tls, self.state.api.host.clone());
         peer.options.connection_timeout = Some(settings.upstream_connect_timeout);
@@ -198,90 +257,25 @@ impl ProxyHttp for GenesysProxy {
         upstream: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let metrics = &self.state.metrics;
-        ctx.upstream_status = upstream.status.as_u16();
-        if self.state.access_log.load(Ordering::Relaxed) {
-            ctx.correlation_id = upstream
-                .headers
-                .get("inin-correlation-id")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-        }
-        if let (Some(count), Some(allowed)) = (
-            header_u64(upstream, "inin-ratelimit-count"),
-            header_u64(upstream, "inin-ratelimit-allowed"),
-        ) {
-            metrics
-                .upstream_ratelimit_remaining
-                .set(allowed.saturating_sub(count) as i64);
-        }
-        match upstream.status.as_u16() {
-            401 => {}
-            429 => {
-                metrics.upstream_rate_limited_total.inc();
-                self.state.anomaly.observe(Kind::RateLimitStorm);
-                return Ok(());
-            }
-            _ => return Ok(()),
-        }
-        metrics.upstream_unauthorized_total.inc();
-        self.state.anomaly.observe(Kind::UnauthorizedSpike);
-        let Some(used) = ctx.token.clone() else {
+        self.observe_upstream(upstream, ctx);
+        let Some(used) = ctx.token.clone().filter(|_| upstream.status == 401) else {
             return Ok(());
         };
-        let settings = self.state.settings.load();
-        let req = session.req_header();
-        let content_length = req
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        let downstream = session.as_downstream();
-        if !replayable(
-            ctx.replayed,
-            content_length,
-            downstream.body_bytes_read() as u64,
-            downstream.retry_buffer_truncated(),
-            settings.replay_body_limit_bytes,
-        ) {
-            // A refused replay is counted in `logging`; here only the too-large case.
-            if !ctx.replayed {
-                metrics
-                    .replays_total
-                    .with_label_values(&["body_too_large"])
-                    .inc();
-            }
-            // Tell the refresher anyway: the token is dead for the next request. A refused
-            // pre-rotation token is not offered again.
-            self.state.store.report_rejected(used.generation);
-            self.state.store.drop_fallback(used.generation);
+        if !self.may_replay(session, ctx) {
+            // Tell the refresher anyway: the token is dead for the next request.
+            self.state.store.reject(&used);
             return Ok(());
         }
-        self.state.store.report_rejected(used.generation);
-        // During a secret rotation the token from before it is still valid: try it first.
-        if let Some(fallback) = self
-            .state
-            .store
-            .fallback_valid(Instant::now())
-            .filter(|f| f.generation < used.generation)
-        {
-            ctx.token = Some(fallback);
-            ctx.replayed = true;
-            return Err(replay_error());
-        }
-        match self
-            .state
-            .store
-            .wait_newer(used.generation, settings.refresh_wait_timeout)
-            .await
-        {
-            Some(fresh) => {
-                ctx.token = Some(fresh);
+        let wait = ctx.live.proxy.refresh_wait_timeout;
+        match self.state.store.replacement_for(&used, wait).await {
+            Some(replacement) => {
+                ctx.token = Some(replacement);
                 ctx.replayed = true;
                 Err(replay_error())
             }
             None => {
-                metrics
+                self.state
+                    .metrics
                     .replays_total
                     .with_label_values(&["no_new_token"])
                     .inc();
@@ -390,7 +384,7 @@ impl ProxyHttp for GenesysProxy {
             };
             metrics.replays_total.with_label_values(&[outcome]).inc();
         }
-        if self.state.access_log.load(Ordering::Relaxed) {
+        if ctx.live.log.access_log {
             let req = session.req_header();
             let client = session
                 .client_addr()

@@ -110,12 +110,13 @@ impl TokenEndpoint {
 
     /// The endpoint a validated config describes (token URL, API base, timeouts, `ca_file`).
     pub fn for_config(config: &crate::config::Config) -> Result<Self, String> {
+        let r = &config.restart;
         Self::new(
-            config.genesys.token_url.clone(),
-            &config.genesys.api.base_url(),
-            config.token.connect_timeout,
-            config.token.request_timeout,
-            config.genesys.ca_certs.as_deref(),
+            r.genesys.token_url.clone(),
+            &r.genesys.api.base_url(),
+            r.token.connect_timeout,
+            r.token.request_timeout,
+            r.genesys.ca_certs.as_deref(),
         )
     }
 

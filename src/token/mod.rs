@@ -2,13 +2,15 @@
 //!
 //! - [`secret`]: secrets and tokens that cannot be printed.
 //! - [`endpoint`]: the token endpoint client and the failure classes.
-//! - [`schedule`]: when to refresh and how long to back off (pure functions).
-//! - [`store`]: the current token in an `ArcSwap`, and the 401 → refresh hand-off.
-//! - [`refresher`]: the one task that mints tokens; `rotation` is its secret-rotation half.
+//! - [`schedule`]: when to refresh, how long to back off, what the refresher does next (pure
+//!   functions).
+//! - [`minter`]: one validated token from one secret, under the per-minute cap.
+//! - [`store`]: the current token in an `ArcSwap`, and the 401 → replacement hand-off.
+//! - [`refresher`]: the one task that mints tokens (refresh and secret rotation).
 
 pub mod endpoint;
+pub mod minter;
 pub mod refresher;
-mod rotation;
 pub mod schedule;
 pub mod secret;
 pub mod store;

@@ -1,30 +1,33 @@
 //! The refresher: the only code that calls the token endpoint, so single-flight holds by
-//! construction. It sleeps until the proactive refresh time, a request reporting a 401 for the
-//! current generation, or a command (secret rotation); mints (falling back to the previous
-//! secret on `invalid_client`), validates, publishes, and backs off with jitter on failure
-//! without ever giving up for good. While refreshes fail, the current token keeps serving until
-//! it expires.
+//! construction. Its loop is only a loop (observe → decide → act → sleep); when to mint is the
+//! pure [`schedule::next_step`], how to mint is the [`Minter`].
+//!
+//! A normal refresh mints with the current secret, falling back to the previous secret on
+//! `invalid_client`, and backs off with jitter on failure without ever giving up for good;
+//! while refreshes fail, the current token keeps serving until it expires.
 //!
 //! Rotation ([`Command::Rotate`]): mint and validate with the new secret *before* anything is
 //! swapped. Success swaps credentials and token atomically and keeps the old token as fallback
-//! until it expires; failure keeps everything as it was and retries with backoff for the
-//! configured window (the new secret may not be active at Genesys yet).
+//! for the rotation window; failure keeps everything as it was and retries with backoff for
+//! `token.rotation_retry_window_seconds` (the new secret may not be active at Genesys yet).
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
-use super::endpoint::{MintError, Minted, TokenEndpoint};
-use super::schedule::{backoff, refresh_delay, FailureClass};
+use super::endpoint::{MintError, TokenEndpoint};
+use super::minter::Minter;
+use super::schedule::{
+    self, backoff, refresh_delay, Facts, FailureClass, HeldToken, Reason, RetryWindow, Step,
+};
 use super::secret::Secret;
 use super::store::{Token, TokenSource, TokenStore};
 use crate::anomaly::{AnomalyMonitor, Kind};
-use crate::audit::AuditLog;
-use crate::config::{TokenSettings, Validation};
+use crate::audit::{AuditEvent, AuditLog};
+use crate::config::Live;
 use crate::metrics::Metrics;
 use crate::sync::lock;
 
@@ -59,273 +62,196 @@ pub enum Command {
     SetPrevious(Option<Secret>),
 }
 
-pub struct Refresher {
+/// What the refresher shares with the rest of the process.
+pub struct Shared {
     pub store: Arc<TokenStore>,
-    pub endpoint: TokenEndpoint,
-    pub credentials: Credentials,
-    pub settings: Arc<ArcSwap<TokenSettings>>,
+    pub live: Arc<ArcSwap<Live>>,
     pub metrics: Arc<Metrics>,
     pub audit: Arc<AuditLog>,
-    pub info: Arc<Mutex<RefreshInfo>>,
-    pub commands: mpsc::Receiver<Command>,
     pub anomaly: Arc<AnomalyMonitor>,
+    pub info: Arc<Mutex<RefreshInfo>>,
 }
 
-/// Why the refresher is about to mint.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Reason {
-    Initial,
-    Proactive,
-    Rejected,
-    Expired,
-    Rotation,
+/// A rotation that failed and is retried until its window closes.
+struct PendingRotation {
+    credentials: Credentials,
+    window: RetryWindow,
+    failures: u32,
 }
 
-impl Reason {
-    fn as_str(self) -> &'static str {
-        match self {
-            Reason::Initial => "initial",
-            Reason::Proactive => "proactive",
-            Reason::Rejected => "rejected_upstream",
-            Reason::Expired => "expired",
-            Reason::Rotation => "rotation",
-        }
-    }
+pub struct Refresher {
+    shared: Shared,
+    minter: Minter,
+    credentials: Credentials,
+    commands: mpsc::Receiver<Command>,
+    failures: u32,
+    backoff_until: Option<Instant>,
+    /// When the held token is due for its proactive refresh (set when it is published).
+    refresh_at: Option<Instant>,
+    /// The highest rejected generation already audited.
+    noticed_rejection: u64,
+    pending: Option<PendingRotation>,
 }
-
-/// A rotation that failed and is retried until `deadline`.
-pub(super) struct PendingRotation {
-    pub(super) credentials: Credentials,
-    pub(super) deadline: Instant,
-    pub(super) next_try: Instant,
-    pub(super) failures: u32,
-}
-
-/// The refresher's private, mutable state.
-pub(super) struct Loop {
-    pub(super) failures: u32,
-    pub(super) recent: VecDeque<Instant>,
-    pub(super) refresh_at: Option<(u64, Instant)>,
-    pub(super) reported_rejection: u64,
-    pub(super) pending: Option<PendingRotation>,
-    /// When the normal path may mint again after a failure.
-    pub(super) backoff_until: Option<Instant>,
-}
-
-pub(super) const MINUTE: Duration = Duration::from_secs(60);
 
 impl Refresher {
-    /// Runs until `shutdown` turns true.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut st = Loop {
+    pub fn new(
+        shared: Shared,
+        endpoint: TokenEndpoint,
+        credentials: Credentials,
+        commands: mpsc::Receiver<Command>,
+    ) -> Self {
+        let minter = Minter::new(
+            endpoint,
+            shared.live.clone(),
+            shared.metrics.clone(),
+            shared.audit.clone(),
+        );
+        Refresher {
+            shared,
+            minter,
+            credentials,
+            commands,
             failures: 0,
-            recent: VecDeque::new(),
-            refresh_at: None,
-            reported_rejection: 0,
-            pending: None,
             backoff_until: None,
-        };
-        loop {
-            if *shutdown.borrow() {
-                return;
-            }
+            refresh_at: None,
+            noticed_rejection: 0,
+            pending: None,
+        }
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: crate::shutdown::Shutdown) {
+        while !shutdown.is_set() {
             while let Ok(cmd) = self.commands.try_recv() {
-                self.handle(cmd, &mut st).await;
+                self.handle(cmd).await;
             }
             let now = Instant::now();
-            if let Some((deadline, next_try, creds)) = st
-                .pending
-                .as_ref()
-                .map(|p| (p.deadline, p.next_try, p.credentials.clone()))
-            {
-                if now >= deadline {
-                    let fp = creds.secret.fingerprint();
-                    self.audit.record("SECRET_ROTATION_FAILED", json!({"final": true, "new_secret": fp, "reason": "retry window over; keeping the current secret"}), None);
-                    self.info().pending_rotation = None;
-                    st.pending = None;
-                } else if now >= next_try && self.under_cap(&mut st, now) {
-                    let _ = self.try_rotate(creds, &mut st).await;
-                    continue;
-                }
-            }
-            let settings = self.settings.load_full();
-            let reason = self.due(&mut st, now, &settings);
-            let wake = match reason {
-                Some(_) if st.backoff_until.is_some_and(|t| now < t) => st.backoff_until,
-                Some(_) if !self.under_cap(&mut st, now) => st.recent.front().map(|t| *t + MINUTE),
-                Some(reason) => {
-                    self.refresh(reason, &mut st, &settings).await;
-                    continue;
-                }
-                None => st.refresh_at.map(|(_, at)| at),
-            };
-            let wake = [
-                wake,
-                st.pending.as_ref().map(|p| p.next_try.min(p.deadline)),
-            ]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(now + Duration::from_secs(3600));
-            tokio::select! {
-                _ = tokio::time::sleep_until(wake.into()) => {}
-                _ = self.store.woken() => {}
-                cmd = self.commands.recv() => if let Some(cmd) = cmd { self.handle(cmd, &mut st).await },
-                _ = shutdown.changed() => return,
+            self.notice_rejection(now);
+            match schedule::next_step(&self.facts(now)) {
+                Step::Mint(reason) => self.refresh(reason).await,
+                Step::RetryRotation => self.retry_rotation().await,
+                Step::AbandonRotation => self.abandon_rotation(),
+                Step::Sleep(until) => tokio::select! {
+                    _ = tokio::time::sleep_until(until.into()) => {}
+                    _ = self.shared.store.woken() => {}
+                    cmd = self.commands.recv() => if let Some(cmd) = cmd { self.handle(cmd).await },
+                    _ = shutdown.wait() => return,
+                },
             }
         }
     }
 
-    pub(super) fn info(&self) -> std::sync::MutexGuard<'_, RefreshInfo> {
-        lock(&self.info)
-    }
-
-    /// Is a mint due now, and why?
-    fn due(&self, st: &mut Loop, now: Instant, settings: &TokenSettings) -> Option<Reason> {
-        let current = self.store.current();
-        match &current {
-            None => Some(Reason::Initial),
-            Some(t) if self.store.rejected_generation() >= t.generation => {
-                if st.reported_rejection < t.generation {
-                    st.reported_rejection = t.generation;
-                    // A 401 for a fresh token is news; it also clears any backoff: the token
-                    // we hold is dead, waiting helps nobody.
-                    st.backoff_until = None;
-                    self.anomaly
-                        .token_rejected(now.duration_since(t.acquired_at));
-                    self.audit.record(
-                        "TOKEN_REJECTED_UPSTREAM",
-                        json!({"generation": t.generation, "age_seconds": now.duration_since(t.acquired_at).as_secs()}),
-                        Some(&t.fingerprint),
-                    );
-                }
-                Some(Reason::Rejected)
-            }
-            Some(t) if !t.is_valid_at(now) => Some(Reason::Expired),
-            Some(t) => match st.refresh_at {
-                Some((g, at)) if g == t.generation && now < at => None,
-                Some((g, _)) if g == t.generation => Some(Reason::Proactive),
-                _ => {
-                    let at = t.acquired_at
-                        + refresh_delay(t.lifetime, settings.refresh_before_expiry, rand::random());
-                    st.refresh_at = Some((t.generation, at));
-                    (now >= at).then_some(Reason::Proactive)
-                }
-            },
+    fn facts(&self, now: Instant) -> Facts {
+        let store = &self.shared.store;
+        Facts {
+            now,
+            token: store.current().map(|t| HeldToken {
+                generation: t.generation,
+                expires_at: t.expires_at,
+            }),
+            rejected_generation: store.rejected_generation(),
+            refresh_at: self.refresh_at,
+            backoff_until: self.backoff_until,
+            cap_free_at: self.minter.cap_free_at(now),
+            rotation: self.pending.as_ref().map(|p| p.window),
         }
     }
 
-    /// The client-side cap on token requests per minute.
-    pub(super) fn under_cap(&self, st: &mut Loop, now: Instant) -> bool {
-        while st
-            .recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= MINUTE)
+    /// A 401 reported for a token not yet audited as rejected: audit it, feed the anomaly
+    /// detector, and drop any backoff (the held token is dead; waiting helps nobody).
+    fn notice_rejection(&mut self, now: Instant) {
+        let Some(t) = self.shared.store.current() else {
+            return;
+        };
+        if self.shared.store.rejected_generation() < t.generation
+            || self.noticed_rejection >= t.generation
         {
-            st.recent.pop_front();
+            return;
         }
-        let cap = self.settings.load().max_token_requests_per_minute as usize;
-        if st.recent.len() >= cap {
-            tracing::warn!(cap, "token request cap reached; waiting");
-            return false;
-        }
-        true
+        self.noticed_rejection = t.generation;
+        self.backoff_until = None;
+        let age = now.duration_since(t.acquired_at);
+        self.shared.anomaly.token_rejected(age);
+        self.shared.audit.record(
+            AuditEvent::TokenRejectedUpstream,
+            json!({"generation": t.generation, "age_seconds": age.as_secs()}),
+            Some(&t.fingerprint),
+        );
+    }
+
+    fn info(&self) -> std::sync::MutexGuard<'_, RefreshInfo> {
+        lock(&self.shared.info)
     }
 
     /// A normal refresh: current secret, then previous on `invalid_client`.
-    async fn refresh(&mut self, reason: Reason, st: &mut Loop, settings: &TokenSettings) {
+    async fn refresh(&mut self, reason: Reason) {
         let started = Instant::now();
-        let generation = self.store.generation() + 1;
-        let current = self.store.current();
-        st.recent.push_back(started);
-        let client_id = self.credentials.client_id.clone();
+        let generation = self.shared.store.generation() + 1;
+        let held = self.shared.store.current();
+        let Credentials {
+            client_id,
+            secret,
+            previous,
+        } = self.credentials.clone();
         let mut result = self
-            .mint_counted(&client_id, &self.credentials.secret)
-            .await
-            .map(|m| (m, TokenSource::Current));
-        if let (Err(MintError::InvalidClient), Some(previous)) =
-            (&result, self.credentials.previous.clone())
-        {
-            st.recent.push_back(Instant::now());
+            .minter
+            .mint(&client_id, &secret, generation, TokenSource::Current)
+            .await;
+        if let (Err(MintError::InvalidClient), Some(previous)) = (&result, previous) {
             result = self
-                .mint_counted(&client_id, &previous)
-                .await
-                .map(|m| (m, TokenSource::Previous));
+                .minter
+                .mint(&client_id, &previous, generation, TokenSource::Previous)
+                .await;
         }
-        let result = match result {
-            Ok((minted, source)) => match self.validate(&minted, settings).await {
-                Ok(()) => build_token(&minted, generation, started, source).map(|t| (minted, t)),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
         match result {
-            Ok((minted, token)) => {
-                st.failures = 0;
-                st.backoff_until = None;
-                self.metrics
+            Ok(token) => {
+                self.shared
+                    .metrics
                     .token_refresh_duration_seconds
                     .observe(started.elapsed().as_secs_f64());
                 if token.source == TokenSource::Previous {
-                    self.audit.record(
-                        "FALLBACK_TO_PREVIOUS_SECRET",
+                    self.shared.audit.record(
+                        AuditEvent::FallbackToPreviousSecret,
                         json!({"generation": generation, "reason": "current secret refused (invalid_client)"}),
                         Some(&token.fingerprint),
                     );
                 }
-                self.accept(token, &minted, reason);
+                self.accept(token, reason);
             }
             Err(e) => {
-                st.failures = st.failures.saturating_add(1);
-                let delay = backoff(
-                    st.failures,
-                    failure_class(&e),
-                    settings.backoff_initial,
-                    settings.backoff_max,
-                    rand::random(),
-                );
-                st.backoff_until = Some(Instant::now() + delay);
-                self.note_failure(&e, st.failures, delay, current.as_deref());
+                self.failures = self.failures.saturating_add(1);
+                let delay = self.backoff_after(self.failures, &e);
+                self.backoff_until = Some(Instant::now() + delay);
+                self.note_failure(&e, delay, held.as_deref());
             }
         }
     }
 
-    pub(super) async fn validate(
-        &self,
-        minted: &Minted,
-        settings: &TokenSettings,
-    ) -> Result<(), MintError> {
-        if settings.validation != Validation::TokensMe {
-            return Ok(());
-        }
-        let result = self.endpoint.validate(&minted.access_token).await;
-        if let Err(e) = &result {
-            self.metrics
-                .token_requests_total
-                .with_label_values(&["validation_failed"])
-                .inc();
-            self.audit.record(
-                "TOKEN_VALIDATION_FAILED",
-                json!({"error": e.to_string()}),
-                Some(&minted.access_token.fingerprint()),
-            );
-        }
-        result
+    fn backoff_after(&self, failures: u32, e: &MintError) -> Duration {
+        let live = self.shared.live.load();
+        backoff(
+            failures,
+            failure_class(e),
+            live.token.backoff_initial,
+            live.token.backoff_max,
+            rand::random(),
+        )
     }
 
     /// Publishes a validated token and records it everywhere.
-    pub(super) fn accept(&self, token: Token, minted: &Minted, reason: Reason) {
-        let source = token.source;
-        let generation = token.generation;
-        self.metrics.token_expiry_timestamp_seconds.set(
+    fn accept(&mut self, token: Token, reason: Reason) {
+        self.failures = 0;
+        self.backoff_until = None;
+        let live = self.shared.live.load();
+        let (m, source, generation) = (&self.shared.metrics, token.source, token.generation);
+        m.token_expiry_timestamp_seconds.set(
             token
                 .expires_at_wall
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs_f64(),
         );
-        self.metrics
-            .token_fallback_active
+        m.token_fallback_active
             .set(i64::from(source == TokenSource::Previous));
         {
             let mut info = self.info();
@@ -334,55 +260,49 @@ impl Refresher {
             info.consecutive_failures = 0;
             info.last_error = None;
         }
-        self.audit.record(
-            "TOKEN_ACQUIRED",
+        let expires_in = token.lifetime.as_secs();
+        self.shared.audit.record(
+            AuditEvent::TokenAcquired,
             json!({
                 "generation": generation,
-                "expires_in_seconds": minted.expires_in.as_secs(),
+                "expires_in_seconds": expires_in,
                 "source": source.as_str(),
                 "reason": reason.as_str(),
             }),
             Some(&token.fingerprint),
         );
-        tracing::info!(generation, fingerprint = %token.fingerprint, expires_in_seconds = minted.expires_in.as_secs(), source = source.as_str(), reason = reason.as_str(), "token acquired");
-        if matches!(reason, Reason::Rotation) {
-            let window = self.settings.load().rotation_retry_window;
-            self.store.publish_rotated(token, window);
+        tracing::info!(generation, fingerprint = %token.fingerprint, expires_in_seconds = expires_in, source = source.as_str(), reason = reason.as_str(), "token acquired");
+        self.refresh_at = Some(
+            token.acquired_at
+                + refresh_delay(
+                    token.lifetime,
+                    live.token.refresh_before_expiry,
+                    rand::random(),
+                ),
+        );
+        if reason == Reason::Rotation {
+            self.shared
+                .store
+                .publish_rotated(token, live.token.rotation_retry_window);
         } else {
-            self.store.publish(token);
+            self.shared.store.publish(token);
         }
     }
 
-    pub(super) async fn mint_counted(
-        &self,
-        client_id: &str,
-        secret: &Secret,
-    ) -> Result<Minted, MintError> {
-        let result = self.endpoint.mint(client_id, secret).await;
-        let outcome = match &result {
-            Ok(_) => "success",
-            Err(e) => e.outcome(),
-        };
-        self.metrics
-            .token_requests_total
-            .with_label_values(&[outcome])
-            .inc();
-        result
-    }
-
-    fn note_failure(&self, e: &MintError, failures: u32, delay: Duration, current: Option<&Token>) {
+    fn note_failure(&self, e: &MintError, delay: Duration, held: Option<&Token>) {
         self.observe_failure(e);
+        let failures = self.failures;
         {
             let mut info = self.info();
             info.consecutive_failures = failures;
             info.last_error = Some(e.to_string());
         }
-        let still_valid = current.is_some_and(|t| t.is_valid_at(Instant::now()));
+        let still_valid = held.is_some_and(|t| t.is_valid_at(Instant::now()));
         let event = match e {
-            MintError::RateLimited => "TOKEN_RATE_LIMITED",
-            _ => "TOKEN_REFRESH_FAILED",
+            MintError::RateLimited => AuditEvent::TokenRateLimited,
+            _ => AuditEvent::TokenRefreshFailed,
         };
-        self.audit.record(
+        self.shared.audit.record(
             event,
             json!({
                 "outcome": e.outcome(),
@@ -391,49 +311,164 @@ impl Refresher {
                 "retry_in_ms": delay.as_millis() as u64,
                 "current_token_still_valid": still_valid,
             }),
-            current.map(|t| t.fingerprint.as_str()),
+            held.map(|t| t.fingerprint.as_str()),
         );
         tracing::warn!(outcome = e.outcome(), error = %e, consecutive_failures = failures, retry_in_ms = delay.as_millis() as u64, current_token_still_valid = still_valid, "token refresh failed");
     }
-}
 
-impl Refresher {
     /// Feeds the anomaly detector with one failed token call.
-    pub(super) fn observe_failure(&self, e: &MintError) {
-        self.anomaly.observe(Kind::RefreshFailures);
+    fn observe_failure(&self, e: &MintError) {
+        let anomaly = &self.shared.anomaly;
+        anomaly.observe(Kind::RefreshFailures);
         match e {
-            MintError::InvalidClient => self.anomaly.observe(Kind::InvalidClient),
-            MintError::RateLimited => self.anomaly.observe(Kind::RateLimitStorm),
+            MintError::InvalidClient => anomaly.observe(Kind::InvalidClient),
+            MintError::RateLimited => anomaly.observe(Kind::RateLimitStorm),
             _ => {}
         }
     }
+
+    async fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::SetPrevious(previous) => self.credentials.previous = previous,
+            Command::Rotate { credentials, reply } => {
+                let result = if credentials == self.credentials {
+                    self.pending = None;
+                    self.info().pending_rotation = None;
+                    Ok(self.shared.store.generation())
+                } else {
+                    self.rotate(credentials).await
+                };
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    async fn retry_rotation(&mut self) {
+        if let Some(credentials) = self.pending.as_ref().map(|p| p.credentials.clone()) {
+            let _ = self.rotate(credentials).await;
+        }
+    }
+
+    /// One rotation attempt: mint and validate with the new credentials, then swap.
+    async fn rotate(&mut self, new: Credentials) -> Result<u64, String> {
+        let generation = self.shared.store.generation() + 1;
+        let result = self
+            .minter
+            .mint(
+                &new.client_id,
+                &new.secret,
+                generation,
+                TokenSource::Current,
+            )
+            .await;
+        match result {
+            Ok(token) => {
+                self.rotated(new, token);
+                Ok(generation)
+            }
+            Err(e) => {
+                self.rotation_failed(new, &e);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn rotated(&mut self, new: Credentials, token: Token) {
+        let (old_fp, new_fp) = (
+            self.credentials.secret.fingerprint(),
+            new.secret.fingerprint(),
+        );
+        let previous = new
+            .previous
+            .clone()
+            .or_else(|| Some(self.credentials.secret.clone()));
+        self.credentials = Credentials { previous, ..new };
+        self.pending = None;
+        self.shared
+            .metrics
+            .secret_rotations_total
+            .with_label_values(&["success"])
+            .inc();
+        let generation = token.generation;
+        self.shared.audit.record(
+            AuditEvent::SecretRotated,
+            json!({"generation": generation, "old_secret": old_fp, "new_secret": new_fp}),
+            Some(&token.fingerprint),
+        );
+        {
+            let mut info = self.info();
+            info.pending_rotation = None;
+            info.last_rotation_error = None;
+        }
+        self.accept(token, Reason::Rotation);
+        tracing::info!(generation, new_secret_fingerprint = %new_fp, "client secret rotated");
+    }
+
+    fn rotation_failed(&mut self, new: Credentials, e: &MintError) {
+        self.shared
+            .metrics
+            .secret_rotations_total
+            .with_label_values(&["failed"])
+            .inc();
+        // A refused or throttled new secret is as telling as on a normal refresh.
+        if matches!(e, MintError::InvalidClient | MintError::RateLimited) {
+            self.observe_failure(e);
+        }
+        let now = Instant::now();
+        let (deadline, failures) = match &self.pending {
+            Some(p) if p.credentials.secret == new.secret => (p.window.deadline, p.failures + 1),
+            _ => (now + self.shared.live.load().token.rotation_retry_window, 1),
+        };
+        let delay = self.backoff_after(failures, e);
+        let retry_until = SystemTime::now() + deadline.saturating_duration_since(now);
+        let new_fp = new.secret.fingerprint();
+        self.shared.audit.record(
+            AuditEvent::SecretRotationFailed,
+            json!({
+                "new_secret": new_fp,
+                "outcome": e.outcome(),
+                "error": e.to_string(),
+                "attempt": failures,
+                "retry_in_ms": delay.as_millis() as u64,
+                "retry_until": humantime::format_rfc3339_seconds(retry_until).to_string(),
+            }),
+            self.shared
+                .store
+                .current()
+                .map(|t| t.fingerprint.clone())
+                .as_deref(),
+        );
+        {
+            let mut info = self.info();
+            info.pending_rotation = Some((new_fp.clone(), retry_until));
+            info.last_rotation_error = Some(e.to_string());
+        }
+        tracing::warn!(new_secret_fingerprint = %new_fp, error = %e, attempt = failures, "secret rotation failed; keeping the current secret and retrying");
+        self.pending = Some(PendingRotation {
+            credentials: new,
+            window: RetryWindow {
+                next_try: now + delay,
+                deadline,
+            },
+            failures,
+        });
+    }
+
+    fn abandon_rotation(&mut self) {
+        if let Some(p) = self.pending.take() {
+            self.shared.audit.record(
+                AuditEvent::SecretRotationFailed,
+                json!({"final": true, "new_secret": p.credentials.secret.fingerprint(), "reason": "retry window over; keeping the current secret"}),
+                None,
+            );
+        }
+        self.info().pending_rotation = None;
+    }
 }
 
-pub(super) fn failure_class(e: &MintError) -> FailureClass {
+fn failure_class(e: &MintError) -> FailureClass {
     match e {
         MintError::InvalidClient | MintError::RateLimited => FailureClass::Harsh,
         _ => FailureClass::Transient,
     }
-}
-
-pub(super) fn build_token(
-    minted: &Minted,
-    generation: u64,
-    acquired_at: Instant,
-    source: TokenSource,
-) -> Result<Token, MintError> {
-    let mut header =
-        http::HeaderValue::from_str(&format!("Bearer {}", minted.access_token.expose()))
-            .map_err(|_| MintError::InvalidResponse("token is not a valid header value".into()))?;
-    header.set_sensitive(true);
-    Ok(Token {
-        header,
-        fingerprint: minted.access_token.fingerprint(),
-        generation,
-        acquired_at,
-        expires_at: acquired_at + minted.expires_in,
-        expires_at_wall: SystemTime::now() + minted.expires_in,
-        lifetime: minted.expires_in,
-        source,
-    })
 }

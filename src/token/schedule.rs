@@ -1,8 +1,9 @@
 //! Timing policy as pure functions: when to refresh a token, how long to back off after a
-//! failure. No clocks and no randomness inside: callers pass the jitter in, so every rule here
-//! is checked by exhaustive property-style tests.
+//! failure, and what the refresher does next ([`next_step`]). No clocks and no randomness
+//! inside: callers pass the time and the jitter in, so every rule here is checked by
+//! exhaustive property-style tests.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Never refresh earlier than this fraction of the lifetime, whatever the margin says: a
 /// 300-second token with a 300-second margin is refreshed at about half-life, not at once.
@@ -56,6 +57,121 @@ pub fn backoff(
     let capped = base.min(max.as_secs_f64());
     let jitter = jitter.clamp(0.0, 1.0);
     Duration::from_secs_f64(capped * (0.5 + 0.5 * jitter))
+}
+
+/// How long the refresher sleeps when nothing at all is due.
+const IDLE: Duration = Duration::from_secs(3600);
+
+/// Why the refresher mints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Initial,
+    Proactive,
+    Rejected,
+    Expired,
+    Rotation,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Initial => "initial",
+            Reason::Proactive => "proactive",
+            Reason::Rejected => "rejected_upstream",
+            Reason::Expired => "expired",
+            Reason::Rotation => "rotation",
+        }
+    }
+}
+
+/// The held token, as far as scheduling cares.
+#[derive(Debug, Clone, Copy)]
+pub struct HeldToken {
+    pub generation: u64,
+    pub expires_at: Instant,
+}
+
+/// A rotation to a new secret that failed and is being retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryWindow {
+    pub next_try: Instant,
+    pub deadline: Instant,
+}
+
+/// Everything the refresher's next step depends on, read at one instant.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts {
+    pub now: Instant,
+    pub token: Option<HeldToken>,
+    /// The highest generation a request reported refused by the API.
+    pub rejected_generation: u64,
+    /// When the held token is due for its proactive refresh.
+    pub refresh_at: Option<Instant>,
+    /// After a failed mint, not before this.
+    pub backoff_until: Option<Instant>,
+    /// `Some` while the per-minute cap on token requests is reached: when it frees.
+    pub cap_free_at: Option<Instant>,
+    pub rotation: Option<RetryWindow>,
+}
+
+/// What the refresher does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Mint(Reason),
+    RetryRotation,
+    /// The rotation's retry window is over: keep the current secret.
+    AbandonRotation,
+    /// Nothing to do until this instant (or until woken).
+    Sleep(Instant),
+}
+
+/// Decides the refresher's next step. A token is minted when there is none, when a request
+/// reported the held one refused, when it expired, or when its proactive refresh is due; never
+/// during a backoff or past the per-minute cap. A pending rotation is retried at its time.
+pub fn next_step(f: &Facts) -> Step {
+    if let Some(r) = f.rotation {
+        if f.now >= r.deadline {
+            return Step::AbandonRotation;
+        }
+        if f.now >= r.next_try && f.cap_free_at.is_none() {
+            return Step::RetryRotation;
+        }
+    }
+    let wake = match mint_reason(f) {
+        Some(reason) => match (f.backoff_until.filter(|t| f.now < *t), f.cap_free_at) {
+            (Some(until), _) => Some(until),
+            (None, Some(free)) => Some(free),
+            (None, None) => return Step::Mint(reason),
+        },
+        None => f.refresh_at,
+    };
+    let rotation_wake = f.rotation.map(|r| {
+        // A due retry held back by the cap waits for the cap, not for its (past) time.
+        let next = match f.cap_free_at {
+            Some(free) if f.now >= r.next_try => free,
+            _ => r.next_try,
+        };
+        next.min(r.deadline)
+    });
+    Step::Sleep(
+        [wake, rotation_wake]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(f.now + IDLE),
+    )
+}
+
+fn mint_reason(f: &Facts) -> Option<Reason> {
+    match f.token {
+        None => Some(Reason::Initial),
+        Some(t) if f.rejected_generation >= t.generation => Some(Reason::Rejected),
+        Some(t) if f.now >= t.expires_at => Some(Reason::Expired),
+        Some(_) => f
+            .refresh_at
+            .filter(|at| f.now >= *at)
+            .map(|_| Reason::Proactive),
+    }
 }
 
 #[cfg(test)]
@@ -129,5 +245,117 @@ mod tests {
             }
         }
         assert_eq!(backoff(1, FailureClass::Harsh, init, max, 1.0), init * 8);
+    }
+
+    fn facts(now: Instant) -> Facts {
+        Facts {
+            now,
+            token: Some(HeldToken {
+                generation: 3,
+                expires_at: now + Duration::from_secs(100),
+            }),
+            rejected_generation: 0,
+            refresh_at: Some(now + Duration::from_secs(50)),
+            backoff_until: None,
+            cap_free_at: None,
+            rotation: None,
+        }
+    }
+
+    #[test]
+    fn a_healthy_token_sleeps_until_its_refresh() {
+        let now = Instant::now();
+        assert_eq!(
+            next_step(&facts(now)),
+            Step::Sleep(now + Duration::from_secs(50))
+        );
+        let due = Facts {
+            refresh_at: Some(now),
+            ..facts(now)
+        };
+        assert_eq!(next_step(&due), Step::Mint(Reason::Proactive));
+    }
+
+    #[test]
+    fn why_a_mint_is_due_in_order() {
+        let now = Instant::now();
+        assert_eq!(
+            next_step(&Facts {
+                token: None,
+                ..facts(now)
+            }),
+            Step::Mint(Reason::Initial)
+        );
+        let rejected = Facts {
+            rejected_generation: 3,
+            ..facts(now)
+        };
+        assert_eq!(next_step(&rejected), Step::Mint(Reason::Rejected));
+        let older_rejection = Facts {
+            rejected_generation: 2,
+            ..facts(now)
+        };
+        assert!(matches!(next_step(&older_rejection), Step::Sleep(_)));
+        let expired = Facts {
+            token: Some(HeldToken {
+                generation: 3,
+                expires_at: now,
+            }),
+            ..facts(now)
+        };
+        assert_eq!(next_step(&expired), Step::Mint(Reason::Expired));
+    }
+
+    #[test]
+    fn backoff_and_cap_hold_a_due_mint_back() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(2);
+        let backing_off = Facts {
+            token: None,
+            backoff_until: Some(later),
+            ..facts(now)
+        };
+        assert_eq!(next_step(&backing_off), Step::Sleep(later));
+        let capped = Facts {
+            token: None,
+            cap_free_at: Some(later),
+            ..facts(now)
+        };
+        assert_eq!(next_step(&capped), Step::Sleep(later));
+        let backoff_over = Facts {
+            token: None,
+            backoff_until: Some(now),
+            ..facts(now)
+        };
+        assert_eq!(next_step(&backoff_over), Step::Mint(Reason::Initial));
+    }
+
+    #[test]
+    fn rotation_retries_at_its_time_within_its_window() {
+        let now = Instant::now();
+        let s = Duration::from_secs(1);
+        let window = |next_try, deadline| Some(RetryWindow { next_try, deadline });
+        let f = Facts {
+            rotation: window(now, now + s),
+            ..facts(now)
+        };
+        assert_eq!(next_step(&f), Step::RetryRotation);
+        let f = Facts {
+            rotation: window(now + s, now + 5 * s),
+            ..facts(now)
+        };
+        assert_eq!(next_step(&f), Step::Sleep(now + s));
+        let f = Facts {
+            rotation: window(now, now),
+            ..facts(now)
+        };
+        assert_eq!(next_step(&f), Step::AbandonRotation);
+        // Due but capped: sleep until the cap frees, never spin on a past instant.
+        let f = Facts {
+            rotation: window(now, now + 5 * s),
+            cap_free_at: Some(now + 2 * s),
+            ..facts(now)
+        };
+        assert_eq!(next_step(&f), Step::Sleep(now + 2 * s));
     }
 }

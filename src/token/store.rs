@@ -1,8 +1,9 @@
 //! The current token: an immutable record in an `ArcSwap`, read lock-free once per request.
 //!
 //! The store is also the meeting point between requests and the refresher: a request that saw a
-//! 401 reports the generation it used ([`TokenStore::report_rejected`]) and waits for a newer one
-//! ([`TokenStore::wait_newer`]); the refresher is the only writer ([`TokenStore::publish`]).
+//! 401 asks one question, [`TokenStore::replacement_for`] the token it used, and the store
+//! reports the rejection to the refresher and answers with the pre-rotation fallback or a newer
+//! token; the refresher is the only writer ([`TokenStore::publish`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -132,7 +133,7 @@ impl TokenStore {
     }
 
     /// The fallback token was refused too: stop offering it.
-    pub fn drop_fallback(&self, generation: u64) {
+    fn drop_fallback(&self, generation: u64) {
         let current = self.fallback.load();
         if current
             .as_ref()
@@ -142,13 +143,36 @@ impl TokenStore {
         }
     }
 
+    /// A request's token `used` was refused by the API (401). Reports it (one refresh however
+    /// many requests report the same generation) and stops offering it as a fallback.
+    pub fn reject(&self, used: &Token) {
+        self.report_rejected(used.generation);
+        self.drop_fallback(used.generation);
+    }
+
+    /// The token to replay a request with after `used` was refused, waiting up to `timeout`
+    /// for the refresher: during a secret rotation the still-valid pre-rotation token comes
+    /// first; otherwise a token newer than every token known refused. `None` when none
+    /// arrives in time.
+    pub async fn replacement_for(&self, used: &Token, timeout: Duration) -> Option<Arc<Token>> {
+        self.reject(used);
+        if let Some(fallback) = self
+            .fallback_valid(Instant::now())
+            .filter(|f| f.generation < used.generation)
+        {
+            return Some(fallback);
+        }
+        let refused = used.generation.max(self.rejected_generation());
+        self.wait_newer(refused, timeout).await
+    }
+
     pub fn generation(&self) -> u64 {
         *self.generation_tx.borrow()
     }
 
     /// A request saw a 401 with `generation`: ask the refresher for a newer token. Many reports
     /// of the same generation cause one refresh.
-    pub fn report_rejected(&self, generation: u64) {
+    fn report_rejected(&self, generation: u64) {
         let previous = self.rejected.fetch_max(generation, Ordering::AcqRel);
         if previous < generation {
             self.wake.notify_one();
@@ -225,6 +249,30 @@ mod tests {
         assert!(s.current().is_some());
     }
 
+    #[tokio::test]
+    async fn a_refused_token_is_replaced_by_the_fallback_then_by_a_newer_one() {
+        let s = Arc::new(TokenStore::new());
+        s.publish(token(1, Duration::from_secs(60)));
+        s.publish_rotated(token(2, Duration::from_secs(60)), Duration::from_secs(30));
+        let new = s.current().unwrap();
+        let got = s
+            .replacement_for(&new, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(got.generation, 1, "the pre-rotation token first");
+        assert_eq!(s.rejected_generation(), 2);
+        let s2 = s.clone();
+        let waiter =
+            tokio::spawn(async move { s2.replacement_for(&got, Duration::from_secs(10)).await });
+        tokio::task::yield_now().await;
+        s.publish(token(3, Duration::from_secs(60)));
+        assert_eq!(waiter.await.unwrap().unwrap().generation, 3);
+        assert!(
+            s.fallback_valid(Instant::now()).is_none(),
+            "refused fallback dropped"
+        );
+    }
+
     #[test]
     fn rejected_reports_coalesce() {
         let s = TokenStore::new();
@@ -246,7 +294,7 @@ mod tests {
                 .is_none(),
             "only during the rotation window"
         );
-        s.drop_fallback(1);
+        s.reject(&s.fallback_valid(Instant::now()).unwrap());
         assert!(
             s.fallback_valid(Instant::now()).is_none(),
             "a refused fallback is dropped"

@@ -60,8 +60,16 @@ fn audit_verify_exit_codes() {
             metrics,
         )
         .unwrap();
-        a.record("PROXY_STARTED", json!({}), None);
-        a.record("PROXY_STOPPED", json!({}), None);
+        a.record(
+            genesys_auth_proxy::audit::AuditEvent::ProxyStarted,
+            json!({}),
+            None,
+        );
+        a.record(
+            genesys_auth_proxy::audit::AuditEvent::ProxyStopped,
+            json!({}),
+            None,
+        );
     }
     let out = Command::new(BIN)
         .arg("audit-verify")

@@ -1,0 +1,373 @@
+//! From the file mirror to the validated model: one builder per section, each applying its
+//! defaults and returning an error that names the key on the first bad value.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::file::{
+    AnomalySection, AuditSection, FileConfig, GenesysSection, LogSection, ProxySection,
+    TokenSection,
+};
+use super::model::*;
+use super::value::{load_ca_file, parse_addr, parse_url, secret_source};
+use super::ConfigError;
+use crate::region;
+
+/// The file being built: names it in errors and collects warnings.
+struct Builder<'a> {
+    file: &'a Path,
+    warnings: Vec<String>,
+}
+
+type Built<T> = Result<T, ConfigError>;
+
+impl Builder<'_> {
+    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_path_buf(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// A millisecond setting with its default; zero is refused (it would disable a timeout).
+    fn ms(&self, value: Option<u64>, default: u64, key: &str) -> Built<Duration> {
+        match value.unwrap_or(default) {
+            0 => Err(self.err(key, "must be greater than 0")),
+            v => Ok(Duration::from_millis(v)),
+        }
+    }
+
+    /// An event-count threshold with its default; zero is refused (it would never raise).
+    fn count(&self, value: Option<u32>, default: u32, key: &str) -> Built<u32> {
+        match value.unwrap_or(default) {
+            0 => Err(self.err(key, "must be at least 1")),
+            n => Ok(n),
+        }
+    }
+
+    fn addr(&self, value: Option<&str>, default: &str, key: &str) -> Built<SocketAddr> {
+        parse_addr(value.unwrap_or(default)).map_err(|m| self.err(key, m))
+    }
+}
+
+/// Applies defaults and validates. `file` names the source in error messages.
+pub fn config(raw: FileConfig, file: &Path) -> Built<Config> {
+    let mut b = Builder {
+        file,
+        warnings: Vec::new(),
+    };
+    let (proxy_restart, proxy_live) = proxy(&b, raw.proxy)?;
+    let admin = AdminSettings {
+        listen: b.addr(
+            raw.admin.listen.as_deref(),
+            "127.0.0.1:9090",
+            "admin.listen",
+        )?,
+    };
+    if admin.listen == proxy_restart.listen && admin.listen.port() != 0 {
+        return Err(b.err("admin.listen", "must differ from proxy.listen"));
+    }
+    let g = raw
+        .genesys
+        .ok_or_else(|| b.err("genesys", "section is required (client_id, client_secret)"))?;
+    let upstream = upstream(&b, &g)?;
+    let credentials = credentials(&mut b, g)?;
+    let (token_http, token_live) = token(&b, raw.token)?;
+    let (log_restart, log_live) = log(&b, raw.log)?;
+    Ok(Config {
+        restart: Restart {
+            proxy: proxy_restart,
+            admin,
+            genesys: upstream,
+            token: token_http,
+            audit: audit(&b, raw.audit)?,
+            log: log_restart,
+        },
+        live: Live {
+            proxy: proxy_live,
+            token: token_live,
+            log: log_live,
+            anomaly: anomaly(&b, raw.anomaly)?,
+        },
+        credentials,
+        warnings: b.warnings,
+    })
+}
+
+fn proxy(b: &Builder, p: ProxySection) -> Built<(ProxyRestart, ProxyLive)> {
+    let restart = ProxyRestart {
+        listen: b.addr(p.listen.as_deref(), "127.0.0.1:8080", "proxy.listen")?,
+        threads: match p.threads {
+            None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            Some(n) if (1..=256).contains(&n) => n,
+            Some(_) => return Err(b.err("proxy.threads", "must be between 1 and 256")),
+        },
+        reuse_port: p.reuse_port.unwrap_or(false),
+        dns_refresh: Duration::from_secs(p.dns_refresh_seconds.unwrap_or(30).max(1)),
+        shutdown_grace: Duration::from_secs(p.shutdown_grace_seconds.unwrap_or(30)),
+    };
+    let replay_body_limit_bytes = p
+        .replay_body_limit_bytes
+        .unwrap_or(PINGORA_RETRY_BUFFER_BYTES);
+    if replay_body_limit_bytes > PINGORA_RETRY_BUFFER_BYTES {
+        return Err(b.err(
+            "proxy.replay_body_limit_bytes",
+            format!("{replay_body_limit_bytes} exceeds pingora's 65536-byte retry buffer"),
+        ));
+    }
+    let live = ProxyLive {
+        allowed_client_cidrs: cidrs(b, p.allowed_client_cidrs)?,
+        allowed_path_prefixes: path_prefixes(b, p.allowed_path_prefixes)?,
+        replay_body_limit_bytes,
+        token_wait_timeout: b.ms(
+            p.token_wait_timeout_ms,
+            5_000,
+            "proxy.token_wait_timeout_ms",
+        )?,
+        refresh_wait_timeout: b.ms(
+            p.refresh_wait_timeout_ms,
+            5_000,
+            "proxy.refresh_wait_timeout_ms",
+        )?,
+        upstream_connect_timeout: b.ms(
+            p.upstream_connect_timeout_ms,
+            5_000,
+            "proxy.upstream_connect_timeout_ms",
+        )?,
+        upstream_read_timeout: b.ms(
+            p.upstream_read_timeout_ms,
+            60_000,
+            "proxy.upstream_read_timeout_ms",
+        )?,
+    };
+    Ok((restart, live))
+}
+
+fn cidrs(b: &Builder, raw: Option<Vec<String>>) -> Built<Vec<IpNet>> {
+    const KEY: &str = "proxy.allowed_client_cidrs";
+    let raw = raw.unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1/128".into()]);
+    if raw.is_empty() {
+        return Err(b.err(KEY, "must list at least one CIDR"));
+    }
+    raw.iter()
+        .map(|c| {
+            c.parse::<IpNet>()
+                .or_else(|_| c.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| b.err(KEY, format!("{c:?} is not a CIDR or IP address")))
+        })
+        .collect()
+}
+
+fn path_prefixes(b: &Builder, raw: Option<Vec<String>>) -> Built<Vec<String>> {
+    const KEY: &str = "proxy.allowed_path_prefixes";
+    let prefixes = raw.unwrap_or_else(|| vec!["/api/v2/".into()]);
+    if prefixes.is_empty() {
+        return Err(b.err(KEY, "must list at least one prefix"));
+    }
+    if let Some(bad) = prefixes
+        .iter()
+        .find(|p| !p.starts_with('/') || p.contains(".."))
+    {
+        return Err(b.err(
+            KEY,
+            format!("{bad:?} must start with '/' and contain no '..'"),
+        ));
+    }
+    Ok(prefixes)
+}
+
+/// Token URL and API target from `region`, `login_url` and `api_url`.
+fn upstream(b: &Builder, g: &GenesysSection) -> Built<UpstreamSettings> {
+    let region = g.region.as_deref().unwrap_or("us-east-1");
+    let domain = region::domain_for(region).ok_or_else(|| {
+        b.err(
+            "genesys.region",
+            format!("{region:?} is neither a known region nor a domain"),
+        )
+    })?;
+    let (login_default, api_default) = region::urls_for(&domain);
+    let login_url = parse_url(g.login_url.as_deref().unwrap_or(&login_default))
+        .map_err(|m| b.err("genesys.login_url", m))?;
+    let token_url = login_url
+        .join("/oauth/token")
+        .map_err(|e| b.err("genesys.login_url", e.to_string()))?;
+    let api_url = parse_url(g.api_url.as_deref().unwrap_or(&api_default))
+        .map_err(|m| b.err("genesys.api_url", m))?;
+    if !matches!(api_url.path(), "" | "/") || api_url.query().is_some() {
+        return Err(b.err(
+            "genesys.api_url",
+            "must be scheme://host[:port] with no path",
+        ));
+    }
+    let api = ApiTarget {
+        tls: api_url.scheme() == "https",
+        host: api_url
+            .host_str()
+            .unwrap_or_default()
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_string(),
+        port: api_url.port_or_known_default().unwrap_or(443),
+    };
+    let ca_certs = match &g.ca_file {
+        None => None,
+        Some(f) => Some(load_ca_file(Path::new(f)).map_err(|m| b.err("genesys.ca_file", m))?),
+    };
+    Ok(UpstreamSettings {
+        token_url,
+        api,
+        watch_secret_files: g.watch_secret_files.unwrap_or(true),
+        ca_certs,
+    })
+}
+
+/// Client id and secrets; each secret is read now so a bad one fails the load.
+fn credentials(b: &mut Builder, g: GenesysSection) -> Built<CredentialSettings> {
+    let client_id = g.client_id.unwrap_or_default();
+    if client_id.trim().is_empty() {
+        return Err(b.err("genesys.client_id", "is required and must not be empty"));
+    }
+    if client_id.contains(':') {
+        return Err(b.err("genesys.client_id", "must not contain ':'"));
+    }
+    let secret_ref = g.client_secret.ok_or_else(|| {
+        b.err(
+            "genesys.client_secret",
+            "is required: { env = \"NAME\" } or { file = \"/path\" }",
+        )
+    })?;
+    let (client_secret, client_secret_source) = secret(b, secret_ref, "genesys.client_secret")?;
+    let (previous_client_secret, previous_client_secret_source) = match g.previous_client_secret {
+        None => (None, None),
+        Some(r) => {
+            let (s, src) = secret(b, r, "genesys.previous_client_secret")?;
+            (Some(s), Some(src))
+        }
+    };
+    Ok(CredentialSettings {
+        client_id,
+        client_secret,
+        client_secret_source,
+        previous_client_secret,
+        previous_client_secret_source,
+    })
+}
+
+fn secret(
+    b: &mut Builder,
+    r: super::file::SecretRef,
+    key: &str,
+) -> Built<(
+    crate::token::secret::Secret,
+    crate::token::secret::SecretSource,
+)> {
+    let source = secret_source(r).map_err(|m| b.err(key, m))?;
+    let secret = source.read().map_err(|e| b.err(key, e.to_string()))?;
+    b.warnings.extend(source.permission_warning());
+    Ok((secret, source))
+}
+
+fn token(b: &Builder, t: TokenSection) -> Built<(TokenHttp, TokenLive)> {
+    let validation = match t.validation.as_deref().unwrap_or("tokens_me") {
+        "tokens_me" => Validation::TokensMe,
+        "none" => Validation::None,
+        "jwks" => return Err(b.err(
+            "token.validation",
+            "\"jwks\" is for generic OAuth2 issuers and is not supported yet; Genesys tokens are opaque: use \"tokens_me\"",
+        )),
+        other => return Err(b.err(
+            "token.validation",
+            format!("{other:?} is not one of \"tokens_me\", \"none\""),
+        )),
+    };
+    let max_per_minute = t.max_token_requests_per_minute.unwrap_or(20);
+    if !(1..=600).contains(&max_per_minute) {
+        return Err(b.err(
+            "token.max_token_requests_per_minute",
+            "must be between 1 and 600",
+        ));
+    }
+    let backoff_initial = b.ms(t.backoff_initial_ms, 500, "token.backoff_initial_ms")?;
+    let backoff_max = b.ms(t.backoff_max_ms, 60_000, "token.backoff_max_ms")?;
+    if backoff_max < backoff_initial {
+        return Err(b.err(
+            "token.backoff_max_ms",
+            "must be at least token.backoff_initial_ms",
+        ));
+    }
+    let http = TokenHttp {
+        request_timeout: b.ms(t.request_timeout_ms, 10_000, "token.request_timeout_ms")?,
+        connect_timeout: b.ms(t.connect_timeout_ms, 3_000, "token.connect_timeout_ms")?,
+    };
+    let live = TokenLive {
+        refresh_before_expiry: Duration::from_secs(t.refresh_before_expiry_seconds.unwrap_or(300)),
+        validation,
+        max_token_requests_per_minute: max_per_minute as u32,
+        backoff_initial,
+        backoff_max,
+        rotation_retry_window: Duration::from_secs(t.rotation_retry_window_seconds.unwrap_or(600)),
+    };
+    Ok((http, live))
+}
+
+fn audit(b: &Builder, a: AuditSection) -> Built<AuditSettings> {
+    let target = match a.path.as_deref().unwrap_or("audit.jsonl") {
+        "" => return Err(b.err("audit.path", "must not be empty (use \"-\" for stdout)")),
+        "-" => AuditTarget::Stdout,
+        p => AuditTarget::File(PathBuf::from(p)),
+    };
+    Ok(AuditSettings { target })
+}
+
+fn log(b: &Builder, l: LogSection) -> Built<(LogRestart, LogLive)> {
+    let format = match l.format.as_deref().unwrap_or("json") {
+        "json" => LogFormat::Json,
+        "text" => LogFormat::Text,
+        other => {
+            return Err(b.err(
+                "log.format",
+                format!("{other:?} is not \"json\" or \"text\""),
+            ))
+        }
+    };
+    let level = l.level.unwrap_or_else(|| "info".into());
+    tracing_subscriber::EnvFilter::try_new(&level)
+        .map_err(|e| b.err("log.level", format!("{level:?}: {e}")))?;
+    Ok((
+        LogRestart { format },
+        LogLive {
+            level,
+            access_log: l.access_log.unwrap_or(false),
+        },
+    ))
+}
+
+fn anomaly(b: &Builder, a: AnomalySection) -> Built<AnomalyThresholds> {
+    let d = AnomalyThresholds::default();
+    let ms = |v: Option<u64>, default: Duration, key| b.ms(v, default.as_millis() as u64, key);
+    Ok(AnomalyThresholds {
+        window: ms(a.window_ms, d.window, "anomaly.window_ms")?,
+        quiet: ms(a.quiet_ms, d.quiet, "anomaly.quiet_ms")?,
+        refresh_failures: b.count(
+            a.refresh_failures,
+            d.refresh_failures,
+            "anomaly.refresh_failures",
+        )?,
+        invalid_client: b.count(a.invalid_client, d.invalid_client, "anomaly.invalid_client")?,
+        early_rejection: b.count(
+            a.early_rejection,
+            d.early_rejection,
+            "anomaly.early_rejection",
+        )?,
+        unauthorized: b.count(a.unauthorized, d.unauthorized, "anomaly.unauthorized")?,
+        rate_limited: b.count(a.rate_limited, d.rate_limited, "anomaly.rate_limited")?,
+        early_rejection_age: ms(
+            a.early_rejection_age_ms,
+            d.early_rejection_age,
+            "anomaly.early_rejection_age_ms",
+        )?,
+    })
+}

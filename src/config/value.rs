@@ -1,0 +1,61 @@
+//! Value parsers: each turns one raw value into a checked one, or a message the caller attaches
+//! to the key. They know nothing of the model's types (so `build` depends on them, not the
+//! reverse).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use reqwest::Url;
+
+use super::file::SecretRef;
+use crate::token::secret::SecretSource;
+
+/// Reads a PEM bundle; at least one certificate is required.
+pub(super) fn load_ca_file(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate bundle: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+pub(super) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("{s:?} is not an IP:port address (e.g. \"127.0.0.1:8080\")"))
+}
+
+/// Parses a base URL; plain `http` is accepted only for loopback hosts (the simulator).
+pub(super) fn parse_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    let host = url.host_str().ok_or_else(|| format!("{s:?} has no host"))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if is_loopback_host(host) => Ok(url),
+        "http" => Err(format!(
+            "{s:?} uses plain http; only https is allowed for non-loopback hosts"
+        )),
+        other => Err(format!("{s:?}: scheme {other:?} is not http or https")),
+    }
+}
+
+pub(super) fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_matches(|c| c == '[' || c == ']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+pub(super) fn secret_source(r: SecretRef) -> Result<SecretSource, String> {
+    match (r.env, r.file) {
+        (Some(env), None) if !env.trim().is_empty() => Ok(SecretSource::Env(env)),
+        (None, Some(file)) if !file.trim().is_empty() => {
+            Ok(SecretSource::File(PathBuf::from(file)))
+        }
+        _ => Err("give exactly one of { env = \"NAME\" } or { file = \"/path\" }".into()),
+    }
+}

@@ -1,0 +1,137 @@
+//! The [`Minter`]: one validated token from one secret. Used by every refresh and every
+//! rotation attempt alike, so minting, validation, the per-minute cap on token requests and the
+//! mint metrics are written once.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use serde_json::json;
+
+use super::endpoint::{MintError, Minted, TokenEndpoint};
+use super::secret::Secret;
+use super::store::{Token, TokenSource};
+use crate::audit::{AuditEvent, AuditLog};
+use crate::config::{Live, Validation};
+use crate::metrics::Metrics;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Mints and validates tokens; counts every token request against the per-minute cap.
+pub struct Minter {
+    endpoint: TokenEndpoint,
+    live: Arc<ArcSwap<Live>>,
+    metrics: Arc<Metrics>,
+    audit: Arc<AuditLog>,
+    /// When each token request of the last minute was sent.
+    recent: VecDeque<Instant>,
+}
+
+impl Minter {
+    pub fn new(
+        endpoint: TokenEndpoint,
+        live: Arc<ArcSwap<Live>>,
+        metrics: Arc<Metrics>,
+        audit: Arc<AuditLog>,
+    ) -> Self {
+        Minter {
+            endpoint,
+            live,
+            metrics,
+            audit,
+            recent: VecDeque::new(),
+        }
+    }
+
+    /// `None` while another token request fits under `token.max_token_requests_per_minute`;
+    /// otherwise the instant the cap frees.
+    pub fn cap_free_at(&self, now: Instant) -> Option<Instant> {
+        let cap = self.live.load().token.max_token_requests_per_minute as usize;
+        let in_window: Vec<Instant> = self
+            .recent
+            .iter()
+            .copied()
+            .filter(|t| now.duration_since(*t) < MINUTE)
+            .collect();
+        (in_window.len() >= cap).then(|| in_window[in_window.len() - cap] + MINUTE)
+    }
+
+    /// Runs the grant with `secret`, validates the token (per `token.validation`) and builds
+    /// it as `generation`. Every outcome is counted in `token_requests_total`.
+    pub async fn mint(
+        &mut self,
+        client_id: &str,
+        secret: &Secret,
+        generation: u64,
+        source: TokenSource,
+    ) -> Result<Token, MintError> {
+        let started = Instant::now();
+        self.note_request(started);
+        let result = self.endpoint.mint(client_id, secret).await;
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(e) => e.outcome(),
+        };
+        self.metrics
+            .token_requests_total
+            .with_label_values(&[outcome])
+            .inc();
+        let minted = result?;
+        self.validate(&minted).await?;
+        build_token(&minted, generation, started, source)
+    }
+
+    fn note_request(&mut self, at: Instant) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| at.duration_since(*t) >= MINUTE)
+        {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(at);
+    }
+
+    async fn validate(&self, minted: &Minted) -> Result<(), MintError> {
+        if self.live.load().token.validation != Validation::TokensMe {
+            return Ok(());
+        }
+        let result = self.endpoint.validate(&minted.access_token).await;
+        if let Err(e) = &result {
+            self.metrics
+                .token_requests_total
+                .with_label_values(&["validation_failed"])
+                .inc();
+            self.audit.record(
+                AuditEvent::TokenValidationFailed,
+                json!({"error": e.to_string()}),
+                Some(&minted.access_token.fingerprint()),
+            );
+        }
+        result
+    }
+}
+
+/// The published form of a minted token: the bearer header built once, marked sensitive.
+fn build_token(
+    minted: &Minted,
+    generation: u64,
+    acquired_at: Instant,
+    source: TokenSource,
+) -> Result<Token, MintError> {
+    let mut header =
+        http::HeaderValue::from_str(&format!("Bearer {}", minted.access_token.expose()))
+            .map_err(|_| MintError::InvalidResponse("token is not a valid header value".into()))?;
+    header.set_sensitive(true);
+    Ok(Token {
+        header,
+        fingerprint: minted.access_token.fingerprint(),
+        generation,
+        acquired_at,
+        expires_at: acquired_at + minted.expires_in,
+        expires_at_wall: SystemTime::now() + minted.expires_in,
+        lifetime: minted.expires_in,
+        source,
+    })
+}
