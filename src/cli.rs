@@ -1,11 +1,9 @@
 //! Command-line definitions (clap). The commands themselves live in [`crate::commands`].
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::sim::TokenFormat;
 
 pub const DEFAULT_CONFIG: &str = "conf/genesys-auth-proxy.toml";
 
@@ -38,12 +36,14 @@ pub enum Command {
         live: bool,
     },
     /// Start the built-in Genesys Cloud simulator and the proxy in front of it.
+    #[cfg(feature = "sim")]
     Demo {
         /// Demo config (its api_url and login_url say where the simulator listens).
         #[arg(short, long, default_value = "conf/demo.toml")]
         config: PathBuf,
     },
     /// Run the Genesys Cloud simulator alone.
+    #[cfg(feature = "sim")]
     Sim(SimArgs),
     /// Verify an audit log's hash chain; exit 1 naming the first bad line.
     AuditVerify {
@@ -52,11 +52,12 @@ pub enum Command {
     },
 }
 
+#[cfg(feature = "sim")]
 #[derive(Debug, clap::Args)]
 pub struct SimArgs {
     /// Address to listen on (login and API paths share it).
     #[arg(long, default_value = "127.0.0.1:9180")]
-    pub listen: SocketAddr,
+    pub listen: std::net::SocketAddr,
     /// An OAuth client as ID:SECRET (repeatable; more secrets for one ID are all accepted).
     #[arg(long = "client", value_name = "ID:SECRET")]
     pub clients: Vec<String>,
@@ -73,8 +74,8 @@ pub struct SimArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_timeout_seconds: Option<u64>,
     /// Issue opaque tokens (as Genesys does) or RS256 JWTs with a JWKS.
-    #[arg(long, value_enum, default_value_t = TokenFormat::Opaque)]
-    pub token_format: TokenFormat,
+    #[arg(long, value_enum, default_value_t = crate::sim::TokenFormat::Opaque)]
+    pub token_format: crate::sim::TokenFormat,
     /// Serve HTTPS with a certificate generated at start for localhost and 127.0.0.1, and write
     /// that certificate (PEM) to this file: point the proxy's genesys.ca_file at it.
     #[arg(long, value_name = "FILE")]

@@ -39,6 +39,8 @@ pub mod audit;
 pub mod cli;
 pub mod commands;
 pub mod config;
+#[cfg(feature = "sim")]
+pub mod demo;
 pub mod fingerprint;
 pub mod logging;
 pub mod metrics;
@@ -46,6 +48,7 @@ pub mod proxy;
 pub mod region;
 pub mod reload;
 pub mod shutdown;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod sync;
 pub mod token;
