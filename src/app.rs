@@ -31,6 +31,7 @@ use crate::reload::Reloader;
 use crate::shutdown::{self, Shutdown, Trigger};
 use crate::token::endpoint::TokenEndpoint;
 use crate::token::refresher::{self, Credentials, RefreshInfo, Refresher};
+use crate::token::report::Reporter;
 use crate::token::store::TokenStore;
 use crate::worker::{self, Worker};
 
@@ -202,10 +203,12 @@ fn spawn_refresher(
     let shared = refresher::Shared {
         store: core.store.clone(),
         live: core.live.clone(),
-        metrics: core.metrics.clone(),
-        audit: core.audit.clone(),
-        anomaly: core.anomaly.clone(),
-        info: core.refresh_info.clone(),
+        report: Reporter {
+            metrics: core.metrics.clone(),
+            audit: core.audit.clone(),
+            anomaly: core.anomaly.clone(),
+            info: core.refresh_info.clone(),
+        },
     };
     let c = &config.credentials;
     let credentials = Credentials {

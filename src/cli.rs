@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-
 pub const DEFAULT_CONFIG: &str = "conf/genesys-auth-proxy.toml";
 
 #[derive(Debug, Parser)]

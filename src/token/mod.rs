@@ -6,11 +6,13 @@
 //!   functions).
 //! - [`minter`]: one validated token from one secret, under the per-minute cap.
 //! - [`store`]: the current token in an `ArcSwap`, and the 401 → replacement hand-off.
-//! - [`refresher`]: the one task that mints tokens (refresh and secret rotation).
+//! - [`refresher`]: the one task that mints tokens (refresh and secret rotation); [`report`]
+//!   records its outcomes (metrics, audit, `/status`, anomalies).
 
 pub mod endpoint;
 pub mod minter;
 pub mod refresher;
+pub mod report;
 pub mod schedule;
 pub mod secret;
 pub mod store;

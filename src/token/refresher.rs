@@ -11,37 +11,22 @@
 //! for the rotation window; failure keeps everything as it was and retries with backoff for
 //! `token.rotation_retry_window_seconds` (the new secret may not be active at Genesys yet).
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use super::endpoint::{MintError, TokenEndpoint};
 use super::minter::Minter;
+pub use super::report::RefreshInfo;
+use super::report::{Reporter, RotationFailure};
 use super::schedule::{
     self, backoff, refresh_delay, Facts, FailureClass, HeldToken, Reason, RetryWindow, Step,
 };
 use super::secret::Secret;
 use super::store::{Token, TokenSource, TokenStore};
-use crate::anomaly::{AnomalyMonitor, Kind};
-use crate::audit::{AuditEvent, AuditLog};
 use crate::config::Live;
-use crate::metrics::Metrics;
-use crate::sync::lock;
-
-/// What `/status` shows about refreshing.
-#[derive(Debug, Clone, Default)]
-pub struct RefreshInfo {
-    pub last_refresh: Option<SystemTime>,
-    pub refresh_count: u64,
-    pub consecutive_failures: u32,
-    pub last_error: Option<String>,
-    /// A rotation that failed and is being retried: (new secret fingerprint, retry until).
-    pub pending_rotation: Option<(String, SystemTime)>,
-    pub last_rotation_error: Option<String>,
-}
 
 /// Credentials the refresher mints with.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,10 +51,7 @@ pub enum Command {
 pub struct Shared {
     pub store: Arc<TokenStore>,
     pub live: Arc<ArcSwap<Live>>,
-    pub metrics: Arc<Metrics>,
-    pub audit: Arc<AuditLog>,
-    pub anomaly: Arc<AnomalyMonitor>,
-    pub info: Arc<Mutex<RefreshInfo>>,
+    pub report: Reporter,
 }
 
 /// A rotation that failed and is retried until its window closes.
@@ -103,8 +85,8 @@ impl Refresher {
         let minter = Minter::new(
             endpoint,
             shared.live.clone(),
-            shared.metrics.clone(),
-            shared.audit.clone(),
+            shared.report.metrics.clone(),
+            shared.report.audit.clone(),
         );
         Refresher {
             shared,
@@ -170,17 +152,9 @@ impl Refresher {
         }
         self.noticed_rejection = t.generation;
         self.backoff_until = None;
-        let age = now.duration_since(t.acquired_at);
-        self.shared.anomaly.token_rejected(age);
-        self.shared.audit.record(
-            AuditEvent::TokenRejectedUpstream,
-            json!({"generation": t.generation, "age_seconds": age.as_secs()}),
-            Some(&t.fingerprint),
-        );
-    }
-
-    fn info(&self) -> std::sync::MutexGuard<'_, RefreshInfo> {
-        lock(&self.shared.info)
+        self.shared
+            .report
+            .rejected(&t, now.duration_since(t.acquired_at));
     }
 
     /// A normal refresh: current secret, then previous on `invalid_client`.
@@ -204,25 +178,13 @@ impl Refresher {
                 .await;
         }
         match result {
-            Ok(token) => {
-                self.shared
-                    .metrics
-                    .token_refresh_duration_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                if token.source == TokenSource::Previous {
-                    self.shared.audit.record(
-                        AuditEvent::FallbackToPreviousSecret,
-                        json!({"generation": generation, "reason": "current secret refused (invalid_client)"}),
-                        Some(&token.fingerprint),
-                    );
-                }
-                self.accept(token, reason);
-            }
+            Ok(token) => self.accept(token, reason, started),
             Err(e) => {
                 self.failures = self.failures.saturating_add(1);
                 let delay = self.backoff_after(self.failures, &e);
                 self.backoff_until = Some(Instant::now() + delay);
-                self.note_failure(&e, delay, held.as_deref());
+                let report = &self.shared.report;
+                report.refresh_failed(&e, self.failures, delay, held.as_deref());
             }
         }
     }
@@ -238,92 +200,23 @@ impl Refresher {
         )
     }
 
-    /// Publishes a validated token and records it everywhere.
-    fn accept(&mut self, token: Token, reason: Reason) {
+    /// Publishes a validated token, records it, and schedules its proactive refresh.
+    fn accept(&mut self, token: Token, reason: Reason, started: Instant) {
         self.failures = 0;
         self.backoff_until = None;
+        self.shared.report.acquired(&token, reason, started);
         let live = self.shared.live.load();
-        let (m, source, generation) = (&self.shared.metrics, token.source, token.generation);
-        m.token_expiry_timestamp_seconds.set(
-            token
-                .expires_at_wall
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64(),
+        let delay = refresh_delay(
+            token.lifetime,
+            live.token.refresh_before_expiry,
+            rand::random(),
         );
-        m.token_fallback_active
-            .set(i64::from(source == TokenSource::Previous));
-        {
-            let mut info = self.info();
-            info.last_refresh = Some(SystemTime::now());
-            info.refresh_count += 1;
-            info.consecutive_failures = 0;
-            info.last_error = None;
-        }
-        let expires_in = token.lifetime.as_secs();
-        self.shared.audit.record(
-            AuditEvent::TokenAcquired,
-            json!({
-                "generation": generation,
-                "expires_in_seconds": expires_in,
-                "source": source.as_str(),
-                "reason": reason.as_str(),
-            }),
-            Some(&token.fingerprint),
-        );
-        tracing::info!(generation, fingerprint = %token.fingerprint, expires_in_seconds = expires_in, source = source.as_str(), reason = reason.as_str(), "token acquired");
-        self.refresh_at = Some(
-            token.acquired_at
-                + refresh_delay(
-                    token.lifetime,
-                    live.token.refresh_before_expiry,
-                    rand::random(),
-                ),
-        );
+        self.refresh_at = Some(token.acquired_at + delay);
         if reason == Reason::Rotation {
-            self.shared
-                .store
-                .publish_rotated(token, live.token.rotation_retry_window);
+            let window = live.token.rotation_retry_window;
+            self.shared.store.publish_rotated(token, window);
         } else {
             self.shared.store.publish(token);
-        }
-    }
-
-    fn note_failure(&self, e: &MintError, delay: Duration, held: Option<&Token>) {
-        self.observe_failure(e);
-        let failures = self.failures;
-        {
-            let mut info = self.info();
-            info.consecutive_failures = failures;
-            info.last_error = Some(e.to_string());
-        }
-        let still_valid = held.is_some_and(|t| t.is_valid_at(Instant::now()));
-        let event = match e {
-            MintError::RateLimited => AuditEvent::TokenRateLimited,
-            _ => AuditEvent::TokenRefreshFailed,
-        };
-        self.shared.audit.record(
-            event,
-            json!({
-                "outcome": e.outcome(),
-                "error": e.to_string(),
-                "consecutive_failures": failures,
-                "retry_in_ms": delay.as_millis() as u64,
-                "current_token_still_valid": still_valid,
-            }),
-            held.map(|t| t.fingerprint.as_str()),
-        );
-        tracing::warn!(outcome = e.outcome(), error = %e, consecutive_failures = failures, retry_in_ms = delay.as_millis() as u64, current_token_still_valid = still_valid, "token refresh failed");
-    }
-
-    /// Feeds the anomaly detector with one failed token call.
-    fn observe_failure(&self, e: &MintError) {
-        let anomaly = &self.shared.anomaly;
-        anomaly.observe(Kind::RefreshFailures);
-        match e {
-            MintError::InvalidClient => anomaly.observe(Kind::InvalidClient),
-            MintError::RateLimited => anomaly.observe(Kind::RateLimitStorm),
-            _ => {}
         }
     }
 
@@ -333,7 +226,7 @@ impl Refresher {
             Command::Rotate { credentials, reply } => {
                 let result = if credentials == self.credentials {
                     self.pending = None;
-                    self.info().pending_rotation = None;
+                    self.shared.report.rotation_settled();
                     Ok(self.shared.store.generation())
                 } else {
                     self.rotate(credentials).await
@@ -351,19 +244,16 @@ impl Refresher {
 
     /// One rotation attempt: mint and validate with the new credentials, then swap.
     async fn rotate(&mut self, new: Credentials) -> Result<u64, String> {
+        let started = Instant::now();
         let generation = self.shared.store.generation() + 1;
+        let (id, secret) = (&new.client_id, &new.secret);
         let result = self
             .minter
-            .mint(
-                &new.client_id,
-                &new.secret,
-                generation,
-                TokenSource::Current,
-            )
+            .mint(id, secret, generation, TokenSource::Current)
             .await;
         match result {
             Ok(token) => {
-                self.rotated(new, token);
+                self.rotated(new, token, started);
                 Ok(generation)
             }
             Err(e) => {
@@ -373,96 +263,54 @@ impl Refresher {
         }
     }
 
-    fn rotated(&mut self, new: Credentials, token: Token) {
-        let (old_fp, new_fp) = (
-            self.credentials.secret.fingerprint(),
-            new.secret.fingerprint(),
-        );
+    /// Swaps credentials and token together; the old secret becomes the previous one unless
+    /// the new config names another.
+    fn rotated(&mut self, new: Credentials, token: Token, started: Instant) {
+        let old_secret = self.credentials.secret.fingerprint();
+        let new_secret = new.secret.fingerprint();
         let previous = new
             .previous
             .clone()
             .or_else(|| Some(self.credentials.secret.clone()));
         self.credentials = Credentials { previous, ..new };
         self.pending = None;
-        self.shared
-            .metrics
-            .secret_rotations_total
-            .with_label_values(&["success"])
-            .inc();
-        let generation = token.generation;
-        self.shared.audit.record(
-            AuditEvent::SecretRotated,
-            json!({"generation": generation, "old_secret": old_fp, "new_secret": new_fp}),
-            Some(&token.fingerprint),
-        );
-        {
-            let mut info = self.info();
-            info.pending_rotation = None;
-            info.last_rotation_error = None;
-        }
-        self.accept(token, Reason::Rotation);
-        tracing::info!(generation, new_secret_fingerprint = %new_fp, "client secret rotated");
+        self.shared.report.rotated(&old_secret, &new_secret, &token);
+        self.accept(token, Reason::Rotation, started);
     }
 
+    /// Keeps everything as it is and schedules a retry within the rotation window (the window
+    /// opens at the first failure of this secret).
     fn rotation_failed(&mut self, new: Credentials, e: &MintError) {
-        self.shared
-            .metrics
-            .secret_rotations_total
-            .with_label_values(&["failed"])
-            .inc();
-        // A refused or throttled new secret is as telling as on a normal refresh.
-        if matches!(e, MintError::InvalidClient | MintError::RateLimited) {
-            self.observe_failure(e);
-        }
         let now = Instant::now();
-        let (deadline, failures) = match &self.pending {
+        let (deadline, attempt) = match &self.pending {
             Some(p) if p.credentials.secret == new.secret => (p.window.deadline, p.failures + 1),
             _ => (now + self.shared.live.load().token.rotation_retry_window, 1),
         };
-        let delay = self.backoff_after(failures, e);
-        let retry_until = SystemTime::now() + deadline.saturating_duration_since(now);
-        let new_fp = new.secret.fingerprint();
-        self.shared.audit.record(
-            AuditEvent::SecretRotationFailed,
-            json!({
-                "new_secret": new_fp,
-                "outcome": e.outcome(),
-                "error": e.to_string(),
-                "attempt": failures,
-                "retry_in_ms": delay.as_millis() as u64,
-                "retry_until": humantime::format_rfc3339_seconds(retry_until).to_string(),
-            }),
-            self.shared
-                .store
-                .current()
-                .map(|t| t.fingerprint.clone())
-                .as_deref(),
-        );
-        {
-            let mut info = self.info();
-            info.pending_rotation = Some((new_fp.clone(), retry_until));
-            info.last_rotation_error = Some(e.to_string());
-        }
-        tracing::warn!(new_secret_fingerprint = %new_fp, error = %e, attempt = failures, "secret rotation failed; keeping the current secret and retrying");
+        let delay = self.backoff_after(attempt, e);
+        let held = self.shared.store.current();
+        self.shared.report.rotation_failed(RotationFailure {
+            new_secret: &new.secret.fingerprint(),
+            error: e,
+            attempt,
+            retry_in: delay,
+            retry_until: SystemTime::now() + deadline.saturating_duration_since(now),
+            held: held.as_deref(),
+        });
         self.pending = Some(PendingRotation {
             credentials: new,
             window: RetryWindow {
                 next_try: now + delay,
                 deadline,
             },
-            failures,
+            failures: attempt,
         });
     }
 
     fn abandon_rotation(&mut self) {
         if let Some(p) = self.pending.take() {
-            self.shared.audit.record(
-                AuditEvent::SecretRotationFailed,
-                json!({"final": true, "new_secret": p.credentials.secret.fingerprint(), "reason": "retry window over; keeping the current secret"}),
-                None,
-            );
+            let new_secret = p.credentials.secret.fingerprint();
+            self.shared.report.rotation_abandoned(&new_secret);
         }
-        self.info().pending_rotation = None;
     }
 }
 
