@@ -116,6 +116,20 @@ impl Core {
     }
 }
 
+impl Core {
+    fn admin_state(&self, reloader: Arc<Reloader>) -> Arc<AdminState> {
+        Arc::new(AdminState {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            refresh: self.refresh_info.clone(),
+            audit: self.audit.clone(),
+            draining: false.into(),
+            anomaly: self.anomaly.clone(),
+            reloader,
+        })
+    }
+}
+
 /// Binds the listeners, starts every background task and returns.
 /// `config_path` is where reloads read the configuration from.
 pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Running> {
@@ -156,15 +170,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         files,
         shutdown.clone(),
     ));
-    let admin_state = Arc::new(AdminState {
-        store: core.store.clone(),
-        metrics: core.metrics.clone(),
-        refresh: core.refresh_info.clone(),
-        audit: core.audit.clone(),
-        draining: false.into(),
-        anomaly: core.anomaly.clone(),
-        reloader: reloader.clone(),
-    });
+    let admin_state = core.admin_state(reloader.clone());
     let admin = spawn_admin(admin_listener, admin_state.clone());
     let proxy = spawn_workers(proxy_listener, state, &config, shutdown.clone())?;
 

@@ -3,33 +3,45 @@
 //!
 //! # The map
 //!
-//! - [`cli`]: command-line definitions; [`app`] wires listeners and services for `run` and
-//!   `demo`.
-//! - [`config`]: the TOML file's serde mirror and the validated model the rest of the code uses.
+//! - [`cli`]: command-line definitions; [`commands`]: what each command does; [`demo`] (with the
+//!   `sim` feature): the `demo` and `sim` commands.
+//! - [`app`]: the one place that wires services and listeners for `run` and `demo`;
+//!   [`worker`]: the proxy's worker threads and accept loops; [`shutdown`]: the shutdown
+//!   trigger every task listens to.
+//! - [`config`]: the TOML file's serde mirror and the validated model, split by reload class:
+//!   `Restart` (read once), `Live` (swapped in place as one `ArcSwap` snapshot) and
+//!   `CredentialSettings` (validated by the refresher before use). Every model field names its
+//!   file key, so the reload diff follows from the types.
 //! - [`region`]: the Genesys Cloud region table.
-//! - [`token`]: the token lifecycle. One refresher owns the token endpoint; the current token
-//!   lives in an `ArcSwap` store that requests read lock-free.
-//! - [`proxy`]: the pingora `ProxyHttp` implementation: allowlists, header rewriting, the
-//!   401 → refresh → replay path.
+//! - [`token`]: the token lifecycle. One [`token::refresher`] owns the token endpoint (through
+//!   a [`token::minter::Minter`]); [`token::schedule`] decides when, as pure functions; the
+//!   current token lives in a [`token::store`] that requests read lock-free and ask for a
+//!   replacement after a 401.
+//! - [`proxy`]: the pingora `ProxyHttp` implementation: thin hooks over the decisions in
+//!   `proxy::decide` (allowlists, header rewriting, replay rules, refusals).
 //! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`, `/reload` on their own listener.
 //! - [`reload`]: the one reload path (SIGHUP, `POST /reload`, [`watch`]ed secret files):
-//!   read → parse → validate → compare → apply; new secrets go to the refresher to validate.
+//!   read → parse → validate → compare → apply.
 //! - [`anomaly`]: the sliding-window anomaly detector and its audit/metrics wiring.
 //! - [`logging`]: JSON or text `tracing` logs, pingora's records bridged in, reloadable level.
 //! - [`metrics`]: every Prometheus metric, defined in one place.
-//! - [`audit`]: the hash-chained JSON-lines audit log and its verifier.
-//! - [`sim`]: the Genesys Cloud simulator used by tests, benchmarks and `demo`.
-//! - [`commands`]: what each CLI command does; [`fingerprint`]: how secrets may be shown.
+//! - [`audit`]: the hash-chained JSON-lines audit log (one writer thread) and its verifier.
+//! - [`sim`] (with the `sim` feature, on by default): the Genesys Cloud simulator used by tests,
+//!   benchmarks and `demo`.
+//! - [`fingerprint`]: how secrets may be shown; [`sync`]: the poison-tolerant lock helper.
 //!
 //! # The life of a request
 //!
-//! 1. pingora accepts a connection on the proxy listener ([`app`]).
-//! 2. [`proxy`] checks the client address and the path, loads the current token once from the
-//!    store (waiting a bounded time if there is none), strips any client `Authorization`,
-//!    injects the bearer and forwards to the configured API host only.
-//! 3. On an upstream 401 it asks the refresher for a token newer than the one it used, waits a
-//!    bounded time, and replays the request once (body from pingora's retry buffer).
-//! 4. Everything else, including a second 401 and 429s, passes through unchanged.
+//! 1. A [`worker`] thread accepts a connection on the proxy listener and hands it to pingora.
+//! 2. [`proxy`] loads the live settings once for the request, checks the client address and
+//!    the path, takes the current token from the store (waiting a bounded time if there is
+//!    none), strips any client `Authorization`, injects the bearer and forwards to the
+//!    configured API host only.
+//! 3. On an upstream 401 it asks the store for a replacement for the token it used (the
+//!    pre-rotation token during a rotation, else a newer one the refresher mints, single
+//!    flight), waits a bounded time, and replays the request (body from pingora's retry
+//!    buffer).
+//! 4. Everything else, including 429s, passes through unchanged.
 //! 5. `logging` records metrics, feeds the anomaly detector and writes the optional access log.
 
 pub mod admin;

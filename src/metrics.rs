@@ -44,177 +44,166 @@ fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help).namespace(PREFIX)
 }
 
-fn hist(name: &str, help: &str) -> Histogram {
-    Histogram::with_opts(
-        HistogramOpts::new(name, help)
+/// Creates metrics and registers each one as it is made, so the set of fields and the set of
+/// registered collectors cannot drift apart. Definitions are constants: the `expect`s cannot
+/// fire at run time (the unit test renders every metric).
+struct Maker(Registry);
+
+impl Maker {
+    fn add<C: prometheus::core::Collector + Clone + 'static>(&self, c: C) -> C {
+        self.0
+            .register(Box::new(c.clone()))
+            .expect("unique metric names"); // ok: constant set
+        c
+    }
+
+    fn hist(&self, name: &str, help: &str) -> Histogram {
+        let opts = HistogramOpts::new(name, help)
             .namespace(PREFIX)
-            .buckets(LATENCY_BUCKETS.to_vec()),
-    )
-    .expect("static histogram definition") // ok: constant, checked by tests
+            .buckets(LATENCY_BUCKETS.to_vec());
+        self.add(Histogram::with_opts(opts).expect("static metric definition")) // ok: constant
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::with_opts(opts(name, help)).expect("static metric definition"))
+        // ok: constant
+    }
+
+    fn int_gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::with_opts(opts(name, help)).expect("static metric definition"))
+        // ok: constant
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> Gauge {
+        self.add(Gauge::with_opts(opts(name, help)).expect("static metric definition"))
+        // ok: constant
+    }
+
+    fn int_gauge_vec(&self, name: &str, help: &str, label: &str) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(opts(name, help), &[label]).expect("static metric definition"))
+        // ok: constant
+    }
+
+    /// A labelled counter whose `known` label values start at 0, so rate() and alerts work
+    /// before the first event.
+    fn counter_vec(&self, name: &str, help: &str, label: &str, known: &[&str]) -> IntCounterVec {
+        let c = self.add(
+            IntCounterVec::new(opts(name, help), &[label]).expect("static metric definition"), // ok: constant
+        );
+        for v in known {
+            c.with_label_values(&[v]);
+        }
+        c
+    }
 }
 
-// The definitions below are constants: `expect` cannot fire at run time (the unit test renders
-// every metric).
-fn counter(name: &str, help: &str) -> IntCounter {
-    IntCounter::with_opts(opts(name, help)).expect("static metric definition") // ok: constant
-}
-
-fn int_gauge(name: &str, help: &str) -> IntGauge {
-    IntGauge::with_opts(opts(name, help)).expect("static metric definition") // ok: constant
-}
-
-fn gauge(name: &str, help: &str) -> Gauge {
-    Gauge::with_opts(opts(name, help)).expect("static metric definition") // ok: constant
-}
-
-fn counter_vec(name: &str, help: &str, label: &str) -> IntCounterVec {
-    IntCounterVec::new(opts(name, help), &[label]).expect("static metric definition")
-    // ok: constant
-    // ok: constant
-}
+/// Outcomes of a token call (`token_requests_total{outcome}`).
+const TOKEN_OUTCOMES: &[&str] = &[
+    "success",
+    "invalid_client",
+    "rate_limited",
+    "server_error",
+    "network_error",
+    "invalid_response",
+    "validation_failed",
+];
+const REPLAY_OUTCOMES: &[&str] = &[
+    "success",
+    "rejected_again",
+    "body_too_large",
+    "no_new_token",
+];
+const REJECT_REASONS: &[&str] = &[
+    "client_not_allowed",
+    "path_not_allowed",
+    "no_token",
+    "upstream_unreachable",
+    "upstream_timeout",
+];
 
 impl Metrics {
     pub fn new() -> Self {
-        let m = Metrics {
-            registry: Registry::new(),
-            requests_total: counter_vec(
+        let m = Maker(Registry::new());
+        Metrics {
+            requests_total: m.counter_vec(
                 "requests_total",
                 "Requests answered by the proxy, by HTTP status code.",
                 "code",
+                &[],
             ),
-            request_duration_seconds: hist(
+            request_duration_seconds: m.hist(
                 "request_duration_seconds",
                 "Time from request start to response end, in seconds.",
             ),
-            upstream_unauthorized_total: counter(
-                "upstream_unauthorized_total",
-                "Upstream 401 answers seen.",
-            ),
-            replays_total: counter_vec(
+            upstream_unauthorized_total: m
+                .counter("upstream_unauthorized_total", "Upstream 401 answers seen."),
+            replays_total: m.counter_vec(
                 "replays_total",
                 "Requests replayed or not after an upstream 401, by outcome.",
                 "outcome",
+                REPLAY_OUTCOMES,
             ),
-            token_requests_total: counter_vec(
+            token_requests_total: m.counter_vec(
                 "token_requests_total",
                 "Token endpoint calls by outcome.",
                 "outcome",
+                TOKEN_OUTCOMES,
             ),
-            token_refresh_duration_seconds: hist(
+            token_refresh_duration_seconds: m.hist(
                 "token_refresh_duration_seconds",
                 "Duration of a token refresh (mint and validate), in seconds.",
             ),
-            token_expiry_timestamp_seconds: gauge(
+            token_expiry_timestamp_seconds: m.gauge(
                 "token_expiry_timestamp_seconds",
                 "Unix time at which the current token expires.",
             ),
-            token_fallback_active: int_gauge(
+            token_fallback_active: m.int_gauge(
                 "token_fallback_active",
                 "1 while the token in use was minted with the previous client secret.",
             ),
-            secret_rotations_total: counter_vec(
+            secret_rotations_total: m.counter_vec(
                 "secret_rotations_total",
                 "Client secret rotations by outcome.",
                 "outcome",
+                &["success", "failed"],
             ),
-            config_reloads_total: counter_vec(
+            config_reloads_total: m.counter_vec(
                 "config_reloads_total",
                 "Configuration reloads by outcome.",
                 "outcome",
+                &[],
             ),
-            upstream_rate_limited_total: counter(
+            upstream_rate_limited_total: m.counter(
                 "upstream_rate_limited_total",
                 "Upstream 429 answers passed through.",
             ),
-            upstream_ratelimit_remaining: int_gauge(
+            upstream_ratelimit_remaining: m.int_gauge(
                 "upstream_ratelimit_remaining",
                 "Requests left in the current Genesys rate-limit window (allowed - count).",
             ),
-            anomaly_active: IntGaugeVec::new(
-                opts(
-                    "anomaly_active",
-                    "1 while an anomaly of this kind is raised.",
-                ),
-                &["kind"],
-            )
-            .expect("static metric definition"), // ok: constant
-            audit_events_total: counter_vec(
+            anomaly_active: m.int_gauge_vec(
+                "anomaly_active",
+                "1 while an anomaly of this kind is raised.",
+                "kind",
+            ),
+            audit_events_total: m.counter_vec(
                 "audit_events_total",
                 "Audit events written, by event.",
                 "event",
+                &[],
             ),
-            audit_write_failures_total: counter(
+            audit_write_failures_total: m.counter(
                 "audit_write_failures_total",
                 "Audit events that could not be written.",
             ),
-            rejected_requests_total: counter_vec(
+            rejected_requests_total: m.counter_vec(
                 "rejected_requests_total",
                 "Requests refused by the proxy itself, by reason.",
                 "reason",
+                REJECT_REASONS,
             ),
-        };
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(m.requests_total.clone()),
-            Box::new(m.request_duration_seconds.clone()),
-            Box::new(m.upstream_unauthorized_total.clone()),
-            Box::new(m.replays_total.clone()),
-            Box::new(m.token_requests_total.clone()),
-            Box::new(m.token_refresh_duration_seconds.clone()),
-            Box::new(m.token_expiry_timestamp_seconds.clone()),
-            Box::new(m.token_fallback_active.clone()),
-            Box::new(m.secret_rotations_total.clone()),
-            Box::new(m.config_reloads_total.clone()),
-            Box::new(m.upstream_rate_limited_total.clone()),
-            Box::new(m.upstream_ratelimit_remaining.clone()),
-            Box::new(m.anomaly_active.clone()),
-            Box::new(m.audit_events_total.clone()),
-            Box::new(m.audit_write_failures_total.clone()),
-            Box::new(m.rejected_requests_total.clone()),
-        ];
-        for c in collectors {
-            m.registry.register(c).expect("unique metric names"); // ok: constant set
+            registry: m.0,
         }
-        // Known label values start at 0 so rate() and alerts work before the first event.
-        let known: [(&IntCounterVec, &[&str]); 4] = [
-            (
-                &m.token_requests_total,
-                &[
-                    "success",
-                    "invalid_client",
-                    "rate_limited",
-                    "server_error",
-                    "network_error",
-                    "invalid_response",
-                    "validation_failed",
-                ],
-            ),
-            (
-                &m.replays_total,
-                &[
-                    "success",
-                    "rejected_again",
-                    "body_too_large",
-                    "no_new_token",
-                ],
-            ),
-            (&m.secret_rotations_total, &["success", "failed"]),
-            (
-                &m.rejected_requests_total,
-                &[
-                    "client_not_allowed",
-                    "path_not_allowed",
-                    "no_token",
-                    "upstream_unreachable",
-                    "upstream_timeout",
-                ],
-            ),
-        ];
-        for (vec, values) in known {
-            for v in values {
-                vec.with_label_values(&[v]);
-            }
-        }
-        m
     }
 
     /// The Prometheus text exposition of every metric.

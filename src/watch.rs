@@ -16,11 +16,41 @@ pub fn secret_files(
     files: Vec<PathBuf>,
     mut shutdown: crate::shutdown::Shutdown,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    use notify::{RecursiveMode, Watcher};
     if files.is_empty() {
         return None;
     }
     let (tx, mut rx) = mpsc::channel::<()>(64);
+    let watcher = watch_directories(&files, tx)?;
+    Some(tokio::spawn(async move {
+        let _watcher = watcher; // dropped (and the watch removed) when the task ends
+        loop {
+            tokio::select! {
+                got = rx.recv() => if got.is_none() { return },
+                _ = shutdown.wait() => return,
+            }
+            // Debounce: wait until no event arrived for 300 ms.
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(300)) => break,
+                    got = rx.recv() => if got.is_none() { return },
+                }
+            }
+            let report = reloader.reload("secret_file_changed").await;
+            tracing::info!(
+                outcome = report.outcome.as_str(),
+                "reload after secret file change"
+            );
+        }
+    }))
+}
+
+/// A watcher on the directories of `files` that sends on `tx` when one of them (or a
+/// Kubernetes `..data` entry beside it) changes.
+fn watch_directories(
+    files: &[PathBuf],
+    tx: mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
     let names: Vec<std::ffi::OsString> = files
         .iter()
         .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
@@ -63,25 +93,5 @@ pub fn secret_files(
             tracing::warn!(dir = %dir.display(), error = %e, "cannot watch secret directory");
         }
     }
-    Some(tokio::spawn(async move {
-        let _watcher = watcher; // dropped (and the watch removed) when the task ends
-        loop {
-            tokio::select! {
-                got = rx.recv() => if got.is_none() { return },
-                _ = shutdown.wait() => return,
-            }
-            // Debounce: wait until no event arrived for 300 ms.
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(300)) => break,
-                    got = rx.recv() => if got.is_none() { return },
-                }
-            }
-            let report = reloader.reload("secret_file_changed").await;
-            tracing::info!(
-                outcome = report.outcome.as_str(),
-                "reload after secret file change"
-            );
-        }
-    }))
+    Some(watcher)
 }

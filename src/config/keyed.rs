@@ -1,7 +1,7 @@
 //! Settings structs that know their own file keys.
 //!
 //! Every field of a settings struct is declared once, together with the file key(s) it comes
-//! from, inside [`keyed_struct!`]. Which struct a field sits in decides how a reload treats it
+//! from, inside `keyed_struct!`. Which struct a field sits in decides how a reload treats it
 //! (the restart-only part or the live part of [`super::Config`]), so a key cannot be added
 //! without being classified, and the reload diff follows from the types instead of a list kept
 //! by hand. A unit test checks that every key of the file mirror appears in exactly one class.

@@ -1,6 +1,6 @@
 //! Configuration: [`file`](mod@file) is the serde mirror of the TOML file (the stable external
-//! format), [`model`] the validated types the program uses, [`build`] the step between them
-//! (defaults and checks, one builder per section, on [`value`] parsers). [`keyed`] ties each
+//! format), [`model`] the validated types the program uses, `build` the step between them
+//! (defaults and checks, one builder per section, on `value` parsers). [`keyed`] ties each
 //! model field to its file key and its reload class. Only this module knows TOML.
 
 mod build;

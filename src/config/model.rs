@@ -1,4 +1,4 @@
-//! The validated configuration the rest of the program uses, built by [`super::build`].
+//! The validated configuration the rest of the program uses, built by `config::build`.
 //!
 //! It is split by how a reload treats it: [`Restart`] holds what is read once at start-up
 //! (listeners, threads, hosts, audit path, log format, HTTP client timeouts), [`Live`] what a

@@ -35,7 +35,7 @@ use crate::token::store::{Token, TokenStore};
 const REPLAY: ErrorType = ErrorType::Custom("replay_after_401");
 
 /// Everything the proxy hooks read. The live settings sit in an `ArcSwap` so a reload can
-/// replace them; each request loads them once ([`RequestCtx::live`]).
+/// replace them; each request loads them once (`RequestCtx::live`).
 pub struct ProxyState {
     pub live: Arc<ArcSwap<Live>>,
     pub api: ApiTarget,

@@ -41,64 +41,21 @@ pub async fn token(
     response
 }
 
+/// A stats outcome and the answer that goes with it.
+type Answer = (&'static str, Response);
+
+/// A refused grant request: stats outcome, OAuth `error`, description (answered with 400).
+type BadRequest = (&'static str, &'static str, &'static str);
+
+fn bad_request((outcome, error, description): BadRequest) -> Answer {
+    let answer = oauth_error(StatusCode::BAD_REQUEST, error, description);
+    (outcome, answer)
+}
+
 /// Runs the grant and returns the stats outcome with the answer.
-fn grant(state: &SimState, headers: &HeaderMap, body: &[u8]) -> (&'static str, Response) {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !content_type
-        .to_ascii_lowercase()
-        .starts_with("application/x-www-form-urlencoded")
-    {
-        return (
-            "invalid_request",
-            oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "request body must be application/x-www-form-urlencoded",
-            ),
-        );
-    }
-    let form: Vec<(String, String)> = match serde_urlencoded::from_bytes(body) {
-        Ok(f) => f,
-        Err(_) => {
-            return (
-                "invalid_request",
-                oauth_error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "malformed form body",
-                ),
-            )
-        }
-    };
-    let grant_type = form
-        .iter()
-        .find(|(k, _)| k == "grant_type")
-        .map(|(_, v)| v.as_str());
-    match grant_type {
-        Some("client_credentials") => {}
-        Some(_) => {
-            return (
-                "unsupported_grant_type",
-                oauth_error(
-                    StatusCode::BAD_REQUEST,
-                    "unsupported_grant_type",
-                    "unsupported grant type",
-                ),
-            )
-        }
-        None => {
-            return (
-                "invalid_request",
-                oauth_error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "missing grant_type",
-                ),
-            )
-        }
+fn grant(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Answer {
+    if let Err(refused) = client_credentials_request(headers, body) {
+        return bad_request(refused);
     }
     let Some((client_id, secret)) = basic_credentials(headers) else {
         return ("invalid_client", invalid_client());
@@ -117,14 +74,12 @@ fn grant(state: &SimState, headers: &HeaderMap, body: &[u8]) -> (&'static str, R
         TokenFormat::Jwt => match state.keys.sign(&client_id, lifetime) {
             Some(t) => t,
             None => {
-                return (
+                let error = oauth_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
                     "server_error",
-                    oauth_error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "server_error",
-                        "signing failed",
-                    ),
-                )
+                    "signing failed",
+                );
+                return ("server_error", error);
             }
         },
     };
@@ -134,10 +89,36 @@ fn grant(state: &SimState, headers: &HeaderMap, body: &[u8]) -> (&'static str, R
         "token_type": "bearer",
         "expires_in": lifetime,
     });
-    (
-        "success",
-        (StatusCode::OK, no_store(), Json(body)).into_response(),
-    )
+    let answer = (StatusCode::OK, no_store(), Json(body)).into_response();
+    ("success", answer)
+}
+
+/// Checks the request is a form-encoded client-credentials grant, as Genesys requires.
+fn client_credentials_request(headers: &HeaderMap, body: &[u8]) -> Result<(), BadRequest> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if !content_type.starts_with("application/x-www-form-urlencoded") {
+        return Err((
+            "invalid_request",
+            "invalid_request",
+            "request body must be application/x-www-form-urlencoded",
+        ));
+    }
+    let form: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
+        .map_err(|_| ("invalid_request", "invalid_request", "malformed form body"))?;
+    let grant_type = form.iter().find(|(k, _)| k == "grant_type");
+    match grant_type.map(|(_, v)| v.as_str()) {
+        Some("client_credentials") => Ok(()),
+        Some(_) => Err((
+            "unsupported_grant_type",
+            "unsupported_grant_type",
+            "unsupported grant type",
+        )),
+        None => Err(("invalid_request", "invalid_request", "missing grant_type")),
+    }
 }
 
 async fn fault_response(state: &SimState, fault: FaultKind) -> Response {

@@ -189,7 +189,7 @@ impl TokenStore {
         self.wake.notify_one();
     }
 
-    /// Resolves when someone called [`Self::report_rejected`] or [`Self::wake_refresher`].
+    /// Resolves when someone called [`Self::reject`] or [`Self::wake_refresher`].
     pub async fn woken(&self) {
         self.wake.notified().await
     }
