@@ -9,8 +9,8 @@
 mod decide;
 
 pub use decide::{
-    client_allowed, header_u64, path_allowed, refusal_for, replayable, rewrite_upstream_request,
-    status_label, Refusal,
+    client_allowed, header_u64, path_allowed, refusal_for, replay_after_401, replayable,
+    rewrite_upstream_request, status_label, Refusal, MAX_REPLAYS,
 };
 
 use std::net::SocketAddr;
@@ -63,7 +63,11 @@ pub struct RequestCtx {
     /// `ININ-Correlation-Id` of the upstream answer, kept only for the access log.
     correlation_id: Option<String>,
     token: Option<Arc<Token>>,
-    replayed: bool,
+    /// Replays after 401s so far (at most [`MAX_REPLAYS`]).
+    replays: u8,
+    /// The newest token generation when the request first saw a 401, and when its replays
+    /// must be under way by (`refresh_wait_timeout_ms` after that 401).
+    first_401: Option<(u64, Instant)>,
     tries: u8,
 }
 
@@ -131,14 +135,13 @@ impl GenesysProxy {
             .and_then(|v| v.parse().ok());
         let downstream = session.as_downstream();
         let ok = replayable(
-            ctx.replayed,
             content_length,
             downstream.body_bytes_read() as u64,
             downstream.retry_buffer_truncated(),
             ctx.live.proxy.replay_body_limit_bytes,
         );
-        // A refused second replay is counted in `logging`; here only the too-large case.
-        if !ok && !ctx.replayed {
+        // A refused further replay is counted in `logging`; here only the too-large case.
+        if !ok && ctx.replays == 0 {
             self.state
                 .metrics
                 .replays_total
@@ -170,7 +173,8 @@ impl ProxyHttp for GenesysProxy {
             upstream_status: 0,
             correlation_id: None,
             token: None,
-            replayed: false,
+            replays: 0,
+            first_401: None,
             tries: 0,
         }
     }
@@ -261,24 +265,29 @@ impl ProxyHttp for GenesysProxy {
         let Some(used) = ctx.token.clone().filter(|_| upstream.status == 401) else {
             return Ok(());
         };
-        if !self.may_replay(session, ctx) {
+        let store = &self.state.store;
+        let earlier = ctx.first_401.map(|(newest, _)| newest);
+        let (_, deadline) = *ctx.first_401.get_or_insert_with(|| {
+            let wait = ctx.live.proxy.refresh_wait_timeout;
+            (store.generation(), Instant::now() + wait)
+        });
+        if !replay_after_401(ctx.replays, used.generation, earlier)
+            || !self.may_replay(session, ctx)
+        {
             // Tell the refresher anyway: the token is dead for the next request.
-            self.state.store.reject(&used);
+            store.reject(&used);
             return Ok(());
         }
-        let wait = ctx.live.proxy.refresh_wait_timeout;
-        match self.state.store.replacement_for(&used, wait).await {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match store.replacement_for(&used, wait).await {
             Some(replacement) => {
                 ctx.token = Some(replacement);
-                ctx.replayed = true;
+                ctx.replays += 1;
                 Err(replay_error())
             }
             None => {
-                self.state
-                    .metrics
-                    .replays_total
-                    .with_label_values(&["no_new_token"])
-                    .inc();
+                let m = &self.state.metrics;
+                m.replays_total.with_label_values(&["no_new_token"]).inc();
                 Ok(())
             }
         }
@@ -376,7 +385,7 @@ impl ProxyHttp for GenesysProxy {
         metrics
             .request_duration_seconds
             .observe(ctx.started.elapsed().as_secs_f64());
-        if ctx.replayed {
+        if ctx.replays > 0 {
             let outcome = if status == 401 {
                 "rejected_again"
             } else {
@@ -398,7 +407,7 @@ impl ProxyHttp for GenesysProxy {
                 status,
                 upstream_status = ctx.upstream_status,
                 duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
-                replayed = ctx.replayed,
+                replayed = ctx.replays,
                 client = %client,
                 correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
                 "request"

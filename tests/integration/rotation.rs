@@ -320,3 +320,73 @@ async fn after_the_rotation_window_a_401_refreshes_instead_of_using_the_old_toke
         p.running.store.current().unwrap().fingerprint.as_str()
     );
 }
+
+/// Regression (a rotation followed by the IdP revoking the client's tokens): the one replay
+/// was spent on the pre-rotation token, which was dead too, and the request got a 401. A
+/// refused fallback now leads to a replay with a token minted after the first 401.
+#[tokio::test]
+async fn a_revoke_right_after_a_rotation_never_reaches_the_client() {
+    let sim = start_sim(sim_config()).await;
+    let p = unwatched_proxy(&sim, "").await;
+    for round in 0..3 {
+        let new_secret = format!("rotated-secret-{round}");
+        sim_post(
+            &sim,
+            &format!("/__sim/clients/{CLIENT_ID}/secrets"),
+            json!({ "secret": new_secret }),
+        )
+        .await;
+        write_atomic(&p.dir.join("client-secret"), &format!("{new_secret}\n"));
+        let (status, body) = post_reload(&p).await;
+        assert_eq!(body["rotation"]["outcome"], "rotated", "{status} {body}");
+        // The IdP side: the old secret goes, and every token of the client is revoked.
+        let old = if round == 0 {
+            SECRET.to_string()
+        } else {
+            format!("rotated-secret-{}", round - 1)
+        };
+        let deleted = client()
+            .delete(format!(
+                "{}/__sim/clients/{CLIENT_ID}/secrets/{old}",
+                sim.url()
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert!(deleted.status().is_success());
+        sim_post(&sim, "/__sim/revoke", json!({ "client_id": CLIENT_ID })).await;
+
+        let body = format!("round {round} body");
+        let r = client()
+            .post(p.url("/api/v2/after/rotation/and/revoke"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "round {round}: {}",
+            r.text().await.unwrap()
+        );
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(
+            v["body_sha256"],
+            genesys_auth_proxy::fingerprint::sha256_hex(body.as_bytes())
+        );
+        let r = get(&p.url("/api/v2/organizations/me")).await;
+        assert_eq!(r.status(), 200, "round {round}");
+    }
+    let m = metrics_text(&p).await;
+    assert!(
+        metric(&m, "genesys_proxy_replays_total{outcome=\"success\"}") >= 3.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "genesys_proxy_replays_total{outcome=\"rejected_again\"}"
+        ),
+        0.0
+    );
+}

@@ -1,8 +1,9 @@
 //! The promise: rotating the client secret drops no request. A real proxy process, a steady
 //! stream of GETs and POSTs, and `ROTATIONS` (default 20) rotations alternating SIGHUP and
-//! `POST /reload`, the simulator removing the old secret after each; then a rotation to a wrong
-//! secret and a reload of a broken file under the same load. `benches/rotation-soak.sh` runs it
-//! with 100 rotations.
+//! `POST /reload`, the simulator removing the old secret after each and, after every second
+//! one, also revoking all of the client's tokens (the IdP side of a credential compromise
+//! response); then a rotation to a wrong secret and a reload of a broken file under the same
+//! load. `benches/rotation-soak.sh` runs it with 100 rotations.
 
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,7 @@ async fn secret_rotations_under_load_drop_no_request() {
 
     let c = client();
     let mut old = SECRET.to_string();
+    let mut revokes = 0;
     for i in 1..=rotations {
         let new = format!(
             "rotated-secret-{i}-{}",
@@ -102,6 +104,11 @@ async fn secret_rotations_under_load_drop_no_request() {
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
+        if i % 2 == 0 {
+            // Rotation + revoke: the pre-rotation token dies with the new one.
+            sim_post(&sim, "/__sim/revoke", json!({"client_id": CLIENT_ID})).await;
+            revokes += 1;
+        }
         old = new;
         tokio::time::sleep(pause).await; // soak pacing (0 in CI)
     }
@@ -148,7 +155,7 @@ async fn secret_rotations_under_load_drop_no_request() {
     let (sent, failures) = load.finish().await;
     let (exit, logs, _stdout) = proc.stop();
     println!(
-        "rotation load: requests sent {sent}, failed {}, rotations applied {rotations} in {:.1} s",
+        "rotation load: requests sent {sent}, failed {}, rotations applied {rotations} ({revokes} followed by a revoke-all of the client) in {:.1} s",
         failures.len(),
         rotation_time.as_secs_f64()
     );
