@@ -407,7 +407,8 @@ impl ProxyHttp for GenesysProxy {
                 status,
                 upstream_status = ctx.upstream_status,
                 duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
-                replayed = ctx.replays,
+                replayed = ctx.replays > 0,
+                replays = ctx.replays,
                 client = %client,
                 correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
                 "request"
