@@ -49,7 +49,32 @@ pub fn readiness(state: &AdminState) -> Result<(), &'static str> {
     match state.store.current() {
         None => Err("no token acquired yet"),
         Some(t) if !t.is_valid_at(Instant::now()) => Err("token expired and no refresh succeeded"),
+        Some(_) if state.store.current_refused() => {
+            Err("the API refused the current token (401) and no new token is published yet")
+        }
         Some(_) => Ok(()),
+    }
+}
+
+/// `unhealthy` when requests cannot succeed (see [`readiness`]), `degraded` when they do but
+/// something needs attention, else `healthy`.
+fn health(state: &AdminState, info: &RefreshInfo, anomalies: bool) -> &'static str {
+    let token = state.store.current();
+    let usable = token
+        .as_ref()
+        .is_some_and(|t| t.is_valid_at(Instant::now()))
+        && !state.store.current_refused();
+    if !usable {
+        "unhealthy"
+    } else if info.consecutive_failures > 0
+        || info.pending_rotation.is_some()
+        || anomalies
+        || state.audit.failures() > 0
+        || token.is_some_and(|t| t.source == TokenSource::Previous)
+    {
+        "degraded"
+    } else {
+        "healthy"
     }
 }
 
@@ -72,26 +97,13 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
     let now = Instant::now();
     let token = state.store.current();
     let info = lock(&state.refresh).clone();
-    let valid = token.as_ref().is_some_and(|t| t.is_valid_at(now));
     let config = state.reloader.info();
     let anomaly = state.anomaly.view();
-    let health = if !valid {
-        "unhealthy"
-    } else if info.consecutive_failures > 0
-        || info.pending_rotation.is_some()
-        || !anomaly.active.is_empty()
-        || state.audit.failures() > 0
-        || token
-            .as_ref()
-            .is_some_and(|t| t.source == TokenSource::Previous)
-    {
-        "degraded"
-    } else {
-        "healthy"
-    };
+    let health = health(&state, &info, !anomaly.active.is_empty());
     let token_json = token.map(|t| {
         serde_json::json!({
             "valid": t.is_valid_at(now),
+            "refused_by_api": state.store.current_refused(),
             "expires_at": rfc3339(t.expires_at_wall),
             "expires_in_seconds": t.expires_at.saturating_duration_since(now).as_secs(),
             "generation": t.generation,

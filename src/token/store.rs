@@ -179,6 +179,15 @@ impl TokenStore {
         }
     }
 
+    /// True while the API has refused the current token (a request reported a 401 for it) and
+    /// no newer token is published: every request would fail.
+    pub fn current_refused(&self) -> bool {
+        self.current
+            .load()
+            .as_ref()
+            .is_some_and(|t| self.rejected_generation() >= t.generation)
+    }
+
     /// The highest generation reported rejected.
     pub fn rejected_generation(&self) -> u64 {
         self.rejected.load(Ordering::Acquire)

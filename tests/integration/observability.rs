@@ -247,3 +247,56 @@ async fn readyz_turns_503_as_soon_as_the_drain_starts() {
     assert_eq!(in_flight.await.unwrap(), 200);
     shutdown.await.unwrap();
 }
+
+/// Regression: `/readyz` stayed 200 while the API refused the held token and minting a new one
+/// failed (credentials revoked), so a balancer kept sending traffic that could only fail.
+#[tokio::test]
+async fn readyz_is_503_while_the_held_token_is_refused_and_none_can_be_minted() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy_with(&sim, "refresh_wait_timeout_ms = 300", "").await;
+    p.ready().await;
+    let readyz = || async { get(&p.admin("/readyz")).await };
+    assert_eq!(readyz().await.status(), 200);
+
+    // The IdP revokes the client's tokens and its secret: nothing can be minted.
+    let deleted = client()
+        .delete(format!(
+            "{}/__sim/clients/{CLIENT_ID}/secrets/{SECRET}",
+            sim.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success());
+    sim_post(&sim, "/__sim/revoke", json!({"client_id": CLIENT_ID})).await;
+    let r = get(&p.url("/api/v2/organizations/me")).await;
+    assert_eq!(
+        r.status(),
+        401,
+        "nothing can be minted: the 401 passes through"
+    );
+
+    let r = readyz().await;
+    assert_eq!(r.status(), 503);
+    let reason = r.text().await.unwrap();
+    assert!(reason.contains("refused"), "{reason}");
+    assert_eq!(reason.lines().count(), 1, "one-line reason: {reason}");
+    let s = status(&p).await;
+    assert_eq!(s["status"], "unhealthy", "{s}");
+    assert_eq!(s["token"]["refused_by_api"], true, "{s}");
+
+    // The secret is restored at the IdP: the refresher's retry mints, validates, and the
+    // proxy is ready again without any action.
+    sim_post(
+        &sim,
+        &format!("/__sim/clients/{CLIENT_ID}/secrets"),
+        json!({"secret": SECRET}),
+    )
+    .await;
+    eventually(Duration::from_secs(10), "ready again", || async {
+        readyz().await.status() == 200
+    })
+    .await;
+    assert_eq!(get(&p.url("/api/v2/organizations/me")).await.status(), 200);
+    assert_ne!(status(&p).await["status"], "unhealthy");
+}
