@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use http::HeaderValue;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpServerOptions, ServerApp};
 use pingora::server::configuration::ServerConf;
 use pingora::utils::tls::{parse_x509, WrappedX509};
 use tokio::net::TcpListener;
@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
+use crate::admission::{self, Gate};
 use crate::anomaly::AnomalyMonitor;
 use crate::audit::{AuditEvent, AuditLog};
 use crate::config::{ApiTarget, Config, Live};
@@ -291,6 +292,11 @@ fn spawn_workers(
     let server_conf = Arc::new(ServerConf::default());
     let (pingora_shutdown, pingora_rx) = watch::channel(false);
     let threads = config.restart.proxy.threads;
+    let (limit, warning) = admission::connection_limit(config.restart.proxy.max_connections);
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
+    }
+    let gate = Arc::new(Gate::new(state.live.clone(), state.metrics.clone(), limit));
     let std_listener = listener.into_std()?;
     let mut workers = ProxyWorkers {
         apps: Vec::with_capacity(threads),
@@ -302,13 +308,20 @@ fn spawn_workers(
         let proxy = GenesysProxy {
             state: state.clone(),
         };
-        let app = Arc::new(pingora::proxy::http_proxy(&server_conf, proxy));
+        let mut app = pingora::proxy::http_proxy(&server_conf, proxy);
+        // CONNECT reaches our hooks, which refuse it in the Genesys error shape (pingora's own
+        // refusal is an empty 405).
+        let mut options = HttpServerOptions::default();
+        options.allow_connect_method_proxying = true;
+        app.server_options = Some(options);
+        let app = Arc::new(app);
         workers.apps.push(app.clone());
         let worker = Worker {
             app,
             pingora_shutdown: pingora_rx.clone(),
             shutdown: shutdown.clone(),
             grace: config.restart.proxy.shutdown_grace,
+            gate: gate.clone(),
         };
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()

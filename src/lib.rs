@@ -6,8 +6,9 @@
 //! - [`cli`]: command-line definitions; [`commands`]: what each command does; [`demo`] (with the
 //!   `sim` feature): the `demo` and `sim` commands.
 //! - [`app`]: the one place that wires services and listeners for `run` and `demo`;
-//!   [`worker`]: the proxy's worker threads and accept loops; [`shutdown`]: the shutdown
-//!   trigger every task listens to.
+//!   [`worker`]: the proxy's worker threads and accept loops, with [`admission`] (client
+//!   address and connection cap at accept) and [`head_clock`] (the whole-request-head
+//!   deadline); [`shutdown`]: the shutdown trigger every task listens to.
 //! - [`config`]: the TOML file's serde mirror and the validated model, split by reload class:
 //!   `Restart` (read once), `Live` (swapped in place as one `ArcSwap` snapshot) and
 //!   `CredentialSettings` (validated by the refresher before use). Every model field names its
@@ -45,6 +46,7 @@
 //! 5. `logging` records metrics, feeds the anomaly detector and writes the optional access log.
 
 pub mod admin;
+pub mod admission;
 pub mod anomaly;
 pub mod app;
 pub mod audit;
@@ -54,6 +56,7 @@ pub mod config;
 #[cfg(feature = "sim")]
 pub mod demo;
 pub mod fingerprint;
+pub mod head_clock;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

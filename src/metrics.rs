@@ -32,6 +32,7 @@ pub struct Metrics {
     pub audit_events_total: IntCounterVec,
     pub audit_write_failures_total: IntCounter,
     pub rejected_requests_total: IntCounterVec,
+    pub client_connections: IntGauge,
 }
 
 impl Default for Metrics {
@@ -116,6 +117,10 @@ const REPLAY_OUTCOMES: &[&str] = &[
 const REJECT_REASONS: &[&str] = &[
     "client_not_allowed",
     "path_not_allowed",
+    "method_not_allowed",
+    "bad_request",
+    "too_many_connections",
+    "request_header_timeout",
     "no_token",
     "upstream_unreachable",
     "upstream_timeout",
@@ -201,6 +206,10 @@ impl Metrics {
                 "Requests refused by the proxy itself, by reason.",
                 "reason",
                 REJECT_REASONS,
+            ),
+            client_connections: m.int_gauge(
+                "client_connections",
+                "Client connections open on the proxy listener.",
             ),
             registry: m.0,
         }

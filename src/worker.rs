@@ -11,11 +11,13 @@ use std::time::Duration;
 
 use pingora::apps::ServerApp;
 use pingora::protocols::{GetSocketDigest, SocketDigest};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
-use crate::proxy::GenesysProxy;
+use crate::admission::{self, Admit, Gate};
+use crate::head_clock::HeadClock;
+use crate::proxy::{GenesysProxy, Refusal};
 use crate::shutdown::Shutdown;
 
 /// Binds a listener; with `reuse_port` a second process can bind the same address, which is
@@ -42,6 +44,8 @@ pub struct Worker {
     /// Stops accepting.
     pub shutdown: Shutdown,
     pub grace: Duration,
+    /// Admission at accept (client address, connection cap), shared by every worker.
+    pub gate: Arc<Gate>,
 }
 
 impl Worker {
@@ -58,18 +62,7 @@ impl Worker {
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((tcp, peer)) => {
-                        let _ = tcp.set_nodelay(true);
-                        let stream = to_pingora_stream(tcp, peer);
-                        let app = self.app.clone();
-                        let watch = self.pingora_shutdown.clone();
-                        tracker.spawn(async move {
-                            let mut reuse = app.process_new(stream, &watch).await;
-                            while let Some(stream) = reuse {
-                                reuse = app.process_new(stream, &watch).await;
-                            }
-                        });
-                    }
+                    Ok((tcp, peer)) => self.accepted(tcp, peer, &tracker),
                     Err(e) => {
                         // Out of file descriptors and the like: back off briefly, keep serving.
                         tracing::error!(error = %e, "accept failed");
@@ -90,6 +83,47 @@ impl Worker {
                 "grace period over; dropping remaining connections"
             );
         }
+    }
+}
+
+impl Worker {
+    /// Admits (or refuses) a new connection and serves it under its head clock.
+    fn accepted(&self, tcp: TcpStream, peer: SocketAddr, tracker: &TaskTracker) {
+        let gate = self.gate.clone();
+        let refused = |refusal: Refusal| {
+            let m = &gate.metrics.rejected_requests_total;
+            m.with_label_values(&[refusal.reason()]).inc();
+        };
+        let permit = match gate.admit(peer.ip()) {
+            Admit::Serve(permit) => permit,
+            Admit::Refuse(refusal, permit) => {
+                refused(refusal);
+                tracker.spawn(async move {
+                    admission::refuse(tcp, refusal).await;
+                    drop(permit);
+                });
+                return;
+            }
+            Admit::Drop(refusal) => return refused(refusal),
+        };
+        let _ = tcp.set_nodelay(true);
+        let stream = to_pingora_stream(tcp, peer);
+        let app = self.app.clone();
+        let watch = self.pingora_shutdown.clone();
+        let head_timeout = gate.live.load().proxy.request_header_timeout;
+        gate.metrics.client_connections.inc();
+        tracker.spawn(async move {
+            let serve = async move {
+                // pingora serves every keep-alive request of the connection in this call.
+                let _ = app.process_new(stream, &watch).await;
+            };
+            if !HeadClock::new(head_timeout).run(serve).await {
+                let m = &gate.metrics.rejected_requests_total;
+                m.with_label_values(&["request_header_timeout"]).inc();
+            }
+            gate.metrics.client_connections.dec();
+            drop(permit);
+        });
     }
 }
 

@@ -109,6 +109,10 @@ fn proxy(b: &Builder, p: ProxySection) -> Built<(ProxyRestart, ProxyLive)> {
         reuse_port: p.reuse_port.unwrap_or(false),
         dns_refresh: Duration::from_secs(p.dns_refresh_seconds.unwrap_or(30).max(1)),
         shutdown_grace: Duration::from_secs(p.shutdown_grace_seconds.unwrap_or(30)),
+        max_connections: match p.max_connections.unwrap_or(4096) {
+            n @ 1..=1_000_000 => n,
+            _ => return Err(b.err("proxy.max_connections", "must be between 1 and 1000000")),
+        },
     };
     let replay_body_limit_bytes = p
         .replay_body_limit_bytes
@@ -143,6 +147,12 @@ fn proxy(b: &Builder, p: ProxySection) -> Built<(ProxyRestart, ProxyLive)> {
             60_000,
             "proxy.upstream_read_timeout_ms",
         )?,
+        request_header_timeout: b.ms(
+            p.request_header_timeout_ms,
+            10_000,
+            "proxy.request_header_timeout_ms",
+        )?,
+        allowed_methods: methods(b, p.allowed_methods)?,
     };
     Ok((restart, live))
 }
@@ -178,6 +188,30 @@ fn path_prefixes(b: &Builder, raw: Option<Vec<String>>) -> Built<Vec<String>> {
         ));
     }
     Ok(prefixes)
+}
+
+/// The methods the Genesys Platform API uses, forwarded by default.
+const DEFAULT_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+fn methods(b: &Builder, raw: Option<Vec<String>>) -> Built<Vec<http::Method>> {
+    const KEY: &str = "proxy.allowed_methods";
+    let raw = raw.unwrap_or_else(|| DEFAULT_METHODS.map(String::from).to_vec());
+    if raw.is_empty() {
+        return Err(b.err(KEY, "must list at least one method"));
+    }
+    raw.iter()
+        .map(|m| match m.as_str() {
+            "CONNECT" | "TRACE" => Err(b.err(
+                KEY,
+                format!("{m:?} is never forwarded (tunnels and request echo are refused)"),
+            )),
+            _ if m.is_empty() || !m.bytes().all(|c| c.is_ascii_uppercase()) => {
+                Err(b.err(KEY, format!("{m:?} is not an upper-case HTTP method name")))
+            }
+            _ => http::Method::from_bytes(m.as_bytes())
+                .map_err(|_| b.err(KEY, format!("{m:?} is not an HTTP method"))),
+        })
+        .collect()
 }
 
 /// Token URL and API target from `region`, `login_url` and `api_url`.

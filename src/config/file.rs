@@ -49,6 +49,9 @@ pub struct ProxySection {
     pub dns_refresh_seconds: Option<u64>,
     pub threads: Option<usize>,
     pub reuse_port: Option<bool>,
+    pub max_connections: Option<usize>,
+    pub request_header_timeout_ms: Option<u64>,
+    pub allowed_methods: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -62,6 +62,8 @@ keyed_struct! {
         pub reuse_port: bool => "proxy.reuse_port",
         pub dns_refresh: Duration => "proxy.dns_refresh_seconds",
         pub shutdown_grace: Duration => "proxy.shutdown_grace_seconds",
+        /// Open client connections at most; more are answered 503 and closed at accept.
+        pub max_connections: usize => "proxy.max_connections",
     }
 }
 
@@ -75,6 +77,10 @@ keyed_struct! {
         pub refresh_wait_timeout: Duration => "proxy.refresh_wait_timeout_ms",
         pub upstream_connect_timeout: Duration => "proxy.upstream_connect_timeout_ms",
         pub upstream_read_timeout: Duration => "proxy.upstream_read_timeout_ms",
+        /// The whole request head must arrive within this.
+        pub request_header_timeout: Duration => "proxy.request_header_timeout_ms",
+        /// Methods forwarded; others get 405 (upper case).
+        pub allowed_methods: Vec<http::Method> => "proxy.allowed_methods",
     }
 }
 

@@ -15,6 +15,9 @@ use pingora::{Error, ErrorType, Result};
 pub enum Refusal {
     ClientNotAllowed,
     PathNotAllowed,
+    MethodNotAllowed,
+    BadRequest,
+    TooManyConnections,
     NoToken,
     UpstreamUnreachable,
     UpstreamTimeout,
@@ -24,7 +27,9 @@ impl Refusal {
     pub fn status(self) -> u16 {
         match self {
             Refusal::ClientNotAllowed | Refusal::PathNotAllowed => 403,
-            Refusal::NoToken => 503,
+            Refusal::MethodNotAllowed => 405,
+            Refusal::BadRequest => 400,
+            Refusal::NoToken | Refusal::TooManyConnections => 503,
             Refusal::UpstreamUnreachable => 502,
             Refusal::UpstreamTimeout => 504,
         }
@@ -35,6 +40,9 @@ impl Refusal {
         match self {
             Refusal::ClientNotAllowed => "client_not_allowed",
             Refusal::PathNotAllowed => "path_not_allowed",
+            Refusal::MethodNotAllowed => "method_not_allowed",
+            Refusal::BadRequest => "bad_request",
+            Refusal::TooManyConnections => "too_many_connections",
             Refusal::NoToken => "no_token",
             Refusal::UpstreamUnreachable => "upstream_unreachable",
             Refusal::UpstreamTimeout => "upstream_timeout",
@@ -46,6 +54,13 @@ impl Refusal {
             Refusal::ClientNotAllowed => "This client address is not allowed to use the proxy.",
             Refusal::PathNotAllowed => {
                 "This path is not allowed by the proxy's allowed_path_prefixes."
+            }
+            Refusal::MethodNotAllowed => {
+                "This HTTP method is not allowed by the proxy's allowed_methods."
+            }
+            Refusal::BadRequest => "The request is malformed.",
+            Refusal::TooManyConnections => {
+                "The proxy is at its connection limit (proxy.max_connections); retry shortly."
             }
             Refusal::NoToken => "The proxy holds no valid Genesys Cloud token yet; retry shortly.",
             Refusal::UpstreamUnreachable => "The Genesys Cloud API could not be reached.",
@@ -72,24 +87,82 @@ pub fn client_allowed(ip: IpAddr, allowed: &[IpNet]) -> bool {
     allowed.iter().any(|net| net.contains(&ip))
 }
 
-/// Is `path` under an allowed prefix, with no dot segments or encoded separators that could
-/// make the upstream see a different path than the one checked?
+/// Is `path` under an allowed prefix, and does it mean one thing only? The upstream must see
+/// exactly the path that was checked, so anything a server might normalise differently is
+/// refused: dot segments (also `..;` and percent-encoded dots), empty segments (`//`), path
+/// parameters (`;`), encoded separators, double encoding (`%252e`), invalid escapes, control
+/// characters, and bytes that do not decode to UTF-8 (overlong dots like `%c0%ae`).
 pub fn path_allowed(path: &str, prefixes: &[String]) -> bool {
-    if !path.starts_with('/') || path.contains('\\') {
+    if !path.starts_with('/') || path.contains(['\\', ';']) {
         return false;
     }
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains("%00")
+    let Some(decoded) = percent_decode(path).and_then(|b| String::from_utf8(b).ok()) else {
+        return false;
+    };
+    let separators = |p: &str| p.matches('/').count();
+    if separators(&decoded) != separators(path)
+        || decoded.contains(['\\', ';'])
+        || decoded.chars().any(char::is_control)
+        || percent_decode(&decoded).is_some_and(|again| again != decoded.as_bytes())
     {
         return false;
     }
-    if path.split('/').any(|seg| seg == "." || seg == "..") {
-        return false;
+    let segments: Vec<&str> = decoded.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    let bad_segment = segments
+        .iter()
+        .enumerate()
+        .any(|(i, seg)| matches!(*seg, "." | "..") || (seg.is_empty() && i != last));
+    !bad_segment && prefixes.iter().any(|p| path.starts_with(p.as_str()))
+}
+
+/// Decodes `%XX` escapes; `None` when a `%` is not followed by two hex digits.
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
     }
-    prefixes.iter().any(|p| path.starts_with(p.as_str()))
+    Some(out)
+}
+
+/// Removes what would turn the request into a protocol switch (`Upgrade: websocket`, `h2c`):
+/// a 101 answer would hand the client a raw tunnel past every check. The Genesys REST API
+/// needs none, and `Upgrade: h2c` is only an offer, so the request goes on as plain HTTP/1.1.
+pub fn strip_upgrade(req: &mut RequestHeader) {
+    let upgrade = req.headers.contains_key(header::UPGRADE);
+    req.remove_header(&header::UPGRADE);
+    req.remove_header("http2-settings");
+    if !upgrade {
+        return;
+    }
+    let kept: Vec<String> = req
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case("upgrade")
+                && !t.eq_ignore_ascii_case("http2-settings")
+        })
+        .map(str::to_string)
+        .collect();
+    req.remove_header(&header::CONNECTION);
+    if !kept.is_empty() {
+        let _ = req.insert_header(header::CONNECTION, kept.join(", "));
+    }
 }
 
 /// Can a request that got a 401 be replayed at all? Only if its whole body is still in
@@ -209,6 +282,52 @@ mod tests {
         assert!(client_allowed("::1".parse().unwrap(), &nets));
         assert!(client_allowed("::ffff:127.0.0.1".parse().unwrap(), &nets));
         assert!(!client_allowed("10.0.0.1".parse().unwrap(), &nets));
+    }
+
+    #[test]
+    fn paths_that_could_mean_two_things_are_refused() {
+        let p = vec!["/api/v2/".to_string()];
+        for bad in [
+            "/api/v2/..;/x",
+            "/api/v2/x/..;/../y",
+            "/api/v2/users;jsessionid=1",
+            "/api/v2//x",
+            "/api/v2/a//b",
+            "/api/v2/%252e%252e/x",
+            "/api/v2/%252fadmin",
+            "/api/v2/%c0%ae%c0%ae/x",
+            "/api/v2/%e0%80%ae/x",
+            "/api/v2/%ff",
+            "/api/v2/%zz",
+            "/api/v2/%2",
+            "/api/v2/a%00b",
+            "/api/v2/a%0ab",
+            "/api/v2/%5cx",
+        ] {
+            assert!(!path_allowed(bad, &p), "{bad} must be refused");
+        }
+        for good in [
+            "/api/v2/users",
+            "/api/v2/users/",
+            "/api/v2/users/5f3c-11/roles",
+            "/api/v2/users/caf%C3%A9",
+            "/api/v2/search%20term",
+        ] {
+            assert!(path_allowed(good, &p), "{good} must pass");
+        }
+    }
+
+    #[test]
+    fn upgrades_are_stripped_other_connection_options_kept() {
+        let mut req = RequestHeader::build("GET", b"/api/v2/users", None).unwrap();
+        req.insert_header(header::UPGRADE, "websocket").unwrap();
+        req.insert_header(header::CONNECTION, "keep-alive, Upgrade")
+            .unwrap();
+        req.insert_header("http2-settings", "AAA").unwrap();
+        strip_upgrade(&mut req);
+        assert!(req.headers.get(header::UPGRADE).is_none());
+        assert!(req.headers.get("http2-settings").is_none());
+        assert_eq!(req.headers.get(header::CONNECTION).unwrap(), "keep-alive");
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod decide;
 
 pub use decide::{
     client_allowed, header_u64, path_allowed, refusal_for, replay_after_401, replayable,
-    rewrite_upstream_request, status_label, Refusal, MAX_REPLAYS,
+    rewrite_upstream_request, status_label, strip_upgrade, Refusal, MAX_REPLAYS,
 };
 
 use std::net::SocketAddr;
@@ -81,11 +81,21 @@ fn replay_error() -> Box<Error> {
     e
 }
 
-async fn respond(session: &mut Session, refusal: Refusal) -> Result<()> {
+/// Answers a refusal in the Genesys error shape; a 405 lists the allowed methods.
+async fn respond(session: &mut Session, refusal: Refusal, live: &Live) -> Result<()> {
     let body = refusal.body();
-    let mut resp = ResponseHeader::build(refusal.status(), Some(3))?;
+    let mut resp = ResponseHeader::build(refusal.status(), Some(4))?;
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    if refusal == Refusal::MethodNotAllowed {
+        let allow: Vec<&str> = live
+            .proxy
+            .allowed_methods
+            .iter()
+            .map(|m| m.as_str())
+            .collect();
+        resp.insert_header(header::ALLOW, allow.join(", "))?;
+    }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
 }
@@ -151,13 +161,13 @@ impl GenesysProxy {
         ok
     }
 
-    async fn refuse(&self, session: &mut Session, refusal: Refusal) -> Result<bool> {
+    async fn refuse(&self, session: &mut Session, refusal: Refusal, live: &Live) -> Result<bool> {
         self.state
             .metrics
             .rejected_requests_total
             .with_label_values(&[refusal.reason()])
             .inc();
-        respond(session, refusal).await?;
+        respond(session, refusal, live).await?;
         Ok(true)
     }
 }
@@ -179,20 +189,42 @@ impl ProxyHttp for GenesysProxy {
         }
     }
 
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        crate::head_clock::head_received();
+        strip_upgrade(session.req_header_mut());
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let settings = &ctx.live.proxy;
+        if !settings
+            .allowed_methods
+            .contains(&session.req_header().method)
+        {
+            return self
+                .refuse(session, Refusal::MethodNotAllowed, &ctx.live)
+                .await;
+        }
         let ip = session
             .client_addr()
             .and_then(PingoraAddr::as_inet)
             .map(|a| a.ip());
         if !ip.is_some_and(|ip| client_allowed(ip, &settings.allowed_client_cidrs)) {
-            return self.refuse(session, Refusal::ClientNotAllowed).await;
+            return self
+                .refuse(session, Refusal::ClientNotAllowed, &ctx.live)
+                .await;
         }
         if !path_allowed(
             session.req_header().uri.path(),
             &settings.allowed_path_prefixes,
         ) {
-            return self.refuse(session, Refusal::PathNotAllowed).await;
+            return self
+                .refuse(session, Refusal::PathNotAllowed, &ctx.live)
+                .await;
         }
         let wait = settings.token_wait_timeout;
         let token = match self.state.store.valid(Instant::now()) {
@@ -204,7 +236,7 @@ impl ProxyHttp for GenesysProxy {
                 ctx.token = Some(t);
                 Ok(false)
             }
-            None => self.refuse(session, Refusal::NoToken).await,
+            None => self.refuse(session, Refusal::NoToken, &ctx.live).await,
         }
     }
 
@@ -340,31 +372,19 @@ impl ProxyHttp for GenesysProxy {
         &self,
         session: &mut Session,
         e: &Error,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let code = match e.esource() {
-            pingora::ErrorSource::Upstream
-            | pingora::ErrorSource::Internal
-            | pingora::ErrorSource::Unset => {
-                let refusal = refusal_for(e.etype());
-                self.state
-                    .metrics
-                    .rejected_requests_total
-                    .with_label_values(&[refusal.reason()])
-                    .inc();
-                if respond(session, refusal).await.is_err() {
-                    0
-                } else {
-                    refusal.status()
-                }
-            }
-            pingora::ErrorSource::Downstream => match e.etype() {
-                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
-                _ => {
-                    let _ = session.respond_error(400).await;
-                    400
-                }
-            },
+        let refusal = match (e.esource(), e.etype()) {
+            (
+                pingora::ErrorSource::Downstream,
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+            ) => None,
+            (pingora::ErrorSource::Downstream, _) => Some(Refusal::BadRequest),
+            (_, etype) => Some(refusal_for(etype)),
+        };
+        let code = match refusal {
+            Some(r) if self.refuse(session, r, &ctx.live).await.is_ok() => r.status(),
+            _ => 0,
         };
         FailToProxy {
             error_code: code,
@@ -373,6 +393,7 @@ impl ProxyHttp for GenesysProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        crate::head_clock::request_done(ctx.live.proxy.request_header_timeout);
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
