@@ -46,6 +46,7 @@ pub async fn handle(
         Ok(a) => a,
         Err(refusal) => {
             state.count_api(401, None);
+            state.count_refusal(refusal);
             let message = match refusal {
                 TokenRefusal::Unknown => "Invalid login credentials.",
                 TokenRefusal::Expired => "Invalid login credentials. The token has expired.",
@@ -129,6 +130,8 @@ fn route(
                 "body_len": body.len(),
                 "client_id": admission.client_id,
                 "token_fingerprint": admission.fingerprint,
+                "header_names": header_names(headers),
+                "content_length": headers.get_all(header::CONTENT_LENGTH).iter().map(|v| v.to_str().unwrap_or("")).collect::<Vec<_>>(),
             }))
             .into_response()
         }
@@ -252,6 +255,15 @@ fn user(i: u64) -> serde_json::Value {
         "division": {"id": "00000000-0000-4000-8000-0000000d1e00", "name": "Home"},
         "selfUri": format!("/api/v2/users/00000000-0000-4000-8000-{i:012}"),
     })
+}
+
+/// The request's header names, lower case and sorted (values are never echoed: one is the
+/// bearer token).
+fn header_names(headers: &HeaderMap) -> Vec<&str> {
+    let mut names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    names
 }
 
 fn form_pairs(query: &str) -> Vec<(String, String)> {

@@ -76,6 +76,7 @@ struct Stats {
     token_by_outcome: BTreeMap<String, u64>,
     api_total: u64,
     api_by_status: BTreeMap<String, u64>,
+    api_refused: BTreeMap<String, u64>,
     api_by_token: BTreeMap<String, u64>,
     revocations: u64,
 }
@@ -245,7 +246,7 @@ impl SimState {
         let mut tokens = lock(&self.tokens);
         let record = tokens.get_mut(token).ok_or(TokenRefusal::Unknown)?;
         if now >= record.expires_at {
-            tokens.remove(token);
+            // Kept (until the periodic clean-up) so every later use counts as expired too.
             return Err(TokenRefusal::Expired);
         }
         if let Some(idle) = self.config.idle_timeout {
@@ -311,6 +312,20 @@ impl SimState {
         lock(&self.recent).iter().cloned().collect()
     }
 
+    /// Counts a refused bearer token by why it was refused (`api_requests.refused`): an
+    /// `expired` count above zero means a client sent a token past its `expires_in`.
+    pub fn count_refusal(&self, refusal: TokenRefusal) {
+        let reason = match refusal {
+            TokenRefusal::Unknown => "unknown_or_revoked",
+            TokenRefusal::Expired => "expired",
+            TokenRefusal::Idle => "idle",
+        };
+        *lock(&self.stats)
+            .api_refused
+            .entry(reason.to_string())
+            .or_default() += 1;
+    }
+
     pub fn count_api(&self, status: u16, fingerprint: Option<&str>) {
         let mut stats = lock(&self.stats);
         stats.api_total += 1;
@@ -332,6 +347,7 @@ impl SimState {
                 "total": stats.api_total,
                 "by_status": stats.api_by_status,
                 "by_token": stats.api_by_token,
+                "refused": stats.api_refused,
                 "in_flight": self.api_in_flight.load(Ordering::Relaxed),
             },
             "revocations": stats.revocations,

@@ -4,6 +4,7 @@
 mod support;
 
 mod cli;
+mod hardening;
 mod observability;
 mod proxy;
 mod replay;

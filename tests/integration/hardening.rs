@@ -1,0 +1,254 @@
+//! Hostile clients: slow request heads, connection floods, clients outside the allowlist,
+//! protocol upgrades, paths that could mean two things, unexpected methods, pipelining. Each
+//! test reproduces an attack that worked before the fix.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+/// Reads until the peer closes or `limit` passes; returns what was read and whether it closed.
+async fn read_until_closed(tcp: &mut TcpStream, limit: Duration) -> (String, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&out).into(), true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&out).into(), false),
+        }
+    }
+}
+
+/// Sends raw bytes and returns everything the proxy answers before it closes (bounded).
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    read_until_closed(&mut tcp, Duration::from_secs(5)).await.0
+}
+
+#[tokio::test]
+async fn a_request_head_trickled_byte_by_byte_is_cut_at_the_deadline() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy_with(&sim, "request_header_timeout_ms = 400", "").await;
+    p.ready().await;
+    let mut tcp = TcpStream::connect(p.running.proxy_addr).await.unwrap();
+    let started = Instant::now();
+    tcp.write_all(b"GET /api/v2/users HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    // One header byte every 50 ms: each read is quick, the head never completes.
+    let mut cut = false;
+    for _ in 0..100 {
+        if tcp.write_all(b"x").await.is_err() {
+            cut = true;
+            break;
+        }
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_millis(50), tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                cut = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    let held = started.elapsed();
+    assert!(cut, "the connection was never cut");
+    assert!(
+        held < Duration::from_secs(3),
+        "cut after {held:?}, deadline 400 ms"
+    );
+    let m = metrics_text(&p).await;
+    assert_eq!(
+        metric(
+            &m,
+            "genesys_proxy_rejected_requests_total{reason=\"request_header_timeout\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    // A normal client on a kept-alive connection is not affected by the deadline.
+    let c = client();
+    for _ in 0..3 {
+        let r = c
+            .get(p.url("/api/v2/organizations/me"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_connection_flood_is_capped_and_the_admin_listener_stays_reachable() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy_with(&sim, "max_connections = 8", "").await;
+    p.ready().await;
+    // Eight idle connections take every slot (they send nothing).
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(TcpStream::connect(p.running.proxy_addr).await.unwrap());
+    }
+    let admin = client();
+    eventually(Duration::from_secs(5), "8 connections counted", || {
+        let admin = admin.clone();
+        let url = p.admin("/metrics");
+        async move {
+            let m = admin.get(url).send().await.unwrap().text().await.unwrap();
+            metric(&m, "genesys_proxy_client_connections") == 8.0
+        }
+    })
+    .await;
+    // The ninth gets a complete answer in the Genesys shape, not a hang.
+    let started = Instant::now();
+    let answer = raw_exchange(
+        p.running.proxy_addr,
+        b"GET /api/v2/users HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("proxy.too_many_connections"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // The admin listener answers meanwhile, and quickly.
+    let started = Instant::now();
+    let r = admin.get(p.admin("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // Slots come back when connections close.
+    idle.truncate(0);
+    eventually(Duration::from_secs(5), "a slot is free again", || async {
+        client()
+            .get(p.url("/api/v2/organizations/me"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_outside_the_allowlist_is_refused_at_accept_and_cannot_hold_a_connection() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy_with(&sim, "allowed_client_cidrs = [\"10.0.0.0/8\"]", "").await;
+    p.ready().await;
+    // Sending nothing: closed within the refusal time, without being served.
+    let mut tcp = TcpStream::connect(p.running.proxy_addr).await.unwrap();
+    let (_, closed) = read_until_closed(&mut tcp, Duration::from_secs(5)).await;
+    assert!(closed, "a refused client must not hold its connection");
+    // Sending a request: the 403 in the Genesys shape.
+    let answer = raw_exchange(
+        p.running.proxy_addr,
+        b"GET /api/v2/users HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("proxy.client_not_allowed"), "{answer}");
+    let m = metrics_text(&p).await;
+    assert_eq!(
+        metric(&m, "genesys_proxy_client_connections"),
+        0.0,
+        "never served"
+    );
+}
+
+#[tokio::test]
+async fn upgrade_requests_never_reach_genesys_as_upgrades() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy(&sim).await;
+    for upgrade in ["websocket", "h2c"] {
+        let r = client()
+            .get(p.url("/api/v2/anything"))
+            .header("upgrade", upgrade)
+            .header("connection", "Upgrade, HTTP2-Settings")
+            .header("http2-settings", "AAMAAABkAAQAAP__")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{upgrade}");
+        let v: Value = r.json().await.unwrap();
+        let names: Vec<&str> = v["header_names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n.as_str())
+            .collect();
+        assert!(!names.contains(&"upgrade"), "{upgrade}: {names:?}");
+        assert!(!names.contains(&"http2-settings"), "{upgrade}: {names:?}");
+    }
+}
+
+#[tokio::test]
+async fn paths_that_could_mean_two_things_are_refused_before_genesys() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy(&sim).await;
+    for path in [
+        "/api/v2/..;/__sim/stats",
+        "/api/v2//users",
+        "/api/v2/%252e%252e/x",
+        "/api/v2/%c0%ae%c0%ae/x",
+        "/api/v2/users;x=1",
+    ] {
+        // Raw, so no client library normalises the path first.
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let answer = raw_exchange(p.running.proxy_addr, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 403"), "{path}: {answer}");
+        assert!(
+            answer.contains("proxy.path_not_allowed"),
+            "{path}: {answer}"
+        );
+    }
+    let before = stats(&sim).await["api_requests"]["total"].as_u64().unwrap();
+    let r = get(&p.url("/api/v2/users/caf%C3%A9")).await;
+    assert_eq!(r.status(), 200, "a plain escaped UTF-8 path passes");
+    let after = stats(&sim).await["api_requests"]["total"].as_u64().unwrap();
+    assert_eq!(after, before + 1);
+}
+
+#[tokio::test]
+async fn only_the_methods_genesys_uses_are_forwarded() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy(&sim).await;
+    let before = stats(&sim).await["api_requests"]["total"].as_u64().unwrap();
+    for method in ["TRACE", "PROPFIND", "FOO"] {
+        let r = client()
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                p.url("/api/v2/users"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method}");
+        let allow = r.headers()["allow"].to_str().unwrap().to_string();
+        assert!(allow.contains("GET") && allow.contains("PATCH"), "{allow}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["code"], "proxy.method_not_allowed", "{method}");
+    }
+    let answer = raw_exchange(
+        p.running.proxy_addr,
+        b"CONNECT 169.254.169.254:80 HTTP/1.1\r\nHost: 169.254.169.254:80\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert!(answer.contains("proxy.method_not_allowed"), "{answer}");
+    let after = stats(&sim).await["api_requests"]["total"].as_u64().unwrap();
+    assert_eq!(after, before, "nothing reached Genesys");
+    for method in ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+        let r = client()
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                p.url("/api/v2/anything"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{method}");
+    }
+}
