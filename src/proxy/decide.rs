@@ -135,6 +135,37 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Collapses `Content-Length: 5, 5` and repeated identical `Content-Length` headers into one
+/// value, so the upstream reads the body exactly as the proxy did. `Err` when the values
+/// differ or do not parse: the request's framing is ambiguous (a smuggling vector) and is
+/// refused.
+pub fn normalise_content_length(req: &mut RequestHeader) -> std::result::Result<(), ()> {
+    let values: Vec<&HeaderValue> = req.headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    if values.is_empty() {
+        return Ok(());
+    }
+    let mut lengths = Vec::new();
+    for v in values {
+        for part in v.to_str().map_err(|_| ())?.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            lengths.push(part.parse::<u64>().map_err(|_| ())?);
+        }
+    }
+    let first = lengths[0];
+    if lengths.iter().any(|l| *l != first) {
+        return Err(());
+    }
+    if lengths.len() > 1 {
+        req.remove_header(&header::CONTENT_LENGTH);
+        req.insert_header(header::CONTENT_LENGTH, first.to_string())
+            .map_err(|_| ())?;
+    }
+    Ok(())
+}
+
 /// Removes what would turn the request into a protocol switch (`Upgrade: websocket`, `h2c`):
 /// a 101 answer would hand the client a raw tunnel past every check. The Genesys REST API
 /// needs none, and `Upgrade: h2c` is only an offer, so the request goes on as plain HTTP/1.1.
@@ -314,6 +345,33 @@ mod tests {
             "/api/v2/search%20term",
         ] {
             assert!(path_allowed(good, &p), "{good} must pass");
+        }
+    }
+
+    #[test]
+    fn content_lengths_are_collapsed_or_refused() {
+        let req = |values: &[&str]| {
+            let mut r = RequestHeader::build("POST", b"/api/v2/x", None).unwrap();
+            for v in values {
+                r.append_header(header::CONTENT_LENGTH, *v).unwrap();
+            }
+            r
+        };
+        for ok in [&["5, 5"][..], &["5", "5"], &["5,5, 5"], &["5"]] {
+            let mut r = req(ok);
+            assert!(normalise_content_length(&mut r).is_ok(), "{ok:?}");
+            let all: Vec<_> = r.headers.get_all(header::CONTENT_LENGTH).iter().collect();
+            assert_eq!(all, vec!["5"], "{ok:?}");
+        }
+        for bad in [
+            &["5, 6"][..],
+            &["5", "6"],
+            &["-5"],
+            &["5,"],
+            &["0x5"],
+            &["99999999999999999999999"],
+        ] {
+            assert!(normalise_content_length(&mut req(bad)).is_err(), "{bad:?}");
         }
     }
 

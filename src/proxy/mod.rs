@@ -9,8 +9,9 @@
 mod decide;
 
 pub use decide::{
-    client_allowed, header_u64, path_allowed, refusal_for, replay_after_401, replayable,
-    rewrite_upstream_request, status_label, strip_upgrade, Refusal, MAX_REPLAYS,
+    client_allowed, header_u64, normalise_content_length, path_allowed, refusal_for,
+    replay_after_401, replayable, rewrite_upstream_request, status_label, strip_upgrade, Refusal,
+    MAX_REPLAYS,
 };
 
 use std::net::SocketAddr;
@@ -69,6 +70,8 @@ pub struct RequestCtx {
     /// must be under way by (`refresh_wait_timeout_ms` after that 401).
     first_401: Option<(u64, Instant)>,
     tries: u8,
+    /// Conflicting `Content-Length` values: refused, never forwarded.
+    ambiguous_framing: bool,
 }
 
 /// The error that makes pingora run the request again (see `error_while_proxy`).
@@ -186,21 +189,30 @@ impl ProxyHttp for GenesysProxy {
             replays: 0,
             first_401: None,
             tries: 0,
+            ambiguous_framing: false,
         }
     }
 
     async fn early_request_filter(
         &self,
         session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
         crate::head_clock::head_received();
         strip_upgrade(session.req_header_mut());
+        // Before pingora sets up the body reader from the length.
+        ctx.ambiguous_framing = normalise_content_length(session.req_header_mut()).is_err();
+        // Pipelined requests are served in order (RFC 9112 §9.3.2) instead of answering the
+        // first and dropping the rest on a connection that said keep-alive.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let settings = &ctx.live.proxy;
+        if ctx.ambiguous_framing {
+            return self.refuse(session, Refusal::BadRequest, &ctx.live).await;
+        }
         if !settings
             .allowed_methods
             .contains(&session.req_header().method)

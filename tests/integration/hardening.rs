@@ -252,3 +252,62 @@ async fn only_the_methods_genesys_uses_are_forwarded() {
         assert_eq!(r.status(), 200, "{method}");
     }
 }
+
+#[tokio::test]
+async fn pipelined_requests_are_all_answered_in_order() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy(&sim).await;
+    let mut tcp = TcpStream::connect(p.running.proxy_addr).await.unwrap();
+    // Three requests in one write, the last asking to close.
+    tcp.write_all(
+        b"GET /api/v2/one HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /api/v2/two HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+          GET /api/v2/three HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (answer, closed) = read_until_closed(&mut tcp, Duration::from_secs(10)).await;
+    assert!(closed, "closed after the last: {answer}");
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 3, "{answer}");
+    let one = answer.find("/api/v2/one").unwrap();
+    let two = answer.find("/api/v2/two").unwrap();
+    let three = answer.find("/api/v2/three").unwrap();
+    assert!(one < two && two < three, "in order: {answer}");
+}
+
+#[tokio::test]
+async fn duplicate_content_lengths_are_never_forwarded_as_is() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy(&sim).await;
+    let before = stats(&sim).await["api_requests"]["total"].as_u64().unwrap();
+    // Identical repeated lengths and a list of identical values are collapsed into one
+    // (RFC 9110 §8.6): the upstream sees exactly one length.
+    for headers in [
+        "Content-Length: 5\r\nContent-Length: 5",
+        "Content-Length: 5, 5",
+    ] {
+        let request = format!(
+            "POST /api/v2/cl HTTP/1.1\r\nHost: x\r\n{headers}\r\nConnection: close\r\n\r\nhello"
+        );
+        let answer = raw_exchange(p.running.proxy_addr, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{headers}: {answer}");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+        let v: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["content_length"], serde_json::json!(["5"]), "{answer}");
+        assert_eq!(v["body_len"], 5);
+    }
+    // Conflicting lengths are refused before anything is forwarded.
+    for request in [
+        &b"POST /api/v2/cl HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\nhello!"[..],
+        &b"POST /api/v2/cl HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"[..],
+    ] {
+        let answer = raw_exchange(p.running.proxy_addr, request).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    }
+    let after = stats(&sim).await["api_requests"]["total"].as_u64().unwrap();
+    assert_eq!(
+        after,
+        before + 2,
+        "only the unambiguous requests went upstream"
+    );
+}
