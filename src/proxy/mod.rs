@@ -201,7 +201,7 @@ impl ProxyHttp for GenesysProxy {
         crate::head_clock::head_received();
         strip_upgrade(session.req_header_mut());
         // Before pingora sets up the body reader from the length.
-        ctx.ambiguous_framing = normalise_content_length(session.req_header_mut()).is_err();
+        ctx.ambiguous_framing = !normalise_content_length(session.req_header_mut());
         // Pipelined requests are served in order (RFC 9112 §9.3.2) instead of answering the
         // first and dropping the rest on a connection that said keep-alive.
         session.as_downstream_mut().set_pipelining_enabled(true);
