@@ -44,10 +44,13 @@ pub enum Command {
     /// Run the Genesys Cloud simulator alone.
     #[cfg(feature = "sim")]
     Sim(SimArgs),
-    /// Verify an audit log's hash chain; exit 1 naming the first bad line.
+    /// Verify an audit log's hash chain and seal; exit 1 naming the first bad line.
     AuditVerify {
         /// The audit log (JSON lines).
         file: PathBuf,
+        /// The log of a running proxy: do not require the last event to be PROXY_STOPPED.
+        #[arg(long)]
+        open: bool,
     },
 }
 

@@ -17,16 +17,38 @@ pub fn dispatch(command: Command) -> ExitCode {
         Command::Demo { config } => crate::demo::demo(&config),
         #[cfg(feature = "sim")]
         Command::Sim(args) => crate::demo::run_sim(args),
-        Command::AuditVerify { file } => match crate::audit::verify(&file) {
-            Ok(n) => {
-                println!("{}: ok, {n} events, hash chain intact", file.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{}: TAMPERED or damaged at {e}", file.display());
-                ExitCode::from(EXIT_RUNTIME)
-            }
-        },
+        Command::AuditVerify { file, open } => audit_verify(&file, open),
+    }
+}
+
+/// `audit-verify`: 0 when the chain is intact (and sealed, unless `open`), 1 otherwise.
+fn audit_verify(file: &Path, open: bool) -> ExitCode {
+    let f = file.display();
+    match crate::audit::verify(file) {
+        Ok(v) if !v.sealed && !open => {
+            eprintln!(
+                "{f}: NOT SEALED: {} events with an intact chain, but the last is not PROXY_STOPPED: the file was cut at the end or the proxy did not stop cleanly (for a running proxy's log use --open)",
+                v.events
+            );
+            ExitCode::from(EXIT_RUNTIME)
+        }
+        Ok(v) => {
+            let from = if v.continues_earlier_file {
+                " (continues a chain from an earlier, deleted file)"
+            } else {
+                ""
+            };
+            let state = if v.sealed { "sealed" } else { "open" };
+            println!(
+                "{f}: ok, {} events, hash chain intact, {state}{from}; last hash {}",
+                v.events, v.last_hash
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{f}: TAMPERED or damaged at {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
     }
 }
 

@@ -29,7 +29,8 @@
 //! - [`audit`]: the hash-chained JSON-lines audit log (one writer thread) and its verifier.
 //! - [`sim`] (with the `sim` feature, on by default): the Genesys Cloud simulator used by tests,
 //!   benchmarks and `demo`.
-//! - [`fingerprint`]: how secrets may be shown; [`sync`]: the poison-tolerant lock helper.
+//! - [`fingerprint`]: how secrets may be shown; [`files`]: bounded, non-blocking reads of
+//!   operator-supplied files; [`sync`]: the poison-tolerant lock helper.
 //!
 //! # The life of a request
 //!
@@ -55,6 +56,7 @@ pub mod commands;
 pub mod config;
 #[cfg(feature = "sim")]
 pub mod demo;
+pub mod files;
 pub mod fingerprint;
 pub mod head_clock;
 pub mod logging;

@@ -142,9 +142,18 @@ impl Reloader {
     /// answer comes after the reload's audit events are written.
     pub async fn reload(&self, trigger: &str) -> ReloadReport {
         let mut current = self.current.lock().await;
-        let new = match config::load(&self.path) {
-            Ok(c) => c,
-            Err(e) => return self.rejected(trigger, e.to_string()).await,
+        // File I/O (config, secrets, CA bundle) off the async runtime: a slow disk must not
+        // stall the admin listener.
+        let path = self.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || config::load(&path)).await;
+        let new = match loaded {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return self.rejected(trigger, e.to_string()).await,
+            Err(e) => {
+                return self
+                    .rejected(trigger, format!("config reader failed: {e}"))
+                    .await
+            }
         };
         for w in &new.warnings {
             tracing::warn!("{w}");

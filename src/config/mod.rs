@@ -27,7 +27,7 @@ pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]
     Read {
         file: PathBuf,
-        source: std::io::Error,
+        source: crate::files::FileError,
     },
     #[error("{file}: {message}")]
     Parse { file: PathBuf, message: String },
@@ -41,9 +41,16 @@ pub enum ConfigError {
 
 /// Reads, parses and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let bytes =
+        crate::files::read_capped(path, crate::files::CONFIG_MAX_BYTES).map_err(|source| {
+            ConfigError::Read {
+                file: path.to_path_buf(),
+                source,
+            }
+        })?;
+    let text = String::from_utf8(bytes).map_err(|_| ConfigError::Parse {
         file: path.to_path_buf(),
-        source,
+        message: "is not UTF-8".into(),
     })?;
     parse(&text, path)
 }

@@ -14,7 +14,8 @@ use crate::token::secret::SecretSource;
 pub(super) fn load_ca_file(path: &Path) -> Result<Vec<Vec<u8>>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = crate::files::read_capped(path, crate::files::CONFIG_MAX_BYTES)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .map(|c| c.map(|c| c.to_vec()))
         .collect::<Result<Vec<_>, _>>()

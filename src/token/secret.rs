@@ -49,8 +49,12 @@ pub enum SecretError {
     #[error("cannot read secret file {path}: {source}")]
     File {
         path: PathBuf,
-        source: std::io::Error,
+        source: crate::files::FileError,
     },
+    #[error("secret file {0} is not UTF-8")]
+    FileNotUtf8(PathBuf),
+    #[error("environment variable {0} is longer than 4096 bytes")]
+    EnvTooLong(String),
     #[error("secret file {0} is empty")]
     FileEmpty(PathBuf),
 }
@@ -66,13 +70,20 @@ impl SecretSource {
                 if value.is_empty() {
                     return Err(SecretError::EnvEmpty(name.clone()));
                 }
+                if value.len() as u64 > crate::files::SECRET_MAX_BYTES {
+                    return Err(SecretError::EnvTooLong(name.clone()));
+                }
                 Ok(Secret::new(value))
             }
             SecretSource::File(path) => {
-                let raw = std::fs::read_to_string(path).map_err(|source| SecretError::File {
-                    path: path.clone(),
-                    source,
-                })?;
+                let raw = crate::files::read_capped(path, crate::files::SECRET_MAX_BYTES).map_err(
+                    |source| SecretError::File {
+                        path: path.clone(),
+                        source,
+                    },
+                )?;
+                let raw =
+                    String::from_utf8(raw).map_err(|_| SecretError::FileNotUtf8(path.clone()))?;
                 let value = raw.trim_end_matches(['\r', '\n']);
                 if value.trim().is_empty() {
                     return Err(SecretError::FileEmpty(path.clone()));

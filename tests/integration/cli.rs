@@ -77,9 +77,32 @@ fn audit_verify_exit_codes() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let text = std::fs::read_to_string(&log)
-        .unwrap()
-        .replace("PROXY_STOPPED", "PROXY_STARTED");
+    let sealed = std::fs::read_to_string(&log).unwrap();
+    let verify = |extra: &[&str]| {
+        Command::new(BIN)
+            .arg("audit-verify")
+            .args(extra)
+            .arg(&log)
+            .output()
+            .unwrap()
+    };
+    // Cut at the end (the seal gone): refused, unless the log is declared a live one.
+    std::fs::write(&log, sealed.lines().next().unwrap().to_string() + "\n").unwrap();
+    let out = verify(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT SEALED"));
+    assert!(verify(&["--open"]).status.success());
+    // Empty, and not a regular file: refused.
+    std::fs::write(&log, "").unwrap();
+    let out = verify(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
+    let out = Command::new(BIN)
+        .args(["audit-verify", "/dev/zero"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = sealed.replace("PROXY_STOPPED", "PROXY_STARTED");
     std::fs::write(&log, text).unwrap();
     let out = Command::new(BIN)
         .arg("audit-verify")

@@ -390,3 +390,45 @@ async fn a_revoke_right_after_a_rotation_never_reaches_the_client() {
         0.0
     );
 }
+
+/// Regression: a reload whose secret pointed at `/dev/zero` read until the kernel killed the
+/// proxy, a huge file was sent as credentials, and a FIFO with no writer froze the admin
+/// listener. Each is now refused at once, naming the key, and nothing changes.
+#[tokio::test]
+async fn secrets_that_are_devices_fifos_or_huge_are_refused_at_once() {
+    let sim = start_sim(sim_config()).await;
+    let p = unwatched_proxy(&sim, "").await;
+    let conf = p.dir.join("proxy.toml");
+    let original = std::fs::read_to_string(&conf).unwrap();
+    let secret_file = p.dir.join("client-secret").display().to_string();
+    let fifo = p.dir.join("secret-fifo");
+    let fifo_made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success());
+    let huge = p.dir.join("huge-secret");
+    std::fs::write(&huge, vec![b'a'; 100_000]).unwrap();
+    let mut cases = vec![
+        ("/dev/zero".to_string(), "a device"),
+        (huge.display().to_string(), "larger than 4096 bytes"),
+        (p.dir.display().to_string(), "directory"),
+    ];
+    if fifo_made {
+        cases.push((fifo.display().to_string(), "FIFO"));
+    }
+    for (target, why) in cases {
+        std::fs::write(&conf, original.replace(&secret_file, &target)).unwrap();
+        let started = std::time::Instant::now();
+        let (status, body) = post_reload(&p).await;
+        assert_eq!(status, 400, "{target}: {body}");
+        let reason = body["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("genesys.client_secret") && reason.contains(why),
+            "{target}: {reason}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2), "{target}");
+    }
+    std::fs::write(&conf, &original).unwrap();
+    let r = get(&p.url("/api/v2/organizations/me")).await;
+    assert_eq!(r.status(), 200, "the proxy kept serving with its secret");
+}

@@ -178,5 +178,6 @@ async fn secret_rotations_under_load_drop_no_request() {
         !logs.contains("wrong-secret") && !audit.contains("wrong-secret"),
         "secrets never printed"
     );
-    assert!(genesys_auth_proxy::audit::verify(&dir.join("audit.jsonl")).is_ok());
+    let verified = genesys_auth_proxy::audit::verify(&dir.join("audit.jsonl")).unwrap();
+    assert!(verified.sealed, "{verified:?}");
 }

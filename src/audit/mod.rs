@@ -26,12 +26,14 @@ use std::time::SystemTime;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+mod verify;
+
 use crate::config::AuditTarget;
 use crate::metrics::Metrics;
 use crate::sync::lock;
 
-const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-const HASH_KEY: &str = ",\"hash\":\"";
+pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub(crate) const HASH_KEY: &str = ",\"hash\":\"";
 
 /// Every event the audit log knows; [`AuditEvent::as_str`] is both the `event` field and the
 /// `audit_events_total{event}` label.
@@ -51,10 +53,12 @@ pub enum AuditEvent {
     ConfigReloadRejected,
     AnomalyRaised,
     AnomalyCleared,
+    /// The file was deleted or replaced while the proxy ran; the chain continues in a new file.
+    AuditLogReopened,
 }
 
 impl AuditEvent {
-    pub const ALL: [AuditEvent; 14] = [
+    pub const ALL: [AuditEvent; 15] = [
         AuditEvent::ProxyStarted,
         AuditEvent::ProxyStopped,
         AuditEvent::TokenAcquired,
@@ -69,6 +73,7 @@ impl AuditEvent {
         AuditEvent::ConfigReloadRejected,
         AuditEvent::AnomalyRaised,
         AuditEvent::AnomalyCleared,
+        AuditEvent::AuditLogReopened,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -87,6 +92,7 @@ impl AuditEvent {
             AuditEvent::ConfigReloadRejected => "CONFIG_RELOAD_REJECTED",
             AuditEvent::AnomalyRaised => "ANOMALY_RAISED",
             AuditEvent::AnomalyCleared => "ANOMALY_CLEARED",
+            AuditEvent::AuditLogReopened => "AUDIT_LOG_REOPENED",
         }
     }
 }
@@ -244,7 +250,54 @@ impl Drop for AuditLog {
 }
 
 impl Writer {
+    /// If the log file was deleted or replaced (rotated away, removed by an operator), writes
+    /// would go on into an unlinked inode nobody can read: open the path again and record the
+    /// break, continuing the chain (`AUDIT_LOG_REOPENED` carries the previous seq and hash).
+    fn reopen_if_replaced(&mut self) {
+        let (Sink::File(file), Some(path)) = (&self.sink, &self.path) else {
+            return;
+        };
+        if same_file(file, path) {
+            return;
+        }
+        let mut opts = OpenOptions::new();
+        opts.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        match opts.open(path) {
+            Ok(f) => {
+                self.sink = Sink::File(f);
+                let details = serde_json::json!({
+                    "reason": "the audit file was deleted or replaced while the proxy ran",
+                    "previous_seq": self.seq,
+                    "previous_hash": self.prev,
+                });
+                tracing::warn!(path = %path.display(), "audit file was deleted or replaced; reopened it and continued the chain");
+                self.append(
+                    SystemTime::now(),
+                    AuditEvent::AuditLogReopened,
+                    &details,
+                    None,
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, path = %path.display(), "audit file was deleted or replaced and cannot be reopened");
+            }
+        }
+    }
+
     fn write(
+        &mut self,
+        ts: SystemTime,
+        event: AuditEvent,
+        details: &serde_json::Value,
+        token: Option<&str>,
+    ) {
+        self.reopen_if_replaced();
+        self.append(ts, event, details, token);
+    }
+
+    fn append(
         &mut self,
         ts: SystemTime,
         event: AuditEvent,
@@ -294,6 +347,24 @@ impl Writer {
     }
 }
 
+/// Is the open `file` still the one at `path` (same device and inode)?
+fn same_file(file: &File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::metadata(path)) {
+            (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+            (Ok(_), Err(_)) => false,
+            _ => true,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        true
+    }
+}
+
 /// Reads the sequence number and hash of the last line of an existing log.
 fn last_link(f: File) -> std::io::Result<(u64, String)> {
     let mut last = None;
@@ -317,61 +388,7 @@ fn last_link(f: File) -> std::io::Result<(u64, String)> {
     Ok((seq, hash))
 }
 
-/// Why a log failed verification; `line` is 1-based.
-#[derive(Debug, thiserror::Error)]
-#[error("line {line}: {reason}")]
-pub struct VerifyError {
-    pub line: usize,
-    pub reason: String,
-}
-
-/// Verifies the hash chain of a log file and returns the number of events.
-pub fn verify(path: &Path) -> Result<usize, VerifyError> {
-    let text = std::fs::read(path).map_err(|e| VerifyError {
-        line: 0,
-        reason: format!("cannot read {}: {e}", path.display()),
-    })?;
-    let text = String::from_utf8(text).map_err(|_| VerifyError {
-        line: 0,
-        reason: "file is not UTF-8".into(),
-    })?;
-    let mut prev = GENESIS.to_string();
-    let mut expected_seq: Option<u64> = None;
-    let mut count = 0;
-    let lines: Vec<&str> = text.split_inclusive('\n').collect();
-    for (i, raw) in lines.iter().enumerate() {
-        let n = i + 1;
-        let bad = |reason: &str| VerifyError {
-            line: n,
-            reason: reason.to_string(),
-        };
-        let Some(line) = raw.strip_suffix('\n') else {
-            return Err(bad("truncated: the last line has no newline"));
-        };
-        let at = line.rfind(HASH_KEY).ok_or_else(|| bad("no hash field"))?;
-        let body = format!("{}}}", &line[..at]);
-        let stored = line[at + HASH_KEY.len()..]
-            .strip_suffix("\"}")
-            .ok_or_else(|| bad("malformed hash field"))?;
-        if hex::encode(Sha256::digest(body.as_bytes())) != stored {
-            return Err(bad("hash does not match the line's content (edited)"));
-        }
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|_| bad("not valid JSON"))?;
-        if v["prev"].as_str() != Some(prev.as_str()) {
-            return Err(bad("prev does not match the previous line's hash (deleted, reordered or inserted line)"));
-        }
-        let seq = v["seq"].as_u64().ok_or_else(|| bad("no seq"))?;
-        if let Some(expected) = expected_seq {
-            if seq != expected {
-                return Err(bad(&format!("seq {seq} where {expected} was expected")));
-            }
-        }
-        expected_seq = Some(seq + 1);
-        prev = stored.to_string();
-        count += 1;
-    }
-    Ok(count)
-}
+pub use verify::{verify, Verified, VerifyError};
 
 #[cfg(test)]
 mod tests {
@@ -403,7 +420,11 @@ mod tests {
     fn intact_chain_verifies_across_restart() {
         let p = temp("ok");
         write_three(&p);
-        assert_eq!(verify(&p).unwrap(), 3);
+        let v = verify(&p).unwrap();
+        assert_eq!(
+            (v.events, v.sealed, v.continues_earlier_file),
+            (3, true, false)
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -433,5 +454,55 @@ mod tests {
 
         std::fs::write(&p, &original[..original.len() - 10]).unwrap();
         assert_eq!(verify(&p).unwrap_err().line, 3);
+
+        // Cut at a line boundary: the chain holds, but the seal is gone.
+        std::fs::write(&p, format!("{}\n{}\n", lines[0], lines[1])).unwrap();
+        let v = verify(&p).unwrap();
+        assert_eq!((v.events, v.sealed), (2, false));
+
+        std::fs::write(&p, "").unwrap();
+        let e = verify(&p).unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+        assert!(
+            verify(Path::new("/dev/zero")).is_err(),
+            "devices are refused"
+        );
+    }
+
+    #[test]
+    fn a_deleted_log_is_reopened_and_the_chain_continues() {
+        let p = temp("deleted");
+        let m = Arc::new(Metrics::new());
+        let log = AuditLog::open(&AuditTarget::File(p.clone()), "cid", m.clone()).unwrap();
+        log.record(AuditEvent::ProxyStarted, serde_json::json!({}), None);
+        log.record(AuditEvent::TokenAcquired, serde_json::json!({}), None);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(log.flush());
+        let old = std::fs::read_to_string(&p).unwrap();
+        let last_hash = verify(&p).unwrap().last_hash;
+        std::fs::remove_file(&p).unwrap();
+        log.record(AuditEvent::ProxyStopped, serde_json::json!({}), None);
+        drop(log);
+        let new = std::fs::read_to_string(&p).expect("the file was recreated");
+        assert!(
+            new.lines().next().unwrap().contains("AUDIT_LOG_REOPENED"),
+            "{new}"
+        );
+        assert!(
+            new.contains(&last_hash),
+            "the break names the lost chain's end"
+        );
+        let v = verify(&p).unwrap();
+        assert!(
+            v.continues_earlier_file && v.sealed && v.events == 2,
+            "{v:?}"
+        );
+        // The two files together are one intact chain.
+        std::fs::write(&p, format!("{old}{new}")).unwrap();
+        let v = verify(&p).unwrap();
+        assert!(!v.continues_earlier_file && v.events == 4, "{v:?}");
+        assert_eq!(m.audit_write_failures_total.get(), 0);
     }
 }
