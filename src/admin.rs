@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::reload::{ReloadOutcome, Reloader};
 use crate::sync::lock;
 use crate::token::refresher::RefreshInfo;
+use crate::token::secret::Secret;
 use crate::token::store::{TokenSource, TokenStore};
 
 pub struct AdminState {
@@ -28,6 +29,8 @@ pub struct AdminState {
     pub draining: AtomicBool,
     pub anomaly: Arc<AnomalyMonitor>,
     pub reloader: Arc<Reloader>,
+    /// `admin.reload_token`: required on `POST /reload` when set.
+    pub reload_token: Option<Secret>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -170,10 +173,61 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 /// Same as SIGHUP: re-read config and secrets, validate, swap. 200 with the outcome, 4xx/5xx
-/// with the reason.
-async fn reload(State(state): State<Arc<AdminState>>) -> Response {
+/// with the reason. Only for deliberate callers (see [`reload_allowed`]).
+async fn reload(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    if let Err((status, reason)) = reload_allowed(&headers, state.reload_token.as_ref()) {
+        return (
+            status,
+            Json(serde_json::json!({"outcome": "refused", "reason": reason})),
+        )
+            .into_response();
+    }
     let report = state.reloader.reload("admin_api").await;
     (reload_status(report.outcome), Json(report.body)).into_response()
+}
+
+/// Who may trigger a reload. Any local process can reach the admin listener, including a web
+/// page in a browser on the host, which can send a cross-origin POST without asking. So the
+/// request must be one a page cannot send without a CORS preflight (which this listener never
+/// grants): `Content-Type: application/json`; a request marked cross-site by the browser is
+/// refused outright; and when `admin.reload_token` is set, `Authorization: Bearer <token>`.
+pub fn reload_allowed(
+    headers: &HeaderMap,
+    token: Option<&Secret>,
+) -> Result<(), (StatusCode, &'static str)> {
+    let value = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if value(header::HeaderName::from_static("sec-fetch-site"))
+        .is_some_and(|site| site != "same-origin" && site != "none")
+        || value(header::ORIGIN).is_some()
+    {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "cross-origin requests cannot reload the proxy",
+        ));
+    }
+    let json = value(header::CONTENT_TYPE).is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if !json {
+        return Err((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send Content-Type: application/json (e.g. curl -X POST -H 'Content-Type: application/json' …/reload)",
+        ));
+    }
+    if let Some(token) = token {
+        let given = value(header::AUTHORIZATION)
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !crate::fingerprint::constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
+            return Err((
+                StatusCode::UNAUTHORIZED,
+                "admin.reload_token is set: send Authorization: Bearer <token>",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The HTTP status `POST /reload` answers for each outcome.

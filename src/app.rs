@@ -33,6 +33,7 @@ use crate::shutdown::{self, Shutdown, Trigger};
 use crate::token::endpoint::TokenEndpoint;
 use crate::token::refresher::{self, Credentials, RefreshInfo, Refresher};
 use crate::token::report::Reporter;
+use crate::token::secret::Secret;
 use crate::token::store::TokenStore;
 use crate::worker::{self, Worker};
 
@@ -118,7 +119,11 @@ impl Core {
 }
 
 impl Core {
-    fn admin_state(&self, reloader: Arc<Reloader>) -> Arc<AdminState> {
+    fn admin_state(
+        &self,
+        reloader: Arc<Reloader>,
+        reload_token: Option<Secret>,
+    ) -> Arc<AdminState> {
         Arc::new(AdminState {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
@@ -127,6 +132,7 @@ impl Core {
             draining: false.into(),
             anomaly: self.anomaly.clone(),
             reloader,
+            reload_token,
         })
     }
 }
@@ -171,7 +177,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         files,
         shutdown.clone(),
     ));
-    let admin_state = core.admin_state(reloader.clone());
+    let admin_state = core.admin_state(reloader.clone(), r.admin.reload_token.clone());
     let admin = spawn_admin(admin_listener, admin_state.clone());
     let proxy = spawn_workers(proxy_listener, state, &config, shutdown.clone())?;
 

@@ -15,6 +15,14 @@ pub fn fingerprint(secret: &[u8]) -> String {
     out
 }
 
+/// Compares two secrets without stopping at the first differing byte.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Lower-case hex SHA-256 of `data` (used for body digests, not for secrets).
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))

@@ -67,6 +67,10 @@ pub fn config(raw: FileConfig, file: &Path) -> Built<Config> {
             "127.0.0.1:9090",
             "admin.listen",
         )?,
+        reload_token: match raw.admin.reload_token {
+            None => None,
+            Some(r) => Some(secret(&mut b, r, "admin.reload_token")?.0),
+        },
     };
     if admin.listen == proxy_restart.listen && admin.listen.port() != 0 {
         return Err(b.err("admin.listen", "must differ from proxy.listen"));

@@ -58,6 +58,7 @@ pub struct ProxySection {
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
     pub listen: Option<String>,
+    pub reload_token: Option<SecretRef>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -87,6 +87,8 @@ keyed_struct! {
 keyed_struct! {
     pub struct AdminSettings {
         pub listen: SocketAddr => "admin.listen",
+        /// When set, `POST /reload` requires `Authorization: Bearer <token>`.
+        pub reload_token: Option<Secret> => "admin.reload_token",
     }
 }
 

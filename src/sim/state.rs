@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::jwt::SigningKeys;
 use super::SimConfig;
-use crate::fingerprint::fingerprint;
+use crate::fingerprint::{constant_time_eq, fingerprint};
 use crate::sync::lock;
 
 /// The way a scripted token-endpoint fault fails a call.
@@ -130,9 +130,11 @@ impl SimState {
 
     pub fn check_credentials(&self, id: &str, secret: &str) -> bool {
         let clients = lock(&self.clients);
-        clients
-            .get(id)
-            .is_some_and(|secrets| secrets.iter().any(|s| constant_time_eq(s, secret)))
+        clients.get(id).is_some_and(|secrets| {
+            secrets
+                .iter()
+                .any(|s| constant_time_eq(s.as_bytes(), secret.as_bytes()))
+        })
     }
 
     /// Adds `secret` to client `id`, creating the client. Returns false if it was already there.
@@ -354,15 +356,6 @@ impl SimState {
             "live_tokens": live,
         })
     }
-}
-
-/// Compares secrets without an early exit on the first differing byte.
-fn constant_time_eq(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -19,7 +19,12 @@ async fn unwatched_proxy(sim: &genesys_auth_proxy::sim::SimHandle, token_extra: 
 }
 
 async fn post_reload(p: &Proxy) -> (u16, Value) {
-    let r = client().post(p.admin("/reload")).send().await.unwrap();
+    let r = client()
+        .post(p.admin("/reload"))
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
     (r.status().as_u16(), r.json().await.unwrap())
 }
 
@@ -431,4 +436,79 @@ async fn secrets_that_are_devices_fifos_or_huge_are_refused_at_once() {
     std::fs::write(&conf, &original).unwrap();
     let r = get(&p.url("/api/v2/organizations/me")).await;
     assert_eq!(r.status(), 200, "the proxy kept serving with its secret");
+}
+
+/// Regression: any local process, including a web page in a browser on the host, could trigger
+/// a reload with a simple cross-origin POST.
+#[tokio::test]
+async fn reload_refuses_requests_a_web_page_could_send() {
+    let sim = start_sim(sim_config()).await;
+    let p = unwatched_proxy(&sim, "").await;
+    let c = client();
+    // A form post or text/plain: what a page can send without a CORS preflight.
+    for ct in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let mut req = c.post(p.admin("/reload"));
+        if let Some(ct) = ct {
+            req = req.header("content-type", ct);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 415, "{ct:?}");
+    }
+    for (name, value) in [
+        ("origin", "http://evil.example"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let r = c
+            .post(p.admin("/reload"))
+            .header("content-type", "application/json")
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{name}");
+    }
+    assert_eq!(
+        post_reload(&p).await.0,
+        200,
+        "a deliberate caller still can"
+    );
+}
+
+#[tokio::test]
+async fn reload_requires_the_admin_token_when_one_is_set() {
+    let sim = start_sim(sim_config()).await;
+    let dir = temp_dir("reload-token");
+    std::fs::write(dir.join("admin-token"), "admin-token-7f3a\n").unwrap();
+    let toml = proxy_toml(&sim.url(), SECRET, "", "", &dir).replace(
+        "[admin]\n",
+        &format!(
+            "[admin]\nreload_token = {{ file = {:?} }}\n",
+            dir.join("admin-token").display().to_string()
+        ),
+    );
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    let c = client();
+    let send = |auth: Option<&'static str>| {
+        let mut req = c
+            .post(p.admin("/reload"))
+            .header("content-type", "application/json");
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        req.send()
+    };
+    assert_eq!(send(None).await.unwrap().status(), 401);
+    assert_eq!(send(Some("Bearer wrong")).await.unwrap().status(), 401);
+    assert_eq!(
+        send(Some("Bearer admin-token-7f3a"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }

@@ -78,6 +78,7 @@ async fn secret_rotations_under_load_drop_no_request() {
         } else {
             let r = c
                 .post(format!("http://{}/reload", proc.admin))
+                .header("content-type", "application/json")
                 .send()
                 .await
                 .unwrap();
@@ -144,6 +145,7 @@ async fn secret_rotations_under_load_drop_no_request() {
     std::fs::write(&conf, toml.replace("[proxy]", "[proxy\n")).unwrap();
     let r = c
         .post(format!("http://{}/reload", proc.admin))
+        .header("content-type", "application/json")
         .send()
         .await
         .unwrap();
