@@ -75,6 +75,8 @@ pub fn config(raw: FileConfig, file: &Path) -> Built<Config> {
     if admin.listen == proxy_restart.listen && admin.listen.port() != 0 {
         return Err(b.err("admin.listen", "must differ from proxy.listen"));
     }
+    b.warnings
+        .extend(exposure_warnings(&proxy_restart, &proxy_live, &admin));
     let g = raw
         .genesys
         .ok_or_else(|| b.err("genesys", "section is required (client_id, client_secret)"))?;
@@ -159,6 +161,37 @@ fn proxy(b: &Builder, p: ProxySection) -> Built<(ProxyRestart, ProxyLive)> {
         allowed_methods: methods(b, p.allowed_methods)?,
     };
     Ok((restart, live))
+}
+
+/// Listeners that face the network where the rest of the config does not expect it.
+fn exposure_warnings(
+    restart: &ProxyRestart,
+    live: &ProxyLive,
+    admin: &AdminSettings,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let cidrs = &live.allowed_client_cidrs;
+    if !restart.listen.ip().is_loopback() && cidrs.iter().all(|n| n.addr().is_loopback()) {
+        out.push(format!(
+            "proxy.listen = {} accepts connections from the network, but proxy.allowed_client_cidrs only allows loopback: every remote application will get 403 (list their networks)",
+            restart.listen
+        ));
+    }
+    if cidrs.iter().any(|n| n.prefix_len() == 0) {
+        out.push("proxy.allowed_client_cidrs allows every address (a /0 network): anyone who can reach the proxy calls Genesys with its credentials".into());
+    }
+    if !admin.listen.ip().is_loopback() {
+        let token = if admin.reload_token.is_some() {
+            ""
+        } else {
+            "; set admin.reload_token"
+        };
+        out.push(format!(
+            "admin.listen = {} is reachable from the network: /status, /metrics and POST /reload are unauthenticated to anyone who can reach it (firewall it{token})",
+            admin.listen
+        ));
+    }
+    out
 }
 
 fn cidrs(b: &Builder, raw: Option<Vec<String>>) -> Built<Vec<IpNet>> {

@@ -395,3 +395,39 @@ fn live_and_restart_changes_are_told_apart_by_type() {
     assert_eq!(d.restart_required, vec!["proxy.listen"]);
     assert!(!d.credentials && !d.previous_secret);
 }
+
+#[test]
+fn exposed_listeners_are_warned_about() {
+    let c = parse(
+        &base(
+            "",
+            "[proxy]\nlisten = \"0.0.0.0:8080\"\n[admin]\nlisten = \"0.0.0.0:9090\"",
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let w = c.warnings.join("\n");
+    assert!(
+        w.contains("proxy.listen = 0.0.0.0:8080") && w.contains("only allows loopback"),
+        "{w}"
+    );
+    assert!(
+        w.contains("admin.listen = 0.0.0.0:9090") && w.contains("admin.reload_token"),
+        "{w}"
+    );
+    let c = parse(
+        &base(
+            "",
+            "[proxy]\nlisten = \"0.0.0.0:8080\"\nallowed_client_cidrs = [\"0.0.0.0/0\"]",
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    assert!(
+        c.warnings.iter().any(|w| w.contains("every address")),
+        "{:?}",
+        c.warnings
+    );
+    let quiet = parse(&base("", ""), Path::new("t.toml")).unwrap();
+    assert!(quiet.warnings.is_empty(), "{:?}", quiet.warnings);
+}
