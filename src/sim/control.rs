@@ -30,6 +30,7 @@ pub fn router() -> Router<Arc<SimState>> {
         .route("/token-lifetime", put(token_lifetime))
         .route("/rotate-signing-key", post(rotate_signing_key))
         .route("/stats", get(stats))
+        .route("/issued-tokens", get(issued_tokens))
         .layer(middleware::from_fn(loopback_only))
 }
 
@@ -218,4 +219,10 @@ async fn rotate_signing_key(State(state): State<Arc<SimState>>) -> Response {
 
 async fn stats(State(state): State<Arc<SimState>>) -> Response {
     ok(state.stats_json(Instant::now()))
+}
+
+/// The raw values of the most recently issued tokens (simulator only: they let a leak test run
+/// against a simulator in another process grep every output for them).
+async fn issued_tokens(State(state): State<Arc<SimState>>) -> Response {
+    ok(serde_json::json!({ "tokens": state.recent_token_values() }))
 }

@@ -100,7 +100,7 @@ pub struct SimState {
 
 const WINDOW: Duration = Duration::from_secs(60);
 /// How many issued token values [`SimState::recent_token_values`] remembers.
-pub const RECENT_TOKENS: usize = 256;
+pub const RECENT_TOKENS: usize = 4096;
 
 impl SimState {
     pub fn new(config: SimConfig) -> Self {

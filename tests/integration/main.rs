@@ -3,6 +3,7 @@
 
 mod support;
 
+mod chaos;
 mod cli;
 mod hardening;
 mod observability;
