@@ -127,90 +127,28 @@ const REJECT_REASONS: &[&str] = &[
 ];
 
 impl Metrics {
+    /// One line per metric: name, help, label and its known values.
+    #[rustfmt::skip]
     pub fn new() -> Self {
         let m = Maker(Registry::new());
         Metrics {
-            requests_total: m.counter_vec(
-                "requests_total",
-                "Requests answered by the proxy, by HTTP status code.",
-                "code",
-                &[],
-            ),
-            request_duration_seconds: m.hist(
-                "request_duration_seconds",
-                "Time from request start to response end, in seconds.",
-            ),
-            upstream_unauthorized_total: m
-                .counter("upstream_unauthorized_total", "Upstream 401 answers seen."),
-            replays_total: m.counter_vec(
-                "replays_total",
-                "Requests replayed or not after an upstream 401, by outcome.",
-                "outcome",
-                REPLAY_OUTCOMES,
-            ),
-            token_requests_total: m.counter_vec(
-                "token_requests_total",
-                "Token endpoint calls by outcome.",
-                "outcome",
-                TOKEN_OUTCOMES,
-            ),
-            token_refresh_duration_seconds: m.hist(
-                "token_refresh_duration_seconds",
-                "Duration of a token refresh (mint and validate), in seconds.",
-            ),
-            token_expiry_timestamp_seconds: m.gauge(
-                "token_expiry_timestamp_seconds",
-                "Unix time at which the current token expires.",
-            ),
-            token_fallback_active: m.int_gauge(
-                "token_fallback_active",
-                "1 while the token in use was minted with the previous client secret.",
-            ),
-            secret_rotations_total: m.counter_vec(
-                "secret_rotations_total",
-                "Client secret rotations by outcome.",
-                "outcome",
-                &["success", "failed"],
-            ),
-            config_reloads_total: m.counter_vec(
-                "config_reloads_total",
-                "Configuration reloads by outcome.",
-                "outcome",
-                &[],
-            ),
-            upstream_rate_limited_total: m.counter(
-                "upstream_rate_limited_total",
-                "Upstream 429 answers passed through.",
-            ),
-            upstream_ratelimit_remaining: m.int_gauge(
-                "upstream_ratelimit_remaining",
-                "Requests left in the current Genesys rate-limit window (allowed - count).",
-            ),
-            anomaly_active: m.int_gauge_vec(
-                "anomaly_active",
-                "1 while an anomaly of this kind is raised.",
-                "kind",
-            ),
-            audit_events_total: m.counter_vec(
-                "audit_events_total",
-                "Audit events written, by event.",
-                "event",
-                &[],
-            ),
-            audit_write_failures_total: m.counter(
-                "audit_write_failures_total",
-                "Audit events that could not be written.",
-            ),
-            rejected_requests_total: m.counter_vec(
-                "rejected_requests_total",
-                "Requests refused by the proxy itself, by reason.",
-                "reason",
-                REJECT_REASONS,
-            ),
-            client_connections: m.int_gauge(
-                "client_connections",
-                "Client connections open on the proxy listener.",
-            ),
+            requests_total: m.counter_vec("requests_total", "Requests answered by the proxy, by HTTP status code.", "code", &[]),
+            request_duration_seconds: m.hist("request_duration_seconds", "Time from request start to response end, in seconds."),
+            upstream_unauthorized_total: m.counter("upstream_unauthorized_total", "Upstream 401 answers seen."),
+            replays_total: m.counter_vec("replays_total", "Requests replayed or not after an upstream 401, by outcome.", "outcome", REPLAY_OUTCOMES),
+            token_requests_total: m.counter_vec("token_requests_total", "Token endpoint calls by outcome.", "outcome", TOKEN_OUTCOMES),
+            token_refresh_duration_seconds: m.hist("token_refresh_duration_seconds", "Duration of a token refresh (mint and validate), in seconds."),
+            token_expiry_timestamp_seconds: m.gauge("token_expiry_timestamp_seconds", "Unix time at which the current token expires."),
+            token_fallback_active: m.int_gauge("token_fallback_active", "1 while the token in use was minted with the previous client secret."),
+            secret_rotations_total: m.counter_vec("secret_rotations_total", "Client secret rotations by outcome.", "outcome", &["success", "failed"]),
+            config_reloads_total: m.counter_vec("config_reloads_total", "Configuration reloads by outcome.", "outcome", &[]),
+            upstream_rate_limited_total: m.counter("upstream_rate_limited_total", "Upstream 429 answers passed through."),
+            upstream_ratelimit_remaining: m.int_gauge("upstream_ratelimit_remaining", "Requests left in the current Genesys rate-limit window (allowed - count)."),
+            anomaly_active: m.int_gauge_vec("anomaly_active", "1 while an anomaly of this kind is raised.", "kind"),
+            audit_events_total: m.counter_vec("audit_events_total", "Audit events written, by event.", "event", &[]),
+            audit_write_failures_total: m.counter("audit_write_failures_total", "Audit events that could not be written."),
+            rejected_requests_total: m.counter_vec("rejected_requests_total", "Requests refused by the proxy itself, by reason.", "reason", REJECT_REASONS),
+            client_connections: m.int_gauge("client_connections", "Client connections open on the proxy listener."),
             registry: m.0,
         }
     }

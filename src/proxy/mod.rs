@@ -7,12 +7,13 @@
 //! `upstream_response_filter` (401 → refresh → replay once) → `logging` (metrics).
 
 mod decide;
+mod sanitize;
 
 pub use decide::{
-    client_allowed, header_u64, normalise_content_length, path_allowed, refusal_for,
-    replay_after_401, replayable, rewrite_upstream_request, status_label, strip_upgrade, Refusal,
-    MAX_REPLAYS,
+    client_allowed, header_u64, refusal_for, replay_after_401, replayable,
+    rewrite_upstream_request, status_label, Refusal, MAX_REPLAYS,
 };
+pub use sanitize::{normalise_content_length, path_allowed, strip_upgrade};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

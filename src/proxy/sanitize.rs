@@ -1,0 +1,216 @@
+//! What a request may look like before it is forwarded: paths that mean one thing only,
+//! one unambiguous body length, no protocol upgrade. Plain functions over the request, tested
+//! without a socket.
+
+use http::header;
+use pingora::http::RequestHeader;
+
+/// Is `path` under an allowed prefix, and does it mean one thing only? The upstream must see
+/// exactly the path that was checked, so anything a server might normalise differently is
+/// refused: dot segments (also `..;` and percent-encoded dots), empty segments (`//`), path
+/// parameters (`;`), encoded separators, double encoding (`%252e`), invalid escapes, control
+/// characters, and bytes that do not decode to UTF-8 (overlong dots like `%c0%ae`).
+pub fn path_allowed(path: &str, prefixes: &[String]) -> bool {
+    if !path.starts_with('/') || path.contains(['\\', ';']) {
+        return false;
+    }
+    let Some(decoded) = percent_decode(path).and_then(|b| String::from_utf8(b).ok()) else {
+        return false;
+    };
+    let separators = |p: &str| p.matches('/').count();
+    if separators(&decoded) != separators(path)
+        || decoded.contains(['\\', ';'])
+        || decoded.chars().any(char::is_control)
+        || percent_decode(&decoded).is_some_and(|again| again != decoded.as_bytes())
+    {
+        return false;
+    }
+    let segments: Vec<&str> = decoded.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    let bad_segment = segments
+        .iter()
+        .enumerate()
+        .any(|(i, seg)| matches!(*seg, "." | "..") || (seg.is_empty() && i != last));
+    !bad_segment && prefixes.iter().any(|p| path.starts_with(p.as_str()))
+}
+
+/// Decodes `%XX` escapes; `None` when a `%` is not followed by two hex digits.
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// Collapses `Content-Length: 5, 5` and repeated identical `Content-Length` headers into one
+/// value, so the upstream reads the body exactly as the proxy did. Returns false when the
+/// values differ or do not parse: the request's framing is ambiguous (a smuggling vector) and
+/// must be refused.
+pub fn normalise_content_length(req: &mut RequestHeader) -> bool {
+    let lengths: Option<Vec<u64>> = req
+        .headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .map(|v| v.to_str().ok())
+        .collect::<Option<Vec<&str>>>()
+        .and_then(|values| {
+            values
+                .iter()
+                .flat_map(|v| v.split(','))
+                .map(|part| {
+                    let part = part.trim();
+                    let digits = !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+                    digits.then(|| part.parse::<u64>().ok()).flatten()
+                })
+                .collect()
+        });
+    let Some(lengths) = lengths else {
+        return false;
+    };
+    let Some(&first) = lengths.first() else {
+        return true;
+    };
+    if lengths.iter().any(|l| *l != first) {
+        return false;
+    }
+    if lengths.len() > 1 {
+        req.remove_header(&header::CONTENT_LENGTH);
+        return req
+            .insert_header(header::CONTENT_LENGTH, first.to_string())
+            .is_ok();
+    }
+    true
+}
+
+/// Removes what would turn the request into a protocol switch (`Upgrade: websocket`, `h2c`):
+/// a 101 answer would hand the client a raw tunnel past every check. The Genesys REST API
+/// needs none, and `Upgrade: h2c` is only an offer, so the request goes on as plain HTTP/1.1.
+pub fn strip_upgrade(req: &mut RequestHeader) {
+    let upgrade = req.headers.contains_key(header::UPGRADE);
+    req.remove_header(&header::UPGRADE);
+    req.remove_header("http2-settings");
+    if !upgrade {
+        return;
+    }
+    let kept: Vec<String> = req
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case("upgrade")
+                && !t.eq_ignore_ascii_case("http2-settings")
+        })
+        .map(str::to_string)
+        .collect();
+    req.remove_header(&header::CONNECTION);
+    if !kept.is_empty() {
+        let _ = req.insert_header(header::CONNECTION, kept.join(", "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_that_could_mean_two_things_are_refused() {
+        let p = vec!["/api/v2/".to_string()];
+        for bad in [
+            "/api/v2/..;/x",
+            "/api/v2/x/..;/../y",
+            "/api/v2/users;jsessionid=1",
+            "/api/v2//x",
+            "/api/v2/a//b",
+            "/api/v2/%252e%252e/x",
+            "/api/v2/%252fadmin",
+            "/api/v2/%c0%ae%c0%ae/x",
+            "/api/v2/%e0%80%ae/x",
+            "/api/v2/%ff",
+            "/api/v2/%zz",
+            "/api/v2/%2",
+            "/api/v2/a%00b",
+            "/api/v2/a%0ab",
+            "/api/v2/%5cx",
+        ] {
+            assert!(!path_allowed(bad, &p), "{bad} must be refused");
+        }
+        for good in [
+            "/api/v2/users",
+            "/api/v2/users/",
+            "/api/v2/users/5f3c-11/roles",
+            "/api/v2/users/caf%C3%A9",
+            "/api/v2/search%20term",
+        ] {
+            assert!(path_allowed(good, &p), "{good} must pass");
+        }
+    }
+
+    #[test]
+    fn content_lengths_are_collapsed_or_refused() {
+        let req = |values: &[&str]| {
+            let mut r = RequestHeader::build("POST", b"/api/v2/x", None).unwrap();
+            for v in values {
+                r.append_header(header::CONTENT_LENGTH, *v).unwrap();
+            }
+            r
+        };
+        for ok in [&["5, 5"][..], &["5", "5"], &["5,5, 5"], &["5"]] {
+            let mut r = req(ok);
+            assert!(normalise_content_length(&mut r), "{ok:?}");
+            let all: Vec<_> = r.headers.get_all(header::CONTENT_LENGTH).iter().collect();
+            assert_eq!(all, vec!["5"], "{ok:?}");
+        }
+        for bad in [
+            &["5, 6"][..],
+            &["5", "6"],
+            &["-5"],
+            &["5,"],
+            &["0x5"],
+            &["99999999999999999999999"],
+        ] {
+            assert!(!normalise_content_length(&mut req(bad)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn upgrades_are_stripped_other_connection_options_kept() {
+        let mut req = RequestHeader::build("GET", b"/api/v2/users", None).unwrap();
+        req.insert_header(header::UPGRADE, "websocket").unwrap();
+        req.insert_header(header::CONNECTION, "keep-alive, Upgrade")
+            .unwrap();
+        req.insert_header("http2-settings", "AAA").unwrap();
+        strip_upgrade(&mut req);
+        assert!(req.headers.get(header::UPGRADE).is_none());
+        assert!(req.headers.get("http2-settings").is_none());
+        assert_eq!(req.headers.get(header::CONNECTION).unwrap(), "keep-alive");
+    }
+
+    #[test]
+    fn paths_are_checked_without_tricks() {
+        let p = vec!["/api/v2/".to_string()];
+        assert!(path_allowed("/api/v2/users", &p));
+        assert!(!path_allowed("/api/v1/users", &p));
+        assert!(!path_allowed("/api/v2/../../admin", &p));
+        assert!(!path_allowed("/api/v2/%2e%2e/secret", &p));
+        assert!(!path_allowed("/api/v2/a%2Fb", &p));
+        assert!(!path_allowed("/api/v2/./x", &p));
+        assert!(!path_allowed("/api/v2\\..\\x", &p));
+        assert!(!path_allowed("api/v2/users", &p));
+        assert!(!path_allowed("/__sim/stats", &p));
+    }
+}
