@@ -121,6 +121,8 @@ struct Chaos {
     secrets_used: Vec<String>,
     rotations: u64,
     impaired: Impaired,
+    /// Injected faults not yet consumed: (injected at, token calls counted then, count).
+    open_faults: Vec<(Instant, u64, u64)>,
     events: std::collections::BTreeMap<&'static str, u64>,
     rng: StdRng,
     seed: u64,
@@ -135,6 +137,30 @@ impl Chaos {
             .await
             .map(|r| r.status().as_u16())
             .unwrap_or(0)
+    }
+
+    async fn token_calls(&self) -> u64 {
+        let stats: Value = get_json(&format!("{}/__sim/stats", self.sim.url)).await;
+        stats["token_requests"]["total"].as_u64().unwrap_or(0)
+    }
+
+    /// Closes the window of every injected fault whose token calls have all been made: the
+    /// simulator could not mint from the injection until then, plus the refresher's backoff
+    /// and the time a waiting request needs to be replayed.
+    async fn close_faults(&mut self, all: bool) {
+        if self.open_faults.is_empty() {
+            return;
+        }
+        let calls = self.token_calls().await;
+        let now = Instant::now();
+        let grace = Duration::from_secs(2);
+        self.open_faults.retain(|(start, at, count)| {
+            let consumed = calls >= at + count;
+            if consumed || all {
+                self.impaired.0.push((*start, now + grace));
+            }
+            !(consumed || all)
+        });
     }
 
     async fn rotations_done(&self) -> u64 {
@@ -381,6 +407,7 @@ access_log = true
         secrets_used: vec![first_secret],
         rotations: 0,
         impaired: Impaired::default(),
+        open_faults: Vec::new(),
         events: Default::default(),
         rng,
         seed,
@@ -389,6 +416,7 @@ access_log = true
     let mut max_rss = 0u64;
     while started.elapsed() < Duration::from_secs(seconds) {
         chaos.step().await;
+        chaos.close_faults(false).await;
         max_rss = max_rss.max(rss_kib(chaos.proc.child.id()));
         let gap = chaos.rng.random_range(100..800);
         tokio::time::sleep(Duration::from_millis(gap)).await;
@@ -409,6 +437,7 @@ access_log = true
         )
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    chaos.close_faults(true).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut outcomes = Vec::new();
     for c in clients {
