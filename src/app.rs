@@ -25,6 +25,7 @@ use crate::admin::{self, AdminState};
 use crate::admission::{self, Gate};
 use crate::anomaly::AnomalyMonitor;
 use crate::audit::{AuditEvent, AuditLog};
+use crate::budget::Budget;
 use crate::config::{ApiTarget, Config, Live};
 use crate::metrics::Metrics;
 use crate::proxy::{GenesysProxy, ProxyState};
@@ -86,6 +87,7 @@ pub fn install_crypto_provider() {
 /// The parts every service shares.
 struct Core {
     live: Arc<ArcSwap<Live>>,
+    budget: Arc<Budget>,
     metrics: Arc<Metrics>,
     audit: Arc<AuditLog>,
     store: Arc<TokenStore>,
@@ -108,6 +110,7 @@ impl Core {
             metrics.clone(),
         ));
         Ok(Core {
+            budget: Arc::new(Budget::new(live.clone(), metrics.clone())),
             live,
             metrics,
             audit,
@@ -162,6 +165,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
             shutdown.clone(),
         )),
         spawn_anomaly_ticks(core.anomaly.clone(), shutdown.clone()),
+        tokio::spawn(core.budget.clone().dispatch(shutdown.clone())),
     ];
     let reloader = Arc::new(Reloader::new(
         config_path,
@@ -244,6 +248,7 @@ fn proxy_state(core: &Core, config: &Config) -> anyhow::Result<Arc<ProxyState>> 
         store: core.store.clone(),
         metrics: core.metrics.clone(),
         anomaly: core.anomaly.clone(),
+        budget: core.budget.clone(),
         upstream_ca: upstream.ca_certs.as_ref().map(|certs| {
             let wrapped: Vec<WrappedX509> = certs
                 .iter()

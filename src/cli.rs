@@ -69,9 +69,12 @@ pub struct SimArgs {
     /// Token calls per client per minute before answering 400 "rate limit exceeded".
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub token_rate_limit_per_minute: u64,
-    /// API calls per token per minute before answering 429 with Retry-After.
+    /// API calls per token per window before answering 429 with Retry-After.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub api_rate_limit_per_minute: u64,
+    /// Length of the per-token API rate-limit window (60 at Genesys; shorter makes tests fast).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub api_rate_limit_window_seconds: u64,
     /// Kill tokens unused for this long (an org with the inactivity timeout on). Off by default.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_timeout_seconds: Option<u64>,

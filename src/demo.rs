@@ -40,6 +40,7 @@ pub fn run_sim(args: SimArgs) -> ExitCode {
         token_lifetime_seconds: args.token_lifetime_seconds,
         token_rate_limit_per_minute: args.token_rate_limit_per_minute,
         api_rate_limit_per_minute: args.api_rate_limit_per_minute,
+        api_rate_limit_window: std::time::Duration::from_secs(args.api_rate_limit_window_seconds),
         idle_timeout: args
             .idle_timeout_seconds
             .map(std::time::Duration::from_secs),

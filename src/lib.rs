@@ -20,6 +20,9 @@
 //!   replacement after a 401.
 //! - [`proxy`]: the pingora `ProxyHttp` implementation: thin hooks over the decisions in
 //!   `proxy::decide` (allowlists, header rewriting, replay rules, refusals).
+//! - [`budget`]: the per-token rate-limit budget: requests take a call before they are sent,
+//!   wait fairly in a bounded queue when it is spent, and a Genesys 429 is re-sent once budget
+//!   frees.
 //! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`, `/reload` on their own listener.
 //! - [`reload`]: the one reload path (SIGHUP, `POST /reload`, [`watch`]ed secret files):
 //!   read → parse → validate → compare → apply.
@@ -51,6 +54,7 @@ pub mod admission;
 pub mod anomaly;
 pub mod app;
 pub mod audit;
+pub mod budget;
 pub mod cli;
 pub mod commands;
 pub mod config;

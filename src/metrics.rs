@@ -33,6 +33,10 @@ pub struct Metrics {
     pub audit_write_failures_total: IntCounter,
     pub rejected_requests_total: IntCounterVec,
     pub client_connections: IntGauge,
+    pub budget_queue_depth: IntGauge,
+    pub budget_queue_wait_seconds: Histogram,
+    pub rate_limited_total: IntCounterVec,
+    pub budget_requests_total: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -85,6 +89,11 @@ impl Maker {
         // ok: constant
     }
 
+    fn labelled_counter(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(IntCounterVec::new(opts(name, help), labels).expect("static metric definition"))
+        // ok: constant
+    }
+
     /// A labelled counter whose `known` label values start at 0, so rate() and alerts work
     /// before the first event.
     fn counter_vec(&self, name: &str, help: &str, label: &str, known: &[&str]) -> IntCounterVec {
@@ -108,6 +117,7 @@ const TOKEN_OUTCOMES: &[&str] = &[
     "invalid_response",
     "validation_failed",
 ];
+const RATE_LIMIT_OUTCOMES: &[&str] = &["absorbed", "passed_through", "queue_timeout", "queue_full"];
 const REPLAY_OUTCOMES: &[&str] = &[
     "success",
     "rejected_again",
@@ -149,6 +159,10 @@ impl Metrics {
             audit_write_failures_total: m.counter("audit_write_failures_total", "Audit events that could not be written."),
             rejected_requests_total: m.counter_vec("rejected_requests_total", "Requests refused by the proxy itself, by reason.", "reason", REJECT_REASONS),
             client_connections: m.int_gauge("client_connections", "Client connections open on the proxy listener."),
+            budget_queue_depth: m.int_gauge("budget_queue_depth", "Requests waiting for rate-limit budget."),
+            budget_queue_wait_seconds: m.hist("budget_queue_wait_seconds", "Time requests waited for rate-limit budget, in seconds."),
+            rate_limited_total: m.counter_vec("rate_limited_total", "Requests that met the rate limit, by outcome: absorbed (a 429 re-sent after budget freed), passed_through (Genesys's 429), queue_timeout and queue_full (the proxy's own 429).", "outcome", RATE_LIMIT_OUTCOMES),
+            budget_requests_total: m.labelled_counter("budget_requests_total", "Requests by application group (configured [[budget.app]] names, else other) and admission: served at once, served after queueing, or refused.", &["app", "outcome"]),
             registry: m.0,
         }
     }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::file::{
-    AnomalySection, AuditSection, FileConfig, GenesysSection, LogSection, ProxySection,
-    TokenSection,
+    AnomalySection, AuditSection, BudgetSection, FileConfig, GenesysSection, LogSection,
+    ProxySection, TokenSection,
 };
 use super::model::*;
 use super::value::{load_ca_file, parse_addr, parse_url, secret_source};
@@ -98,6 +98,7 @@ pub fn config(raw: FileConfig, file: &Path) -> Built<Config> {
             token: token_live,
             log: log_live,
             anomaly: anomaly(&b, raw.anomaly)?,
+            budget: budget(&b, raw.budget)?,
         },
         credentials,
         warnings: b.warnings,
@@ -195,18 +196,80 @@ fn exposure_warnings(
 }
 
 fn cidrs(b: &Builder, raw: Option<Vec<String>>) -> Built<Vec<IpNet>> {
-    const KEY: &str = "proxy.allowed_client_cidrs";
     let raw = raw.unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1/128".into()]);
+    parse_cidrs(b, &raw, "proxy.allowed_client_cidrs")
+}
+
+fn parse_cidrs(b: &Builder, raw: &[String], key: &str) -> Built<Vec<IpNet>> {
     if raw.is_empty() {
-        return Err(b.err(KEY, "must list at least one CIDR"));
+        return Err(b.err(key, "must list at least one CIDR"));
     }
     raw.iter()
         .map(|c| {
             c.parse::<IpNet>()
                 .or_else(|_| c.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| b.err(KEY, format!("{c:?} is not a CIDR or IP address")))
+                .map_err(|_| b.err(key, format!("{c:?} is not a CIDR or IP address")))
         })
         .collect()
+}
+
+fn budget(b: &Builder, raw: BudgetSection) -> Built<BudgetSettings> {
+    let requests_per_window = match raw.requests_per_window.unwrap_or(300) {
+        0 => return Err(b.err("budget.requests_per_window", "must be at least 1")),
+        n => n,
+    };
+    let window = match raw.window_seconds.unwrap_or(60) {
+        n @ 1..=3600 => Duration::from_secs(n),
+        _ => return Err(b.err("budget.window_seconds", "must be between 1 and 3600")),
+    };
+    let max_queue_length = match raw.max_queue_length.unwrap_or(1000) {
+        n @ 1..=1_000_000 => n,
+        _ => return Err(b.err("budget.max_queue_length", "must be between 1 and 1000000")),
+    };
+    let mut apps = Vec::new();
+    for (i, app) in raw.app.unwrap_or_default().into_iter().enumerate() {
+        let key = format!("budget.app[{i}]");
+        let name = app.name.unwrap_or_default();
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        {
+            return Err(b.err(
+                &format!("{key}.name"),
+                "is required: letters, digits, '-' or '_' (it becomes a metric label)",
+            ));
+        }
+        if name == "other" || apps.iter().any(|a: &AppGroup| a.name == name) {
+            return Err(b.err(
+                &format!("{key}.name"),
+                format!("{name:?} is reserved or used twice"),
+            ));
+        }
+        let cidrs = parse_cidrs(b, &app.cidrs.unwrap_or_default(), &format!("{key}.cidrs"))?;
+        let weight = match app.weight.unwrap_or(1) {
+            w @ 1..=1000 => w,
+            _ => return Err(b.err(&format!("{key}.weight"), "must be between 1 and 1000")),
+        };
+        apps.push(AppGroup {
+            name,
+            cidrs,
+            weight,
+        });
+    }
+    if apps.len() > 64 {
+        return Err(b.err(
+            "budget.app",
+            "at most 64 application groups (metric labels stay bounded)",
+        ));
+    }
+    Ok(BudgetSettings {
+        requests_per_window,
+        window,
+        max_queue_wait: b.ms(raw.max_queue_wait_ms, 5_000, "budget.max_queue_wait_ms")?,
+        max_queue_length,
+        apps,
+    })
 }
 
 fn path_prefixes(b: &Builder, raw: Option<Vec<String>>) -> Built<Vec<String>> {

@@ -19,6 +19,27 @@ pub struct FileConfig {
     pub log: LogSection,
     #[serde(default)]
     pub anomaly: AnomalySection,
+    #[serde(default)]
+    pub budget: BudgetSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSection {
+    pub requests_per_window: Option<u64>,
+    pub window_seconds: Option<u64>,
+    pub max_queue_wait_ms: Option<u64>,
+    pub max_queue_length: Option<usize>,
+    pub app: Option<Vec<AppSection>>,
+}
+
+/// `[[budget.app]]`: an application group for fair sharing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSection {
+    pub name: Option<String>,
+    pub cidrs: Option<Vec<String>>,
+    pub weight: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

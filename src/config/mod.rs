@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 pub use keyed::Keyed;
 pub use model::{
-    AnomalyThresholds, ApiTarget, AuditTarget, Config, CredentialSettings, Diff, Live, LogFormat,
-    ProxyLive, Restart, TokenLive, Validation,
+    AnomalyThresholds, ApiTarget, AppGroup, AuditTarget, BudgetSettings, Config,
+    CredentialSettings, Diff, Live, LogFormat, ProxyLive, Restart, TokenLive, Validation,
 };
 
 /// Why a config file was refused. The message always names the file, and the key when one is

@@ -49,6 +49,7 @@ keyed_sections! {
         pub token: TokenLive,
         pub log: LogLive,
         pub anomaly: AnomalyThresholds,
+        pub budget: BudgetSettings,
     }
 }
 
@@ -189,6 +190,29 @@ impl Default for AnomalyThresholds {
             early_rejection_age: Duration::from_secs(60),
         }
     }
+}
+
+keyed_struct! {
+    /// `[budget]`: living within Genesys's per-token rate limit.
+    pub struct BudgetSettings {
+        /// Calls a token may make per window until Genesys's headers say otherwise.
+        pub requests_per_window: u64 => "budget.requests_per_window",
+        pub window: Duration => "budget.window_seconds",
+        /// Longest a request waits for budget before the proxy answers 429 itself.
+        pub max_queue_wait: Duration => "budget.max_queue_wait_ms",
+        pub max_queue_length: usize => "budget.max_queue_length",
+        /// Application groups for fair sharing; clients outside them share by address.
+        pub apps: Vec<AppGroup> => "budget.app",
+    }
+}
+
+/// `[[budget.app]]`: requests from these networks count as one application.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppGroup {
+    pub name: String,
+    pub cidrs: Vec<IpNet>,
+    /// Its share relative to others (default 1).
+    pub weight: u64,
 }
 
 /// Where requests go: scheme, host and port of the Genesys API.

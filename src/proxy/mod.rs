@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use bytes::Bytes;
 use http::{header, HeaderValue};
 use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
@@ -29,6 +30,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorType, RetryType};
 
 use crate::anomaly::{AnomalyMonitor, Kind};
+use crate::budget::{Admit, Budget, ClientKey, Refused};
 use crate::config::{ApiTarget, Live};
 use crate::metrics::Metrics;
 use crate::token::store::{Token, TokenStore};
@@ -47,6 +49,8 @@ pub struct ProxyState {
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,
     pub anomaly: Arc<AnomalyMonitor>,
+    /// The token's rate-limit budget and the fair admission queue.
+    pub budget: Arc<Budget>,
     /// `genesys.ca_file`: the only CAs trusted for the API host, when set.
     pub upstream_ca: Option<Arc<pingora::protocols::tls::CaType>>,
 }
@@ -73,16 +77,43 @@ pub struct RequestCtx {
     tries: u8,
     /// Conflicting `Content-Length` values: refused, never forwarded.
     ambiguous_framing: bool,
+    /// Who the request counts for in the rate-limit budget.
+    client: Option<ClientKey>,
+    /// Re-sends after a Genesys 429 so far (at most [`MAX_RATE_RETRIES`]).
+    rate_retries: u8,
 }
+
+/// Re-sends of one request after Genesys answered 429, at most.
+const MAX_RATE_RETRIES: u8 = 2;
 
 /// The error that makes pingora run the request again (see `error_while_proxy`).
 fn replay_error() -> Box<Error> {
     let mut e = Error::explain(
         REPLAY,
-        "upstream answered 401; replaying with another token",
+        "upstream answered 401 or 429; sending the request again",
     );
     e.retry = RetryType::Decided(true);
     e
+}
+
+/// The proxy's own 429 when no budget frees within the request's wait: Genesys's shape and
+/// message, with an honest `Retry-After`, so SDK retry policies behave as with Genesys.
+async fn respond_rate_limited(session: &mut Session, retry_after: Duration) -> Result<()> {
+    let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let body = Bytes::from(
+        serde_json::json!({
+            "message": format!("Rate limit exceeded the maximum. Retry the request in [{seconds}] seconds"),
+            "code": "too.many.requests.retry.after",
+            "status": 429,
+        })
+        .to_string(),
+    );
+    let mut resp = ResponseHeader::build(429, Some(4))?;
+    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(header::RETRY_AFTER, seconds.to_string())?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
 }
 
 /// Answers a refusal in the Genesys error shape; a 405 lists the allowed methods.
@@ -117,13 +148,14 @@ impl GenesysProxy {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
         }
-        if let (Some(count), Some(allowed)) = (
+        let budget = &self.state.budget;
+        if let (Some(token), Some(count), Some(allowed)) = (
+            ctx.token.as_deref(),
             header_u64(upstream, "inin-ratelimit-count"),
             header_u64(upstream, "inin-ratelimit-allowed"),
         ) {
-            metrics
-                .upstream_ratelimit_remaining
-                .set(allowed.saturating_sub(count) as i64);
+            let reset = header_u64(upstream, "inin-ratelimit-reset");
+            budget.observe(token, count, allowed, reset);
         }
         match ctx.upstream_status {
             401 => {
@@ -133,8 +165,50 @@ impl GenesysProxy {
             429 => {
                 metrics.upstream_rate_limited_total.inc();
                 self.state.anomaly.observe(Kind::RateLimitStorm);
+                if let Some(token) = ctx.token.as_deref() {
+                    let retry_after = header_u64(upstream, "retry-after")
+                        .map_or(ctx.live.budget.window, Duration::from_secs);
+                    budget.exhausted(token, retry_after);
+                }
             }
             _ => {}
+        }
+    }
+
+    /// Genesys answered 429 (the limit is lower than the budget thought, or another user of
+    /// the client spent it): the request was not processed, so it is re-sent once budget frees,
+    /// if that fits in what is left of its `max_queue_wait_ms`. Otherwise the 429 passes through.
+    async fn absorb_429(&self, session: &Session, ctx: &mut RequestCtx) -> Result<()> {
+        let metrics = &self.state.metrics;
+        let passed = || {
+            metrics
+                .rate_limited_total
+                .with_label_values(&["passed_through"])
+                .inc()
+        };
+        let (Some(token), Some(client)) = (ctx.token.clone(), ctx.client.clone()) else {
+            passed();
+            return Ok(());
+        };
+        if ctx.rate_retries >= MAX_RATE_RETRIES || !self.may_replay(session, ctx) {
+            passed();
+            return Ok(());
+        }
+        let deadline = ctx.started + ctx.live.budget.max_queue_wait;
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match self.state.budget.admit(client, &token, wait).await {
+            Admit::Go { .. } => {
+                ctx.rate_retries += 1;
+                metrics
+                    .rate_limited_total
+                    .with_label_values(&["absorbed"])
+                    .inc();
+                Err(replay_error())
+            }
+            Admit::Refused { .. } => {
+                passed();
+                Ok(())
+            }
         }
     }
 
@@ -191,6 +265,8 @@ impl ProxyHttp for GenesysProxy {
             first_401: None,
             tries: 0,
             ambiguous_framing: false,
+            client: None,
+            rate_retries: 0,
         }
     }
 
@@ -241,15 +317,44 @@ impl ProxyHttp for GenesysProxy {
         }
         let wait = settings.token_wait_timeout;
         let token = match self.state.store.valid(Instant::now()) {
-            Some(t) => Some(t),
-            None => self.state.store.wait_valid(wait).await,
+            Some(t) => t,
+            None => match self.state.store.wait_valid(wait).await {
+                Some(t) => t,
+                None => return self.refuse(session, Refusal::NoToken, &ctx.live).await,
+            },
         };
-        match token {
-            Some(t) => {
-                ctx.token = Some(t);
+        let Some(ip) = ip else {
+            return self
+                .refuse(session, Refusal::ClientNotAllowed, &ctx.live)
+                .await;
+        };
+        let client = Budget::client_key(&ctx.live.budget, ip);
+        let wait = ctx.live.budget.max_queue_wait;
+        let admitted = self.state.budget.admit(client.clone(), &token, wait).await;
+        let app = Budget::app_label(&ctx.live.budget, &client);
+        let m = &self.state.metrics;
+        match admitted {
+            Admit::Go { queued } => {
+                let outcome = if queued { "queued" } else { "served" };
+                m.budget_requests_total
+                    .with_label_values(&[app, outcome])
+                    .inc();
+                ctx.token = Some(token);
+                ctx.client = Some(client);
                 Ok(false)
             }
-            None => self.refuse(session, Refusal::NoToken, &ctx.live).await,
+            Admit::Refused { why, retry_after } => {
+                m.budget_requests_total
+                    .with_label_values(&[app, "refused"])
+                    .inc();
+                let outcome = match why {
+                    Refused::QueueFull => "queue_full",
+                    Refused::QueueTimeout => "queue_timeout",
+                };
+                m.rate_limited_total.with_label_values(&[outcome]).inc();
+                respond_rate_limited(session, retry_after).await?;
+                Ok(true)
+            }
         }
     }
 
@@ -307,6 +412,9 @@ impl ProxyHttp for GenesysProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         self.observe_upstream(upstream, ctx);
+        if upstream.status == 429 {
+            return self.absorb_429(session, ctx).await;
+        }
         let Some(used) = ctx.token.clone().filter(|_| upstream.status == 401) else {
             return Ok(());
         };

@@ -45,7 +45,10 @@ pub struct SimConfig {
     pub clients: Vec<(String, String)>,
     pub token_lifetime_seconds: u64,
     pub token_rate_limit_per_minute: u64,
+    /// API calls per token per window before 429 (the name says minute: Genesys's window).
     pub api_rate_limit_per_minute: u64,
+    /// The per-token API rate-limit window: 60 s as at Genesys; shorter in tests.
+    pub api_rate_limit_window: std::time::Duration,
     /// Tokens unused this long die (the org inactivity timeout). Sub-second values are for
     /// in-process tests; the CLI takes whole seconds.
     pub idle_timeout: Option<std::time::Duration>,
@@ -61,6 +64,7 @@ impl Default for SimConfig {
             token_lifetime_seconds: 86_400,
             token_rate_limit_per_minute: 300,
             api_rate_limit_per_minute: 300,
+            api_rate_limit_window: std::time::Duration::from_secs(60),
             idle_timeout: None,
             token_format: TokenFormat::Opaque,
             tls: false,

@@ -77,6 +77,7 @@ struct Stats {
     api_total: u64,
     api_by_status: BTreeMap<String, u64>,
     api_refused: BTreeMap<String, u64>,
+    api_limited_by_token: BTreeMap<String, u64>,
     api_by_token: BTreeMap<String, u64>,
     revocations: u64,
 }
@@ -98,6 +99,7 @@ pub struct SimState {
     pub keys: SigningKeys,
 }
 
+/// The token endpoint's throttling window (the API's is `SimConfig::api_rate_limit_window`).
 const WINDOW: Duration = Duration::from_secs(60);
 /// How many issued token values [`SimState::recent_token_values`] remembers.
 pub const RECENT_TOKENS: usize = 4096;
@@ -260,7 +262,8 @@ impl SimState {
         if !preserve_idle {
             record.last_used = now;
         }
-        if now.duration_since(record.window_start) >= WINDOW {
+        let api_window = self.config.api_rate_limit_window;
+        if now.duration_since(record.window_start) >= api_window {
             record.window_start = now;
             record.window_count = 0;
         }
@@ -270,7 +273,7 @@ impl SimState {
             record.window_count += 1;
         }
         let elapsed = now.duration_since(record.window_start);
-        let reset_seconds = (WINDOW.saturating_sub(elapsed).as_secs_f64().ceil() as u64).max(1);
+        let reset_seconds = (api_window.saturating_sub(elapsed).as_secs_f64().ceil() as u64).max(1);
         let idles_at = self.config.idle_timeout.map(|idle| {
             SystemTime::now() + idle.saturating_sub(now.duration_since(record.last_used))
         });
@@ -334,6 +337,12 @@ impl SimState {
         *stats.api_by_status.entry(status.to_string()).or_default() += 1;
         if let Some(fp) = fingerprint {
             *stats.api_by_token.entry(fp.to_string()).or_default() += 1;
+            if status == 429 {
+                *stats
+                    .api_limited_by_token
+                    .entry(fp.to_string())
+                    .or_default() += 1;
+            }
         }
     }
 
@@ -350,6 +359,7 @@ impl SimState {
                 "by_status": stats.api_by_status,
                 "by_token": stats.api_by_token,
                 "refused": stats.api_refused,
+                "rate_limited_by_token": stats.api_limited_by_token,
                 "in_flight": self.api_in_flight.load(Ordering::Relaxed),
             },
             "revocations": stats.revocations,
@@ -405,6 +415,27 @@ mod tests {
             s.admit("nope", t0, false).unwrap_err(),
             TokenRefusal::Unknown
         );
+    }
+
+    #[test]
+    fn the_api_window_length_is_configurable_and_headers_follow_it() {
+        let s = SimState::new(SimConfig {
+            api_rate_limit_per_minute: 2,
+            api_rate_limit_window: Duration::from_secs(5),
+            ..SimConfig::default()
+        });
+        let t0 = Instant::now();
+        s.store_token("tok", "c", t0);
+        let first = s.admit("tok", t0, false).unwrap();
+        assert_eq!((first.count, first.allowed, first.reset_seconds), (1, 2, 5));
+        let second = s.admit("tok", t0 + Duration::from_secs(2), false).unwrap();
+        assert_eq!((second.count, second.reset_seconds), (2, 3));
+        let third = s
+            .admit("tok", t0 + Duration::from_millis(4_500), false)
+            .unwrap();
+        assert!(third.limited && third.reset_seconds == 1, "{third:?}");
+        let next = s.admit("tok", t0 + Duration::from_secs(5), false).unwrap();
+        assert!(!next.limited && next.count == 1);
     }
 
     #[test]

@@ -123,6 +123,7 @@ fn sim_help_documents_every_flag() {
         "--token-lifetime-seconds",
         "--token-rate-limit-per-minute",
         "--api-rate-limit-per-minute",
+        "--api-rate-limit-window-seconds",
         "--idle-timeout-seconds",
         "--token-format",
     ] {

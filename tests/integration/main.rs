@@ -3,6 +3,7 @@
 
 mod support;
 
+mod budget;
 mod chaos;
 mod cli;
 mod hardening;

@@ -1,0 +1,231 @@
+//! One token's rate-limit window, as far as the proxy can tell: Genesys limits API calls per
+//! token per window (300 a minute by default) and says where a token stands on every answer
+//! (`inin-ratelimit-count`, `-allowed`, `-reset`). Between answers the proxy counts what it
+//! sent itself.
+//!
+//! Calls are also *paced*: credit holds at most a tenth of the window (at least 2) and refills
+//! at the rest of the window spread over its length. Without pacing one bursting application would spend a
+//! whole window in its first second and every other application would wait for the reset (up
+//! to a minute); paced, a steady application waits at most one refill step (0.2 s at 300 a
+//! minute) and goes before the burster, which the fair queue serves last. Pure: callers pass the
+//! time.
+
+use std::time::{Duration, Instant};
+
+/// A token's window: how many calls it allows, how many are used, when it resets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    /// The token (generation) this window belongs to: a new token starts a fresh window.
+    pub generation: u64,
+    pub allowed: u64,
+    pub used: u64,
+    /// When `used` goes back to 0; `None` until the first call opens the window.
+    pub resets_at: Option<Instant>,
+    /// Length of a window when Genesys has not said otherwise.
+    pub length: Duration,
+    /// Paced credit and when it was last refilled.
+    credit: f64,
+    credit_at: Option<Instant>,
+}
+
+/// The share of a window that may go out at once.
+const BURST_FRACTION: f64 = 0.1;
+
+impl Window {
+    pub fn new(generation: u64, allowed: u64, length: Duration) -> Self {
+        let mut w = Window {
+            generation,
+            allowed,
+            used: 0,
+            resets_at: None,
+            length,
+            credit: 0.0,
+            credit_at: None,
+        };
+        w.credit = w.burst();
+        w
+    }
+
+    fn burst(&self) -> f64 {
+        (self.allowed as f64 * BURST_FRACTION).max(2.0)
+    }
+
+    /// Credit per second: what is left of the window after the burst, spread over it, so that
+    /// pacing alone never fills a window before it resets (Genesys gives the reset in whole
+    /// seconds, so the proxy's idea of it is up to a second late).
+    fn rate(&self) -> f64 {
+        let paced = (self.allowed as f64 - self.burst()).max(1.0);
+        paced / self.length.as_secs_f64().max(0.001)
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if let Some(at) = self.credit_at {
+            let gained = now.saturating_duration_since(at).as_secs_f64() * self.rate();
+            self.credit = (self.credit + gained).min(self.burst());
+        }
+        self.credit_at = Some(now);
+    }
+
+    /// Forgets calls of a window that is over.
+    pub fn roll(&mut self, now: Instant) {
+        if self.resets_at.is_some_and(|t| now >= t) {
+            self.used = 0;
+            self.resets_at = None;
+        }
+    }
+
+    pub fn remaining(&self, now: Instant) -> u64 {
+        if self.resets_at.is_some_and(|t| now >= t) {
+            return self.allowed;
+        }
+        self.allowed.saturating_sub(self.used)
+    }
+
+    /// Counts one call if the window has room and the pace allows it.
+    pub fn take(&mut self, now: Instant) -> bool {
+        self.roll(now);
+        self.refill(now);
+        if self.used >= self.allowed || self.credit < 1.0 {
+            return false;
+        }
+        self.used += 1;
+        self.credit -= 1.0;
+        self.resets_at.get_or_insert(now + self.length);
+        true
+    }
+
+    /// Gives back a call that was counted but never sent.
+    pub fn give_back(&mut self) {
+        self.used = self.used.saturating_sub(1);
+        self.credit = (self.credit + 1.0).min(self.burst());
+    }
+
+    /// What Genesys said on an answer: `count` calls used of `allowed`, resetting in
+    /// `reset_seconds`. Genesys's count wins over the local one when it is higher (another
+    /// user of the token, or calls the proxy did not see answered yet).
+    ///
+    /// `reset_seconds` is rounded up to whole seconds, so within one window the earliest end
+    /// reported is the best estimate: the reset only ever moves earlier. A reported end more
+    /// than a second past the estimate means Genesys already started a new window: its count
+    /// is then the truth.
+    pub fn observe(&mut self, count: u64, allowed: u64, reset_seconds: Option<u64>, now: Instant) {
+        self.roll(now);
+        self.allowed = allowed;
+        let reported = reset_seconds.map(|r| now + Duration::from_secs(r));
+        match (self.resets_at, reported) {
+            (Some(ours), Some(theirs)) if theirs > ours + Duration::from_secs(1) => {
+                self.used = count;
+                self.resets_at = Some(theirs);
+            }
+            (Some(ours), Some(theirs)) => {
+                self.used = self.used.max(count);
+                self.resets_at = Some(ours.min(theirs));
+            }
+            (ours, theirs) => {
+                self.used = self.used.max(count);
+                self.resets_at = ours.or(theirs);
+            }
+        }
+    }
+
+    /// A 429: nothing left until `retry_after` has passed.
+    pub fn exhaust(&mut self, retry_after: Duration, now: Instant) {
+        self.used = self.allowed;
+        self.resets_at = Some(now + retry_after);
+    }
+
+    /// When the next call is possible (now if there is room and credit).
+    pub fn free_at(&self, now: Instant) -> Instant {
+        if self.remaining(now) == 0 {
+            return self.resets_at.unwrap_or(now);
+        }
+        let elapsed = self
+            .credit_at
+            .map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
+        let credit = (self.credit + elapsed * self.rate()).min(self.burst());
+        if credit >= 1.0 {
+            now
+        } else {
+            now + Duration::from_secs_f64((1.0 - credit) / self.rate())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn calls_are_paced_a_burst_then_the_window_rate() {
+        let t0 = Instant::now();
+        let mut w = Window::new(1, 300, 60 * S);
+        let burst = (0..100).take_while(|_| w.take(t0)).count();
+        assert_eq!(burst, 30, "a tenth of the window at once");
+        // One refill step (plus a microsecond for float rounding).
+        let step = Duration::from_secs_f64(60.0 / 270.0) + Duration::from_micros(1);
+        let free = w.free_at(t0);
+        assert!(
+            free > t0 + step - Duration::from_micros(10) && free <= t0 + step,
+            "then 4.5 a second"
+        );
+        assert!(!w.take(t0 + step / 2));
+        assert!(w.take(t0 + step));
+        // Pacing alone never fills the window before it resets, and uses most of it.
+        let sent = (1..59_700u64)
+            .filter(|ms| w.take(t0 + step + Duration::from_millis(*ms)))
+            .count();
+        assert!(sent + 31 < 300, "{sent}");
+        assert!(sent + 31 >= 290, "the window is used: {sent}");
+    }
+
+    #[test]
+    fn calls_are_counted_until_the_window_resets() {
+        let t0 = Instant::now();
+        let mut w = Window::new(1, 2, 10 * S);
+        assert!(w.take(t0) && w.take(t0 + S));
+        assert!(!w.take(t0 + 2 * S), "full");
+        assert_eq!(
+            w.free_at(t0 + 2 * S),
+            t0 + 10 * S,
+            "the window opened at the first call"
+        );
+        assert!(w.take(t0 + 10 * S), "reset");
+        assert_eq!(w.remaining(t0 + 10 * S), 1);
+    }
+
+    #[test]
+    fn genesys_headers_correct_the_local_count() {
+        let t0 = Instant::now();
+        let mut w = Window::new(1, 300, 60 * S);
+        w.take(t0);
+        w.observe(250, 180, Some(7), t0);
+        assert_eq!(
+            w.remaining(t0),
+            0,
+            "allowed comes from the header, count wins when higher"
+        );
+        assert_eq!(w.free_at(t0), t0 + 7 * S);
+        w.observe(3, 180, Some(7), t0 + 8 * S);
+        assert_eq!(w.used, 3, "after the reset the header count is the truth");
+    }
+
+    #[test]
+    fn a_429_exhausts_until_retry_after() {
+        let t0 = Instant::now();
+        let mut w = Window::new(1, 300, 60 * S);
+        w.exhaust(5 * S, t0);
+        assert!(!w.take(t0 + 4 * S));
+        assert!(w.take(t0 + 5 * S));
+    }
+
+    #[test]
+    fn a_call_given_back_frees_its_place() {
+        let t0 = Instant::now();
+        let mut w = Window::new(1, 1, 60 * S);
+        assert!(w.take(t0));
+        w.give_back();
+        assert!(w.take(t0));
+    }
+}

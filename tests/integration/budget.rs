@@ -1,0 +1,277 @@
+//! Living within Genesys's per-token rate limit: the proxy spends the budget Genesys announces,
+//! answers 429 itself (with an honest `Retry-After`) instead of sending requests to collect one,
+//! re-sends a request Genesys refused with 429 once budget frees, and shares a contended budget
+//! fairly between applications.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+fn client_from(ip: &str) -> reqwest::Client {
+    genesys_auth_proxy::app::install_crypto_provider();
+    reqwest::Client::builder()
+        .local_address(ip.parse::<IpAddr>().unwrap())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+fn sim_429s(stats: &Value) -> u64 {
+    stats["api_requests"]["by_status"]["429"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_spent_budget_gets_the_proxys_own_429_and_genesys_sees_none() {
+    let sim = start_sim(genesys_auth_proxy::sim::SimConfig {
+        api_rate_limit_per_minute: 2,
+        ..sim_config()
+    })
+    .await;
+    // Validation would spend one call of the token's window; skip it to keep the count simple.
+    let p = start_from_toml(
+        &proxy_toml(
+            &sim.url(),
+            SECRET,
+            "",
+            "validation = \"none\"",
+            &temp_dir("budget"),
+        )
+        .replace("[audit]", "[budget]\nmax_queue_wait_ms = 300\n\n[audit]"),
+        temp_dir("budget-p"),
+    )
+    .await;
+    p.ready().await;
+    for _ in 0..2 {
+        assert_eq!(get(&p.url("/api/v2/x")).await.status(), 200);
+    }
+    let r = get(&p.url("/api/v2/x")).await;
+    assert_eq!(r.status(), 429);
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (50..=60).contains(&retry_after),
+        "honest: the window resets in about a minute, said {retry_after}"
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["code"], "too.many.requests.retry.after");
+    assert_eq!(v["status"], 429);
+    assert_eq!(
+        sim_429s(&stats(&sim).await),
+        0,
+        "nothing was sent to collect a 429"
+    );
+    let m = metrics_text(&p).await;
+    assert_eq!(
+        metric(
+            &m,
+            "genesys_proxy_rate_limited_total{outcome=\"queue_timeout\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "genesys_proxy_upstream_ratelimit_remaining"),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "genesys_proxy_budget_requests_total{app=\"other\",outcome=\"refused\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_genesys_429_is_absorbed_and_the_request_resent_when_budget_frees() {
+    let sim = start_sim(genesys_auth_proxy::sim::SimConfig {
+        api_rate_limit_per_minute: 3,
+        api_rate_limit_window: Duration::from_secs(2),
+        ..sim_config()
+    })
+    .await;
+    let dir = temp_dir("absorb");
+    let toml = proxy_toml(&sim.url(), SECRET, "", "validation = \"none\"", &dir).replace(
+        "[audit]",
+        "[budget]\nrequests_per_window = 100\nwindow_seconds = 2\nmax_queue_wait_ms = 6000\n\n[audit]",
+    );
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    // Slow answers: all six are on their way before Genesys's first header says the limit is 3.
+    sim_put(
+        &sim,
+        "/__sim/latency",
+        json!({"token_ms": 0, "api_ms": 300}),
+    )
+    .await;
+    let c = client();
+    let sends = (0..6).map(|i| {
+        let c = c.clone();
+        let url = p.url(&format!("/api/v2/absorb/{i}"));
+        async move { c.post(url).body(format!("body {i}")).send().await.unwrap() }
+    });
+    let answers = futures_join_all(sends).await;
+    for (i, r) in answers.into_iter().enumerate() {
+        let status = r.status();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, 200, "request {i}: {v}");
+        assert_eq!(
+            v["body_sha256"],
+            genesys_auth_proxy::fingerprint::sha256_hex(format!("body {i}").as_bytes())
+        );
+    }
+    assert!(sim_429s(&stats(&sim).await) >= 1, "Genesys did answer 429");
+    let m = metrics_text(&p).await;
+    assert!(
+        metric(&m, "genesys_proxy_rate_limited_total{outcome=\"absorbed\"}") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "genesys_proxy_rate_limited_total{outcome=\"passed_through\"}"
+        ),
+        0.0
+    );
+}
+
+/// Runs `futures` concurrently and collects their outputs in order.
+async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+/// What one application saw.
+#[derive(Default, Debug)]
+struct Seen {
+    ok: u64,
+    rate_limited: u64,
+    other: u64,
+    max_wait: Duration,
+}
+
+/// One application: `loops` concurrent senders from `ip`, each pausing `gap` between requests.
+fn app(
+    base: String,
+    ip: &'static str,
+    loops: usize,
+    gap: Duration,
+    until: Instant,
+) -> tokio::task::JoinHandle<Seen> {
+    tokio::spawn(async move {
+        let c = client_from(ip);
+        let tasks: Vec<_> = (0..loops)
+            .map(|_| {
+                let c = c.clone();
+                let base = base.clone();
+                tokio::spawn(async move {
+                    let mut seen = Seen::default();
+                    while Instant::now() < until {
+                        let started = Instant::now();
+                        match c
+                            .get(format!("{base}/api/v2/fair"))
+                            .send()
+                            .await
+                            .map(|r| r.status().as_u16())
+                        {
+                            Ok(200) => seen.ok += 1,
+                            Ok(429) => seen.rate_limited += 1,
+                            _ => seen.other += 1,
+                        }
+                        seen.max_wait = seen.max_wait.max(started.elapsed());
+                        tokio::time::sleep(gap).await;
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let mut total = Seen::default();
+        for t in tasks {
+            let s = t.await.unwrap();
+            total.ok += s.ok;
+            total.rate_limited += s.rate_limited;
+            total.other += s.other;
+            total.max_wait = total.max_wait.max(s.max_wait);
+        }
+        total
+    })
+}
+
+/// Three applications share one token whose limit is L per window: one bursts far above L,
+/// two send 0.2 × L each. The steady ones must see no 429 and short waits; the burster gets
+/// the rest; the token's budget is used, not wasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bursting_application_cannot_starve_steady_ones() {
+    const L: u64 = 20;
+    const WINDOW: Duration = Duration::from_secs(2);
+    let sim = start_sim(genesys_auth_proxy::sim::SimConfig {
+        api_rate_limit_per_minute: L,
+        api_rate_limit_window: WINDOW,
+        ..sim_config()
+    })
+    .await;
+    let dir = temp_dir("fair");
+    let toml = proxy_toml(&sim.url(), SECRET, "", "validation = \"none\"", &dir).replace(
+        "[audit]",
+        &format!("[budget]\nrequests_per_window = {L}\nwindow_seconds = 2\nmax_queue_wait_ms = 1000\n\n[audit]"),
+    );
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    let base = format!("http://{}", p.running.proxy_addr);
+    let run = Duration::from_secs(8);
+    let until = Instant::now() + run;
+    // 0.2 × L per window = one request every 500 ms per steady application.
+    let steady_gap = WINDOW / (L as u32 / 5);
+    let burster = app(base.clone(), "127.0.0.2", 8, Duration::ZERO, until);
+    let steady1 = app(base.clone(), "127.0.0.3", 1, steady_gap, until);
+    let steady2 = app(base.clone(), "127.0.0.4", 1, steady_gap, until);
+    let (burster, steady1, steady2) = (
+        burster.await.unwrap(),
+        steady1.await.unwrap(),
+        steady2.await.unwrap(),
+    );
+    let s = stats(&sim).await;
+    let served = s["api_requests"]["by_status"]["200"].as_u64().unwrap_or(0);
+    let windows = run.as_secs_f64() / WINDOW.as_secs_f64();
+    println!(
+        "fairness: burster {burster:?}, steady {steady1:?} / {steady2:?}; Genesys served {served} ({:.2} of L per window), answered 429 {} times",
+        served as f64 / (L as f64 * windows),
+        sim_429s(&s)
+    );
+    for (name, steady) in [("steady 1", &steady1), ("steady 2", &steady2)] {
+        assert_eq!(steady.rate_limited + steady.other, 0, "{name}: {steady:?}");
+        assert!(steady.ok >= 12, "{name} kept flowing: {steady:?}");
+        assert!(
+            steady.max_wait < Duration::from_millis(700),
+            "{name} waited {:?}",
+            steady.max_wait
+        );
+    }
+    assert!(
+        burster.ok > 0 && burster.rate_limited > 0,
+        "the burster is served the rest: {burster:?}"
+    );
+    assert!(
+        served as f64 >= 0.85 * L as f64 * windows,
+        "the budget is used: {served} of {} possible",
+        L as f64 * windows
+    );
+}
