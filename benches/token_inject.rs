@@ -24,6 +24,7 @@ fn store_with_token() -> Arc<TokenStore> {
         header: value,
         fingerprint: "sha256:0123456789ab".into(),
         generation: 1,
+        slot: 0,
         acquired_at: now,
         expires_at: now + Duration::from_secs(86_400),
         expires_at_wall: SystemTime::now() + Duration::from_secs(86_400),

@@ -31,6 +31,27 @@ pub struct AdminState {
     pub reloader: Arc<Reloader>,
     /// `admin.reload_token`: required on `POST /reload` when set.
     pub reload_token: Option<Secret>,
+    pub budget: Arc<crate::budget::Budget>,
+}
+
+/// Every pool slot: its token (fingerprint only) and the budget left in its window.
+fn pool_view(state: &AdminState, now: Instant) -> serde_json::Value {
+    let remaining = state.budget.remaining();
+    let slots: Vec<serde_json::Value> = (0..state.store.slots())
+        .map(|slot| {
+            let token = state.store.slot(slot);
+            serde_json::json!({
+                "slot": slot,
+                "fingerprint": token.as_ref().map(|t| t.fingerprint.clone()),
+                "generation": token.as_ref().map(|t| t.generation),
+                "valid": token.as_ref().is_some_and(|t| t.is_valid_at(now)),
+                "refused_by_api": token.as_ref().is_some_and(|t| state.store.is_refused(t)),
+                "expires_in_seconds": token.as_ref().map(|t| t.expires_at.saturating_duration_since(now).as_secs()),
+                "budget_remaining": remaining.get(slot),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(slots)
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -49,13 +70,16 @@ pub fn readiness(state: &AdminState) -> Result<(), &'static str> {
     if state.draining.load(Ordering::Relaxed) {
         return Err("shutting down");
     }
-    match state.store.current() {
-        None => Err("no token acquired yet"),
-        Some(t) if !t.is_valid_at(Instant::now()) => Err("token expired and no refresh succeeded"),
-        Some(_) if state.store.current_refused() => {
-            Err("the API refused the current token (401) and no new token is published yet")
-        }
-        Some(_) => Ok(()),
+    let store = &state.store;
+    if store.valid(Instant::now()).is_some() {
+        return Ok(());
+    }
+    if store.current().is_none() {
+        Err("no token acquired yet")
+    } else if store.all_refused() {
+        Err("the API refused the current token (401) and no new token is published yet")
+    } else {
+        Err("token expired and no refresh succeeded")
     }
 }
 
@@ -63,10 +87,7 @@ pub fn readiness(state: &AdminState) -> Result<(), &'static str> {
 /// something needs attention, else `healthy`.
 fn health(state: &AdminState, info: &RefreshInfo, anomalies: bool) -> &'static str {
     let token = state.store.current();
-    let usable = token
-        .as_ref()
-        .is_some_and(|t| t.is_valid_at(Instant::now()))
-        && !state.store.current_refused();
+    let usable = state.store.valid(Instant::now()).is_some();
     if !usable {
         "unhealthy"
     } else if info.consecutive_failures > 0
@@ -106,7 +127,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
     let token_json = token.map(|t| {
         serde_json::json!({
             "valid": t.is_valid_at(now),
-            "refused_by_api": state.store.current_refused(),
+            "refused_by_api": state.store.is_refused(&t),
             "expires_at": rfc3339(t.expires_at_wall),
             "expires_in_seconds": t.expires_at.saturating_duration_since(now).as_secs(),
             "generation": t.generation,
@@ -147,6 +168,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
             "retry_until": info.pending_rotation.as_ref().map(|(_, t)| rfc3339(*t)),
             "last_error": info.last_rotation_error,
         },
+        "pool": pool_view(&state, now),
         "audit_write_failures": state.audit.failures(),
         "counters": {
             "requests_total": counter(&m.requests_total),

@@ -104,17 +104,18 @@ impl Core {
                 .with_context(|| format!("audit.path: cannot open {target:?}"))?,
         );
         let live = Arc::new(ArcSwap::from_pointee(config.live.clone()));
+        let store = Arc::new(TokenStore::with_slots(config.restart.token.pool_size));
         let anomaly = Arc::new(AnomalyMonitor::new(
             live.clone(),
             audit.clone(),
             metrics.clone(),
         ));
         Ok(Core {
-            budget: Arc::new(Budget::new(live.clone(), metrics.clone())),
+            budget: Arc::new(Budget::new(store.clone(), live.clone(), metrics.clone())),
             live,
             metrics,
             audit,
-            store: Arc::new(TokenStore::new()),
+            store,
             anomaly,
             refresh_info: Arc::default(),
         })
@@ -136,6 +137,7 @@ impl Core {
             anomaly: self.anomaly.clone(),
             reloader,
             reload_token,
+            budget: self.budget.clone(),
         })
     }
 }

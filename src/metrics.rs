@@ -37,6 +37,7 @@ pub struct Metrics {
     pub budget_queue_wait_seconds: Histogram,
     pub rate_limited_total: IntCounterVec,
     pub budget_requests_total: IntCounterVec,
+    pub token_pool_budget_remaining: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -163,6 +164,7 @@ impl Metrics {
             budget_queue_wait_seconds: m.hist("budget_queue_wait_seconds", "Time requests waited for rate-limit budget, in seconds."),
             rate_limited_total: m.counter_vec("rate_limited_total", "Requests that met the rate limit, by outcome: absorbed (a 429 re-sent after budget freed), passed_through (Genesys's 429), queue_timeout and queue_full (the proxy's own 429).", "outcome", RATE_LIMIT_OUTCOMES),
             budget_requests_total: m.labelled_counter("budget_requests_total", "Requests by application group (configured [[budget.app]] names, else other) and admission: served at once, served after queueing, or refused.", &["app", "outcome"]),
+            token_pool_budget_remaining: m.int_gauge_vec("token_pool_budget_remaining", "Rate-limit budget left in the current window, per token pool slot (0 .. pool_size-1).", "slot"),
             registry: m.0,
         }
     }

@@ -1,5 +1,5 @@
-//! Living within Genesys's per-token rate limit: every request takes one call from its token's
-//! [`window::Window`] before it is sent. When the budget is spent, requests wait in a bounded
+//! Living within Genesys's per-token rate limit: every request takes one call from a token's
+//! [`window::Window`] before it is sent, choosing the pool's token with the most budget left. When the budget is spent, requests wait in a bounded
 //! queue instead of being sent to collect a 429; when budget frees (the window resets), the
 //! waiting applications are served fairly: the one that used least in the current period goes
 //! first (weighted per application group), so a bursting application waits while steady ones
@@ -21,7 +21,7 @@ use crate::config::{BudgetSettings, Live};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::sync::lock;
-use crate::token::store::Token;
+use crate::token::store::{Token, TokenStore};
 use window::Window;
 
 /// Who a request is accounted to for fair sharing: a configured application group, or the
@@ -42,10 +42,10 @@ pub enum Refused {
 }
 
 /// The answer to [`Budget::admit`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Admit {
-    /// Sent at once, or after waiting in the queue (`queued`).
-    Go { queued: bool },
+    /// Send with `token`, at once or after waiting in the queue (`queued`).
+    Go { queued: bool, token: Arc<Token> },
     Refused {
         why: Refused,
         /// When budget is expected back: the honest `Retry-After`.
@@ -55,7 +55,7 @@ pub enum Admit {
 
 struct Waiter {
     id: u64,
-    grant: oneshot::Sender<()>,
+    grant: oneshot::Sender<Arc<Token>>,
 }
 
 /// Waiting requests by client, and what each client used in the current fairness period.
@@ -67,9 +67,10 @@ struct Queue {
     period_ends: Option<Instant>,
 }
 
-/// The budget of the proxy's token (one window; the token pool will hold one per slot).
+/// The budget of the pool's tokens: one window per slot.
 pub struct Budget {
-    window: Mutex<Window>,
+    store: Arc<TokenStore>,
+    windows: Mutex<Vec<Window>>,
     queue: Mutex<Queue>,
     /// Wakes the dispatcher: a waiter arrived, or the window changed.
     changed: Notify,
@@ -79,11 +80,14 @@ pub struct Budget {
 }
 
 impl Budget {
-    pub fn new(live: Arc<ArcSwap<Live>>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(store: Arc<TokenStore>, live: Arc<ArcSwap<Live>>, metrics: Arc<Metrics>) -> Self {
         let b = &live.load().budget;
-        let window = Window::new(0, b.requests_per_window, b.window);
+        let windows = (0..store.slots())
+            .map(|_| Window::new(0, b.requests_per_window, b.window))
+            .collect();
         Budget {
-            window: Mutex::new(window),
+            store,
+            windows: Mutex::new(windows),
             queue: Mutex::new(Queue::default()),
             changed: Notify::new(),
             live,
@@ -92,14 +96,55 @@ impl Budget {
         }
     }
 
-    /// The window of `token`: a newer token starts a fresh one.
-    fn window_for<'a>(&'a self, token: &Token) -> std::sync::MutexGuard<'a, Window> {
-        let mut w = lock(&self.window);
-        if w.generation != token.generation {
-            let b = &self.live.load().budget;
-            *w = Window::new(token.generation, b.requests_per_window, b.window);
+    /// The windows, each matched to its slot's `token` first: a newer token starts a fresh
+    /// window.
+    fn sync<'a>(&'a self, tokens: &[Arc<Token>]) -> std::sync::MutexGuard<'a, Vec<Window>> {
+        let mut windows = lock(&self.windows);
+        for t in tokens {
+            if let Some(w) = windows.get_mut(t.slot) {
+                if w.generation != t.generation {
+                    let b = &self.live.load().budget;
+                    *w = Window::new(t.generation, b.requests_per_window, b.window);
+                }
+            }
         }
-        w
+        windows
+    }
+
+    /// Takes a call from the usable token with the most budget left.
+    fn take_best(
+        windows: &mut [Window],
+        tokens: &[Arc<Token>],
+        now: Instant,
+    ) -> Option<Arc<Token>> {
+        let mut order: Vec<&Arc<Token>> = tokens.iter().collect();
+        order.sort_by_key(|t| {
+            std::cmp::Reverse(windows.get(t.slot).map_or(0, |w| w.remaining(now)))
+        });
+        order
+            .into_iter()
+            .find(|t| windows.get_mut(t.slot).is_some_and(|w| w.take(now)))
+            .cloned()
+    }
+
+    /// When any of `tokens` can take a call again.
+    fn free_at(windows: &[Window], tokens: &[Arc<Token>], now: Instant) -> Instant {
+        tokens
+            .iter()
+            .filter_map(|t| windows.get(t.slot))
+            .map(|w| w.free_at(now))
+            .min()
+            .unwrap_or(now)
+    }
+
+    /// The usable tokens, or `fallback` when none is (it is about to be replaced).
+    fn candidates(&self, fallback: &Arc<Token>, now: Instant) -> Vec<Arc<Token>> {
+        let tokens = self.store.usable(now);
+        if tokens.is_empty() {
+            vec![fallback.clone()]
+        } else {
+            tokens
+        }
     }
 
     /// Which client a request from `ip` counts for.
@@ -112,20 +157,27 @@ impl Budget {
             .map_or(ClientKey::Address(ip), ClientKey::App)
     }
 
-    /// Takes one call of `token`'s budget for `client`, waiting (fairly) up to `wait` if it is
-    /// spent.
-    pub async fn admit(&self, client: ClientKey, token: &Token, wait: Duration) -> Admit {
+    /// Takes one call for `client` from the pool's token with the most budget left, waiting
+    /// (fairly) up to `wait` if every token's budget is spent. `fallback` is used when no token
+    /// is usable at this instant.
+    pub async fn admit(&self, client: ClientKey, fallback: &Arc<Token>, wait: Duration) -> Admit {
         let settings = self.live.load().budget.clone();
         let now = Instant::now();
-        let (id, rx) = {
+        let (id, mut rx) = {
             let mut q = lock(&self.queue);
-            let mut w = self.window_for(token);
-            if q.len == 0 && w.take(now) {
-                *q.usage.entry(client).or_default() += 1;
-                return Admit::Go { queued: false };
+            let tokens = self.candidates(fallback, now);
+            let mut windows = self.sync(&tokens);
+            if q.len == 0 {
+                if let Some(token) = Self::take_best(&mut windows, &tokens, now) {
+                    *q.usage.entry(client).or_default() += 1;
+                    return Admit::Go {
+                        queued: false,
+                        token,
+                    };
+                }
             }
-            let retry_after = w
-                .free_at(now)
+            let free_at = Self::free_at(&windows, &tokens, now);
+            let retry_after = free_at
                 .saturating_duration_since(now)
                 .max(Duration::from_secs(1));
             if q.len >= settings.max_queue_length {
@@ -134,7 +186,7 @@ impl Budget {
                     retry_after,
                 };
             }
-            if w.free_at(now) > now + wait {
+            if free_at > now + wait {
                 return Admit::Refused {
                     why: Refused::QueueTimeout,
                     retry_after,
@@ -152,37 +204,44 @@ impl Budget {
         };
         self.changed.notify_one();
         let started = Instant::now();
-        let granted = tokio::time::timeout(wait, rx).await;
+        let granted = tokio::time::timeout(wait, &mut rx).await;
         self.metrics
             .budget_queue_wait_seconds
             .observe(started.elapsed().as_secs_f64());
-        if matches!(granted, Ok(Ok(()))) {
-            return Admit::Go { queued: true };
+        if let Ok(Ok(token)) = granted {
+            return Admit::Go {
+                queued: true,
+                token,
+            };
         }
         // Timed out: leave the queue, unless a grant raced the timeout.
         let mut q = lock(&self.queue);
-        let queue = q.waiting.get_mut(&client);
-        let was_waiting = queue
-            .map(|d| {
-                let before = d.len();
-                d.retain(|w| w.id != id);
-                before != d.len()
-            })
-            .unwrap_or(false);
-        if was_waiting {
+        let was_waiting = q.waiting.get_mut(&client).is_some_and(|d| {
+            let before = d.len();
+            d.retain(|w| w.id != id);
+            before != d.len()
+        });
+        if !was_waiting {
+            drop(q);
+            if let Ok(token) = rx.try_recv() {
+                return Admit::Go {
+                    queued: true,
+                    token,
+                };
+            }
+        } else {
             q.len -= 1;
             self.metrics.budget_queue_depth.set(q.len as i64);
-            let now = Instant::now();
-            let retry_after = lock(&self.window)
-                .free_at(now)
-                .saturating_duration_since(now)
-                .max(Duration::from_secs(1));
-            return Admit::Refused {
-                why: Refused::QueueTimeout,
-                retry_after,
-            };
         }
-        Admit::Go { queued: true }
+        let now = Instant::now();
+        let tokens = self.candidates(fallback, now);
+        let retry_after = Self::free_at(&self.sync(&tokens), &tokens, now)
+            .saturating_duration_since(now)
+            .max(Duration::from_secs(1));
+        Admit::Refused {
+            why: Refused::QueueTimeout,
+            retry_after,
+        }
     }
 
     /// The `app` label of a client: its group's name, or `other`.
@@ -194,24 +253,55 @@ impl Budget {
     }
 
     /// What Genesys said about `token`'s window on an answer.
-    pub fn observe(&self, token: &Token, count: u64, allowed: u64, reset_seconds: Option<u64>) {
+    pub fn observe(
+        &self,
+        token: &Arc<Token>,
+        count: u64,
+        allowed: u64,
+        reset_seconds: Option<u64>,
+    ) {
         let now = Instant::now();
-        let remaining = {
-            let mut w = self.window_for(token);
+        let mut windows = self.sync(std::slice::from_ref(token));
+        if let Some(w) = windows.get_mut(token.slot) {
             w.observe(count, allowed, reset_seconds, now);
-            w.remaining(now)
-        };
-        self.metrics
-            .upstream_ratelimit_remaining
-            .set(remaining as i64);
+        }
+        self.publish_remaining(&windows, now);
+        drop(windows);
         self.changed.notify_one();
     }
 
     /// Genesys answered 429 for `token`: nothing left until `retry_after`.
-    pub fn exhausted(&self, token: &Token, retry_after: Duration) {
-        self.window_for(token).exhaust(retry_after, Instant::now());
-        self.metrics.upstream_ratelimit_remaining.set(0);
+    pub fn exhausted(&self, token: &Arc<Token>, retry_after: Duration) {
+        let now = Instant::now();
+        let mut windows = self.sync(std::slice::from_ref(token));
+        if let Some(w) = windows.get_mut(token.slot) {
+            w.exhaust(retry_after, now);
+        }
+        self.publish_remaining(&windows, now);
+        drop(windows);
         self.changed.notify_one();
+    }
+
+    /// Budget left per pool slot, for `/status`.
+    pub fn remaining(&self) -> Vec<u64> {
+        let now = Instant::now();
+        lock(&self.windows)
+            .iter()
+            .map(|w| w.remaining(now))
+            .collect()
+    }
+
+    fn publish_remaining(&self, windows: &[Window], now: Instant) {
+        let mut total = 0;
+        for (slot, w) in windows.iter().enumerate() {
+            let left = w.remaining(now);
+            total += left;
+            self.metrics
+                .token_pool_budget_remaining
+                .with_label_values(&[&slot.to_string()])
+                .set(left as i64);
+        }
+        self.metrics.upstream_ratelimit_remaining.set(total as i64);
     }
 
     /// Serves waiting requests whenever budget frees; runs until shutdown.
@@ -235,28 +325,36 @@ impl Budget {
             q.period_ends = None;
         }
         q.period_ends.get_or_insert(now + settings.window);
-        let mut w = lock(&self.window);
+        let tokens = self.store.usable(now);
+        let mut windows = self.sync(&tokens);
         while q.len > 0 {
             let Some(client) = next_client(&q, &settings) else {
                 break;
             };
-            if !w.take(now) {
+            let Some(token) = Self::take_best(&mut windows, &tokens, now) else {
                 break;
-            }
+            };
             let waiter = q.waiting.get_mut(&client).and_then(VecDeque::pop_front);
             if q.waiting.get(&client).is_some_and(VecDeque::is_empty) {
                 q.waiting.remove(&client);
             }
             let Some(waiter) = waiter else { continue };
             q.len -= 1;
-            if waiter.grant.send(()).is_ok() {
+            let slot = token.slot;
+            if waiter.grant.send(token).is_ok() {
                 *q.usage.entry(client).or_default() += 1;
-            } else {
+            } else if let Some(w) = windows.get_mut(slot) {
                 w.give_back();
             }
         }
         self.metrics.budget_queue_depth.set(q.len as i64);
-        (q.len > 0).then(|| w.free_at(now).max(now + Duration::from_millis(1)))
+        let retry = if tokens.is_empty() {
+            // No usable token: look again soon (the refresher is minting one).
+            now + Duration::from_millis(50)
+        } else {
+            Self::free_at(&windows, &tokens, now)
+        };
+        (q.len > 0).then(|| retry.max(now + Duration::from_millis(1)))
     }
 }
 

@@ -404,7 +404,7 @@ fn secret(
     Ok((secret, source))
 }
 
-fn token(b: &Builder, t: TokenSection) -> Built<(TokenHttp, TokenLive)> {
+fn token(b: &Builder, t: TokenSection) -> Built<(TokenRestart, TokenLive)> {
     let validation = match t.validation.as_deref().unwrap_or("tokens_me") {
         "tokens_me" => Validation::TokensMe,
         "none" => Validation::None,
@@ -432,9 +432,13 @@ fn token(b: &Builder, t: TokenSection) -> Built<(TokenHttp, TokenLive)> {
             "must be at least token.backoff_initial_ms",
         ));
     }
-    let http = TokenHttp {
+    let http = TokenRestart {
         request_timeout: b.ms(t.request_timeout_ms, 10_000, "token.request_timeout_ms")?,
         connect_timeout: b.ms(t.connect_timeout_ms, 3_000, "token.connect_timeout_ms")?,
+        pool_size: match t.pool_size.unwrap_or(1) {
+            n @ 1..=50 => n,
+            _ => return Err(b.err("token.pool_size", "must be between 1 and 50")),
+        },
     };
     let live = TokenLive {
         refresh_before_expiry: Duration::from_secs(t.refresh_before_expiry_seconds.unwrap_or(300)),

@@ -115,6 +115,7 @@ pub struct TokenSection {
     pub request_timeout_ms: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
     pub rotation_retry_window_seconds: Option<u64>,
+    pub pool_size: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

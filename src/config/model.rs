@@ -35,7 +35,7 @@ keyed_sections! {
         pub proxy: ProxyRestart,
         pub admin: AdminSettings,
         pub genesys: UpstreamSettings,
-        pub token: TokenHttp,
+        pub token: TokenRestart,
         pub audit: AuditSettings,
         pub log: LogRestart,
     }
@@ -120,10 +120,12 @@ keyed_struct! {
 }
 
 keyed_struct! {
-    /// The token endpoint's HTTP client timeouts (the client is built once).
-    pub struct TokenHttp {
+    /// The token endpoint's HTTP client timeouts (the client is built once) and the pool.
+    pub struct TokenRestart {
         pub request_timeout: Duration => "token.request_timeout_ms",
         pub connect_timeout: Duration => "token.connect_timeout_ms",
+        /// Tokens held at once (each has its own rate-limit budget at Genesys).
+        pub pool_size: usize => "token.pool_size",
     }
 }
 

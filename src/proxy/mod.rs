@@ -150,7 +150,7 @@ impl GenesysProxy {
         }
         let budget = &self.state.budget;
         if let (Some(token), Some(count), Some(allowed)) = (
-            ctx.token.as_deref(),
+            ctx.token.as_ref(),
             header_u64(upstream, "inin-ratelimit-count"),
             header_u64(upstream, "inin-ratelimit-allowed"),
         ) {
@@ -165,7 +165,7 @@ impl GenesysProxy {
             429 => {
                 metrics.upstream_rate_limited_total.inc();
                 self.state.anomaly.observe(Kind::RateLimitStorm);
-                if let Some(token) = ctx.token.as_deref() {
+                if let Some(token) = ctx.token.as_ref() {
                     let retry_after = header_u64(upstream, "retry-after")
                         .map_or(ctx.live.budget.window, Duration::from_secs);
                     budget.exhausted(token, retry_after);
@@ -197,7 +197,8 @@ impl GenesysProxy {
         let deadline = ctx.started + ctx.live.budget.max_queue_wait;
         let wait = deadline.saturating_duration_since(Instant::now());
         match self.state.budget.admit(client, &token, wait).await {
-            Admit::Go { .. } => {
+            Admit::Go { token, .. } => {
+                ctx.token = Some(token);
                 ctx.rate_retries += 1;
                 metrics
                     .rate_limited_total
@@ -334,7 +335,7 @@ impl ProxyHttp for GenesysProxy {
         let app = Budget::app_label(&ctx.live.budget, &client);
         let m = &self.state.metrics;
         match admitted {
-            Admit::Go { queued } => {
+            Admit::Go { queued, token } => {
                 let outcome = if queued { "queued" } else { "served" };
                 m.budget_requests_total
                     .with_label_values(&[app, outcome])
@@ -420,7 +421,7 @@ impl ProxyHttp for GenesysProxy {
         };
         let store = &self.state.store;
         let earlier = ctx.first_401.map(|(newest, _)| newest);
-        let (_, deadline) = *ctx.first_401.get_or_insert_with(|| {
+        let (newest, deadline) = *ctx.first_401.get_or_insert_with(|| {
             let wait = ctx.live.proxy.refresh_wait_timeout;
             (store.generation(), Instant::now() + wait)
         });
@@ -432,7 +433,7 @@ impl ProxyHttp for GenesysProxy {
             return Ok(());
         }
         let wait = deadline.saturating_duration_since(Instant::now());
-        match store.replacement_for(&used, wait).await {
+        match store.replacement_for(&used, newest, wait).await {
             Some(replacement) => {
                 ctx.token = Some(replacement);
                 ctx.replays += 1;

@@ -148,14 +148,7 @@ impl TokenEndpoint {
         let mut bearer = header::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
             .map_err(|_| MintError::InvalidResponse("token is not a valid header value".into()))?;
         bearer.set_sensitive(true);
-        let response = self
-            .client
-            .get(self.tokens_me_url.clone())
-            .header(header::AUTHORIZATION, bearer)
-            .send()
-            .await
-            .map_err(|e| MintError::ValidationFailed(describe(&e)))?;
-        let status = response.status();
+        let status = self.tokens_me(bearer).await?;
         if status.is_success() {
             Ok(())
         } else {
@@ -164,6 +157,27 @@ impl TokenEndpoint {
                 status.as_u16()
             )))
         }
+    }
+
+    /// Is a held token still accepted? False only for a 401: anything else (network, 5xx,
+    /// 429) says nothing about the token.
+    pub async fn still_accepted(&self, bearer: &header::HeaderValue) -> bool {
+        !matches!(
+            self.tokens_me(bearer.clone()).await,
+            Ok(StatusCode::UNAUTHORIZED)
+        )
+    }
+
+    /// `GET /api/v2/tokens/me?preserveIdleTTL=true` with `bearer`: the answer's status.
+    async fn tokens_me(&self, bearer: header::HeaderValue) -> Result<StatusCode, MintError> {
+        let response = self
+            .client
+            .get(self.tokens_me_url.clone())
+            .header(header::AUTHORIZATION, bearer)
+            .send()
+            .await
+            .map_err(|e| MintError::ValidationFailed(describe(&e)))?;
+        Ok(response.status())
     }
 }
 

@@ -58,12 +58,13 @@ impl Minter {
     }
 
     /// Runs the grant with `secret`, validates the token (per `token.validation`) and builds
-    /// it as `generation`. Every outcome is counted in `token_requests_total`.
+    /// it as `generation` for pool `slot`. Every outcome is counted in `token_requests_total`.
     pub async fn mint(
         &mut self,
         client_id: &str,
         secret: &Secret,
         generation: u64,
+        slot: usize,
         source: TokenSource,
     ) -> Result<Token, MintError> {
         let started = Instant::now();
@@ -79,7 +80,12 @@ impl Minter {
             .inc();
         let minted = result?;
         self.validate(&minted).await?;
-        build_token(&minted, generation, started, source)
+        build_token(&minted, generation, slot, started, source)
+    }
+
+    /// Asks Genesys whether a held token is still accepted (one API call, no token request).
+    pub async fn still_accepted(&self, token: &Token) -> bool {
+        self.endpoint.still_accepted(&token.header).await
     }
 
     fn note_request(&mut self, at: Instant) {
@@ -117,6 +123,7 @@ impl Minter {
 fn build_token(
     minted: &Minted,
     generation: u64,
+    slot: usize,
     acquired_at: Instant,
     source: TokenSource,
 ) -> Result<Token, MintError> {
@@ -128,6 +135,7 @@ fn build_token(
         header,
         fingerprint: minted.access_token.fingerprint(),
         generation,
+        slot,
         acquired_at,
         expires_at: acquired_at + minted.expires_in,
         expires_at_wall: SystemTime::now() + minted.expires_in,

@@ -22,7 +22,8 @@ use super::minter::Minter;
 pub use super::report::RefreshInfo;
 use super::report::{Reporter, RotationFailure};
 use super::schedule::{
-    self, backoff, refresh_delay, Facts, FailureClass, HeldToken, Reason, RetryWindow, Step,
+    self, backoff, refresh_delay, Facts, FailureClass, HeldToken, Reason, RetryWindow, SlotFacts,
+    Step, STAGGER,
 };
 use super::secret::Secret;
 use super::store::{Token, TokenSource, TokenStore};
@@ -68,10 +69,12 @@ pub struct Refresher {
     commands: mpsc::Receiver<Command>,
     failures: u32,
     backoff_until: Option<Instant>,
-    /// When the held token is due for its proactive refresh (set when it is published).
-    refresh_at: Option<Instant>,
-    /// The highest rejected generation already audited.
-    noticed_rejection: u64,
+    /// Per pool slot: when its token is due for its proactive refresh (set when published).
+    refresh_at: Vec<Option<Instant>>,
+    /// Per pool slot: the highest rejected generation already audited.
+    noticed_rejection: Vec<u64>,
+    /// When the last token request was sent (mints for the pool are staggered).
+    last_mint: Option<Instant>,
     pending: Option<PendingRotation>,
 }
 
@@ -82,6 +85,7 @@ impl Refresher {
         credentials: Credentials,
         commands: mpsc::Receiver<Command>,
     ) -> Self {
+        let slots = shared.store.slots();
         let minter = Minter::new(
             endpoint,
             shared.live.clone(),
@@ -95,8 +99,9 @@ impl Refresher {
             commands,
             failures: 0,
             backoff_until: None,
-            refresh_at: None,
-            noticed_rejection: 0,
+            refresh_at: vec![None; slots],
+            noticed_rejection: vec![0; slots],
+            last_mint: None,
             pending: None,
         }
     }
@@ -108,9 +113,11 @@ impl Refresher {
                 self.handle(cmd).await;
             }
             let now = Instant::now();
-            self.notice_rejection(now);
+            if self.notice_rejection(now) {
+                self.check_siblings().await;
+            }
             match schedule::next_step(&self.facts(now)) {
-                Step::Mint(reason) => self.refresh(reason).await,
+                Step::Mint(slot, reason) => self.refresh(slot, reason).await,
                 Step::RetryRotation => self.retry_rotation().await,
                 Step::AbandonRotation => self.abandon_rotation(),
                 Step::Sleep(until) => tokio::select! {
@@ -125,43 +132,78 @@ impl Refresher {
 
     fn facts(&self, now: Instant) -> Facts {
         let store = &self.shared.store;
+        let slots = (0..store.slots())
+            .map(|i| SlotFacts {
+                token: store.slot(i).map(|t| HeldToken {
+                    generation: t.generation,
+                    expires_at: t.expires_at,
+                }),
+                rejected_generation: store.rejected_generation(i),
+                refresh_at: self.refresh_at[i],
+            })
+            .collect();
         Facts {
             now,
-            token: store.current().map(|t| HeldToken {
-                generation: t.generation,
-                expires_at: t.expires_at,
-            }),
-            rejected_generation: store.rejected_generation(),
-            refresh_at: self.refresh_at,
+            slots,
             backoff_until: self.backoff_until,
             cap_free_at: self.minter.cap_free_at(now),
+            stagger_until: self.last_mint.map(|t| t + STAGGER),
             rotation: self.pending.as_ref().map(|p| p.window),
         }
     }
 
     /// A 401 reported for a token not yet audited as rejected: audit it, feed the anomaly
-    /// detector, and drop any backoff (the held token is dead; waiting helps nobody).
-    fn notice_rejection(&mut self, now: Instant) {
-        let Some(t) = self.shared.store.current() else {
-            return;
-        };
-        if self.shared.store.rejected_generation() < t.generation
-            || self.noticed_rejection >= t.generation
-        {
-            return;
+    /// detector, and drop any backoff (the held token is dead; waiting helps nobody). True
+    /// when there was news.
+    fn notice_rejection(&mut self, now: Instant) -> bool {
+        let store = &self.shared.store;
+        let mut news = false;
+        for slot in 0..store.slots() {
+            let Some(t) = store.slot(slot) else {
+                continue;
+            };
+            if store.rejected_generation(slot) < t.generation
+                || self.noticed_rejection[slot] >= t.generation
+            {
+                continue;
+            }
+            self.noticed_rejection[slot] = t.generation;
+            self.backoff_until = None;
+            news = true;
+            self.shared
+                .report
+                .rejected(&t, now.duration_since(t.acquired_at));
         }
-        self.noticed_rejection = t.generation;
-        self.backoff_until = None;
-        self.shared
-            .report
-            .rejected(&t, now.duration_since(t.acquired_at));
+        news
     }
 
-    /// A normal refresh: current secret, then previous on `invalid_client`.
-    async fn refresh(&mut self, reason: Reason) {
+    /// One pool token was refused: a revoke-all or a disabled client kills the others too,
+    /// but requests would only find out one by one (they prefer the freshest token). Ask
+    /// Genesys about each other pool token now (`GET /api/v2/tokens/me`, not a token request)
+    /// and mark the refused ones, so a revoke-all costs exactly one token request per slot.
+    async fn check_siblings(&mut self) {
+        let store = self.shared.store.clone();
+        if store.slots() < 2 {
+            return;
+        }
+        for slot in 0..store.slots() {
+            let Some(t) = store.slot(slot) else { continue };
+            if store.is_refused(&t) || !t.is_valid_at(Instant::now()) {
+                continue;
+            }
+            if !self.minter.still_accepted(&t).await {
+                store.reject(&t);
+            }
+        }
+        self.notice_rejection(Instant::now());
+    }
+
+    /// A normal refresh of one pool slot: current secret, then previous on `invalid_client`.
+    async fn refresh(&mut self, slot: usize, reason: Reason) {
         let started = Instant::now();
+        self.last_mint = Some(started);
         let generation = self.shared.store.generation() + 1;
-        let held = self.shared.store.current();
+        let held = self.shared.store.slot(slot);
         let Credentials {
             client_id,
             secret,
@@ -169,12 +211,18 @@ impl Refresher {
         } = self.credentials.clone();
         let mut result = self
             .minter
-            .mint(&client_id, &secret, generation, TokenSource::Current)
+            .mint(&client_id, &secret, generation, slot, TokenSource::Current)
             .await;
         if let (Err(MintError::InvalidClient), Some(previous)) = (&result, previous) {
             result = self
                 .minter
-                .mint(&client_id, &previous, generation, TokenSource::Previous)
+                .mint(
+                    &client_id,
+                    &previous,
+                    generation,
+                    slot,
+                    TokenSource::Previous,
+                )
                 .await;
         }
         match result {
@@ -211,13 +259,14 @@ impl Refresher {
             live.token.refresh_before_expiry,
             rand::random(),
         );
-        self.refresh_at = Some(token.acquired_at + delay);
+        self.refresh_at[token.slot] = Some(token.acquired_at + delay);
         if reason == Reason::Rotation {
             let window = live.token.rotation_retry_window;
             self.shared.store.publish_rotated(token, window);
         } else {
             self.shared.store.publish(token);
         }
+        self.shared.report.published(&self.shared.store);
     }
 
     async fn handle(&mut self, cmd: Command) {
@@ -242,14 +291,17 @@ impl Refresher {
         }
     }
 
-    /// One rotation attempt: mint and validate with the new credentials, then swap.
+    /// One rotation attempt: mint and validate with the new credentials, then swap. The new
+    /// token goes to the first pool slot; the other slots move to the new secret at their next
+    /// refresh (their tokens stay valid at Genesys when the old secret is removed).
     async fn rotate(&mut self, new: Credentials) -> Result<u64, String> {
         let started = Instant::now();
+        self.last_mint = Some(started);
         let generation = self.shared.store.generation() + 1;
         let (id, secret) = (&new.client_id, &new.secret);
         let result = self
             .minter
-            .mint(id, secret, generation, TokenSource::Current)
+            .mint(id, secret, generation, 0, TokenSource::Current)
             .await;
         match result {
             Ok(token) => {

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::endpoint::MintError;
 use super::schedule::Reason;
-use super::store::{Token, TokenSource};
+use super::store::{Token, TokenSource, TokenStore};
 use crate::anomaly::{AnomalyMonitor, Kind};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::metrics::Metrics;
@@ -56,9 +56,6 @@ impl Reporter {
         let m = &self.metrics;
         m.token_refresh_duration_seconds
             .observe(started.elapsed().as_secs_f64());
-        let expiry = token.expires_at_wall.duration_since(UNIX_EPOCH);
-        m.token_expiry_timestamp_seconds
-            .set(expiry.unwrap_or_default().as_secs_f64());
         m.token_fallback_active
             .set(i64::from(source == TokenSource::Previous));
         {
@@ -87,6 +84,21 @@ impl Reporter {
             Some(&token.fingerprint),
         );
         tracing::info!(generation, fingerprint = %token.fingerprint, expires_in_seconds = expires_in, source = source.as_str(), reason = reason.as_str(), "token acquired");
+    }
+
+    /// After a publish: the expiry metric shows the pool's earliest expiry (the token that
+    /// needs a refresh first).
+    pub fn published(&self, store: &TokenStore) {
+        let earliest = (0..store.slots())
+            .filter_map(|slot| store.slot(slot))
+            .map(|t| t.expires_at_wall)
+            .min();
+        if let Some(at) = earliest {
+            let unix = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+            self.metrics
+                .token_expiry_timestamp_seconds
+                .set(unix.as_secs_f64());
+        }
     }
 
     /// A request reported the held token refused by the API, `age` after it was minted.

@@ -84,11 +84,25 @@ impl Reason {
     }
 }
 
-/// The held token, as far as scheduling cares.
+/// Two mints for different pool slots are at least this far apart: Genesys answers bursts of
+/// token requests with 400 "rate limit exceeded".
+pub const STAGGER: Duration = Duration::from_millis(100);
+
+/// A slot's token, as far as scheduling cares.
 #[derive(Debug, Clone, Copy)]
 pub struct HeldToken {
     pub generation: u64,
     pub expires_at: Instant,
+}
+
+/// One pool slot.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SlotFacts {
+    pub token: Option<HeldToken>,
+    /// The highest generation of this slot a request reported refused by the API.
+    pub rejected_generation: u64,
+    /// When the slot's token is due for its proactive refresh.
+    pub refresh_at: Option<Instant>,
 }
 
 /// A rotation to a new secret that failed and is being retried.
@@ -99,25 +113,24 @@ pub struct RetryWindow {
 }
 
 /// Everything the refresher's next step depends on, read at one instant.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Facts {
     pub now: Instant,
-    pub token: Option<HeldToken>,
-    /// The highest generation a request reported refused by the API.
-    pub rejected_generation: u64,
-    /// When the held token is due for its proactive refresh.
-    pub refresh_at: Option<Instant>,
+    pub slots: Vec<SlotFacts>,
     /// After a failed mint, not before this.
     pub backoff_until: Option<Instant>,
     /// `Some` while the per-minute cap on token requests is reached: when it frees.
     pub cap_free_at: Option<Instant>,
+    /// The last mint plus [`STAGGER`].
+    pub stagger_until: Option<Instant>,
     pub rotation: Option<RetryWindow>,
 }
 
 /// What the refresher does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    Mint(Reason),
+    /// Mint for this pool slot.
+    Mint(usize, Reason),
     RetryRotation,
     /// The rotation's retry window is over: keep the current secret.
     AbandonRotation,
@@ -125,9 +138,10 @@ pub enum Step {
     Sleep(Instant),
 }
 
-/// Decides the refresher's next step. A token is minted when there is none, when a request
-/// reported the held one refused, when it expired, or when its proactive refresh is due; never
-/// during a backoff or past the per-minute cap. A pending rotation is retried at its time.
+/// Decides the refresher's next step. A slot gets a token when it has none, when a request
+/// reported its token refused, when it expired, or when its proactive refresh is due (the
+/// urgent reasons first); never during a backoff, past the per-minute cap, or sooner than
+/// [`STAGGER`] after the previous mint. A pending rotation is retried at its time.
 pub fn next_step(f: &Facts) -> Step {
     if let Some(r) = f.rotation {
         if f.now >= r.deadline {
@@ -137,13 +151,20 @@ pub fn next_step(f: &Facts) -> Step {
             return Step::RetryRotation;
         }
     }
-    let wake = match mint_reason(f) {
-        Some(reason) => match (f.backoff_until.filter(|t| f.now < *t), f.cap_free_at) {
-            (Some(until), _) => Some(until),
-            (None, Some(free)) => Some(free),
-            (None, None) => return Step::Mint(reason),
+    let held_back = [
+        f.backoff_until.filter(|t| f.now < *t),
+        f.cap_free_at,
+        f.stagger_until.filter(|t| f.now < *t),
+    ]
+    .into_iter()
+    .flatten()
+    .max();
+    let wake = match due_slot(f) {
+        Some((slot, reason)) => match held_back {
+            Some(until) => Some(until),
+            None => return Step::Mint(slot, reason),
         },
-        None => f.refresh_at,
+        None => f.slots.iter().filter_map(|s| s.refresh_at).min(),
     };
     let rotation_wake = f.rotation.map(|r| {
         // A due retry held back by the cap waits for the cap, not for its (past) time.
@@ -162,14 +183,29 @@ pub fn next_step(f: &Facts) -> Step {
     )
 }
 
-fn mint_reason(f: &Facts) -> Option<Reason> {
-    match f.token {
+/// The slot most in need of a token: urgent reasons (none, refused, expired) before a
+/// proactive refresh, lower slots first.
+fn due_slot(f: &Facts) -> Option<(usize, Reason)> {
+    let due: Vec<(usize, Reason)> = f
+        .slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| mint_reason(s, f.now).map(|r| (i, r)))
+        .collect();
+    due.iter()
+        .find(|(_, r)| *r != Reason::Proactive)
+        .or(due.first())
+        .copied()
+}
+
+fn mint_reason(s: &SlotFacts, now: Instant) -> Option<Reason> {
+    match s.token {
         None => Some(Reason::Initial),
-        Some(t) if f.rejected_generation >= t.generation => Some(Reason::Rejected),
-        Some(t) if f.now >= t.expires_at => Some(Reason::Expired),
-        Some(_) => f
+        Some(t) if s.rejected_generation >= t.generation => Some(Reason::Rejected),
+        Some(t) if now >= t.expires_at => Some(Reason::Expired),
+        Some(_) => s
             .refresh_at
-            .filter(|at| f.now >= *at)
+            .filter(|at| now >= *at)
             .map(|_| Reason::Proactive),
     }
 }
@@ -247,18 +283,32 @@ mod tests {
         assert_eq!(backoff(1, FailureClass::Harsh, init, max, 1.0), init * 8);
     }
 
-    fn facts(now: Instant) -> Facts {
-        Facts {
-            now,
+    fn slot(now: Instant) -> SlotFacts {
+        SlotFacts {
             token: Some(HeldToken {
                 generation: 3,
                 expires_at: now + Duration::from_secs(100),
             }),
             rejected_generation: 0,
             refresh_at: Some(now + Duration::from_secs(50)),
+        }
+    }
+
+    fn facts(now: Instant) -> Facts {
+        Facts {
+            now,
+            slots: vec![slot(now)],
             backoff_until: None,
             cap_free_at: None,
+            stagger_until: None,
             rotation: None,
+        }
+    }
+
+    fn with_slot(now: Instant, s: SlotFacts) -> Facts {
+        Facts {
+            slots: vec![s],
+            ..facts(now)
         }
     }
 
@@ -269,65 +319,112 @@ mod tests {
             next_step(&facts(now)),
             Step::Sleep(now + Duration::from_secs(50))
         );
-        let due = Facts {
-            refresh_at: Some(now),
-            ..facts(now)
-        };
-        assert_eq!(next_step(&due), Step::Mint(Reason::Proactive));
+        let due = with_slot(
+            now,
+            SlotFacts {
+                refresh_at: Some(now),
+                ..slot(now)
+            },
+        );
+        assert_eq!(next_step(&due), Step::Mint(0, Reason::Proactive));
     }
 
     #[test]
     fn why_a_mint_is_due_in_order() {
         let now = Instant::now();
-        assert_eq!(
-            next_step(&Facts {
-                token: None,
-                ..facts(now)
-            }),
-            Step::Mint(Reason::Initial)
+        let none = with_slot(now, SlotFacts::default());
+        assert_eq!(next_step(&none), Step::Mint(0, Reason::Initial));
+        let rejected = with_slot(
+            now,
+            SlotFacts {
+                rejected_generation: 3,
+                ..slot(now)
+            },
         );
-        let rejected = Facts {
-            rejected_generation: 3,
-            ..facts(now)
-        };
-        assert_eq!(next_step(&rejected), Step::Mint(Reason::Rejected));
-        let older_rejection = Facts {
-            rejected_generation: 2,
-            ..facts(now)
-        };
+        assert_eq!(next_step(&rejected), Step::Mint(0, Reason::Rejected));
+        let older_rejection = with_slot(
+            now,
+            SlotFacts {
+                rejected_generation: 2,
+                ..slot(now)
+            },
+        );
         assert!(matches!(next_step(&older_rejection), Step::Sleep(_)));
-        let expired = Facts {
-            token: Some(HeldToken {
-                generation: 3,
-                expires_at: now,
-            }),
-            ..facts(now)
-        };
-        assert_eq!(next_step(&expired), Step::Mint(Reason::Expired));
+        let expired = with_slot(
+            now,
+            SlotFacts {
+                token: Some(HeldToken {
+                    generation: 3,
+                    expires_at: now,
+                }),
+                ..slot(now)
+            },
+        );
+        assert_eq!(next_step(&expired), Step::Mint(0, Reason::Expired));
     }
 
     #[test]
-    fn backoff_and_cap_hold_a_due_mint_back() {
+    fn backoff_cap_and_stagger_hold_a_due_mint_back() {
         let now = Instant::now();
         let later = now + Duration::from_secs(2);
+        let empty = vec![SlotFacts::default()];
         let backing_off = Facts {
-            token: None,
+            slots: empty.clone(),
             backoff_until: Some(later),
             ..facts(now)
         };
         assert_eq!(next_step(&backing_off), Step::Sleep(later));
         let capped = Facts {
-            token: None,
+            slots: empty.clone(),
             cap_free_at: Some(later),
             ..facts(now)
         };
         assert_eq!(next_step(&capped), Step::Sleep(later));
+        let staggered = Facts {
+            slots: empty.clone(),
+            stagger_until: Some(later),
+            ..facts(now)
+        };
+        assert_eq!(next_step(&staggered), Step::Sleep(later));
         let backoff_over = Facts {
-            token: None,
+            slots: empty,
             backoff_until: Some(now),
             ..facts(now)
         };
-        assert_eq!(next_step(&backoff_over), Step::Mint(Reason::Initial));
+        assert_eq!(next_step(&backoff_over), Step::Mint(0, Reason::Initial));
+    }
+
+    #[test]
+    fn a_pool_serves_urgent_slots_before_proactive_ones_one_at_a_time() {
+        let now = Instant::now();
+        let proactive = SlotFacts {
+            refresh_at: Some(now),
+            ..slot(now)
+        };
+        let refused = SlotFacts {
+            rejected_generation: 3,
+            ..slot(now)
+        };
+        let f = Facts {
+            slots: vec![proactive, slot(now), refused, SlotFacts::default()],
+            ..facts(now)
+        };
+        assert_eq!(next_step(&f), Step::Mint(2, Reason::Rejected));
+        let f = Facts {
+            slots: vec![proactive, slot(now)],
+            ..facts(now)
+        };
+        assert_eq!(next_step(&f), Step::Mint(0, Reason::Proactive));
+        // The next slot's refresh is what a healthy pool sleeps until.
+        let soon = SlotFacts {
+            refresh_at: Some(now + Duration::from_secs(5)),
+            ..slot(now)
+        };
+        let f = Facts {
+            slots: vec![slot(now), soon],
+            ..facts(now)
+        };
+        assert_eq!(next_step(&f), Step::Sleep(now + Duration::from_secs(5)));
     }
 
     #[test]

@@ -1,9 +1,15 @@
-//! The current token: an immutable record in an `ArcSwap`, read lock-free once per request.
+//! The token pool: one immutable token record per slot in an `ArcSwap`, read lock-free.
+//!
+//! `[token] pool_size` slots (1 by default). Genesys limits API calls per token, so several
+//! tokens from one client multiply the budget; each slot has its own token, its own proactive
+//! refresh and its own 401 path. Generations are numbered across the whole pool, so "newer" is
+//! well defined.
 //!
 //! The store is also the meeting point between requests and the refresher: a request that saw a
 //! 401 asks one question, [`TokenStore::replacement_for`] the token it used, and the store
-//! reports the rejection to the refresher and answers with the pre-rotation fallback or a newer
-//! token; the refresher is the only writer ([`TokenStore::publish`]).
+//! reports the rejection to the refresher and answers with the pre-rotation fallback or a token
+//! minted after the request's first 401; the refresher is the only writer
+//! ([`TokenStore::publish`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,6 +41,8 @@ pub struct Token {
     pub header: HeaderValue,
     pub fingerprint: String,
     pub generation: u64,
+    /// The pool slot it serves (0 with `pool_size = 1`).
+    pub slot: usize,
     pub acquired_at: Instant,
     pub expires_at: Instant,
     /// Wall-clock expiry, for `/status` and the expiry metric.
@@ -48,6 +56,7 @@ impl std::fmt::Debug for Token {
         f.debug_struct("Token")
             .field("fingerprint", &self.fingerprint)
             .field("generation", &self.generation)
+            .field("slot", &self.slot)
             .field("expires_at_wall", &self.expires_at_wall)
             .field("source", &self.source)
             .finish()
@@ -66,16 +75,20 @@ struct Fallback {
     until: Instant,
 }
 
-/// Shared holder of the current token.
-pub struct TokenStore {
+struct Slot {
     current: ArcSwapOption<Token>,
+    /// Highest generation of this slot a request reported refused by the API (401).
+    rejected: AtomicU64,
+}
+
+/// Shared holder of the pool's tokens.
+pub struct TokenStore {
+    slots: Vec<Slot>,
     /// The token in use before the last secret rotation, for the rotation window: a request
     /// whose new token gets a 401 then is replayed with it first.
     fallback: ArcSwapOption<Fallback>,
     /// Generation of the newest published token; waiters watch it.
     generation_tx: watch::Sender<u64>,
-    /// Highest generation a request reported as rejected by the API (401).
-    rejected: AtomicU64,
     /// Wakes the refresher.
     wake: Notify,
 }
@@ -87,38 +100,78 @@ impl Default for TokenStore {
 }
 
 impl TokenStore {
+    /// A store of one slot.
     pub fn new() -> Self {
+        Self::with_slots(1)
+    }
+
+    pub fn with_slots(n: usize) -> Self {
         TokenStore {
-            current: ArcSwapOption::empty(),
+            slots: (0..n.max(1))
+                .map(|_| Slot {
+                    current: ArcSwapOption::empty(),
+                    rejected: AtomicU64::new(0),
+                })
+                .collect(),
             fallback: ArcSwapOption::empty(),
             generation_tx: watch::channel(0).0,
-            rejected: AtomicU64::new(0),
             wake: Notify::new(),
         }
     }
 
-    /// The current token if it has not expired. An expired token is never handed out.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The token of `slot`, whatever its state.
+    pub fn slot(&self, slot: usize) -> Option<Arc<Token>> {
+        self.slots.get(slot)?.current.load_full()
+    }
+
+    /// Has the API refused `token` (a request reported a 401 for it)?
+    pub fn is_refused(&self, token: &Token) -> bool {
+        self.slots
+            .get(token.slot)
+            .is_some_and(|s| s.rejected.load(Ordering::Acquire) >= token.generation)
+    }
+
+    /// Every token a request may use now: not expired, not known refused.
+    pub fn usable(&self, now: Instant) -> Vec<Arc<Token>> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.current.load_full())
+            .filter(|t| t.is_valid_at(now) && !self.is_refused(t))
+            .collect()
+    }
+
+    /// The newest usable token. An expired token is never handed out.
     pub fn valid(&self, now: Instant) -> Option<Arc<Token>> {
-        self.current.load_full().filter(|t| t.is_valid_at(now))
+        self.usable(now).into_iter().max_by_key(|t| t.generation)
     }
 
-    /// The current token whatever its expiry (for `/status`).
+    /// The first slot's token whatever its expiry (for `/status` and tests).
     pub fn current(&self) -> Option<Arc<Token>> {
-        self.current.load_full()
+        self.slot(0)
     }
 
-    /// The refresher's write: makes `token` current and wakes every waiter.
+    /// The refresher's write: makes `token` its slot's token and wakes every waiter.
     pub fn publish(&self, token: Token) {
         let generation = token.generation;
-        self.current.store(Some(Arc::new(token)));
-        self.generation_tx.send_replace(generation);
+        if let Some(slot) = self.slots.get(token.slot) {
+            slot.current.store(Some(Arc::new(token)));
+        }
+        self.generation_tx.send_if_modified(|g| {
+            let newer = generation > *g;
+            *g = (*g).max(generation);
+            newer
+        });
     }
 
     /// Publishes the first token minted with a rotated secret; the token it replaces becomes
     /// the fallback for `window` (or until it expires). After the window a 401 means what it
     /// always means (refresh), not "the new secret is not active everywhere yet".
     pub fn publish_rotated(&self, token: Token, window: Duration) {
-        if let Some(old) = self.current.load_full() {
+        if let Some(old) = self.slot(token.slot) {
             let until = Instant::now() + window;
             self.fallback
                 .store(Some(Arc::new(Fallback { token: old, until })));
@@ -143,18 +196,29 @@ impl TokenStore {
         }
     }
 
-    /// A request's token `used` was refused by the API (401). Reports it (one refresh however
-    /// many requests report the same generation) and stops offering it as a fallback.
+    /// A request's token `used` was refused by the API (401). Reports it to the refresher
+    /// (one refresh of its slot however many requests report it) and stops offering it as a
+    /// fallback.
     pub fn reject(&self, used: &Token) {
-        self.report_rejected(used.generation);
+        if let Some(slot) = self.slots.get(used.slot) {
+            let previous = slot.rejected.fetch_max(used.generation, Ordering::AcqRel);
+            if previous < used.generation {
+                self.wake.notify_one();
+            }
+        }
         self.drop_fallback(used.generation);
     }
 
     /// The token to replay a request with after `used` was refused, waiting up to `timeout`
     /// for the refresher: during a secret rotation the still-valid pre-rotation token comes
-    /// first; otherwise a token newer than every token known refused. `None` when none
-    /// arrives in time.
-    pub async fn replacement_for(&self, used: &Token, timeout: Duration) -> Option<Arc<Token>> {
+    /// first; otherwise a usable token newer than `after` (the newest generation when the
+    /// request saw its first 401), i.e. one minted since. `None` when none arrives in time.
+    pub async fn replacement_for(
+        &self,
+        used: &Token,
+        after: u64,
+        timeout: Duration,
+    ) -> Option<Arc<Token>> {
         self.reject(used);
         if let Some(fallback) = self
             .fallback_valid(Instant::now())
@@ -162,38 +226,33 @@ impl TokenStore {
         {
             return Some(fallback);
         }
-        let refused = used.generation.max(self.rejected_generation());
-        self.wait_newer(refused, timeout).await
+        self.wait_newer(after.max(used.generation), timeout).await
     }
 
+    /// The generation of the newest published token.
     pub fn generation(&self) -> u64 {
         *self.generation_tx.borrow()
     }
 
-    /// A request saw a 401 with `generation`: ask the refresher for a newer token. Many reports
-    /// of the same generation cause one refresh.
-    fn report_rejected(&self, generation: u64) {
-        let previous = self.rejected.fetch_max(generation, Ordering::AcqRel);
-        if previous < generation {
-            self.wake.notify_one();
-        }
+    /// The highest generation of `slot` reported rejected.
+    pub fn rejected_generation(&self, slot: usize) -> u64 {
+        self.slots
+            .get(slot)
+            .map_or(0, |s| s.rejected.load(Ordering::Acquire))
     }
 
-    /// True while the API has refused the current token (a request reported a 401 for it) and
-    /// no newer token is published: every request would fail.
-    pub fn current_refused(&self) -> bool {
-        self.current
-            .load()
-            .as_ref()
-            .is_some_and(|t| self.rejected_generation() >= t.generation)
+    /// True while no token can serve a request although tokens are held: every one is expired
+    /// or was refused by the API.
+    pub fn all_refused(&self) -> bool {
+        let held: Vec<Arc<Token>> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.current.load_full())
+            .collect();
+        !held.is_empty() && held.iter().all(|t| self.is_refused(t))
     }
 
-    /// The highest generation reported rejected.
-    pub fn rejected_generation(&self) -> u64 {
-        self.rejected.load(Ordering::Acquire)
-    }
-
-    /// Asks the refresher to look at the token now (no token, or a reload happened).
+    /// Asks the refresher to look at the pool now (no token, or a reload happened).
     pub fn wake_refresher(&self) {
         self.wake.notify_one();
     }
@@ -203,17 +262,28 @@ impl TokenStore {
         self.wake.notified().await
     }
 
-    /// Waits up to `timeout` for a valid token with a generation above `after`.
+    /// Waits up to `timeout` for a usable token with a generation above `after`.
     pub async fn wait_newer(&self, after: u64, timeout: Duration) -> Option<Arc<Token>> {
+        let newer = || {
+            self.usable(Instant::now())
+                .into_iter()
+                .filter(|t| t.generation > after)
+                .max_by_key(|t| t.generation)
+        };
         let mut rx = self.generation_tx.subscribe();
-        let found = tokio::time::timeout(timeout, rx.wait_for(|g| *g > after)).await;
-        match found {
-            Ok(Ok(_)) => self.valid(Instant::now()).filter(|t| t.generation > after),
-            _ => None,
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(t) = newer() {
+                return Some(t);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return newer(),
+            }
         }
     }
 
-    /// Waits up to `timeout` for any valid token.
+    /// Waits up to `timeout` for any usable token.
     pub async fn wait_valid(&self, timeout: Duration) -> Option<Arc<Token>> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut rx = self.generation_tx.subscribe();
@@ -234,7 +304,7 @@ impl TokenStore {
 mod tests {
     use super::*;
 
-    fn token(generation: u64, life: Duration) -> Token {
+    fn token_in(slot: usize, generation: u64, life: Duration) -> Token {
         let now = Instant::now();
         let mut header = HeaderValue::from_static("Bearer x");
         header.set_sensitive(true);
@@ -242,6 +312,7 @@ mod tests {
             header,
             fingerprint: "sha256:000000000000".into(),
             generation,
+            slot,
             acquired_at: now,
             expires_at: now + life,
             expires_at_wall: SystemTime::now() + life,
@@ -249,6 +320,12 @@ mod tests {
             source: TokenSource::Current,
         }
     }
+
+    fn token(generation: u64, life: Duration) -> Token {
+        token_in(0, generation, life)
+    }
+
+    const MINUTE: Duration = Duration::from_secs(60);
 
     #[test]
     fn expired_token_is_never_handed_out() {
@@ -261,42 +338,73 @@ mod tests {
     #[tokio::test]
     async fn a_refused_token_is_replaced_by_the_fallback_then_by_a_newer_one() {
         let s = Arc::new(TokenStore::new());
-        s.publish(token(1, Duration::from_secs(60)));
-        s.publish_rotated(token(2, Duration::from_secs(60)), Duration::from_secs(30));
+        s.publish(token(1, MINUTE));
+        s.publish_rotated(token(2, MINUTE), Duration::from_secs(30));
         let new = s.current().unwrap();
         let got = s
-            .replacement_for(&new, Duration::from_secs(5))
+            .replacement_for(&new, 2, Duration::from_secs(5))
             .await
             .unwrap();
         assert_eq!(got.generation, 1, "the pre-rotation token first");
-        assert_eq!(s.rejected_generation(), 2);
+        assert_eq!(s.rejected_generation(0), 2);
+        assert!(s.all_refused());
         let s2 = s.clone();
         let waiter =
-            tokio::spawn(async move { s2.replacement_for(&got, Duration::from_secs(10)).await });
+            tokio::spawn(async move { s2.replacement_for(&got, 2, Duration::from_secs(10)).await });
         tokio::task::yield_now().await;
-        s.publish(token(3, Duration::from_secs(60)));
+        s.publish(token(3, MINUTE));
         assert_eq!(waiter.await.unwrap().unwrap().generation, 3);
         assert!(
             s.fallback_valid(Instant::now()).is_none(),
             "refused fallback dropped"
         );
+        assert!(!s.all_refused());
     }
 
     #[test]
-    fn rejected_reports_coalesce() {
-        let s = TokenStore::new();
-        s.report_rejected(3);
-        s.report_rejected(3);
-        s.report_rejected(2);
-        assert_eq!(s.rejected_generation(), 3);
+    fn rejected_reports_coalesce_per_slot() {
+        let s = TokenStore::with_slots(2);
+        s.publish(token_in(0, 3, MINUTE));
+        s.publish(token_in(1, 4, MINUTE));
+        let t = s.slot(0).unwrap();
+        s.reject(&t);
+        s.reject(&t);
+        assert_eq!(s.rejected_generation(0), 3);
+        assert_eq!(s.rejected_generation(1), 0, "the other slot is untouched");
+        let usable: Vec<u64> = s
+            .usable(Instant::now())
+            .iter()
+            .map(|t| t.generation)
+            .collect();
+        assert_eq!(usable, vec![4]);
+        assert!(!s.all_refused());
+    }
+
+    #[tokio::test]
+    async fn a_401_waits_for_a_token_minted_after_it_not_another_old_slot() {
+        let s = Arc::new(TokenStore::with_slots(2));
+        s.publish(token_in(0, 1, MINUTE));
+        s.publish(token_in(1, 2, MINUTE));
+        // A revoke-all: slot 0's token is refused at generation 2 (the newest then). Slot 1's
+        // token is usable as far as the store knows, but it is older than the 401.
+        let used = s.slot(0).unwrap();
+        let s2 = s.clone();
+        let waiter =
+            tokio::spawn(
+                async move { s2.replacement_for(&used, 2, Duration::from_secs(10)).await },
+            );
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        s.publish(token_in(0, 3, MINUTE));
+        assert_eq!(waiter.await.unwrap().unwrap().generation, 3);
     }
 
     #[test]
     fn rotation_keeps_the_old_token_as_fallback() {
         let s = TokenStore::new();
-        s.publish(token(1, Duration::from_secs(60)));
+        s.publish(token(1, MINUTE));
         assert!(s.fallback_valid(Instant::now()).is_none());
-        s.publish_rotated(token(2, Duration::from_secs(60)), Duration::from_secs(30));
+        s.publish_rotated(token(2, MINUTE), Duration::from_secs(30));
         assert_eq!(s.fallback_valid(Instant::now()).unwrap().generation, 1);
         assert!(
             s.fallback_valid(Instant::now() + Duration::from_secs(31))
@@ -314,11 +422,11 @@ mod tests {
     #[tokio::test]
     async fn waiters_see_newer_generation() {
         let s = Arc::new(TokenStore::new());
-        s.publish(token(1, Duration::from_secs(60)));
+        s.publish(token(1, MINUTE));
         let s2 = s.clone();
         let waiter = tokio::spawn(async move { s2.wait_newer(1, Duration::from_secs(10)).await });
         tokio::task::yield_now().await;
-        s.publish(token(2, Duration::from_secs(60)));
+        s.publish(token(2, MINUTE));
         let got = waiter.await.unwrap().unwrap();
         assert_eq!(got.generation, 2);
     }
@@ -326,7 +434,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn wait_newer_times_out() {
         let s = TokenStore::new();
-        s.publish(token(1, Duration::from_secs(60)));
+        s.publish(token(1, MINUTE));
         assert!(s.wait_newer(1, Duration::from_secs(5)).await.is_none());
     }
 }

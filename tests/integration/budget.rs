@@ -275,3 +275,84 @@ async fn a_bursting_application_cannot_starve_steady_ones() {
         L as f64 * windows
     );
 }
+
+#[tokio::test]
+async fn a_pool_mints_staggered_tokens_and_spreads_requests_over_them() {
+    let sim = start_sim(sim_config()).await;
+    let dir = temp_dir("pool");
+    let toml = proxy_toml(&sim.url(), SECRET, "", "pool_size = 4", &dir);
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    eventually(Duration::from_secs(10), "4 tokens minted", || async {
+        token_successes(&stats(&sim).await) == 4
+    })
+    .await;
+    for i in 0..80 {
+        assert_eq!(
+            get(&p.url(&format!("/api/v2/spread/{i}"))).await.status(),
+            200
+        );
+    }
+    let s = stats(&sim).await;
+    let by_token = s["api_requests"]["by_token"].as_object().unwrap();
+    assert_eq!(by_token.len(), 4, "every pooled token is used: {s}");
+    for (fp, n) in by_token {
+        // 80 requests plus one validation each, spread by the budget left on each token.
+        assert!(n.as_u64().unwrap() >= 15, "{fp}: {n} of {s}");
+    }
+    let status: Value = get_json(&p.admin("/status")).await;
+    let pool = status["pool"].as_array().unwrap();
+    assert_eq!(pool.len(), 4, "{status}");
+    assert!(pool.iter().all(|s| s["fingerprint"]
+        .as_str()
+        .is_some_and(|f| f.starts_with("sha256:"))));
+    let audit = std::fs::read_to_string(p.audit_path()).unwrap();
+    let acquired: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"event\":\"TOKEN_ACQUIRED\""))
+        .collect();
+    assert_eq!(acquired.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_all_with_a_pool_of_four_costs_exactly_four_token_requests_and_no_request() {
+    let sim = start_sim(genesys_auth_proxy::sim::SimConfig {
+        api_rate_limit_per_minute: 1_000_000,
+        ..sim_config()
+    })
+    .await;
+    let dir = temp_dir("pool-revoke");
+    let toml = proxy_toml(&sim.url(), SECRET, "", "pool_size = 4", &dir);
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    eventually(Duration::from_secs(10), "4 tokens minted", || async {
+        token_successes(&stats(&sim).await) == 4
+    })
+    .await;
+    let load = Load::start(format!("http://{}", p.running.proxy_addr), 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sim_post(&sim, "/__sim/revoke", json!({})).await;
+    // Let every slot meet its 401 and be replaced, then a little more traffic.
+    eventually(Duration::from_secs(10), "4 new tokens", || async {
+        token_successes(&stats(&sim).await) >= 8
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (sent, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    let s = stats(&sim).await;
+    assert_eq!(
+        s["token_requests"]["total"].as_u64().unwrap(),
+        8,
+        "4 to fill the pool, exactly 4 after the revoke-all: {s}"
+    );
+    println!(
+        "pool revoke: {sent} requests, 0 failed, token requests {}",
+        s["token_requests"]["total"]
+    );
+}
