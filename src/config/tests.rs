@@ -431,3 +431,55 @@ fn exposed_listeners_are_warned_about() {
     let quiet = parse(&base("", ""), Path::new("t.toml")).unwrap();
     assert!(quiet.warnings.is_empty(), "{:?}", quiet.warnings);
 }
+
+#[test]
+fn budget_and_pool_are_validated() {
+    let c = parse(
+        &base(
+            "",
+            "[token]\npool_size = 4\n[budget]\nmax_queue_wait_ms = 100\n[[budget.app]]\nname = \"reporting\"\ncidrs = [\"10.1.0.0/16\"]\nweight = 3",
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    assert_eq!(c.restart.token.pool_size, 4);
+    assert_eq!(c.live.budget.apps[0].name, "reporting");
+    assert_eq!(c.live.budget.apps[0].weight, 3);
+    assert_eq!(c.live.budget.requests_per_window, 300);
+    for (rest, key) in [
+        ("[token]\npool_size = 51", "token.pool_size"),
+        ("[token]\npool_size = 0", "token.pool_size"),
+        (
+            "[budget]\nrequests_per_window = 0",
+            "budget.requests_per_window",
+        ),
+        ("[budget]\nwindow_seconds = 0", "budget.window_seconds"),
+        (
+            "[budget]\nmax_queue_wait_ms = 0",
+            "budget.max_queue_wait_ms",
+        ),
+        (
+            "[[budget.app]]\nname = \"other\"\ncidrs = [\"10.0.0.0/8\"]",
+            "budget.app[0].name",
+        ),
+        (
+            "[[budget.app]]\nname = \"a b\"\ncidrs = [\"10.0.0.0/8\"]",
+            "budget.app[0].name",
+        ),
+        (
+            "[[budget.app]]\nname = \"a\"\ncidrs = []",
+            "budget.app[0].cidrs",
+        ),
+        (
+            "[[budget.app]]\nname = \"a\"\ncidrs = [\"x\"]",
+            "budget.app[0].cidrs",
+        ),
+        (
+            "[[budget.app]]\nname = \"a\"\ncidrs = [\"10.0.0.0/8\"]\nweight = 0",
+            "budget.app[0].weight",
+        ),
+    ] {
+        let e = err_of(&base("", rest));
+        assert!(e.contains(key), "{rest}: {e}");
+    }
+}
