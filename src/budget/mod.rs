@@ -208,20 +208,34 @@ impl Budget {
         self.metrics
             .budget_queue_wait_seconds
             .observe(started.elapsed().as_secs_f64());
-        if let Ok(Ok(token)) = granted {
-            return Admit::Go {
+        match granted {
+            Ok(Ok(token)) => Admit::Go {
                 queued: true,
                 token,
-            };
+            },
+            _ => self.timed_out(client, id, rx, fallback),
         }
-        // Timed out: leave the queue, unless a grant raced the timeout.
+    }
+
+    /// A waiter's wait is over without a grant: it leaves the queue, unless a grant raced the
+    /// timeout (then it is in the channel).
+    fn timed_out(
+        &self,
+        client: ClientKey,
+        id: u64,
+        mut rx: oneshot::Receiver<Arc<Token>>,
+        fallback: &Arc<Token>,
+    ) -> Admit {
         let mut q = lock(&self.queue);
         let was_waiting = q.waiting.get_mut(&client).is_some_and(|d| {
             let before = d.len();
             d.retain(|w| w.id != id);
             before != d.len()
         });
-        if !was_waiting {
+        if was_waiting {
+            q.len -= 1;
+            self.metrics.budget_queue_depth.set(q.len as i64);
+        } else {
             drop(q);
             if let Ok(token) = rx.try_recv() {
                 return Admit::Go {
@@ -229,9 +243,6 @@ impl Budget {
                     token,
                 };
             }
-        } else {
-            q.len -= 1;
-            self.metrics.budget_queue_depth.set(q.len as i64);
         }
         let now = Instant::now();
         let tokens = self.candidates(fallback, now);

@@ -7,6 +7,7 @@ mod build;
 pub mod file;
 pub mod keyed;
 pub mod model;
+mod policy;
 mod value;
 
 #[cfg(test)]

@@ -7,7 +7,9 @@
 //! `upstream_response_filter` (401 → refresh → replay once) → `logging` (metrics).
 
 mod decide;
+mod respond;
 mod sanitize;
+mod upstream;
 
 pub use decide::{
     client_allowed, header_u64, refusal_for, replay_after_401, replayable,
@@ -21,16 +23,15 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use bytes::Bytes;
-use http::{header, HeaderValue};
+use http::HeaderValue;
 use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorType, RetryType};
 
-use crate::anomaly::{AnomalyMonitor, Kind};
-use crate::budget::{Admit, Budget, ClientKey, Refused};
+use crate::anomaly::AnomalyMonitor;
+use crate::budget::{Budget, ClientKey};
 use crate::config::{ApiTarget, Live};
 use crate::metrics::Metrics;
 use crate::token::store::{Token, TokenStore};
@@ -84,171 +85,16 @@ pub struct RequestCtx {
 }
 
 /// Re-sends of one request after Genesys answered 429, at most.
-const MAX_RATE_RETRIES: u8 = 2;
+pub(crate) const MAX_RATE_RETRIES: u8 = 2;
 
 /// The error that makes pingora run the request again (see `error_while_proxy`).
-fn replay_error() -> Box<Error> {
+pub(crate) fn replay_error() -> Box<Error> {
     let mut e = Error::explain(
         REPLAY,
         "upstream answered 401 or 429; sending the request again",
     );
     e.retry = RetryType::Decided(true);
     e
-}
-
-/// The proxy's own 429 when no budget frees within the request's wait: Genesys's shape and
-/// message, with an honest `Retry-After`, so SDK retry policies behave as with Genesys.
-async fn respond_rate_limited(session: &mut Session, retry_after: Duration) -> Result<()> {
-    let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-    let body = Bytes::from(
-        serde_json::json!({
-            "message": format!("Rate limit exceeded the maximum. Retry the request in [{seconds}] seconds"),
-            "code": "too.many.requests.retry.after",
-            "status": 429,
-        })
-        .to_string(),
-    );
-    let mut resp = ResponseHeader::build(429, Some(4))?;
-    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
-    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    resp.insert_header(header::RETRY_AFTER, seconds.to_string())?;
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await
-}
-
-/// Answers a refusal in the Genesys error shape; a 405 lists the allowed methods.
-async fn respond(session: &mut Session, refusal: Refusal, live: &Live) -> Result<()> {
-    let body = refusal.body();
-    let mut resp = ResponseHeader::build(refusal.status(), Some(4))?;
-    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
-    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    if refusal == Refusal::MethodNotAllowed {
-        let allow: Vec<&str> = live
-            .proxy
-            .allowed_methods
-            .iter()
-            .map(|m| m.as_str())
-            .collect();
-        resp.insert_header(header::ALLOW, allow.join(", "))?;
-    }
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await
-}
-
-impl GenesysProxy {
-    /// Records what every upstream answer tells: status, correlation id (for the access log),
-    /// the rate-limit headers, and 401/429 counts for metrics and the anomaly detector.
-    fn observe_upstream(&self, upstream: &ResponseHeader, ctx: &mut RequestCtx) {
-        let metrics = &self.state.metrics;
-        ctx.upstream_status = upstream.status.as_u16();
-        if ctx.live.log.access_log {
-            ctx.correlation_id = upstream
-                .headers
-                .get("inin-correlation-id")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-        }
-        let budget = &self.state.budget;
-        if let (Some(token), Some(count), Some(allowed)) = (
-            ctx.token.as_ref(),
-            header_u64(upstream, "inin-ratelimit-count"),
-            header_u64(upstream, "inin-ratelimit-allowed"),
-        ) {
-            let reset = header_u64(upstream, "inin-ratelimit-reset");
-            budget.observe(token, count, allowed, reset);
-        }
-        match ctx.upstream_status {
-            401 => {
-                metrics.upstream_unauthorized_total.inc();
-                self.state.anomaly.observe(Kind::UnauthorizedSpike);
-            }
-            429 => {
-                metrics.upstream_rate_limited_total.inc();
-                self.state.anomaly.observe(Kind::RateLimitStorm);
-                if let Some(token) = ctx.token.as_ref() {
-                    let retry_after = header_u64(upstream, "retry-after")
-                        .map_or(ctx.live.budget.window, Duration::from_secs);
-                    budget.exhausted(token, retry_after);
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// Genesys answered 429 (the limit is lower than the budget thought, or another user of
-    /// the client spent it): the request was not processed, so it is re-sent once budget frees,
-    /// if that fits in what is left of its `max_queue_wait_ms`. Otherwise the 429 passes through.
-    async fn absorb_429(&self, session: &Session, ctx: &mut RequestCtx) -> Result<()> {
-        let metrics = &self.state.metrics;
-        let passed = || {
-            metrics
-                .rate_limited_total
-                .with_label_values(&["passed_through"])
-                .inc()
-        };
-        let (Some(token), Some(client)) = (ctx.token.clone(), ctx.client.clone()) else {
-            passed();
-            return Ok(());
-        };
-        if ctx.rate_retries >= MAX_RATE_RETRIES || !self.may_replay(session, ctx) {
-            passed();
-            return Ok(());
-        }
-        let deadline = ctx.started + ctx.live.budget.max_queue_wait;
-        let wait = deadline.saturating_duration_since(Instant::now());
-        match self.state.budget.admit(client, &token, wait).await {
-            Admit::Go { token, .. } => {
-                ctx.token = Some(token);
-                ctx.rate_retries += 1;
-                metrics
-                    .rate_limited_total
-                    .with_label_values(&["absorbed"])
-                    .inc();
-                Err(replay_error())
-            }
-            Admit::Refused { .. } => {
-                passed();
-                Ok(())
-            }
-        }
-    }
-
-    /// Whether a request that got a 401 can be replayed (see [`replayable`]); counts a body
-    /// too large to replay.
-    fn may_replay(&self, session: &Session, ctx: &RequestCtx) -> bool {
-        let content_length = session
-            .req_header()
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        let downstream = session.as_downstream();
-        let ok = replayable(
-            content_length,
-            downstream.body_bytes_read() as u64,
-            downstream.retry_buffer_truncated(),
-            ctx.live.proxy.replay_body_limit_bytes,
-        );
-        // A refused further replay is counted in `logging`; here only the too-large case.
-        if !ok && ctx.replays == 0 {
-            self.state
-                .metrics
-                .replays_total
-                .with_label_values(&["body_too_large"])
-                .inc();
-        }
-        ok
-    }
-
-    async fn refuse(&self, session: &mut Session, refusal: Refusal, live: &Live) -> Result<bool> {
-        self.state
-            .metrics
-            .rejected_requests_total
-            .with_label_values(&[refusal.reason()])
-            .inc();
-        respond(session, refusal, live).await?;
-        Ok(true)
-    }
 }
 
 #[async_trait]
@@ -329,34 +175,7 @@ impl ProxyHttp for GenesysProxy {
                 .refuse(session, Refusal::ClientNotAllowed, &ctx.live)
                 .await;
         };
-        let client = Budget::client_key(&ctx.live.budget, ip);
-        let wait = ctx.live.budget.max_queue_wait;
-        let admitted = self.state.budget.admit(client.clone(), &token, wait).await;
-        let app = Budget::app_label(&ctx.live.budget, &client);
-        let m = &self.state.metrics;
-        match admitted {
-            Admit::Go { queued, token } => {
-                let outcome = if queued { "queued" } else { "served" };
-                m.budget_requests_total
-                    .with_label_values(&[app, outcome])
-                    .inc();
-                ctx.token = Some(token);
-                ctx.client = Some(client);
-                Ok(false)
-            }
-            Admit::Refused { why, retry_after } => {
-                m.budget_requests_total
-                    .with_label_values(&[app, "refused"])
-                    .inc();
-                let outcome = match why {
-                    Refused::QueueFull => "queue_full",
-                    Refused::QueueTimeout => "queue_timeout",
-                };
-                m.rate_limited_total.with_label_values(&[outcome]).inc();
-                respond_rate_limited(session, retry_after).await?;
-                Ok(true)
-            }
-        }
+        self.admit(session, ctx, token, ip).await
     }
 
     async fn upstream_peer(

@@ -1,0 +1,70 @@
+//! The answers the proxy writes itself, in Genesys's error shape.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+
+use super::{GenesysProxy, Refusal};
+use crate::config::Live;
+
+/// The proxy's own 429 when no budget frees within the request's wait: Genesys's shape and
+/// message, with an honest `Retry-After`, so SDK retry policies behave as with Genesys.
+pub(super) async fn respond_rate_limited(
+    session: &mut Session,
+    retry_after: Duration,
+) -> Result<()> {
+    let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let body = Bytes::from(
+        serde_json::json!({
+            "message": format!("Rate limit exceeded the maximum. Retry the request in [{seconds}] seconds"),
+            "code": "too.many.requests.retry.after",
+            "status": 429,
+        })
+        .to_string(),
+    );
+    let mut resp = ResponseHeader::build(429, Some(4))?;
+    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(header::RETRY_AFTER, seconds.to_string())?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+/// Answers a refusal in the Genesys error shape; a 405 lists the allowed methods.
+pub(super) async fn respond(session: &mut Session, refusal: Refusal, live: &Live) -> Result<()> {
+    let body = refusal.body();
+    let mut resp = ResponseHeader::build(refusal.status(), Some(4))?;
+    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    if refusal == Refusal::MethodNotAllowed {
+        let allow: Vec<&str> = live
+            .proxy
+            .allowed_methods
+            .iter()
+            .map(|m| m.as_str())
+            .collect();
+        resp.insert_header(header::ALLOW, allow.join(", "))?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+impl GenesysProxy {
+    pub(super) async fn refuse(
+        &self,
+        session: &mut Session,
+        refusal: Refusal,
+        live: &Live,
+    ) -> Result<bool> {
+        self.state
+            .metrics
+            .rejected_requests_total
+            .with_label_values(&[refusal.reason()])
+            .inc();
+        respond(session, refusal, live).await?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,162 @@
+//! What the proxy does with what Genesys answers, and the rate-limit budget around it:
+//! admission before a request is sent, the rate-limit headers and 401/429 counts on every
+//! answer, a 429 re-sent once budget frees, and whether a request may be sent again at all.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+
+use super::respond::respond_rate_limited;
+use super::{header_u64, replay_error, replayable, GenesysProxy, RequestCtx, MAX_RATE_RETRIES};
+use crate::anomaly::Kind;
+use crate::budget::{Admit, Budget, Refused};
+use crate::token::store::Token;
+
+impl GenesysProxy {
+    /// Takes a call of the rate-limit budget for the request (waiting fairly if it is spent),
+    /// or answers the proxy's own 429. `token` is used if no pool token is usable right now.
+    pub(super) async fn admit(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        token: Arc<Token>,
+        ip: IpAddr,
+    ) -> Result<bool> {
+        let client = Budget::client_key(&ctx.live.budget, ip);
+        let wait = ctx.live.budget.max_queue_wait;
+        let admitted = self.state.budget.admit(client.clone(), &token, wait).await;
+        let app = Budget::app_label(&ctx.live.budget, &client);
+        let m = &self.state.metrics;
+        match admitted {
+            Admit::Go { queued, token } => {
+                let outcome = if queued { "queued" } else { "served" };
+                m.budget_requests_total
+                    .with_label_values(&[app, outcome])
+                    .inc();
+                ctx.token = Some(token);
+                ctx.client = Some(client);
+                Ok(false)
+            }
+            Admit::Refused { why, retry_after } => {
+                m.budget_requests_total
+                    .with_label_values(&[app, "refused"])
+                    .inc();
+                let outcome = match why {
+                    Refused::QueueFull => "queue_full",
+                    Refused::QueueTimeout => "queue_timeout",
+                };
+                m.rate_limited_total.with_label_values(&[outcome]).inc();
+                respond_rate_limited(session, retry_after).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Records what every upstream answer tells: status, correlation id (for the access log),
+    /// the rate-limit headers, and 401/429 counts for metrics and the anomaly detector.
+    pub(super) fn observe_upstream(&self, upstream: &ResponseHeader, ctx: &mut RequestCtx) {
+        let metrics = &self.state.metrics;
+        ctx.upstream_status = upstream.status.as_u16();
+        if ctx.live.log.access_log {
+            ctx.correlation_id = upstream
+                .headers
+                .get("inin-correlation-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+        }
+        let budget = &self.state.budget;
+        if let (Some(token), Some(count), Some(allowed)) = (
+            ctx.token.as_ref(),
+            header_u64(upstream, "inin-ratelimit-count"),
+            header_u64(upstream, "inin-ratelimit-allowed"),
+        ) {
+            let reset = header_u64(upstream, "inin-ratelimit-reset");
+            budget.observe(token, count, allowed, reset);
+        }
+        match ctx.upstream_status {
+            401 => {
+                metrics.upstream_unauthorized_total.inc();
+                self.state.anomaly.observe(Kind::UnauthorizedSpike);
+            }
+            429 => {
+                metrics.upstream_rate_limited_total.inc();
+                self.state.anomaly.observe(Kind::RateLimitStorm);
+                if let Some(token) = ctx.token.as_ref() {
+                    let retry_after = header_u64(upstream, "retry-after")
+                        .map_or(ctx.live.budget.window, Duration::from_secs);
+                    budget.exhausted(token, retry_after);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Genesys answered 429 (the limit is lower than the budget thought, or another user of
+    /// the client spent it): the request was not processed, so it is re-sent once budget frees,
+    /// if that fits in what is left of its `max_queue_wait_ms`. Otherwise the 429 passes through.
+    pub(super) async fn absorb_429(&self, session: &Session, ctx: &mut RequestCtx) -> Result<()> {
+        let metrics = &self.state.metrics;
+        let passed = || {
+            metrics
+                .rate_limited_total
+                .with_label_values(&["passed_through"])
+                .inc()
+        };
+        let (Some(token), Some(client)) = (ctx.token.clone(), ctx.client.clone()) else {
+            passed();
+            return Ok(());
+        };
+        if ctx.rate_retries >= MAX_RATE_RETRIES || !self.may_replay(session, ctx) {
+            passed();
+            return Ok(());
+        }
+        let deadline = ctx.started + ctx.live.budget.max_queue_wait;
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match self.state.budget.admit(client, &token, wait).await {
+            Admit::Go { token, .. } => {
+                ctx.token = Some(token);
+                ctx.rate_retries += 1;
+                metrics
+                    .rate_limited_total
+                    .with_label_values(&["absorbed"])
+                    .inc();
+                Err(replay_error())
+            }
+            Admit::Refused { .. } => {
+                passed();
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether a request that got a 401 can be replayed (see [`replayable`]); counts a body
+    /// too large to replay.
+    pub(super) fn may_replay(&self, session: &Session, ctx: &RequestCtx) -> bool {
+        let content_length = session
+            .req_header()
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let downstream = session.as_downstream();
+        let ok = replayable(
+            content_length,
+            downstream.body_bytes_read() as u64,
+            downstream.retry_buffer_truncated(),
+            ctx.live.proxy.replay_body_limit_bytes,
+        );
+        // A refused further replay is counted in `logging`; here only the too-large case.
+        if !ok && ctx.replays == 0 {
+            self.state
+                .metrics
+                .replays_total
+                .with_label_values(&["body_too_large"])
+                .inc();
+        }
+        ok
+    }
+}
