@@ -16,8 +16,8 @@
 //! - [`region`]: the Genesys Cloud region table.
 //! - [`token`]: the token lifecycle. One [`token::refresher`] owns the token endpoint (through
 //!   a [`token::minter::Minter`]); [`token::schedule`] decides when, as pure functions; the
-//!   current token lives in a [`token::store`] that requests read lock-free and ask for a
-//!   replacement after a 401.
+//!   pool's tokens (`[token] pool_size`) live in a [`token::store`] that requests read
+//!   lock-free and ask for a replacement after a 401.
 //! - [`proxy`]: the pingora `ProxyHttp` implementation: thin hooks over the decisions in
 //!   `proxy::decide` (allowlists, header rewriting, replay rules, refusals).
 //! - [`budget`]: the per-token rate-limit budget: requests take a call before they are sent,
@@ -38,15 +38,16 @@
 //! # The life of a request
 //!
 //! 1. A [`worker`] thread accepts a connection on the proxy listener and hands it to pingora.
-//! 2. [`proxy`] loads the live settings once for the request, checks the client address and
-//!    the path, takes the current token from the store (waiting a bounded time if there is
-//!    none), strips any client `Authorization`, injects the bearer and forwards to the
-//!    configured API host only.
+//! 2. [`proxy`] loads the live settings once for the request, checks the method, client
+//!    address and path, takes a call of the rate-limit [`budget`] from the pool token with the
+//!    most left (waiting fairly, bounded, if all are spent), strips any client
+//!    `Authorization`, injects the bearer and forwards to the configured API host only.
 //! 3. On an upstream 401 it asks the store for a replacement for the token it used (the
 //!    pre-rotation token during a rotation, else a newer one the refresher mints, single
 //!    flight), waits a bounded time, and replays the request (body from pingora's retry
 //!    buffer).
-//! 4. Everything else, including 429s, passes through unchanged.
+//! 4. A Genesys 429 marks the token spent and the request is sent again once budget frees
+//!    (within its queue wait). Everything else passes through unchanged.
 //! 5. `logging` records metrics, feeds the anomaly detector and writes the optional access log.
 
 pub mod admin;
