@@ -81,7 +81,7 @@ impl Gate {
 const REFUSAL_TIME: Duration = Duration::from_secs(2);
 
 /// Answers a refused connection with a complete response and closes it, within
-/// [`REFUSAL_TIME`] whatever the client does. The answer is written once the client has sent
+/// `REFUSAL_TIME` whatever the client does. The answer is written once the client has sent
 /// something (HTTP clients treat an answer before their request as a broken connection); what
 /// it sent is drained so the close is a FIN, not a reset that could discard the answer.
 pub async fn refuse(mut tcp: TcpStream, refusal: Refusal) {
