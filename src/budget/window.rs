@@ -4,7 +4,7 @@
 //! sent itself.
 //!
 //! Calls are also *paced*: credit holds at most a tenth of the window (at least 2) and refills
-//! at the rest of the window spread over its length. Without pacing one bursting application would spend a
+//! at what is left of the window spread over the time left in it. Without pacing one bursting application would spend a
 //! whole window in its first second and every other application would wait for the reset (up
 //! to a minute); paced, a steady application waits at most one refill step (0.2 s at 300 a
 //! minute) and goes before the burster, which the fair queue serves last. Pure: callers pass the
@@ -50,17 +50,25 @@ impl Window {
         (self.allowed as f64 * BURST_FRACTION).max(2.0)
     }
 
-    /// Credit per second: what is left of the window after the burst, spread over it, so that
-    /// pacing alone never fills a window before it resets (Genesys gives the reset in whole
-    /// seconds, so the proxy's idea of it is up to a second late).
-    fn rate(&self) -> f64 {
-        let paced = (self.allowed as f64 - self.burst()).max(1.0);
-        paced / self.length.as_secs_f64().max(0.001)
+    /// Credit per second: what is left of the window spread over the time left in it, so the
+    /// whole window is used and never filled before it resets (a fresh window: the window's
+    /// calls over its length).
+    fn rate(&self, now: Instant) -> f64 {
+        let left = self.allowed.saturating_sub(self.used) as f64 - self.credit.max(0.0);
+        let time = self
+            .resets_at
+            .map_or(self.length, |t| t.saturating_duration_since(now))
+            .as_secs_f64()
+            .max(0.001);
+        match self.resets_at {
+            None => self.allowed as f64 / time,
+            Some(_) => left.max(0.0) / time,
+        }
     }
 
     fn refill(&mut self, now: Instant) {
         if let Some(at) = self.credit_at {
-            let gained = now.saturating_duration_since(at).as_secs_f64() * self.rate();
+            let gained = now.saturating_duration_since(at).as_secs_f64() * self.rate(now);
             self.credit = (self.credit + gained).min(self.burst());
         }
         self.credit_at = Some(now);
@@ -142,11 +150,17 @@ impl Window {
         let elapsed = self
             .credit_at
             .map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
-        let credit = (self.credit + elapsed * self.rate()).min(self.burst());
+        let rate = self.rate(now);
+        let credit = (self.credit + elapsed * rate).min(self.burst());
         if credit >= 1.0 {
             now
+        } else if rate <= 0.0 {
+            self.resets_at.unwrap_or(now)
         } else {
-            now + Duration::from_secs_f64((1.0 - credit) / self.rate())
+            now + Duration::from_secs_f64((1.0 - credit) / rate).min(
+                self.resets_at
+                    .map_or(self.length, |t| t.saturating_duration_since(now)),
+            )
         }
     }
 }
@@ -158,26 +172,32 @@ mod tests {
     const S: Duration = Duration::from_secs(1);
 
     #[test]
-    fn calls_are_paced_a_burst_then_the_window_rate() {
+    fn calls_are_paced_a_burst_then_the_rest_spread_over_the_window() {
         let t0 = Instant::now();
         let mut w = Window::new(1, 300, 60 * S);
         let burst = (0..100).take_while(|_| w.take(t0)).count();
         assert_eq!(burst, 30, "a tenth of the window at once");
-        // One refill step (plus a microsecond for float rounding).
-        let step = Duration::from_secs_f64(60.0 / 270.0) + Duration::from_micros(1);
-        let free = w.free_at(t0);
+        // The 270 left are spread over the 60 s left: 4.5 a second.
+        let next = w.free_at(t0);
+        let step = Duration::from_secs_f64(60.0 / 270.0);
         assert!(
-            free > t0 + step - Duration::from_micros(10) && free <= t0 + step,
-            "then 4.5 a second"
+            next > t0 + step - Duration::from_millis(2)
+                && next <= t0 + step + Duration::from_millis(2),
+            "{:?}",
+            next - t0
         );
         assert!(!w.take(t0 + step / 2));
-        assert!(w.take(t0 + step));
-        // Pacing alone never fills the window before it resets, and uses most of it.
-        let sent = (1..59_700u64)
-            .filter(|ms| w.take(t0 + step + Duration::from_millis(*ms)))
-            .count();
-        assert!(sent + 31 < 300, "{sent}");
-        assert!(sent + 31 >= 290, "the window is used: {sent}");
+        // Under sustained demand the whole window is used, and never filled before its end.
+        let granted: Vec<u64> = (1..60_000u64)
+            .filter(|ms| w.take(t0 + Duration::from_millis(*ms)))
+            .collect();
+        let sent = granted.len();
+        assert!(sent + 30 <= 300, "{sent}");
+        assert!(sent + 30 >= 295, "the window is used: {}", sent + 30);
+        assert!(
+            granted.last().is_some_and(|ms| *ms > 55_000),
+            "spread to the end"
+        );
     }
 
     #[test]
