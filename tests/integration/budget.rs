@@ -306,14 +306,7 @@ async fn a_bursting_application_cannot_starve_steady_ones() {
 #[tokio::test]
 async fn a_pool_mints_staggered_tokens_and_spreads_requests_over_them() {
     let sim = start_sim(sim_config()).await;
-    let dir = temp_dir("pool");
-    let toml = proxy_toml(&sim.url(), SECRET, "", "pool_size = 4", &dir);
-    let p = start_from_toml(&toml, dir).await;
-    p.ready().await;
-    eventually(Duration::from_secs(10), "4 tokens minted", || async {
-        token_successes(&stats(&sim).await) == 4
-    })
-    .await;
+    let p = start_pool(&sim, 4).await;
     for i in 0..80 {
         assert_eq!(
             get(&p.url(&format!("/api/v2/spread/{i}"))).await.status(),
@@ -348,14 +341,7 @@ async fn a_revoke_all_with_a_pool_of_four_costs_exactly_four_token_requests_and_
         ..sim_config()
     })
     .await;
-    let dir = temp_dir("pool-revoke");
-    let toml = proxy_toml(&sim.url(), SECRET, "", "pool_size = 4", &dir);
-    let p = start_from_toml(&toml, dir).await;
-    p.ready().await;
-    eventually(Duration::from_secs(10), "4 tokens minted", || async {
-        token_successes(&stats(&sim).await) == 4
-    })
-    .await;
+    let p = start_pool(&sim, 4).await;
     let load = Load::start(format!("http://{}", p.running.proxy_addr), 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
     sim_post(&sim, "/__sim/revoke", json!({})).await;

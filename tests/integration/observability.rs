@@ -259,14 +259,7 @@ async fn readyz_is_503_while_the_held_token_is_refused_and_none_can_be_minted() 
     assert_eq!(readyz().await.status(), 200);
 
     // The IdP revokes the client's tokens and its secret: nothing can be minted.
-    let deleted = client()
-        .delete(format!(
-            "{}/__sim/clients/{CLIENT_ID}/secrets/{SECRET}",
-            sim.url()
-        ))
-        .send()
-        .await
-        .unwrap();
+    let deleted = sim_delete_secret(&sim, SECRET).await;
     assert!(deleted.status().is_success());
     sim_post(&sim, "/__sim/revoke", json!({"client_id": CLIENT_ID})).await;
     let r = get(&p.url("/api/v2/organizations/me")).await;

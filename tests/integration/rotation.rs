@@ -67,14 +67,7 @@ async fn a_new_secret_is_validated_then_swapped_and_the_old_token_kept() {
         .await
         .contains("genesys_proxy_secret_rotations_total{outcome=\"success\"} 1"));
     // The new secret minted the token in use: remove the old one at Genesys, all still works.
-    client()
-        .delete(format!(
-            "{}/__sim/clients/{CLIENT_ID}/secrets/{SECRET}",
-            sim.url()
-        ))
-        .send()
-        .await
-        .unwrap();
+    sim_delete_secret(&sim, SECRET).await;
     let v: Value = get_json(&p.url("/api/v2/x")).await;
     assert_eq!(v["token_fingerprint"], after.fingerprint.as_str());
     let (status, body) = post_reload(&p).await;
@@ -350,14 +343,7 @@ async fn a_revoke_right_after_a_rotation_never_reaches_the_client() {
         } else {
             format!("rotated-secret-{}", round - 1)
         };
-        let deleted = client()
-            .delete(format!(
-                "{}/__sim/clients/{CLIENT_ID}/secrets/{old}",
-                sim.url()
-            ))
-            .send()
-            .await
-            .unwrap();
+        let deleted = sim_delete_secret(&sim, &old).await;
         assert!(deleted.status().is_success());
         sim_post(&sim, "/__sim/revoke", json!({ "client_id": CLIENT_ID })).await;
 

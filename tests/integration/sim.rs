@@ -153,14 +153,7 @@ async fn several_secrets_and_removal_keeps_issued_tokens() {
     assert_eq!(r.status(), 201);
     let with_old = mint_token(&sim).await;
     assert_eq!(mint(&sim, CLIENT_ID, "second").await.status(), 200);
-    let r = client()
-        .delete(format!(
-            "{}/__sim/clients/{CLIENT_ID}/secrets/{SECRET}",
-            sim.url()
-        ))
-        .send()
-        .await
-        .unwrap();
+    let r = sim_delete_secret(&sim, SECRET).await;
     assert_eq!(r.status(), 200);
     assert_eq!(mint(&sim, CLIENT_ID, SECRET).await.status(), 401);
     assert_eq!(mint(&sim, CLIENT_ID, "second").await.status(), 200);

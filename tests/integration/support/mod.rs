@@ -213,6 +213,37 @@ pub async fn sim_put(sim: &SimHandle, path: &str, body: Value) -> reqwest::Respo
         .unwrap()
 }
 
+/// Removes one of the test client's secrets at the simulator (tokens already issued stay valid).
+pub async fn sim_delete_secret(sim: &SimHandle, secret: &str) -> reqwest::Response {
+    client()
+        .delete(format!(
+            "{}/__sim/clients/{CLIENT_ID}/secrets/{secret}",
+            sim.url()
+        ))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Starts a proxy with `pool_size` tokens and waits until all are minted.
+pub async fn start_pool(sim: &SimHandle, pool_size: u64) -> Proxy {
+    let dir = temp_dir("pool");
+    let toml = proxy_toml(
+        &sim.url(),
+        SECRET,
+        "",
+        &format!("pool_size = {pool_size}"),
+        &dir,
+    );
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    eventually(Duration::from_secs(10), "the pool is full", || async {
+        token_successes(&stats(sim).await) == pool_size
+    })
+    .await;
+    p
+}
+
 /// Runs the client-credentials grant against the simulator directly.
 pub async fn mint(sim: &SimHandle, id: &str, secret: &str) -> reqwest::Response {
     client()
@@ -354,26 +385,10 @@ impl ProxyProcess {
     /// Starts `genesys-auth-proxy run -c conf` and waits for its "listening" log line (JSON
     /// logs required) to learn the port-0 addresses.
     pub fn spawn(conf: &std::path::Path) -> ProxyProcess {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_genesys-auth-proxy"))
-            .args(["run", "-c"])
-            .arg(conf)
-            .env_remove("RUST_LOG")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, logs) = std::sync::mpsc::channel::<String>();
-        // Drain stderr continuously so the child never blocks on a full pipe.
-        let reader = std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_genesys-auth-proxy"));
+        command.args(["run", "-c"]).arg(conf);
+        let mut child = spawn_quiet(&mut command, std::process::Stdio::piped());
+        let (logs, reader) = lines_of(child.stderr.take().unwrap());
         let mut seen = String::new();
         loop {
             let Ok(line) = logs.recv_timeout(Duration::from_secs(30)) else {
@@ -460,6 +475,40 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Spawns our binary with stdout piped, `stderr` as given and no `RUST_LOG`.
+fn spawn_quiet(
+    command: &mut std::process::Command,
+    stderr: std::process::Stdio,
+) -> std::process::Child {
+    command
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
+/// Reads `stream` line by line on a thread of its own (so the child never blocks on a full
+/// pipe) and hands the lines over a channel.
+fn lines_of(
+    stream: impl std::io::Read + Send + 'static,
+) -> (
+    std::sync::mpsc::Receiver<String>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stream)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    (rx, reader)
+}
+
 /// The simulator binary as a child process (so tests can SIGSTOP it), on a port-0 listener.
 pub struct SimProcess {
     pub child: std::process::Child,
@@ -469,25 +518,10 @@ pub struct SimProcess {
 impl SimProcess {
     /// Starts `genesys-auth-proxy sim` with `args` and reads its "listening on URL" line.
     pub fn spawn(args: &[&str]) -> SimProcess {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_genesys-auth-proxy"))
-            .args(["sim", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_genesys-auth-proxy"));
+        command.args(["sim", "--listen", "127.0.0.1:0"]).args(args);
+        let mut child = spawn_quiet(&mut command, std::process::Stdio::null());
+        let rx = lines_of(child.stdout.take().unwrap()).0;
         let line = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("the simulator printed no listening line");
