@@ -1,0 +1,71 @@
+//! Unit tests of the admission queue's ordering and client mapping.
+
+use super::*;
+use crate::config::AppGroup;
+
+fn settings() -> BudgetSettings {
+    BudgetSettings {
+        requests_per_window: 300,
+        window: Duration::from_secs(60),
+        max_queue_wait: Duration::from_secs(5),
+        max_queue_length: 1000,
+        apps: vec![
+            AppGroup {
+                name: "reporting".into(),
+                cidrs: vec!["10.1.0.0/16".parse().unwrap()],
+                weight: 3,
+            },
+            AppGroup {
+                name: "provisioning".into(),
+                cidrs: vec!["10.2.0.0/16".parse().unwrap()],
+                weight: 1,
+            },
+        ],
+    }
+}
+
+#[test]
+fn clients_map_to_their_group_or_address() {
+    let s = settings();
+    let ip = |a: &str| a.parse::<IpAddr>().unwrap();
+    assert_eq!(Budget::client_key(&s, ip("10.1.2.3")), ClientKey::App(0));
+    assert_eq!(
+        Budget::client_key(&s, ip("::ffff:10.2.0.9")),
+        ClientKey::App(1)
+    );
+    assert_eq!(
+        Budget::client_key(&s, ip("127.0.0.1")),
+        ClientKey::Address(ip("127.0.0.1"))
+    );
+    assert_eq!(Budget::app_label(&s, &ClientKey::App(0)), "reporting");
+    assert_eq!(
+        Budget::app_label(&s, &ClientKey::Address(ip("127.0.0.1"))),
+        "other"
+    );
+}
+
+#[test]
+fn the_least_used_client_by_weight_goes_first() {
+    let s = settings();
+    let mut q = Queue::default();
+    let waiter = || {
+        let (tx, _rx) = oneshot::channel();
+        Waiter { id: 0, grant: tx }
+    };
+    for k in [ClientKey::App(0), ClientKey::App(1)] {
+        q.waiting.entry(k).or_default().push_back(waiter());
+    }
+    // Reporting (weight 3) used 5, provisioning (weight 1) used 2: 5/3 < 2/1.
+    q.usage.insert(ClientKey::App(0), 5);
+    q.usage.insert(ClientKey::App(1), 2);
+    assert_eq!(next_client(&q, &s), Some(ClientKey::App(0)));
+    q.usage.insert(ClientKey::App(0), 7);
+    assert_eq!(next_client(&q, &s), Some(ClientKey::App(1)), "7/3 > 2/1");
+    // A client that has used nothing yet goes first whatever its weight.
+    let newcomer = ClientKey::Address("127.0.0.9".parse().unwrap());
+    q.waiting
+        .entry(newcomer.clone())
+        .or_default()
+        .push_back(waiter());
+    assert_eq!(next_client(&q, &s), Some(newcomer));
+}

@@ -1,0 +1,245 @@
+//! Property-style tests of the timing policy and the refresher's next step.
+
+use super::*;
+
+const JITTERS: [f64; 5] = [0.0, 0.25, 0.5, 0.75, 0.999];
+
+#[test]
+fn refresh_is_before_expiry_and_not_too_early() {
+    for life in [1u64, 5, 10, 60, 300, 3600, 86_400, 172_800] {
+        for margin in [0u64, 1, 30, 60, 300, 600, 100_000] {
+            for j in JITTERS {
+                let l = Duration::from_secs(life);
+                let d = refresh_delay(l, Duration::from_secs(margin), j);
+                assert!(d <= l, "life {life} margin {margin} j {j}: {d:?}");
+                assert!(
+                    d.as_secs_f64() >= life as f64 * 0.4 - 1e-9,
+                    "too early: life {life} margin {margin} {d:?}"
+                );
+                if margin > 0 {
+                    assert!(
+                        d < l,
+                        "must refresh before expiry: life {life} margin {margin}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn default_margin_for_a_day_token() {
+    let d = refresh_delay(Duration::from_secs(86_400), Duration::from_secs(300), 0.0);
+    assert_eq!(d, Duration::from_secs(86_100));
+    let d = refresh_delay(Duration::from_secs(86_400), Duration::from_secs(300), 0.999);
+    assert!(d >= Duration::from_secs(86_040) && d < Duration::from_secs(86_100));
+}
+
+#[test]
+fn backoff_grows_is_capped_and_jitter_bounded() {
+    let init = Duration::from_millis(500);
+    let max = Duration::from_secs(60);
+    let mut last_hi = Duration::ZERO;
+    for attempt in 1..100 {
+        let lo = backoff(attempt, FailureClass::Transient, init, max, 0.0);
+        let hi = backoff(attempt, FailureClass::Transient, init, max, 0.999);
+        assert!(lo <= hi && hi <= max, "attempt {attempt}");
+        assert!(lo >= max.min(init) / 2);
+        assert!(hi >= last_hi, "non-decreasing");
+        last_hi = hi;
+    }
+    assert_eq!(backoff(1, FailureClass::Transient, init, max, 1.0), init);
+    assert_eq!(
+        backoff(2, FailureClass::Transient, init, max, 1.0),
+        init * 2
+    );
+    assert_eq!(backoff(40, FailureClass::Transient, init, max, 1.0), max);
+}
+
+#[test]
+fn harsh_failures_back_off_harder() {
+    let init = Duration::from_millis(500);
+    let max = Duration::from_secs(60);
+    for attempt in 1..10 {
+        for j in JITTERS {
+            assert!(
+                backoff(attempt, FailureClass::Harsh, init, max, j)
+                    >= backoff(attempt, FailureClass::Transient, init, max, j)
+            );
+        }
+    }
+    assert_eq!(backoff(1, FailureClass::Harsh, init, max, 1.0), init * 8);
+}
+
+fn slot(now: Instant) -> SlotFacts {
+    SlotFacts {
+        token: Some(HeldToken {
+            generation: 3,
+            expires_at: now + Duration::from_secs(100),
+        }),
+        rejected_generation: 0,
+        refresh_at: Some(now + Duration::from_secs(50)),
+    }
+}
+
+fn facts(now: Instant) -> Facts {
+    Facts {
+        now,
+        slots: vec![slot(now)],
+        backoff_until: None,
+        cap_free_at: None,
+        stagger_until: None,
+        rotation: None,
+    }
+}
+
+fn with_slot(now: Instant, s: SlotFacts) -> Facts {
+    Facts {
+        slots: vec![s],
+        ..facts(now)
+    }
+}
+
+#[test]
+fn a_healthy_token_sleeps_until_its_refresh() {
+    let now = Instant::now();
+    assert_eq!(
+        next_step(&facts(now)),
+        Step::Sleep(now + Duration::from_secs(50))
+    );
+    let due = with_slot(
+        now,
+        SlotFacts {
+            refresh_at: Some(now),
+            ..slot(now)
+        },
+    );
+    assert_eq!(next_step(&due), Step::Mint(0, Reason::Proactive));
+}
+
+#[test]
+fn why_a_mint_is_due_in_order() {
+    let now = Instant::now();
+    let none = with_slot(now, SlotFacts::default());
+    assert_eq!(next_step(&none), Step::Mint(0, Reason::Initial));
+    let rejected = with_slot(
+        now,
+        SlotFacts {
+            rejected_generation: 3,
+            ..slot(now)
+        },
+    );
+    assert_eq!(next_step(&rejected), Step::Mint(0, Reason::Rejected));
+    let older_rejection = with_slot(
+        now,
+        SlotFacts {
+            rejected_generation: 2,
+            ..slot(now)
+        },
+    );
+    assert!(matches!(next_step(&older_rejection), Step::Sleep(_)));
+    let expired = with_slot(
+        now,
+        SlotFacts {
+            token: Some(HeldToken {
+                generation: 3,
+                expires_at: now,
+            }),
+            ..slot(now)
+        },
+    );
+    assert_eq!(next_step(&expired), Step::Mint(0, Reason::Expired));
+}
+
+#[test]
+fn backoff_cap_and_stagger_hold_a_due_mint_back() {
+    let now = Instant::now();
+    let later = now + Duration::from_secs(2);
+    let empty = vec![SlotFacts::default()];
+    let backing_off = Facts {
+        slots: empty.clone(),
+        backoff_until: Some(later),
+        ..facts(now)
+    };
+    assert_eq!(next_step(&backing_off), Step::Sleep(later));
+    let capped = Facts {
+        slots: empty.clone(),
+        cap_free_at: Some(later),
+        ..facts(now)
+    };
+    assert_eq!(next_step(&capped), Step::Sleep(later));
+    let staggered = Facts {
+        slots: empty.clone(),
+        stagger_until: Some(later),
+        ..facts(now)
+    };
+    assert_eq!(next_step(&staggered), Step::Sleep(later));
+    let backoff_over = Facts {
+        slots: empty,
+        backoff_until: Some(now),
+        ..facts(now)
+    };
+    assert_eq!(next_step(&backoff_over), Step::Mint(0, Reason::Initial));
+}
+
+#[test]
+fn a_pool_serves_urgent_slots_before_proactive_ones_one_at_a_time() {
+    let now = Instant::now();
+    let proactive = SlotFacts {
+        refresh_at: Some(now),
+        ..slot(now)
+    };
+    let refused = SlotFacts {
+        rejected_generation: 3,
+        ..slot(now)
+    };
+    let f = Facts {
+        slots: vec![proactive, slot(now), refused, SlotFacts::default()],
+        ..facts(now)
+    };
+    assert_eq!(next_step(&f), Step::Mint(2, Reason::Rejected));
+    let f = Facts {
+        slots: vec![proactive, slot(now)],
+        ..facts(now)
+    };
+    assert_eq!(next_step(&f), Step::Mint(0, Reason::Proactive));
+    // The next slot's refresh is what a healthy pool sleeps until.
+    let soon = SlotFacts {
+        refresh_at: Some(now + Duration::from_secs(5)),
+        ..slot(now)
+    };
+    let f = Facts {
+        slots: vec![slot(now), soon],
+        ..facts(now)
+    };
+    assert_eq!(next_step(&f), Step::Sleep(now + Duration::from_secs(5)));
+}
+
+#[test]
+fn rotation_retries_at_its_time_within_its_window() {
+    let now = Instant::now();
+    let s = Duration::from_secs(1);
+    let window = |next_try, deadline| Some(RetryWindow { next_try, deadline });
+    let f = Facts {
+        rotation: window(now, now + s),
+        ..facts(now)
+    };
+    assert_eq!(next_step(&f), Step::RetryRotation);
+    let f = Facts {
+        rotation: window(now + s, now + 5 * s),
+        ..facts(now)
+    };
+    assert_eq!(next_step(&f), Step::Sleep(now + s));
+    let f = Facts {
+        rotation: window(now, now),
+        ..facts(now)
+    };
+    assert_eq!(next_step(&f), Step::AbandonRotation);
+    // Due but capped: sleep until the cap frees, never spin on a past instant.
+    let f = Facts {
+        rotation: window(now, now + 5 * s),
+        cap_free_at: Some(now + 2 * s),
+        ..facts(now)
+    };
+    assert_eq!(next_step(&f), Step::Sleep(now + 2 * s));
+}
