@@ -12,6 +12,8 @@ mod value;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_classes;
 
 use std::path::{Path, PathBuf};
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use super::*;
 
 /// A secret file of its own for each call: tests run in parallel.
-fn secret_file(name: &str, contents: &str) -> PathBuf {
+pub(super) fn secret_file(name: &str, contents: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!("gap-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -20,7 +20,7 @@ fn secret_file(name: &str, contents: &str) -> PathBuf {
     p
 }
 
-fn base(extra_genesys: &str, rest: &str) -> String {
+pub(super) fn base(extra_genesys: &str, rest: &str) -> String {
     let f = secret_file("base", "s3cret\n");
     format!(
         "[genesys]\nclient_id = \"abc\"\nclient_secret = {{ file = {:?} }}\n{extra_genesys}\n{rest}",
@@ -311,89 +311,6 @@ fn anomaly_thresholds_must_be_positive() {
     assert!(e.contains("anomaly.quiet_ms"), "{e}");
     let e = err_of(&base("", "[anomaly]\nwhatever = 1"));
     assert!(e.contains("whatever"), "{e}");
-}
-
-/// The reload class of every file key is decided by the model struct its field lives in. This
-/// walks the file mirror's types (serde-reflection) and fails when a key is added to the file
-/// without a field that names it, i.e. without being classified as restart-only, live or
-/// credential.
-#[test]
-fn every_file_key_is_classified_exactly_once() {
-    use serde_reflection::{ContainerFormat, Format, Tracer, TracerConfig};
-    use std::collections::BTreeSet;
-    let mut tracer = Tracer::new(TracerConfig::default());
-    tracer
-        .trace_simple_type::<file::FileConfig>()
-        .expect("the file mirror can be traced");
-    let registry = tracer.registry().expect("complete registry");
-    fn walk(
-        registry: &serde_reflection::Registry,
-        name: &str,
-        prefix: &str,
-        out: &mut BTreeSet<String>,
-    ) {
-        let Some(ContainerFormat::Struct(fields)) = registry.get(name) else {
-            return;
-        };
-        for f in fields {
-            let key = if prefix.is_empty() {
-                f.name.clone()
-            } else {
-                format!("{prefix}.{}", f.name)
-            };
-            let mut format = &f.value;
-            while let Format::Option(inner) = format {
-                format = inner;
-            }
-            match format {
-                // A secret reference ({ env } or { file }) is one key.
-                Format::TypeName(t) if t != "SecretRef" => walk(registry, t, &key, out),
-                _ => {
-                    out.insert(key);
-                }
-            }
-        }
-    }
-    let mut file_keys = BTreeSet::new();
-    walk(&registry, "FileConfig", "", &mut file_keys);
-
-    let restart: BTreeSet<_> = Restart::all_keys().into_iter().collect();
-    let live: BTreeSet<_> = Live::all_keys().into_iter().collect();
-    let credentials: BTreeSet<_> = CredentialSettings::all_keys().into_iter().collect();
-    for key in &file_keys {
-        let classes = [&restart, &live, &credentials]
-            .iter()
-            .filter(|c| c.contains(key.as_str()))
-            .count();
-        assert_eq!(classes, 1, "file key {key:?} is in {classes} reload classes, not 1: give it a field in Restart, Live or CredentialSettings");
-    }
-    for key in restart.iter().chain(&live).chain(&credentials) {
-        assert!(
-            file_keys.contains(*key),
-            "model names {key:?}, which is not a file key"
-        );
-    }
-    assert!(file_keys.len() > 40, "{file_keys:?}");
-}
-
-#[test]
-fn live_and_restart_changes_are_told_apart_by_type() {
-    let old = parse(&base("", ""), Path::new("t.toml")).unwrap();
-    let new = parse(
-        &base(
-            "",
-            "[proxy]\nlisten = \"127.0.0.1:1234\"\nallowed_path_prefixes = [\"/api/v2/users\"]\n[anomaly]\nquiet_ms = 5",
-        ),
-        Path::new("t.toml"),
-    )
-    .unwrap();
-    let d = Diff::between(&old, &new);
-    assert_eq!(
-        d.applied,
-        vec!["proxy.allowed_path_prefixes", "anomaly.quiet_ms"]
-    );
-    assert_eq!(d.restart_required, vec!["proxy.listen"]);
-    assert!(!d.credentials && !d.previous_secret);
 }
 
 #[test]
