@@ -235,7 +235,13 @@ fn spawn_refresher(
         secret: c.client_secret.clone(),
         previous: c.previous_client_secret.clone(),
     };
-    let refresher = Refresher::new(shared, endpoint, credentials, commands_rx);
+    let jwks = config
+        .restart
+        .token
+        .jwks
+        .clone()
+        .map(|settings| crate::token::jwks::Jwks::new(settings, endpoint.http_client()));
+    let refresher = Refresher::new(shared, endpoint, credentials, commands_rx, jwks);
     Ok((commands_tx, tokio::spawn(refresher.run(shutdown))))
 }
 

@@ -131,10 +131,19 @@ fn check(paths: &[std::path::PathBuf], live: bool) -> ExitCode {
                 .mint(&c.credentials.client_id, &c.credentials.client_secret)
                 .await
                 .map_err(|e| e.to_string())?;
-            endpoint
-                .validate(&minted.access_token)
-                .await
-                .map_err(|e| e.to_string())?;
+            // The same check the refresher makes before it publishes a token.
+            match (&c.restart.token.jwks, c.live.token.validation) {
+                (Some(settings), _) => {
+                    let jwks =
+                        crate::token::jwks::Jwks::new(settings.clone(), endpoint.http_client());
+                    jwks.verify(minted.access_token.expose()).await?;
+                }
+                (None, config::Validation::TokensMe) => endpoint
+                    .validate(&minted.access_token)
+                    .await
+                    .map_err(|e| e.to_string())?,
+                (None, _) => {}
+            }
             Ok::<_, String>(minted)
         });
         match result {

@@ -317,16 +317,16 @@ fn secret(
 fn token(b: &Builder, t: TokenSection) -> Built<(TokenRestart, TokenLive)> {
     let validation = match t.validation.as_deref().unwrap_or("tokens_me") {
         "tokens_me" => Validation::TokensMe,
+        "jwks" => Validation::Jwks,
         "none" => Validation::None,
-        "jwks" => return Err(b.err(
-            "token.validation",
-            "\"jwks\" is for generic OAuth2 issuers and is not supported yet; Genesys tokens are opaque: use \"tokens_me\"",
-        )),
-        other => return Err(b.err(
-            "token.validation",
-            format!("{other:?} is not one of \"tokens_me\", \"none\""),
-        )),
+        other => {
+            return Err(b.err(
+                "token.validation",
+                format!("{other:?} is not one of \"tokens_me\", \"jwks\", \"none\""),
+            ))
+        }
     };
+    let jwks = jwks(b, &t, validation)?;
     let max_per_minute = t.max_token_requests_per_minute.unwrap_or(20);
     if !(1..=600).contains(&max_per_minute) {
         return Err(b.err(
@@ -349,6 +349,7 @@ fn token(b: &Builder, t: TokenSection) -> Built<(TokenRestart, TokenLive)> {
             n @ 1..=50 => n,
             _ => return Err(b.err("token.pool_size", "must be between 1 and 50")),
         },
+        jwks,
     };
     let live = TokenLive {
         refresh_before_expiry: Duration::from_secs(t.refresh_before_expiry_seconds.unwrap_or(300)),
@@ -359,6 +360,53 @@ fn token(b: &Builder, t: TokenSection) -> Built<(TokenRestart, TokenLive)> {
         rotation_retry_window: Duration::from_secs(t.rotation_retry_window_seconds.unwrap_or(600)),
     };
     Ok((http, live))
+}
+
+/// The JWKS keys, required with `validation = "jwks"` (Genesys tokens are opaque: `tokens_me`).
+fn jwks(
+    b: &Builder,
+    t: &TokenSection,
+    validation: Validation,
+) -> Built<Option<crate::token::jwks::JwksSettings>> {
+    use jsonwebtoken::{Algorithm, AlgorithmFamily};
+    if validation != Validation::Jwks {
+        return Ok(None);
+    }
+    let url = t.jwks_url.as_deref().ok_or_else(|| {
+        b.err(
+            "token.jwks_url",
+            "is required with validation = \"jwks\" (discovery from token.issuer is not supported yet)",
+        )
+    })?;
+    let url = parse_url(url).map_err(|m| b.err("token.jwks_url", m))?;
+    let names = t.algorithms.clone().unwrap_or_else(|| vec!["RS256".into()]);
+    if names.is_empty() {
+        return Err(b.err("token.algorithms", "must list at least one algorithm"));
+    }
+    let mut algorithms = Vec::new();
+    for name in &names {
+        let alg: Algorithm = name.parse().map_err(|_| {
+            b.err(
+                "token.algorithms",
+                format!("{name:?} is not a JWT algorithm"),
+            )
+        })?;
+        if alg.family() == AlgorithmFamily::Hmac {
+            return Err(b.err(
+                "token.algorithms",
+                format!("{name:?} is refused: HMAC cannot be checked against a public JWKS"),
+            ));
+        }
+        algorithms.push(alg);
+    }
+    Ok(Some(crate::token::jwks::JwksSettings {
+        url,
+        issuer: t.issuer.clone(),
+        audience: t.audience.clone(),
+        algorithms,
+        cache: Duration::from_secs(t.jwks_cache_seconds.unwrap_or(86_400).max(1)),
+        leeway: Duration::from_secs(t.leeway_seconds.unwrap_or(30)),
+    }))
 }
 
 fn audit(b: &Builder, a: AuditSection) -> Built<AuditSettings> {

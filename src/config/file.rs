@@ -116,6 +116,12 @@ pub struct TokenSection {
     pub connect_timeout_ms: Option<u64>,
     pub rotation_retry_window_seconds: Option<u64>,
     pub pool_size: Option<usize>,
+    pub jwks_url: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub algorithms: Option<Vec<String>>,
+    pub jwks_cache_seconds: Option<u64>,
+    pub leeway_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -126,6 +126,8 @@ keyed_struct! {
         pub connect_timeout: Duration => "token.connect_timeout_ms",
         /// Tokens held at once (each has its own rate-limit budget at Genesys).
         pub pool_size: usize => "token.pool_size",
+        /// With `validation = "jwks"`: where the keys are and what the tokens must say.
+        pub jwks: Option<crate::token::jwks::JwksSettings> => "token.jwks_url" | "token.issuer" | "token.audience" | "token.algorithms" | "token.jwks_cache_seconds" | "token.leeway_seconds",
     }
 }
 
@@ -255,6 +257,8 @@ impl ApiTarget {
 pub enum Validation {
     /// `GET /api/v2/tokens/me?preserveIdleTTL=true` with the new token before it is used.
     TokensMe,
+    /// The token is a JWT verified against the issuer's JWKS (`[token] jwks_url`).
+    Jwks,
     None,
 }
 

@@ -231,7 +231,7 @@ fn zero_timeout_refused() {
 
 #[test]
 fn validation_values() {
-    assert!(err_of(&base("", "[token]\nvalidation = \"jwks\"")).contains("not supported yet"));
+    assert!(err_of(&base("", "[token]\nvalidation = \"jwks\"")).contains("token.jwks_url"));
     assert!(err_of(&base("", "[token]\nvalidation = \"maybe\"")).contains("token.validation"));
     let c = parse(
         &base("", "[token]\nvalidation = \"none\""),
@@ -394,6 +394,44 @@ fn budget_and_pool_are_validated() {
         (
             "[[budget.app]]\nname = \"a\"\ncidrs = [\"10.0.0.0/8\"]\nweight = 0",
             "budget.app[0].weight",
+        ),
+    ] {
+        let e = err_of(&base("", rest));
+        assert!(e.contains(key), "{rest}: {e}");
+    }
+}
+
+#[test]
+fn jwks_validation_needs_a_jwks_url_and_refuses_hmac() {
+    let ok = parse(
+        &base(
+            "",
+            "[token]\nvalidation = \"jwks\"\njwks_url = \"https://idp.example.com/.well-known/jwks.json\"\nissuer = \"https://idp.example.com\"\nalgorithms = [\"RS256\", \"ES256\"]",
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let jwks = ok.restart.token.jwks.unwrap();
+    assert_eq!(jwks.algorithms.len(), 2);
+    assert_eq!(jwks.cache.as_secs(), 86_400);
+    assert_eq!(jwks.leeway.as_secs(), 30);
+    for (rest, key) in [
+        ("[token]\nvalidation = \"jwks\"", "token.jwks_url"),
+        (
+            "[token]\nvalidation = \"jwks\"\njwks_url = \"http://idp.example.com/k\"",
+            "token.jwks_url",
+        ),
+        (
+            "[token]\nvalidation = \"jwks\"\njwks_url = \"https://i/k\"\nalgorithms = [\"HS256\"]",
+            "token.algorithms",
+        ),
+        (
+            "[token]\nvalidation = \"jwks\"\njwks_url = \"https://i/k\"\nalgorithms = [\"none\"]",
+            "token.algorithms",
+        ),
+        (
+            "[token]\nvalidation = \"jwks\"\njwks_url = \"https://i/k\"\nalgorithms = []",
+            "token.algorithms",
         ),
     ] {
         let e = err_of(&base("", rest));

@@ -120,6 +120,11 @@ impl TokenEndpoint {
         )
     }
 
+    /// The HTTP client (timeouts, `ca_file`), shared with the JWKS fetches.
+    pub fn http_client(&self) -> reqwest::Client {
+        self.client.clone()
+    }
+
     /// Runs the client-credentials grant once.
     pub async fn mint(&self, client_id: &str, secret: &Secret) -> Result<Minted, MintError> {
         let basic = STANDARD.encode(format!("{client_id}:{}", secret.expose()));

@@ -21,6 +21,8 @@ const MINUTE: Duration = Duration::from_secs(60);
 /// Mints and validates tokens; counts every token request against the per-minute cap.
 pub struct Minter {
     endpoint: TokenEndpoint,
+    /// With `validation = "jwks"`.
+    jwks: Option<super::jwks::Jwks>,
     live: Arc<ArcSwap<Live>>,
     metrics: Arc<Metrics>,
     audit: Arc<AuditLog>,
@@ -31,12 +33,14 @@ pub struct Minter {
 impl Minter {
     pub fn new(
         endpoint: TokenEndpoint,
+        jwks: Option<super::jwks::Jwks>,
         live: Arc<ArcSwap<Live>>,
         metrics: Arc<Metrics>,
         audit: Arc<AuditLog>,
     ) -> Self {
         Minter {
             endpoint,
+            jwks,
             live,
             metrics,
             audit,
@@ -78,8 +82,12 @@ impl Minter {
             .token_requests_total
             .with_label_values(&[outcome])
             .inc();
-        let minted = result?;
-        self.validate(&minted).await?;
+        let mut minted = result?;
+        if let Some(exp) = self.validate(&minted).await? {
+            // A JWT's own expiry wins when it is earlier than expires_in.
+            let left = exp.duration_since(SystemTime::now()).unwrap_or_default();
+            minted.expires_in = minted.expires_in.min(left);
+        }
         build_token(&minted, generation, slot, started, source)
     }
 
@@ -99,11 +107,26 @@ impl Minter {
         self.recent.push_back(at);
     }
 
-    async fn validate(&self, minted: &Minted) -> Result<(), MintError> {
-        if self.live.load().token.validation != Validation::TokensMe {
-            return Ok(());
-        }
-        let result = self.endpoint.validate(&minted.access_token).await;
+    /// Checks a new token per `token.validation`; a JWT's `exp` comes back with it.
+    async fn validate(&self, minted: &Minted) -> Result<Option<SystemTime>, MintError> {
+        let validation = self.live.load().token.validation;
+        let result = match (validation, &self.jwks) {
+            (Validation::None, _) => Ok(None),
+            (Validation::TokensMe, _) => self
+                .endpoint
+                .validate(&minted.access_token)
+                .await
+                .map(|()| None),
+            (Validation::Jwks, Some(jwks)) => jwks
+                .verify(minted.access_token.expose())
+                .await
+                .map(Some)
+                .map_err(MintError::ValidationFailed),
+            (Validation::Jwks, None) => Err(MintError::ValidationFailed(
+                "validation = \"jwks\" needs token.jwks_url, which only applies after a restart"
+                    .into(),
+            )),
+        };
         if let Err(e) = &result {
             self.metrics
                 .token_requests_total

@@ -10,6 +10,7 @@
 //!   records its outcomes (metrics, audit, `/status`, anomalies).
 
 pub mod endpoint;
+pub mod jwks;
 pub mod minter;
 pub mod refresher;
 pub mod report;

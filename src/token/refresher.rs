@@ -84,10 +84,12 @@ impl Refresher {
         endpoint: TokenEndpoint,
         credentials: Credentials,
         commands: mpsc::Receiver<Command>,
+        jwks: Option<super::jwks::Jwks>,
     ) -> Self {
         let slots = shared.store.slots();
         let minter = Minter::new(
             endpoint,
+            jwks,
             shared.live.clone(),
             shared.report.metrics.clone(),
             shared.report.audit.clone(),

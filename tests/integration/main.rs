@@ -7,6 +7,7 @@ mod budget;
 mod chaos;
 mod cli;
 mod hardening;
+mod jwks;
 mod observability;
 mod proxy;
 mod replay;

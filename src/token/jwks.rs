@@ -1,0 +1,183 @@
+//! JWT access tokens validated against the issuer's JWKS (`[token] validation = "jwks"`), for
+//! issuers whose tokens are JWTs. Genesys tokens are opaque and keep `tokens_me`; the
+//! simulator's `--token-format jwt` serves a JWKS for this mode.
+//!
+//! A token is published only if: its algorithm is in `token.algorithms` (HMAC and `none` are
+//! always refused: a public key must never be used as an HMAC secret), the key matching its
+//! `kid` (or the only key, without a `kid`) is of that algorithm's family and verifies the
+//! signature, `exp` is present and in the future, `nbf`/`iat` are not in the future (with
+//! `leeway_seconds`), and `iss`/`aud` match when configured. The JWKS is cached for
+//! `jwks_cache_seconds`; an unknown `kid` triggers one refetch (at most every 30 s); a failed
+//! fetch keeps the cached keys.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use reqwest::Url;
+
+use crate::sync::lock;
+
+/// An unknown `kid` refetches the JWKS at most this often.
+const REFETCH_EVERY: Duration = Duration::from_secs(30);
+
+/// What `validation = "jwks"` checks (the `[token]` JWKS keys).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwksSettings {
+    pub url: Url,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub cache: Duration,
+    pub leeway: Duration,
+}
+
+struct Cached {
+    keys: JwkSet,
+    fetched_at: Instant,
+}
+
+/// The JWKS client and its cache.
+pub struct Jwks {
+    settings: JwksSettings,
+    client: reqwest::Client,
+    cached: Mutex<Option<Cached>>,
+    last_fetch: Mutex<Option<Instant>>,
+}
+
+impl Jwks {
+    pub fn new(settings: JwksSettings, client: reqwest::Client) -> Self {
+        Jwks {
+            settings,
+            client,
+            cached: Mutex::new(None),
+            last_fetch: Mutex::new(None),
+        }
+    }
+
+    /// Verifies `token`; returns its expiry (`exp`) or why it was refused (never token
+    /// material).
+    pub async fn verify(&self, token: &str) -> Result<SystemTime, String> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| format!("not a JWT with a supported algorithm: {e}"))?;
+        let alg = header.alg;
+        if alg.family() == jsonwebtoken::AlgorithmFamily::Hmac {
+            return Err(format!(
+                "{alg:?} is refused: HMAC tokens cannot be verified with a public key"
+            ));
+        }
+        if !self.settings.algorithms.contains(&alg) {
+            return Err(format!("{alg:?} is not in token.algorithms"));
+        }
+        let jwk = match self.key(header.kid.as_deref(), false).await? {
+            Some(jwk) => jwk,
+            None => self
+                .key(header.kid.as_deref(), true)
+                .await?
+                .ok_or_else(|| format!("no key {:?} in the JWKS", header.kid))?,
+        };
+        let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("unusable JWKS key: {e}"))?;
+        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &self.validation(alg))
+            .map_err(|e| format!("refused: {e}"))?
+            .claims;
+        let exp = claims["exp"].as_u64().ok_or("no numeric exp")?;
+        Ok(UNIX_EPOCH + Duration::from_secs(exp))
+    }
+
+    fn validation(&self, alg: Algorithm) -> jsonwebtoken::Validation {
+        let s = &self.settings;
+        let mut v = jsonwebtoken::Validation::new(alg);
+        v.algorithms = vec![alg];
+        v.leeway = s.leeway.as_secs();
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp"]);
+        if let Some(iss) = &s.issuer {
+            v.set_issuer(&[iss]);
+        }
+        match &s.audience {
+            Some(aud) => v.set_audience(&[aud]),
+            None => v.validate_aud = false,
+        }
+        v
+    }
+
+    /// The key for `kid` (or the only key), from the cache or a fetch. With `refetch`, fetch
+    /// again unless that happened less than [`REFETCH_EVERY`] ago.
+    async fn key(
+        &self,
+        kid: Option<&str>,
+        refetch: bool,
+    ) -> Result<Option<jsonwebtoken::jwk::Jwk>, String> {
+        let stale = lock(&self.cached)
+            .as_ref()
+            .is_none_or(|c| c.fetched_at.elapsed() >= self.settings.cache);
+        let may_refetch = lock(&self.last_fetch).is_none_or(|t| t.elapsed() >= REFETCH_EVERY);
+        if stale || (refetch && may_refetch) {
+            self.fetch().await?;
+        }
+        let cached = lock(&self.cached);
+        let Some(c) = cached.as_ref() else {
+            return Ok(None);
+        };
+        Ok(match kid {
+            Some(kid) => c.keys.find(kid).cloned(),
+            None if c.keys.keys.len() == 1 => c.keys.keys.first().cloned(),
+            None => None,
+        })
+    }
+
+    /// Fetches the JWKS; a failure keeps the cached keys (and is an error only without any).
+    async fn fetch(&self) -> Result<(), String> {
+        *lock(&self.last_fetch) = Some(Instant::now());
+        let fetched = async {
+            let response = self
+                .client
+                .get(self.settings.url.clone())
+                .send()
+                .await
+                .map_err(|e| format!("cannot fetch the JWKS: {e}"))?;
+            if !response.status().is_success() {
+                return Err(format!(
+                    "the JWKS answered HTTP {}",
+                    response.status().as_u16()
+                ));
+            }
+            response
+                .json::<JwkSet>()
+                .await
+                .map_err(|e| format!("the JWKS is not a JWK set: {e}"))
+        }
+        .await;
+        match fetched {
+            Ok(keys) => {
+                *lock(&self.cached) = Some(Cached {
+                    keys,
+                    fetched_at: Instant::now(),
+                });
+                Ok(())
+            }
+            Err(e) if lock(&self.cached).is_some() => {
+                tracing::warn!(error = %e, "JWKS fetch failed; keeping the cached keys");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Key ids and the cache's age, for `/status`.
+    pub fn view(&self) -> (Vec<String>, Option<Duration>) {
+        let cached = lock(&self.cached);
+        match cached.as_ref() {
+            None => (Vec::new(), None),
+            Some(c) => (
+                c.keys
+                    .keys
+                    .iter()
+                    .filter_map(|k| k.common.key_id.clone())
+                    .collect(),
+                Some(c.fetched_at.elapsed()),
+            ),
+        }
+    }
+}
