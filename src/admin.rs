@@ -32,6 +32,8 @@ pub struct AdminState {
     /// `admin.reload_token`: required on `POST /reload` when set.
     pub reload_token: Option<Secret>,
     pub budget: Arc<crate::budget::Budget>,
+    /// With `validation = "jwks"`.
+    pub jwks: Option<Arc<crate::token::jwks::Jwks>>,
 }
 
 /// Every pool slot: its token (fingerprint only) and the budget left in its window.
@@ -169,6 +171,10 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
             "last_error": info.last_rotation_error,
         },
         "pool": pool_view(&state, now),
+        "jwks": state.jwks.as_ref().map(|j| {
+            let (keys, age) = j.view();
+            serde_json::json!({"key_ids": keys, "age_seconds": age.map(|a| a.as_secs())})
+        }),
         "audit_write_failures": state.audit.failures(),
         "counters": {
             "requests_total": counter(&m.requests_total),

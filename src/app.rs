@@ -87,6 +87,8 @@ pub fn install_crypto_provider() {
 /// The parts every service shares.
 struct Core {
     live: Arc<ArcSwap<Live>>,
+    /// With `validation = "jwks"`: the key-set cache (the refresher verifies, `/status` shows).
+    jwks: Option<Arc<crate::token::jwks::Jwks>>,
     budget: Arc<Budget>,
     metrics: Arc<Metrics>,
     audit: Arc<AuditLog>,
@@ -104,6 +106,16 @@ impl Core {
                 .with_context(|| format!("audit.path: cannot open {target:?}"))?,
         );
         let live = Arc::new(ArcSwap::from_pointee(config.live.clone()));
+        let jwks = match &config.restart.token.jwks {
+            None => None,
+            Some(settings) => {
+                let client = TokenEndpoint::for_config(config)
+                    .map_err(anyhow::Error::msg)?
+                    .http_client();
+                let jwks = crate::token::jwks::Jwks::new(settings.clone(), client, metrics.clone());
+                Some(Arc::new(jwks))
+            }
+        };
         let store = Arc::new(TokenStore::with_slots(config.restart.token.pool_size));
         let anomaly = Arc::new(AnomalyMonitor::new(
             live.clone(),
@@ -111,6 +123,7 @@ impl Core {
             metrics.clone(),
         ));
         Ok(Core {
+            jwks,
             budget: Arc::new(Budget::new(store.clone(), live.clone(), metrics.clone())),
             live,
             metrics,
@@ -138,6 +151,7 @@ impl Core {
             reloader,
             reload_token,
             budget: self.budget.clone(),
+            jwks: self.jwks.clone(),
         })
     }
 }
@@ -235,13 +249,13 @@ fn spawn_refresher(
         secret: c.client_secret.clone(),
         previous: c.previous_client_secret.clone(),
     };
-    let jwks = config
-        .restart
-        .token
-        .jwks
-        .clone()
-        .map(|settings| crate::token::jwks::Jwks::new(settings, endpoint.http_client()));
-    let refresher = Refresher::new(shared, endpoint, credentials, commands_rx, jwks);
+    let refresher = Refresher::new(
+        shared,
+        endpoint,
+        credentials,
+        commands_rx,
+        core.jwks.clone(),
+    );
     Ok((commands_tx, tokio::spawn(refresher.run(shutdown))))
 }
 

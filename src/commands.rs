@@ -134,8 +134,12 @@ fn check(paths: &[std::path::PathBuf], live: bool) -> ExitCode {
             // The same check the refresher makes before it publishes a token.
             match (&c.restart.token.jwks, c.live.token.validation) {
                 (Some(settings), _) => {
-                    let jwks =
-                        crate::token::jwks::Jwks::new(settings.clone(), endpoint.http_client());
+                    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+                    let jwks = crate::token::jwks::Jwks::new(
+                        settings.clone(),
+                        endpoint.http_client(),
+                        metrics,
+                    );
                     jwks.verify(minted.access_token.expose()).await?;
                 }
                 (None, config::Validation::TokensMe) => endpoint

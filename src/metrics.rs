@@ -38,6 +38,8 @@ pub struct Metrics {
     pub rate_limited_total: IntCounterVec,
     pub budget_requests_total: IntCounterVec,
     pub token_pool_budget_remaining: IntGaugeVec,
+    pub jwks_fetches_total: IntCounterVec,
+    pub jwks_keys: IntGauge,
 }
 
 impl Default for Metrics {
@@ -165,6 +167,8 @@ impl Metrics {
             rate_limited_total: m.counter_vec("rate_limited_total", "Requests that met the rate limit, by outcome: absorbed (a 429 re-sent after budget freed), passed_through (Genesys's 429), queue_timeout and queue_full (the proxy's own 429).", "outcome", RATE_LIMIT_OUTCOMES),
             budget_requests_total: m.labelled_counter("budget_requests_total", "Requests by application group (configured [[budget.app]] names, else other) and admission: served at once, served after queueing, or refused.", &["app", "outcome"]),
             token_pool_budget_remaining: m.int_gauge_vec("token_pool_budget_remaining", "Rate-limit budget left in the current window, per token pool slot (0 .. pool_size-1).", "slot"),
+            jwks_fetches_total: m.counter_vec("jwks_fetches_total", "JWKS fetches (validation = \"jwks\") by outcome.", "outcome", &["success", "failed"]),
+            jwks_keys: m.int_gauge("jwks_keys", "Keys in the cached JWKS (validation = \"jwks\")."),
             registry: m.0,
         }
     }

@@ -17,6 +17,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use reqwest::Url;
 
+use crate::metrics::Metrics;
 use crate::sync::lock;
 
 /// An unknown `kid` refetches the JWKS at most this often.
@@ -42,15 +43,21 @@ struct Cached {
 pub struct Jwks {
     settings: JwksSettings,
     client: reqwest::Client,
+    metrics: std::sync::Arc<Metrics>,
     cached: Mutex<Option<Cached>>,
     last_fetch: Mutex<Option<Instant>>,
 }
 
 impl Jwks {
-    pub fn new(settings: JwksSettings, client: reqwest::Client) -> Self {
+    pub fn new(
+        settings: JwksSettings,
+        client: reqwest::Client,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> Self {
         Jwks {
             settings,
             client,
+            metrics,
             cached: Mutex::new(None),
             last_fetch: Mutex::new(None),
         }
@@ -149,8 +156,14 @@ impl Jwks {
                 .map_err(|e| format!("the JWKS is not a JWK set: {e}"))
         }
         .await;
+        let outcome = if fetched.is_ok() { "success" } else { "failed" };
+        self.metrics
+            .jwks_fetches_total
+            .with_label_values(&[outcome])
+            .inc();
         match fetched {
             Ok(keys) => {
+                self.metrics.jwks_keys.set(keys.keys.len() as i64);
                 *lock(&self.cached) = Some(Cached {
                     keys,
                     fetched_at: Instant::now(),

@@ -22,7 +22,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 pub struct Minter {
     endpoint: TokenEndpoint,
     /// With `validation = "jwks"`.
-    jwks: Option<super::jwks::Jwks>,
+    jwks: Option<Arc<super::jwks::Jwks>>,
     live: Arc<ArcSwap<Live>>,
     metrics: Arc<Metrics>,
     audit: Arc<AuditLog>,
@@ -33,7 +33,7 @@ pub struct Minter {
 impl Minter {
     pub fn new(
         endpoint: TokenEndpoint,
-        jwks: Option<super::jwks::Jwks>,
+        jwks: Option<Arc<super::jwks::Jwks>>,
         live: Arc<ArcSwap<Live>>,
         metrics: Arc<Metrics>,
         audit: Arc<AuditLog>,

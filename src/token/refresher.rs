@@ -84,7 +84,7 @@ impl Refresher {
         endpoint: TokenEndpoint,
         credentials: Credentials,
         commands: mpsc::Receiver<Command>,
-        jwks: Option<super::jwks::Jwks>,
+        jwks: Option<Arc<super::jwks::Jwks>>,
     ) -> Self {
         let slots = shared.store.slots();
         let minter = Minter::new(

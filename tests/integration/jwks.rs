@@ -40,6 +40,16 @@ async fn a_jwt_verified_against_the_jwks_is_published_and_used() {
         Some(1),
         "no tokens/me call: the JWKS validated it: {s}"
     );
+    let status: Value = get_json(&p.admin("/status")).await;
+    let key_ids = status["jwks"]["key_ids"].as_array().unwrap();
+    assert_eq!(key_ids.len(), 1, "{status}");
+    let m = metrics_text(&p).await;
+    assert_eq!(
+        metric(&m, "genesys_proxy_jwks_fetches_total{outcome=\"success\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "genesys_proxy_jwks_keys"), 1.0, "{m}");
 }
 
 #[tokio::test]
