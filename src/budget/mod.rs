@@ -76,6 +76,8 @@ pub struct Budget {
     changed: Notify,
     live: Arc<ArcSwap<Live>>,
     metrics: Arc<Metrics>,
+    /// `token_pool_budget_remaining{slot}` per slot, looked up once.
+    slot_gauges: Vec<prometheus::IntGauge>,
     next_id: AtomicU64,
 }
 
@@ -85,8 +87,16 @@ impl Budget {
         let windows = (0..store.slots())
             .map(|_| Window::new(0, b.requests_per_window, b.window))
             .collect();
+        let slot_gauges = (0..store.slots())
+            .map(|slot| {
+                metrics
+                    .token_pool_budget_remaining
+                    .with_label_values(&[&slot.to_string()])
+            })
+            .collect();
         Budget {
             store,
+            slot_gauges,
             windows: Mutex::new(windows),
             queue: Mutex::new(Queue::default()),
             changed: Notify::new(),
@@ -304,13 +314,10 @@ impl Budget {
 
     fn publish_remaining(&self, windows: &[Window], now: Instant) {
         let mut total = 0;
-        for (slot, w) in windows.iter().enumerate() {
+        for (w, gauge) in windows.iter().zip(&self.slot_gauges) {
             let left = w.remaining(now);
             total += left;
-            self.metrics
-                .token_pool_budget_remaining
-                .with_label_values(&[&slot.to_string()])
-                .set(left as i64);
+            gauge.set(left as i64);
         }
         self.metrics.upstream_ratelimit_remaining.set(total as i64);
     }

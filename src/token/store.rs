@@ -137,16 +137,19 @@ impl TokenStore {
 
     /// Every token a request may use now: not expired, not known refused.
     pub fn usable(&self, now: Instant) -> Vec<Arc<Token>> {
+        self.usable_iter(now).collect()
+    }
+
+    fn usable_iter(&self, now: Instant) -> impl Iterator<Item = Arc<Token>> + '_ {
         self.slots
             .iter()
             .filter_map(|s| s.current.load_full())
-            .filter(|t| t.is_valid_at(now) && !self.is_refused(t))
-            .collect()
+            .filter(move |t| t.is_valid_at(now) && !self.is_refused(t))
     }
 
     /// The newest usable token. An expired token is never handed out.
     pub fn valid(&self, now: Instant) -> Option<Arc<Token>> {
-        self.usable(now).into_iter().max_by_key(|t| t.generation)
+        self.usable_iter(now).max_by_key(|t| t.generation)
     }
 
     /// The first slot's token whatever its expiry (for `/status` and tests).

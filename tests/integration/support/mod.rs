@@ -416,12 +416,7 @@ impl ProxyProcess {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} failed");
+        send_signal(&self.child, sig);
     }
 
     pub async fn wait_ready(&self) {
@@ -473,6 +468,16 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Sends `sig` (e.g. "HUP", "STOP") to a child process.
+fn send_signal(child: &std::process::Child, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} failed");
 }
 
 /// Spawns our binary with stdout piped, `stderr` as given and no `RUST_LOG`.
@@ -535,12 +540,7 @@ impl SimProcess {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} failed");
+        send_signal(&self.child, sig);
     }
 }
 
