@@ -172,8 +172,12 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
         },
         "pool": pool_view(&state, now),
         "jwks": state.jwks.as_ref().map(|j| {
-            let (keys, age) = j.view();
-            serde_json::json!({"key_ids": keys, "age_seconds": age.map(|a| a.as_secs())})
+            let (keys, age, url) = j.view();
+            serde_json::json!({
+                "key_ids": keys,
+                "age_seconds": age.map(|a| a.as_secs()),
+                "url": url.map(|u| u.to_string()),
+            })
         }),
         "audit_write_failures": state.audit.failures(),
         "counters": {

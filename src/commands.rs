@@ -132,6 +132,7 @@ fn check(paths: &[std::path::PathBuf], live: bool) -> ExitCode {
                 .await
                 .map_err(|e| e.to_string())?;
             // The same check the refresher makes before it publishes a token.
+            let mut exp = None;
             match (&c.restart.token.jwks, c.live.token.validation) {
                 (Some(settings), _) => {
                     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
@@ -140,7 +141,7 @@ fn check(paths: &[std::path::PathBuf], live: bool) -> ExitCode {
                         endpoint.http_client(),
                         metrics,
                     );
-                    jwks.verify(minted.access_token.expose()).await?;
+                    exp = Some(jwks.verify(minted.access_token.expose()).await?);
                 }
                 (None, config::Validation::TokensMe) => endpoint
                     .validate(&minted.access_token)
@@ -148,14 +149,16 @@ fn check(paths: &[std::path::PathBuf], live: bool) -> ExitCode {
                     .map_err(|e| e.to_string())?,
                 (None, _) => {}
             }
-            Ok::<_, String>(minted)
+            let lifetime =
+                crate::token::minter::lifetime(&minted, exp).map_err(|e| e.to_string())?;
+            Ok::<_, String>((minted, lifetime))
         });
         match result {
-            Ok(m) => println!(
-                "{}: live: minted and validated token {} (expires_in {} s)",
+            Ok((m, lifetime)) => println!(
+                "{}: live: minted and validated token {} (lifetime {} s)",
                 path.display(),
                 m.access_token.fingerprint(),
-                m.expires_in.as_secs()
+                lifetime.as_secs()
             ),
             Err(e) => {
                 eprintln!("{}: live check failed: {e}", path.display());

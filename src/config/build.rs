@@ -7,14 +7,11 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::file::{
-    AuditSection, FileConfig, GenesysSection, LogSection, ProxySection, TokenSection,
-};
+use super::file::{AuditSection, FileConfig, LogSection, ProxySection, TokenSection};
 use super::model::*;
 use super::policy::{anomaly, budget, exposure_warnings};
-use super::value::{load_ca_file, parse_addr, parse_url, secret_source};
+use super::value::{parse_addr, parse_url, secret_source};
 use super::ConfigError;
-use crate::region;
 
 /// The file being built: names it in errors and collects warnings.
 pub(super) struct Builder<'a> {
@@ -60,7 +57,9 @@ pub fn config(raw: FileConfig, file: &Path) -> Built<Config> {
         file,
         warnings: Vec::new(),
     };
-    let (proxy_restart, proxy_live) = proxy(&b, raw.proxy)?;
+    // Genesys's API lives under /api/v2/; another issuer's API may be anywhere.
+    let default_prefix = if raw.oauth.is_some() { "/" } else { "/api/v2/" };
+    let (proxy_restart, proxy_live) = proxy(&b, raw.proxy, default_prefix)?;
     let admin = AdminSettings {
         listen: b.addr(
             raw.admin.listen.as_deref(),
@@ -77,12 +76,8 @@ pub fn config(raw: FileConfig, file: &Path) -> Built<Config> {
     }
     b.warnings
         .extend(exposure_warnings(&proxy_restart, &proxy_live, &admin));
-    let g = raw
-        .genesys
-        .ok_or_else(|| b.err("genesys", "section is required (client_id, client_secret)"))?;
-    let upstream = upstream(&b, &g)?;
-    let credentials = credentials(&mut b, g)?;
-    let (token_http, token_live) = token(&b, raw.token)?;
+    let (upstream, credentials) = super::upstream::issuer(&mut b, raw.genesys, raw.oauth)?;
+    let (token_http, token_live) = token(&b, raw.token, upstream.grant.issuer)?;
     let (log_restart, log_live) = log(&b, raw.log)?;
     Ok(Config {
         restart: Restart {
@@ -105,7 +100,7 @@ pub fn config(raw: FileConfig, file: &Path) -> Built<Config> {
     })
 }
 
-fn proxy(b: &Builder, p: ProxySection) -> Built<(ProxyRestart, ProxyLive)> {
+fn proxy(b: &Builder, p: ProxySection, default_prefix: &str) -> Built<(ProxyRestart, ProxyLive)> {
     let restart = ProxyRestart {
         listen: b.addr(p.listen.as_deref(), "127.0.0.1:8080", "proxy.listen")?,
         threads: match p.threads {
@@ -132,7 +127,7 @@ fn proxy(b: &Builder, p: ProxySection) -> Built<(ProxyRestart, ProxyLive)> {
     }
     let live = ProxyLive {
         allowed_client_cidrs: cidrs(b, p.allowed_client_cidrs)?,
-        allowed_path_prefixes: path_prefixes(b, p.allowed_path_prefixes)?,
+        allowed_path_prefixes: path_prefixes(b, p.allowed_path_prefixes, default_prefix)?,
         replay_body_limit_bytes,
         token_wait_timeout: b.ms(
             p.token_wait_timeout_ms,
@@ -182,9 +177,9 @@ pub(super) fn parse_cidrs(b: &Builder, raw: &[String], key: &str) -> Built<Vec<I
         .collect()
 }
 
-fn path_prefixes(b: &Builder, raw: Option<Vec<String>>) -> Built<Vec<String>> {
+fn path_prefixes(b: &Builder, raw: Option<Vec<String>>, default: &str) -> Built<Vec<String>> {
     const KEY: &str = "proxy.allowed_path_prefixes";
-    let prefixes = raw.unwrap_or_else(|| vec!["/api/v2/".into()]);
+    let prefixes = raw.unwrap_or_else(|| vec![default.into()]);
     if prefixes.is_empty() {
         return Err(b.err(KEY, "must list at least one prefix"));
     }
@@ -224,83 +219,7 @@ fn methods(b: &Builder, raw: Option<Vec<String>>) -> Built<Vec<http::Method>> {
         .collect()
 }
 
-/// Token URL and API target from `region`, `login_url` and `api_url`.
-fn upstream(b: &Builder, g: &GenesysSection) -> Built<UpstreamSettings> {
-    let region = g.region.as_deref().unwrap_or("us-east-1");
-    let domain = region::domain_for(region).ok_or_else(|| {
-        b.err(
-            "genesys.region",
-            format!("{region:?} is neither a known region nor a domain"),
-        )
-    })?;
-    let (login_default, api_default) = region::urls_for(&domain);
-    let login_url = parse_url(g.login_url.as_deref().unwrap_or(&login_default))
-        .map_err(|m| b.err("genesys.login_url", m))?;
-    let token_url = login_url
-        .join("/oauth/token")
-        .map_err(|e| b.err("genesys.login_url", e.to_string()))?;
-    let api_url = parse_url(g.api_url.as_deref().unwrap_or(&api_default))
-        .map_err(|m| b.err("genesys.api_url", m))?;
-    if !matches!(api_url.path(), "" | "/") || api_url.query().is_some() {
-        return Err(b.err(
-            "genesys.api_url",
-            "must be scheme://host[:port] with no path",
-        ));
-    }
-    let api = ApiTarget {
-        tls: api_url.scheme() == "https",
-        host: api_url
-            .host_str()
-            .unwrap_or_default()
-            .trim_matches(|c| c == '[' || c == ']')
-            .to_string(),
-        port: api_url.port_or_known_default().unwrap_or(443),
-    };
-    let ca_certs = match &g.ca_file {
-        None => None,
-        Some(f) => Some(load_ca_file(Path::new(f)).map_err(|m| b.err("genesys.ca_file", m))?),
-    };
-    Ok(UpstreamSettings {
-        token_url,
-        api,
-        watch_secret_files: g.watch_secret_files.unwrap_or(true),
-        ca_certs,
-    })
-}
-
-/// Client id and secrets; each secret is read now so a bad one fails the load.
-fn credentials(b: &mut Builder, g: GenesysSection) -> Built<CredentialSettings> {
-    let client_id = g.client_id.unwrap_or_default();
-    if client_id.trim().is_empty() {
-        return Err(b.err("genesys.client_id", "is required and must not be empty"));
-    }
-    if client_id.contains(':') {
-        return Err(b.err("genesys.client_id", "must not contain ':'"));
-    }
-    let secret_ref = g.client_secret.ok_or_else(|| {
-        b.err(
-            "genesys.client_secret",
-            "is required: { env = \"NAME\" } or { file = \"/path\" }",
-        )
-    })?;
-    let (client_secret, client_secret_source) = secret(b, secret_ref, "genesys.client_secret")?;
-    let (previous_client_secret, previous_client_secret_source) = match g.previous_client_secret {
-        None => (None, None),
-        Some(r) => {
-            let (s, src) = secret(b, r, "genesys.previous_client_secret")?;
-            (Some(s), Some(src))
-        }
-    };
-    Ok(CredentialSettings {
-        client_id,
-        client_secret,
-        client_secret_source,
-        previous_client_secret,
-        previous_client_secret_source,
-    })
-}
-
-fn secret(
+pub(super) fn secret(
     b: &mut Builder,
     r: super::file::SecretRef,
     key: &str,
@@ -314,8 +233,18 @@ fn secret(
     Ok((secret, source))
 }
 
-fn token(b: &Builder, t: TokenSection) -> Built<(TokenRestart, TokenLive)> {
-    let validation = match t.validation.as_deref().unwrap_or("tokens_me") {
+fn token(b: &Builder, t: TokenSection, issuer: IssuerKind) -> Built<(TokenRestart, TokenLive)> {
+    // Genesys tokens are opaque (checked with tokens/me); another issuer's are JWTs checked
+    // against its JWKS unless the user says "none".
+    let default = match issuer {
+        IssuerKind::Genesys => "tokens_me",
+        IssuerKind::OAuth => "jwks",
+    };
+    let validation = match t.validation.as_deref().unwrap_or(default) {
+        "tokens_me" if issuer == IssuerKind::OAuth => return Err(b.err(
+            "token.validation",
+            "\"tokens_me\" asks Genesys's /api/v2/tokens/me; with [oauth] use \"jwks\" or \"none\"",
+        )),
         "tokens_me" => Validation::TokensMe,
         "jwks" => Validation::Jwks,
         "none" => Validation::None,
@@ -372,13 +301,24 @@ fn jwks(
     if validation != Validation::Jwks {
         return Ok(None);
     }
-    let url = t.jwks_url.as_deref().ok_or_else(|| {
-        b.err(
-            "token.jwks_url",
-            "is required with validation = \"jwks\" (discovery from token.issuer is not supported yet)",
-        )
-    })?;
-    let url = parse_url(url).map_err(|m| b.err("token.jwks_url", m))?;
+    // Without jwks_url the keys are found through {issuer}/.well-known/openid-configuration.
+    let url = match (&t.jwks_url, &t.issuer) {
+        (Some(url), _) => crate::token::jwks::KeySource::Url(
+            parse_url(url).map_err(|m| b.err("token.jwks_url", m))?,
+        ),
+        (None, Some(issuer)) => {
+            let discovery = crate::token::jwks::discovery_url(issuer)
+                .and_then(|u| parse_url(u.as_str()))
+                .map_err(|m| b.err("token.issuer", format!("cannot discover the JWKS: {m}")))?;
+            crate::token::jwks::KeySource::Discover(discovery)
+        }
+        (None, None) => {
+            return Err(b.err(
+                "token.jwks_url",
+                "validation = \"jwks\" needs token.jwks_url, or token.issuer to discover it",
+            ))
+        }
+    };
     let names = t.algorithms.clone().unwrap_or_else(|| vec!["RS256".into()]);
     if names.is_empty() {
         return Err(b.err("token.algorithms", "must list at least one algorithm"));
@@ -400,7 +340,7 @@ fn jwks(
         algorithms.push(alg);
     }
     Ok(Some(crate::token::jwks::JwksSettings {
-        url,
+        keys: url,
         issuer: t.issuer.clone(),
         audience: t.audience.clone(),
         algorithms,

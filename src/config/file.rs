@@ -11,6 +11,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub admin: AdminSection,
     pub genesys: Option<GenesysSection>,
+    /// Any other OAuth2 client-credentials issuer, instead of `[genesys]`.
+    pub oauth: Option<OAuthSection>,
     #[serde(default)]
     pub token: TokenSection,
     #[serde(default)]
@@ -92,6 +94,23 @@ pub struct GenesysSection {
     pub client_secret: Option<SecretRef>,
     pub previous_client_secret: Option<SecretRef>,
     pub watch_secret_files: Option<bool>,
+    pub ca_file: Option<String>,
+}
+
+/// `[oauth]`: a generic OAuth2 issuer (RFC 6749 client-credentials grant).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthSection {
+    pub token_url: Option<String>,
+    pub api_url: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<SecretRef>,
+    pub previous_client_secret: Option<SecretRef>,
+    pub watch_secret_files: Option<bool>,
+    pub auth_method: Option<String>,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    pub extra_params: Option<std::collections::BTreeMap<String, String>>,
     pub ca_file: Option<String>,
 }
 

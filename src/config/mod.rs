@@ -8,12 +8,15 @@ pub mod file;
 pub mod keyed;
 pub mod model;
 mod policy;
-mod value;
+mod upstream;
+pub(crate) mod value;
 
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_classes;
+#[cfg(test)]
+mod tests_oauth;
 
 use std::path::{Path, PathBuf};
 

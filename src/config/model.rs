@@ -94,16 +94,68 @@ keyed_struct! {
 }
 
 keyed_struct! {
-    /// Where tokens come from and requests go: fixed for the life of the process.
+    /// Where tokens come from and requests go: fixed for the life of the process. From
+    /// `[genesys]` or, for any other OAuth2 issuer, `[oauth]`.
     pub struct UpstreamSettings {
-        /// `https://login.<domain>/oauth/token`.
-        pub token_url: Url => "genesys.login_url" | "genesys.region",
-        pub api: ApiTarget => "genesys.api_url",
+        /// `https://login.<domain>/oauth/token`, or `oauth.token_url`.
+        pub token_url: Url => "genesys.login_url" | "genesys.region" | "oauth.token_url",
+        pub api: ApiTarget => "genesys.api_url" | "oauth.api_url",
         /// Reload when a secret file changes (the directory is watched: Kubernetes swaps a
         /// symlink).
-        pub watch_secret_files: bool => "genesys.watch_secret_files",
+        pub watch_secret_files: bool => "genesys.watch_secret_files" | "oauth.watch_secret_files",
         /// `ca_file`: when set, the only CAs trusted for the login and API hosts (DER).
-        pub ca_certs: Option<Vec<Vec<u8>>> => "genesys.ca_file",
+        pub ca_certs: Option<Vec<Vec<u8>>> => "genesys.ca_file" | "oauth.ca_file",
+        /// How the grant request is made.
+        pub grant: Grant => "oauth.auth_method" | "oauth.scope" | "oauth.audience" | "oauth.extra_params",
+    }
+}
+
+/// Which section configured the issuer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IssuerKind {
+    /// `[genesys]`: Basic auth with the raw id and secret, a form with `grant_type` only
+    /// (GENESYS.md), opaque tokens checked with `tokens/me`.
+    Genesys,
+    /// `[oauth]`: RFC 6749 client authentication, optional scope/audience/extra parameters.
+    OAuth,
+}
+
+impl IssuerKind {
+    /// The config section that names this issuer's keys.
+    pub fn section(self) -> &'static str {
+        match self {
+            IssuerKind::Genesys => "genesys",
+            IssuerKind::OAuth => "oauth",
+        }
+    }
+}
+
+/// How the client authenticates at the token endpoint (`oauth.auth_method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// `Authorization: Basic` (RFC 6749 §2.3.1).
+    ClientSecretBasic,
+    /// `client_id` and `client_secret` in the form body.
+    ClientSecretPost,
+}
+
+/// The client-credentials request: how to authenticate and which form parameters to add.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub issuer: IssuerKind,
+    pub auth_method: AuthMethod,
+    /// Added after `grant_type`: `scope`, `audience`, then `extra_params` in key order.
+    pub params: Vec<(String, String)>,
+}
+
+impl Grant {
+    /// Genesys's grant: Basic auth, nothing but `grant_type`.
+    pub fn genesys() -> Self {
+        Grant {
+            issuer: IssuerKind::Genesys,
+            auth_method: AuthMethod::ClientSecretBasic,
+            params: Vec::new(),
+        }
     }
 }
 
@@ -111,10 +163,10 @@ keyed_struct! {
     /// The client credentials. A change goes to the refresher, which mints and validates with
     /// the new secret before anything is swapped.
     pub struct CredentialSettings {
-        pub client_id: String => "genesys.client_id",
-        pub client_secret: Secret => "genesys.client_secret",
+        pub client_id: String => "genesys.client_id" | "oauth.client_id",
+        pub client_secret: Secret => "genesys.client_secret" | "oauth.client_secret",
         pub client_secret_source: SecretSource => "genesys.client_secret",
-        pub previous_client_secret: Option<Secret> => "genesys.previous_client_secret",
+        pub previous_client_secret: Option<Secret> => "genesys.previous_client_secret" | "oauth.previous_client_secret",
         pub previous_client_secret_source: Option<SecretSource> => "genesys.previous_client_secret",
     }
 }
@@ -293,7 +345,12 @@ impl Diff {
         let (oc, nc) = (&old.credentials, &new.credentials);
         Diff {
             applied: old.live.diff(&new.live),
-            restart_required: old.restart.diff(&new.restart),
+            restart_required: old
+                .restart
+                .diff(&new.restart)
+                .into_iter()
+                .map(|k| in_section(new.restart.genesys.grant.issuer, k))
+                .collect(),
             credentials: oc.client_id != nc.client_id || oc.client_secret != nc.client_secret,
             previous_secret: oc.previous_client_secret != nc.previous_client_secret,
         }
@@ -304,5 +361,20 @@ impl Diff {
             && self.restart_required.is_empty()
             && !self.credentials
             && !self.previous_secret
+    }
+}
+
+/// A key as the user wrote it: the upstream keys are declared under `genesys.`; with
+/// `[oauth]` they are reported under the `oauth.` names.
+fn in_section(issuer: IssuerKind, key: &'static str) -> &'static str {
+    if issuer == IssuerKind::Genesys {
+        return key;
+    }
+    match key {
+        "genesys.login_url" | "genesys.region" => "oauth.token_url",
+        "genesys.api_url" => "oauth.api_url",
+        "genesys.watch_secret_files" => "oauth.watch_secret_files",
+        "genesys.ca_file" => "oauth.ca_file",
+        other => other,
     }
 }

@@ -32,7 +32,7 @@ pub(super) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// Parses a base URL; plain `http` is accepted only for loopback hosts (the simulator).
-pub(super) fn parse_url(s: &str) -> Result<Url, String> {
+pub(crate) fn parse_url(s: &str) -> Result<Url, String> {
     let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
     let host = url.host_str().ok_or_else(|| format!("{s:?} has no host"))?;
     match url.scheme() {
@@ -45,7 +45,7 @@ pub(super) fn parse_url(s: &str) -> Result<Url, String> {
     }
 }
 
-pub(super) fn is_loopback_host(host: &str) -> bool {
+pub(crate) fn is_loopback_host(host: &str) -> bool {
     let host = host.trim_matches(|c| c == '[' || c == ']');
     host.eq_ignore_ascii_case("localhost")
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())

@@ -29,6 +29,8 @@ pub fn router() -> Router<Arc<SimState>> {
         .route("/latency", put(latency))
         .route("/token-lifetime", put(token_lifetime))
         .route("/rotate-signing-key", post(rotate_signing_key))
+        .route("/hostile-tokens", post(hostile_tokens))
+        .route("/last-token-request", get(last_token_request))
         .route("/stats", get(stats))
         .route("/issued-tokens", get(issued_tokens))
         .layer(middleware::from_fn(loopback_only))
@@ -215,6 +217,40 @@ async fn rotate_signing_key(State(state): State<Arc<SimState>>) -> Response {
             "signing keys exist only with --token-format jwt",
         ),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostileBody {
+    kind: super::jwt::Hostile,
+    #[serde(default = "one")]
+    count: u64,
+}
+
+/// Queues hostile tokens (JWT mode): the next `count` grants issue a token of `kind`.
+async fn hostile_tokens(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
+    let body: HostileBody = match parse(&body) {
+        Ok(b) => b,
+        Err(reason) => return bad(StatusCode::BAD_REQUEST, &reason),
+    };
+    if state.config.token_format != super::TokenFormat::Jwt {
+        return bad(
+            StatusCode::CONFLICT,
+            "hostile tokens exist only with --token-format jwt",
+        );
+    }
+    if body.count == 0 || body.count > 1000 {
+        return bad(StatusCode::BAD_REQUEST, "count must be between 1 and 1000");
+    }
+    state.keys.push_hostile(body.kind, body.count);
+    ok(serde_json::json!({ "kind": body.kind, "count": body.count }))
+}
+
+/// The last token request's authentication method and parameters (JWT mode; never the
+/// secret).
+async fn last_token_request(State(state): State<Arc<SimState>>) -> Response {
+    let last = crate::sync::lock(&state.last_token_request).clone();
+    ok(last.unwrap_or(serde_json::Value::Null))
 }
 
 async fn stats(State(state): State<Arc<SimState>>) -> Response {

@@ -2,17 +2,21 @@
 //!
 //! Real Genesys tokens are opaque; the JWT mode exists so the proxy's `jwks` validation (for
 //! generic OAuth2 issuers) can be tested. A rotated-out key stays published for
-//! [`ROTATION_GRACE`] so tokens signed just before a rotation still verify.
+//! [`ROTATION_GRACE`] so tokens signed just before a rotation still verify. The control API can
+//! queue [`Hostile`] tokens: forged or wrong ones a validating client must refuse.
 
-use std::sync::Mutex;
+use std::collections::VecDeque;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rsa::pkcs1::EncodeRsaPrivateKey;
+use rsa::pkcs8::EncodePublicKey;
 use rsa::traits::PublicKeyParts;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 use crate::sync::lock;
 
@@ -24,26 +28,44 @@ struct Key {
     encoding: EncodingKey,
     n: String,
     e: String,
+    /// The public key as PEM: what an algorithm-confusion attacker uses as an HMAC secret.
+    public_pem: String,
     retired_at: Option<Instant>,
+}
+
+/// A token a validating client must refuse, issued instead of a good one when queued with
+/// `POST /__sim/hostile-tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hostile {
+    /// `alg: none`, no signature.
+    AlgNone,
+    /// HS256 with the RSA public key (PEM) as the HMAC secret: algorithm confusion.
+    Hs256PublicKey,
+    /// Signed by a key the JWKS does not publish, under a `kid` it does not know.
+    UnknownKid,
+    /// Signed by an unpublished key under the published key's `kid`.
+    BadSignature,
+    /// `exp` an hour ago.
+    Expired,
+    /// `iss` of another issuer.
+    WrongIssuer,
+    /// `aud` of another API.
+    WrongAudience,
+    /// No `exp` claim at all.
+    NoExp,
 }
 
 /// The simulator's signing keys; empty unless the JWT mode is on.
 pub struct SigningKeys {
     keys: Mutex<Vec<Key>>,
+    issuer: OnceLock<String>,
+    hostile: Mutex<VecDeque<(Hostile, u64)>>,
 }
 
-#[derive(Serialize)]
-struct Claims<'a> {
-    iss: &'a str,
-    sub: &'a str,
-    aud: &'a str,
-    iat: u64,
-    exp: u64,
-    jti: String,
-}
-
-/// Issuer and audience the simulator puts in its JWTs.
-pub const ISSUER: &str = "genesys-cloud-simulator";
+/// The issuer the simulator names until [`SigningKeys::set_issuer`] gives it its URL.
+pub const DEFAULT_ISSUER: &str = "genesys-cloud-simulator";
+/// The audience the simulator puts in its JWTs.
 pub const AUDIENCE: &str = "genesys-cloud-api";
 
 impl SigningKeys {
@@ -55,28 +77,57 @@ impl SigningKeys {
         };
         SigningKeys {
             keys: Mutex::new(keys),
+            issuer: OnceLock::new(),
+            hostile: Mutex::new(VecDeque::new()),
         }
     }
 
-    /// Signs a token for `client_id` valid for `lifetime` seconds with the newest key.
-    pub fn sign(&self, client_id: &str, lifetime: u64) -> Option<String> {
+    /// The simulator's base URL becomes its issuer (`iss`, and the discovery document's).
+    pub fn set_issuer(&self, url: String) {
+        let _ = self.issuer.set(url);
+    }
+
+    pub fn issuer(&self) -> &str {
+        self.issuer.get().map_or(DEFAULT_ISSUER, String::as_str)
+    }
+
+    /// Queues `count` hostile tokens of `kind`, issued before any good one.
+    pub fn push_hostile(&self, kind: Hostile, count: u64) {
+        lock(&self.hostile).push_back((kind, count));
+    }
+
+    fn next_hostile(&self) -> Option<Hostile> {
+        let mut queue = lock(&self.hostile);
+        let (kind, left) = queue.front_mut()?;
+        let kind = *kind;
+        *left -= 1;
+        if *left == 0 {
+            queue.pop_front();
+        }
+        Some(kind)
+    }
+
+    /// Signs a token for `client_id` valid for `lifetime` seconds with the newest key, or a
+    /// queued hostile one (named in the answer).
+    pub fn sign(&self, client_id: &str, lifetime: u64) -> Option<(String, Option<Hostile>)> {
+        let hostile = self.next_hostile();
         let keys = lock(&self.keys);
         let key = keys.last()?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
+        let mut claims = json!({
+            "iss": self.issuer(), "sub": client_id, "aud": AUDIENCE,
+            "iat": now, "exp": now + lifetime, "jti": super::random_token(),
+        });
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some(key.kid.clone());
-        let claims = Claims {
-            iss: ISSUER,
-            sub: client_id,
-            aud: AUDIENCE,
-            iat: now,
-            exp: now + lifetime,
-            jti: super::random_token(),
+        let token = match hostile {
+            None => jsonwebtoken::encode(&header, &claims, &key.encoding).ok()?,
+            Some(kind) => hostile_token(kind, header, &mut claims, key, now)?,
         };
-        jsonwebtoken::encode(&header, &claims, &key.encoding).ok()
+        Some((token, hostile))
     }
 
     /// Adds a new signing key; the previous ones stay published for the grace period.
@@ -121,6 +172,52 @@ impl SigningKeys {
     }
 }
 
+/// A token of `kind`, from a good header and claims.
+fn hostile_token(
+    kind: Hostile,
+    mut header: Header,
+    claims: &mut Value,
+    key: &Key,
+    now: u64,
+) -> Option<String> {
+    let encode = |header: &Header, claims: &Value, with: &EncodingKey| {
+        jsonwebtoken::encode(header, claims, with).ok()
+    };
+    match kind {
+        Hostile::AlgNone => {
+            let header = json!({"alg": "none", "typ": "JWT", "kid": key.kid});
+            let part = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
+            Some(format!("{}.{}.", part(&header), part(claims)))
+        }
+        Hostile::Hs256PublicKey => {
+            header.alg = Algorithm::HS256;
+            let secret = EncodingKey::from_secret(key.public_pem.as_bytes());
+            encode(&header, claims, &secret)
+        }
+        Hostile::UnknownKid | Hostile::BadSignature => {
+            let forger = generate();
+            if kind == Hostile::UnknownKid {
+                header.kid = Some(forger.kid.clone());
+            }
+            encode(&header, claims, &forger.encoding)
+        }
+        Hostile::Expired | Hostile::WrongIssuer | Hostile::WrongAudience | Hostile::NoExp => {
+            match kind {
+                Hostile::Expired => {
+                    claims["iat"] = json!(now - 7200);
+                    claims["exp"] = json!(now - 3600);
+                }
+                Hostile::WrongIssuer => claims["iss"] = json!("https://attacker.example"),
+                Hostile::WrongAudience => claims["aud"] = json!("https://another-api.example"),
+                _ => {
+                    claims.as_object_mut()?.remove("exp");
+                }
+            }
+            encode(&header, claims, &key.encoding)
+        }
+    }
+}
+
 fn generate() -> Key {
     let mut rng = rand08::rngs::OsRng;
     // 2048 bits is what real issuers use; the dev profile optimises the `rsa` crate so this
@@ -130,12 +227,17 @@ fn generate() -> Key {
     let encoding = EncodingKey::from_rsa_der(der.as_bytes());
     let n = URL_SAFE_NO_PAD.encode(private.n().to_bytes_be());
     let e = URL_SAFE_NO_PAD.encode(private.e().to_bytes_be());
+    let public_pem = private
+        .to_public_key()
+        .to_public_key_pem(rsa::pkcs8::LineEnding::LF)
+        .expect("SPKI encoding"); // ok: infallible for a valid key
     let kid = super::random_token()[..16].to_string();
     Key {
         kid,
         encoding,
         n,
         e,
+        public_pem,
         retired_at: None,
     }
 }

@@ -107,7 +107,9 @@ pub fn start(config: SimConfig, listener: TcpListener) -> std::io::Result<SimHan
     } else {
         None
     };
+    let scheme = if config.tls { "https" } else { "http" };
     let state = Arc::new(SimState::new(config));
+    state.keys.set_issuer(format!("{scheme}://{addr}"));
     let app = router(state.clone());
     let cert_pem = cert.as_ref().map(|c| c.cert_pem.clone());
     let task = match cert {
@@ -131,6 +133,10 @@ fn router(state: Arc<SimState>) -> Router {
     Router::new()
         .route("/oauth/token", post(oauth::token))
         .route("/.well-known/jwks.json", get(oauth::jwks))
+        .route(
+            "/.well-known/openid-configuration",
+            get(oauth::discovery),
+        )
         .nest("/__sim", control::router())
         .route("/api/v2/{*rest}", any(api::handle))
         .fallback(not_found)

@@ -3,6 +3,11 @@
 //! Answers follow GENESYS.md: wrong credentials are 401 `invalid_client`; throttling is **400**
 //! `invalid_request` with a description starting `rate limit exceeded;`; JSON bodies and
 //! credentials in the form are not accepted.
+//!
+//! With `--token-format jwt` the simulator stands for a generic OAuth2 issuer instead (Genesys
+//! tokens are opaque): it also takes `client_secret_post`, form-decodes Basic credentials as
+//! RFC 6749 §2.3.1 says, publishes an OpenID discovery document, and keeps the last token
+//! request's parameters (never the secret) for `GET /__sim/last-token-request`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,11 +59,15 @@ fn bad_request((outcome, error, description): BadRequest) -> Answer {
 
 /// Runs the grant and returns the stats outcome with the answer.
 fn grant(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Answer {
-    if let Err(refused) = client_credentials_request(headers, body) {
-        return bad_request(refused);
-    }
-    let Some((client_id, secret)) = basic_credentials(headers) else {
-        return ("invalid_client", invalid_client());
+    let form = match client_credentials_request(headers, body) {
+        Ok(form) => form,
+        Err(refused) => return bad_request(refused),
+    };
+    let generic = state.config.token_format == TokenFormat::Jwt;
+    let (client_id, secret) = match client_credentials(state, headers, &form, generic) {
+        Ok(Some(pair)) => pair,
+        Ok(None) => return ("invalid_client", invalid_client()),
+        Err(refused) => return bad_request(refused),
     };
     if state.token_rate_limited(&client_id, Instant::now()) {
         return ("rate_limited", rate_limited());
@@ -72,7 +81,7 @@ fn grant(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Answer {
     let token = match state.config.token_format {
         TokenFormat::Opaque => super::random_token(),
         TokenFormat::Jwt => match state.keys.sign(&client_id, lifetime) {
-            Some(t) => t,
+            Some((t, _hostile)) => t,
             None => {
                 let error = oauth_error(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -93,8 +102,62 @@ fn grant(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Answer {
     ("success", answer)
 }
 
-/// Checks the request is a form-encoded client-credentials grant, as Genesys requires.
-fn client_credentials_request(headers: &HeaderMap, body: &[u8]) -> Result<(), BadRequest> {
+/// The client's id and secret: Basic only for Genesys; Basic (form-decoded) or the form's
+/// `client_id`/`client_secret` for a generic issuer, never both (RFC 6749 §2.3). A generic
+/// request's parameters are recorded first.
+fn client_credentials(
+    state: &SimState,
+    headers: &HeaderMap,
+    form: &[(String, String)],
+    generic: bool,
+) -> Result<Option<(String, String)>, BadRequest> {
+    let basic = basic_credentials(headers);
+    if !generic {
+        return Ok(basic);
+    }
+    let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let posted = field("client_id").zip(field("client_secret"));
+    let method = match (&basic, &posted) {
+        (Some(_), Some(_)) => {
+            return Err((
+                "invalid_request",
+                "invalid_request",
+                "more than one client authentication method",
+            ))
+        }
+        (Some(_), None) => "client_secret_basic",
+        (None, Some(_)) => "client_secret_post",
+        (None, None) => "none",
+    };
+    let params: serde_json::Map<String, serde_json::Value> = form
+        .iter()
+        .filter(|(k, _)| k != "client_secret")
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    *crate::sync::lock(&state.last_token_request) = Some(serde_json::json!({
+        "auth_method": method,
+        "params": params,
+        "client_secret_in_form": field("client_secret").is_some(),
+    }));
+    Ok(basic
+        .map(|(id, secret)| (form_decode(&id), form_decode(&secret)))
+        .or(posted))
+}
+
+/// Undoes `application/x-www-form-urlencoded` encoding of one value.
+fn form_decode(s: &str) -> String {
+    form_urlencoded::parse(format!("v={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// Checks the request is a form-encoded client-credentials grant, as Genesys requires, and
+/// returns its parameters.
+fn client_credentials_request(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Vec<(String, String)>, BadRequest> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -111,7 +174,7 @@ fn client_credentials_request(headers: &HeaderMap, body: &[u8]) -> Result<(), Ba
         .map_err(|_| ("invalid_request", "invalid_request", "malformed form body"))?;
     let grant_type = form.iter().find(|(k, _)| k == "grant_type");
     match grant_type.map(|(_, v)| v.as_str()) {
-        Some("client_credentials") => Ok(()),
+        Some("client_credentials") => Ok(form),
         Some(_) => Err((
             "unsupported_grant_type",
             "unsupported_grant_type",
@@ -165,6 +228,27 @@ pub async fn jwks(State(state): State<Arc<SimState>>) -> Response {
         );
     }
     Json(state.keys.jwks()).into_response()
+}
+
+/// `GET /.well-known/openid-configuration` (JWT mode): where a client discovers the JWKS.
+pub async fn discovery(State(state): State<Arc<SimState>>) -> Response {
+    if state.config.token_format != TokenFormat::Jwt {
+        return super::genesys_error(
+            StatusCode::NOT_FOUND,
+            "not.found",
+            "discovery is only published with --token-format jwt",
+        );
+    }
+    let issuer = state.keys.issuer();
+    Json(serde_json::json!({
+        "issuer": issuer,
+        "token_endpoint": format!("{issuer}/oauth/token"),
+        "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
+        "grant_types_supported": ["client_credentials"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+    }))
+    .into_response()
 }
 
 /// `Authorization: Basic base64(id:secret)` → `(id, secret)`.

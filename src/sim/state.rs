@@ -97,6 +97,8 @@ pub struct SimState {
     /// API calls being served right now (lets tests see a request is in flight).
     pub api_in_flight: AtomicU64,
     pub keys: SigningKeys,
+    /// JWT mode: the last token request as received, without the secret.
+    pub last_token_request: Mutex<Option<serde_json::Value>>,
 }
 
 /// The token endpoint's throttling window (the API's is `SimConfig::api_rate_limit_window`).
@@ -125,6 +127,7 @@ impl SimState {
             token_lifetime_seconds: AtomicU64::new(lifetime),
             api_in_flight: AtomicU64::new(0),
             keys,
+            last_token_request: Mutex::new(None),
         }
     }
 

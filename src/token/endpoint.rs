@@ -1,8 +1,11 @@
-//! The HTTP client for the Genesys token endpoint and for token validation.
+//! The HTTP client for the token endpoint and for token validation.
 //!
-//! `POST /oauth/token` with `Authorization: Basic`, a form body `grant_type=client_credentials`
-//! and nothing else (GENESYS.md). Every failure is classified into one of the outcomes the
-//! metrics and audit log use. Error messages never contain a secret or a token.
+//! Genesys: `POST /oauth/token` with `Authorization: Basic base64(id:secret)`, a form body
+//! `grant_type=client_credentials` and nothing else (GENESYS.md). `[oauth]` issuers: RFC 6749
+//! §2.3.1 client authentication (`client_secret_basic` form-encodes id and secret before
+//! base64; `client_secret_post` puts them in the form), plus `scope`, `audience` and
+//! `extra_params`. Every failure is classified into one of the outcomes the metrics and audit
+//! log use. Error messages never contain a secret or a token.
 
 use std::time::Duration;
 
@@ -12,6 +15,7 @@ use reqwest::{header, StatusCode, Url};
 use serde::Deserialize;
 
 use super::secret::Secret;
+use crate::config::model::{AuthMethod, Grant, IssuerKind, UpstreamSettings};
 
 /// What a token call can come to. The names are the `outcome` label values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -20,8 +24,8 @@ pub enum MintError {
     InvalidClient,
     #[error("the token endpoint is throttling this client (rate limit exceeded)")]
     RateLimited,
-    #[error("the token endpoint answered HTTP {0}")]
-    ServerError(u16),
+    #[error("the token endpoint answered HTTP {0}{1}")]
+    ServerError(u16, OAuthCode),
     #[error("network error talking to the token endpoint: {0}")]
     Network(String),
     #[error("unusable token response: {0}")]
@@ -36,10 +40,25 @@ impl MintError {
         match self {
             MintError::InvalidClient => "invalid_client",
             MintError::RateLimited => "rate_limited",
-            MintError::ServerError(_) => "server_error",
+            MintError::ServerError(..) => "server_error",
             MintError::Network(_) => "network_error",
             MintError::InvalidResponse(_) => "invalid_response",
             MintError::ValidationFailed(_) => "validation_failed",
+        }
+    }
+}
+
+/// The OAuth `error` code of a refused request (RFC 6749 §5.2, e.g. `invalid_scope`), shown
+/// after the status; empty when the answer had none. Never the description, which an issuer
+/// may fill with anything.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OAuthCode(pub Option<String>);
+
+impl std::fmt::Display for OAuthCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(code) => write!(f, " ({code})"),
+            None => Ok(()),
         }
     }
 }
@@ -48,7 +67,8 @@ impl MintError {
 #[derive(Debug)]
 pub struct Minted {
     pub access_token: Secret,
-    pub expires_in: Duration,
+    /// `expires_in`; an `[oauth]` issuer may leave it out when the token is a JWT with `exp`.
+    pub expires_in: Option<Duration>,
 }
 
 /// Token endpoint and API base, with one pooled HTTP client.
@@ -56,7 +76,9 @@ pub struct Minted {
 pub struct TokenEndpoint {
     client: reqwest::Client,
     token_url: Url,
-    tokens_me_url: Url,
+    grant: Grant,
+    /// Genesys only: `GET /api/v2/tokens/me?preserveIdleTTL=true`.
+    tokens_me_url: Option<Url>,
 }
 
 #[derive(Deserialize)]
@@ -74,24 +96,27 @@ struct OAuthError {
 }
 
 impl TokenEndpoint {
-    /// `ca_certs` (DER), when given, are the only trusted CAs (the `genesys.ca_file` key).
+    /// The endpoint of `upstream` (token URL, grant, API base, `ca_file`) with these timeouts.
     pub fn new(
-        token_url: Url,
-        api_base: &str,
+        upstream: &UpstreamSettings,
         connect_timeout: Duration,
         request_timeout: Duration,
-        ca_certs: Option<&[Vec<u8>]>,
     ) -> Result<Self, String> {
-        let tokens_me_url =
-            Url::parse(&format!("{api_base}/api/v2/tokens/me?preserveIdleTTL=true"))
-                .map_err(|e| format!("bad API URL: {e}"))?;
+        let api_base = upstream.api.base_url();
+        let tokens_me_url = match upstream.grant.issuer {
+            IssuerKind::Genesys => Some(
+                Url::parse(&format!("{api_base}/api/v2/tokens/me?preserveIdleTTL=true"))
+                    .map_err(|e| format!("bad API URL: {e}"))?,
+            ),
+            IssuerKind::OAuth => None,
+        };
         let mut builder = reqwest::Client::builder();
-        if let Some(certs) = ca_certs {
+        if let Some(certs) = &upstream.ca_certs {
             let certs = certs
                 .iter()
                 .map(|der| reqwest::Certificate::from_der(der))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("genesys.ca_file: {e}"))?;
+                .map_err(|e| format!("{}.ca_file: {e}", upstream.grant.issuer.section()))?;
             builder = builder.tls_certs_only(certs);
         }
         let client = builder
@@ -103,7 +128,8 @@ impl TokenEndpoint {
             .map_err(|e| format!("cannot build HTTP client: {e}"))?;
         Ok(TokenEndpoint {
             client,
-            token_url,
+            token_url: upstream.token_url.clone(),
+            grant: upstream.grant.clone(),
             tokens_me_url,
         })
     }
@@ -111,13 +137,7 @@ impl TokenEndpoint {
     /// The endpoint a validated config describes (token URL, API base, timeouts, `ca_file`).
     pub fn for_config(config: &crate::config::Config) -> Result<Self, String> {
         let r = &config.restart;
-        Self::new(
-            r.genesys.token_url.clone(),
-            &r.genesys.api.base_url(),
-            r.token.connect_timeout,
-            r.token.request_timeout,
-            r.genesys.ca_certs.as_deref(),
-        )
+        Self::new(&r.genesys, r.token.connect_timeout, r.token.request_timeout)
     }
 
     /// The HTTP client (timeouts, `ca_file`), shared with the JWKS fetches.
@@ -127,16 +147,29 @@ impl TokenEndpoint {
 
     /// Runs the client-credentials grant once.
     pub async fn mint(&self, client_id: &str, secret: &Secret) -> Result<Minted, MintError> {
-        let basic = STANDARD.encode(format!("{client_id}:{}", secret.expose()));
-        let mut auth = header::HeaderValue::from_str(&format!("Basic {basic}"))
-            .map_err(|_| MintError::InvalidResponse("credentials are not a valid header".into()))?;
-        auth.set_sensitive(true);
-        let response = self
+        let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
+        let mut request = self
             .client
             .post(self.token_url.clone())
-            .header(header::AUTHORIZATION, auth)
-            .header(header::ACCEPT, "application/json")
-            .form(&[("grant_type", "client_credentials")])
+            .header(header::ACCEPT, "application/json");
+        match self.grant.auth_method {
+            AuthMethod::ClientSecretBasic => {
+                let auth = basic_auth(self.grant.issuer, client_id, secret)?;
+                request = request.header(header::AUTHORIZATION, auth);
+            }
+            AuthMethod::ClientSecretPost => {
+                form.push(("client_id", client_id));
+                form.push(("client_secret", secret.expose()));
+            }
+        }
+        form.extend(
+            self.grant
+                .params
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        let response = request
+            .form(&form)
             .send()
             .await
             .map_err(|e| MintError::Network(describe(&e)))?;
@@ -150,6 +183,11 @@ impl TokenEndpoint {
 
     /// Checks a new token with `GET /api/v2/tokens/me?preserveIdleTTL=true`.
     pub async fn validate(&self, token: &Secret) -> Result<(), MintError> {
+        if self.tokens_me_url.is_none() {
+            return Err(MintError::ValidationFailed(
+                "validation = \"tokens_me\" needs [genesys]".into(),
+            ));
+        }
         let mut bearer = header::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
             .map_err(|_| MintError::InvalidResponse("token is not a valid header value".into()))?;
         bearer.set_sensitive(true);
@@ -165,19 +203,26 @@ impl TokenEndpoint {
     }
 
     /// Is a held token still accepted? False only for a 401: anything else (network, 5xx,
-    /// 429) says nothing about the token.
+    /// 429) says nothing about the token. An `[oauth]` API has no such call: its tokens are
+    /// taken as accepted until a request of their own meets a 401 (and is replayed).
     pub async fn still_accepted(&self, bearer: &header::HeaderValue) -> bool {
-        !matches!(
-            self.tokens_me(bearer.clone()).await,
-            Ok(StatusCode::UNAUTHORIZED)
-        )
+        self.tokens_me_url.is_none()
+            || !matches!(
+                self.tokens_me(bearer.clone()).await,
+                Ok(StatusCode::UNAUTHORIZED)
+            )
     }
 
     /// `GET /api/v2/tokens/me?preserveIdleTTL=true` with `bearer`: the answer's status.
     async fn tokens_me(&self, bearer: header::HeaderValue) -> Result<StatusCode, MintError> {
+        let Some(url) = self.tokens_me_url.clone() else {
+            return Err(MintError::ValidationFailed(
+                "no tokens/me with [oauth]".into(),
+            ));
+        };
         let response = self
             .client
-            .get(self.tokens_me_url.clone())
+            .get(url)
             .header(header::AUTHORIZATION, bearer)
             .send()
             .await
@@ -203,15 +248,20 @@ pub fn classify(status: StatusCode, body: &[u8]) -> Result<Minted, MintError> {
                 )));
             }
         }
-        let expires_in = match parsed.expires_in {
+        let raw = parsed.expires_in.filter(|v| !v.is_null());
+        let expires_in = match &raw {
             Some(serde_json::Value::Number(n)) => n.as_f64(),
             Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
             _ => None,
+        };
+        if raw.is_some() && expires_in.is_none() {
+            return Err(MintError::InvalidResponse(
+                "expires_in is not a number".into(),
+            ));
         }
-        .ok_or_else(|| MintError::InvalidResponse("no numeric expires_in".into()))?;
-        if !(expires_in.is_finite() && expires_in >= 1.0) {
+        if let Some(e) = expires_in.filter(|e| !(e.is_finite() && *e >= 1.0)) {
             return Err(MintError::InvalidResponse(format!(
-                "expires_in {expires_in} is not positive"
+                "expires_in {e} is not positive"
             )));
         }
         if header::HeaderValue::from_str(&token).is_err() {
@@ -221,7 +271,7 @@ pub fn classify(status: StatusCode, body: &[u8]) -> Result<Minted, MintError> {
         }
         return Ok(Minted {
             access_token: Secret::new(token),
-            expires_in: Duration::from_secs_f64(expires_in.min(10.0 * 86_400.0)),
+            expires_in: expires_in.map(|e| Duration::from_secs_f64(e.min(10.0 * 86_400.0))),
         });
     }
     let oauth: Option<OAuthError> = serde_json::from_slice(body).ok();
@@ -243,7 +293,32 @@ pub fn classify(status: StatusCode, body: &[u8]) -> Result<Minted, MintError> {
     {
         return Err(MintError::RateLimited);
     }
-    Err(MintError::ServerError(status.as_u16()))
+    let code =
+        (!error.is_empty() && error.len() <= 64 && error.bytes().all(|c| c.is_ascii_graphic()))
+            .then(|| error.to_string());
+    Err(MintError::ServerError(status.as_u16(), OAuthCode(code)))
+}
+
+/// `Authorization: Basic …`, marked sensitive. Genesys takes the raw `id:secret`; RFC 6749
+/// §2.3.1 form-encodes each part first (an issuer decodes them; for letters, digits and
+/// `-._*` the two are the same).
+fn basic_auth(
+    issuer: IssuerKind,
+    client_id: &str,
+    secret: &Secret,
+) -> Result<header::HeaderValue, MintError> {
+    let pair = match issuer {
+        IssuerKind::Genesys => format!("{client_id}:{}", secret.expose()),
+        IssuerKind::OAuth => {
+            let encode =
+                |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            format!("{}:{}", encode(client_id), encode(secret.expose()))
+        }
+    };
+    let mut auth = header::HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(pair)))
+        .map_err(|_| MintError::InvalidResponse("credentials are not a valid header".into()))?;
+    auth.set_sensitive(true);
+    Ok(auth)
 }
 
 /// A reqwest error without its URL's query (there is none, but be sure) or any header.
@@ -285,7 +360,7 @@ mod tests {
             r#"{"access_token":"abc","token_type":"bearer","expires_in":86400}"#,
         )
         .unwrap();
-        assert_eq!(m.expires_in, Duration::from_secs(86400));
+        assert_eq!(m.expires_in, Some(Duration::from_secs(86400)));
         assert_eq!(m.access_token.expose(), "abc");
     }
 
@@ -315,8 +390,15 @@ mod tests {
             "invalid_response"
         );
         assert_eq!(
-            class(200, r#"{"access_token":"a"}"#).unwrap_err().outcome(),
+            class(200, r#"{"access_token":"a","expires_in":"soon"}"#)
+                .unwrap_err()
+                .outcome(),
             "invalid_response"
+        );
+        // Left out: the minter takes the JWT's exp or refuses it.
+        assert_eq!(
+            class(200, r#"{"access_token":"a"}"#).unwrap().expires_in,
+            None
         );
         assert_eq!(
             class(401, r#"{"error":"invalid_client","description":"authentication failed","error_description":"authentication failed"}"#)
@@ -329,9 +411,21 @@ mod tests {
         );
         assert_eq!(
             class(400, r#"{"error":"invalid_request"}"#).unwrap_err(),
-            MintError::ServerError(400)
+            MintError::ServerError(400, OAuthCode(Some("invalid_request".into())))
         );
-        assert_eq!(class(500, "oops").unwrap_err(), MintError::ServerError(500));
+        assert_eq!(
+            class(
+                400,
+                r#"{"error":"invalid_scope","error_description":"no such scope"}"#
+            )
+            .unwrap_err()
+            .to_string(),
+            "the token endpoint answered HTTP 400 (invalid_scope)"
+        );
+        assert_eq!(
+            class(500, "oops").unwrap_err(),
+            MintError::ServerError(500, OAuthCode(None))
+        );
         assert_eq!(class(503, "").unwrap_err().outcome(), "server_error");
     }
 

@@ -8,7 +8,9 @@
 //! signature, `exp` is present and in the future, `nbf`/`iat` are not in the future (with
 //! `leeway_seconds`), and `iss`/`aud` match when configured. The JWKS is cached for
 //! `jwks_cache_seconds`; an unknown `kid` triggers one refetch (at most every 30 s); a failed
-//! fetch keeps the cached keys.
+//! fetch keeps the cached keys. Without `jwks_url`, each fetch first reads
+//! `{issuer}/.well-known/openid-configuration` (OpenID Connect Discovery 1.0), which must name
+//! the configured issuer, and takes its `jwks_uri`.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,10 +25,26 @@ use crate::sync::lock;
 /// An unknown `kid` refetches the JWKS at most this often.
 const REFETCH_EVERY: Duration = Duration::from_secs(30);
 
+/// Where the signing keys are published.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeySource {
+    /// `token.jwks_url`.
+    Url(Url),
+    /// The discovery document of `token.issuer`, whose `jwks_uri` names the JWKS.
+    Discover(Url),
+}
+
+/// `{issuer}/.well-known/openid-configuration` (a trailing `/` of the issuer is dropped).
+pub fn discovery_url(issuer: &str) -> Result<Url, String> {
+    let base = issuer.trim_end_matches('/');
+    Url::parse(&format!("{base}/.well-known/openid-configuration"))
+        .map_err(|e| format!("{issuer:?} is not a URL: {e}"))
+}
+
 /// What `validation = "jwks"` checks (the `[token]` JWKS keys).
 #[derive(Debug, Clone, PartialEq)]
 pub struct JwksSettings {
-    pub url: Url,
+    pub keys: KeySource,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub algorithms: Vec<Algorithm>,
@@ -46,6 +64,8 @@ pub struct Jwks {
     metrics: std::sync::Arc<Metrics>,
     cached: Mutex<Option<Cached>>,
     last_fetch: Mutex<Option<Instant>>,
+    /// The JWKS URL last used (configured or discovered), for `/status`.
+    url: Mutex<Option<Url>>,
 }
 
 impl Jwks {
@@ -60,6 +80,7 @@ impl Jwks {
             metrics,
             cached: Mutex::new(None),
             last_fetch: Mutex::new(None),
+            url: Mutex::new(None),
         }
     }
 
@@ -138,9 +159,11 @@ impl Jwks {
     async fn fetch(&self) -> Result<(), String> {
         *lock(&self.last_fetch) = Some(Instant::now());
         let fetched = async {
+            let url = self.jwks_url().await?;
+            *lock(&self.url) = Some(url.clone());
             let response = self
                 .client
-                .get(self.settings.url.clone())
+                .get(url)
                 .send()
                 .await
                 .map_err(|e| format!("cannot fetch the JWKS: {e}"))?;
@@ -178,11 +201,49 @@ impl Jwks {
         }
     }
 
-    /// Key ids and the cache's age, for `/status`.
-    pub fn view(&self) -> (Vec<String>, Option<Duration>) {
+    /// The JWKS URL: configured, or read from the issuer's discovery document.
+    async fn jwks_url(&self) -> Result<Url, String> {
+        let doc_url = match &self.settings.keys {
+            KeySource::Url(url) => return Ok(url.clone()),
+            KeySource::Discover(doc_url) => doc_url,
+        };
+        let response = self
+            .client
+            .get(doc_url.clone())
+            .send()
+            .await
+            .map_err(|e| format!("cannot fetch {doc_url}: {e}"))?;
+        if !response.status().is_success() {
+            return Err(format!(
+                "{doc_url} answered HTTP {}",
+                response.status().as_u16()
+            ));
+        }
+        let doc: serde_json::Value = response
+            .json()
+            .await
+            .map_err(|e| format!("{doc_url} is not a JSON document: {e}"))?;
+        // OpenID Connect Discovery 1.0 §4.3: the document must name the issuer it was asked for.
+        let named = doc["issuer"].as_str().unwrap_or_default();
+        if let Some(issuer) = &self.settings.issuer {
+            if named != issuer {
+                return Err(format!(
+                    "{doc_url} names issuer {named:?}, not token.issuer {issuer:?}"
+                ));
+            }
+        }
+        let jwks_uri = doc["jwks_uri"]
+            .as_str()
+            .ok_or_else(|| format!("{doc_url} has no jwks_uri"))?;
+        crate::config::value::parse_url(jwks_uri).map_err(|m| format!("{doc_url}: jwks_uri: {m}"))
+    }
+
+    /// Key ids, the cache's age and the JWKS URL, for `/status`.
+    pub fn view(&self) -> (Vec<String>, Option<Duration>, Option<Url>) {
+        let url = lock(&self.url).clone();
         let cached = lock(&self.cached);
         match cached.as_ref() {
-            None => (Vec::new(), None),
+            None => (Vec::new(), None, url),
             Some(c) => (
                 c.keys
                     .keys
@@ -190,6 +251,7 @@ impl Jwks {
                     .filter_map(|k| k.common.key_id.clone())
                     .collect(),
                 Some(c.fetched_at.elapsed()),
+                url,
             ),
         }
     }

@@ -73,7 +73,14 @@ impl Minter {
     ) -> Result<Token, MintError> {
         let started = Instant::now();
         self.note_request(started);
-        let result = self.endpoint.mint(client_id, secret).await;
+        let jwt = self.live.load().token.validation == Validation::Jwks;
+        let result = match self.endpoint.mint(client_id, secret).await {
+            // Only a verified JWT's exp can stand in for a missing expires_in.
+            Ok(m) if m.expires_in.is_none() && !jwt => Err(MintError::InvalidResponse(
+                "no expires_in (and validation is not \"jwks\", so no exp to go by)".into(),
+            )),
+            other => other,
+        };
         let outcome = match &result {
             Ok(_) => "success",
             Err(e) => e.outcome(),
@@ -82,13 +89,10 @@ impl Minter {
             .token_requests_total
             .with_label_values(&[outcome])
             .inc();
-        let mut minted = result?;
-        if let Some(exp) = self.validate(&minted).await? {
-            // A JWT's own expiry wins when it is earlier than expires_in.
-            let left = exp.duration_since(SystemTime::now()).unwrap_or_default();
-            minted.expires_in = minted.expires_in.min(left);
-        }
-        build_token(&minted, generation, slot, started, source)
+        let minted = result?;
+        let exp = self.validate(&minted).await?;
+        let lifetime = lifetime(&minted, exp)?;
+        build_token(&minted, lifetime, generation, slot, started, source)
     }
 
     /// Asks Genesys whether a held token is still accepted (one API call, no token request).
@@ -142,9 +146,21 @@ impl Minter {
     }
 }
 
+/// How long a token lives: the earlier of `expires_in` and a verified JWT's `exp`.
+pub fn lifetime(minted: &Minted, exp: Option<SystemTime>) -> Result<Duration, MintError> {
+    let left = exp.map(|exp| exp.duration_since(SystemTime::now()).unwrap_or_default());
+    match (minted.expires_in, left) {
+        (Some(a), Some(b)) => Ok(a.min(b)),
+        (a, b) => a
+            .or(b)
+            .ok_or_else(|| MintError::InvalidResponse("no expires_in and no exp".into())),
+    }
+}
+
 /// The published form of a minted token: the bearer header built once, marked sensitive.
 fn build_token(
     minted: &Minted,
+    lifetime: Duration,
     generation: u64,
     slot: usize,
     acquired_at: Instant,
@@ -160,9 +176,9 @@ fn build_token(
         generation,
         slot,
         acquired_at,
-        expires_at: acquired_at + minted.expires_in,
-        expires_at_wall: SystemTime::now() + minted.expires_in,
-        lifetime: minted.expires_in,
+        expires_at: acquired_at + lifetime,
+        expires_at_wall: SystemTime::now() + lifetime,
+        lifetime,
         source,
     })
 }

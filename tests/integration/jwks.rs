@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use genesys_auth_proxy::sim::jwt::{AUDIENCE, ISSUER};
+use genesys_auth_proxy::sim::jwt::AUDIENCE;
 use genesys_auth_proxy::sim::{SimConfig, TokenFormat};
 use serde_json::{json, Value};
 
@@ -31,7 +31,7 @@ fn jwks_token_section(
 #[tokio::test]
 async fn a_jwt_verified_against_the_jwks_is_published_and_used() {
     let sim = jwt_sim().await;
-    let p = start_proxy_with(&sim, "", &jwks_token_section(&sim, ISSUER, "")).await;
+    let p = start_proxy_with(&sim, "", &jwks_token_section(&sim, &sim.url(), "")).await;
     p.ready().await;
     assert_eq!(get(&p.url("/api/v2/organizations/me")).await.status(), 200);
     let s = stats(&sim).await;
@@ -62,11 +62,11 @@ async fn a_jwt_failing_a_check_is_never_served() {
         ),
         (
             "wrong audience",
-            jwks_token_section(&sim, ISSUER, "").replace(AUDIENCE, "https://another-api.example"),
+            jwks_token_section(&sim, &sim.url(), "").replace(AUDIENCE, "https://another-api.example"),
         ),
         (
             "algorithm not allowed",
-            jwks_token_section(&sim, ISSUER, "algorithms = [\"ES256\"]"),
+            jwks_token_section(&sim, &sim.url(), "algorithms = [\"ES256\"]"),
         ),
     ] {
         let p = start_proxy_with(&sim, "token_wait_timeout_ms = 300", &token_section).await;
@@ -93,7 +93,7 @@ async fn a_jwt_failing_a_check_is_never_served() {
 async fn a_signing_key_rotation_is_followed_through_the_jwks() {
     let sim = jwt_sim().await;
     // A short cache so the rotated JWKS is read again quickly.
-    let token = jwks_token_section(&sim, ISSUER, "jwks_cache_seconds = 1");
+    let token = jwks_token_section(&sim, &sim.url(), "jwks_cache_seconds = 1");
     let p = start_proxy_with(&sim, "", &token).await;
     p.ready().await;
     let r = sim_post(&sim, "/__sim/rotate-signing-key", json!({})).await;
@@ -128,7 +128,7 @@ async fn check_live_verifies_the_jwt_against_the_jwks() {
             .output()
             .unwrap()
     };
-    let ok = check(ISSUER);
+    let ok = check(&sim.url());
     assert!(
         ok.status.success(),
         "{}",

@@ -550,7 +550,7 @@ async fn jwt_mode_signs_with_a_published_key_and_rotation_keeps_the_old_one() {
     .unwrap();
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
     validation.set_audience(&[genesys_auth_proxy::sim::jwt::AUDIENCE]);
-    validation.set_issuer(&[genesys_auth_proxy::sim::jwt::ISSUER]);
+    validation.set_issuer(&[sim.url()]);
     let data = jsonwebtoken::decode::<Value>(&token, &decoding, &validation).unwrap();
     assert_eq!(data.claims["sub"], CLIENT_ID);
     assert!(
