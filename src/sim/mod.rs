@@ -133,10 +133,7 @@ fn router(state: Arc<SimState>) -> Router {
     Router::new()
         .route("/oauth/token", post(oauth::token))
         .route("/.well-known/jwks.json", get(oauth::jwks))
-        .route(
-            "/.well-known/openid-configuration",
-            get(oauth::discovery),
-        )
+        .route("/.well-known/openid-configuration", get(oauth::discovery))
         .nest("/__sim", control::router())
         .route("/api/v2/{*rest}", any(api::handle))
         .fallback(not_found)

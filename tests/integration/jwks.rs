@@ -62,7 +62,8 @@ async fn a_jwt_failing_a_check_is_never_served() {
         ),
         (
             "wrong audience",
-            jwks_token_section(&sim, &sim.url(), "").replace(AUDIENCE, "https://another-api.example"),
+            jwks_token_section(&sim, &sim.url(), "")
+                .replace(AUDIENCE, "https://another-api.example"),
         ),
         (
             "algorithm not allowed",

@@ -8,6 +8,7 @@ mod chaos;
 mod cli;
 mod hardening;
 mod jwks;
+mod oauth;
 mod observability;
 mod proxy;
 mod replay;
