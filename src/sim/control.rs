@@ -209,8 +209,24 @@ async fn token_lifetime(State(state): State<Arc<SimState>>, body: Bytes) -> Resp
     ok(serde_json::json!({ "seconds": body.seconds }))
 }
 
-async fn rotate_signing_key(State(state): State<Arc<SimState>>) -> Response {
-    match state.keys.rotate() {
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    /// Withdraw the old keys from the JWKS at once instead of after the grace period.
+    #[serde(default)]
+    retire_old: bool,
+}
+
+async fn rotate_signing_key(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
+    let body: RotateBody = if body.is_empty() {
+        RotateBody::default()
+    } else {
+        match parse(&body) {
+            Ok(b) => b,
+            Err(reason) => return bad(StatusCode::BAD_REQUEST, &reason),
+        }
+    };
+    match state.keys.rotate(body.retire_old) {
         Some(kid) => ok(serde_json::json!({ "kid": kid })),
         None => bad(
             StatusCode::CONFLICT,

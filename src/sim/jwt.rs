@@ -130,9 +130,10 @@ impl SigningKeys {
         Some((token, hostile))
     }
 
-    /// Adds a new signing key; the previous ones stay published for the grace period.
-    /// Returns the new key id, or `None` when the JWT mode is off.
-    pub fn rotate(&self) -> Option<String> {
+    /// Adds a new signing key; the previous ones stay published for the grace period, or are
+    /// withdrawn at once with `retire_old`. Returns the new key id, or `None` when the JWT mode
+    /// is off.
+    pub fn rotate(&self, retire_old: bool) -> Option<String> {
         let mut keys = lock(&self.keys);
         if keys.is_empty() {
             return None;
@@ -142,8 +143,9 @@ impl SigningKeys {
             k.retired_at.get_or_insert(now);
         }
         keys.retain(|k| {
-            k.retired_at
-                .is_none_or(|t| now.duration_since(t) < ROTATION_GRACE)
+            !retire_old
+                && k.retired_at
+                    .is_none_or(|t| now.duration_since(t) < ROTATION_GRACE)
         });
         let key = generate();
         let kid = key.kid.clone();

@@ -63,6 +63,7 @@ pub struct Jwks {
     client: reqwest::Client,
     metrics: std::sync::Arc<Metrics>,
     cached: Mutex<Option<Cached>>,
+    /// The last refetch for an unknown `kid`.
     last_fetch: Mutex<Option<Instant>>,
     /// The JWKS URL last used (configured or discovered), for `/status`.
     url: Mutex<Option<Url>>,
@@ -140,8 +141,13 @@ impl Jwks {
         let stale = lock(&self.cached)
             .as_ref()
             .is_none_or(|c| c.fetched_at.elapsed() >= self.settings.cache);
+        // Only refetches for an unknown kid are rate-limited: the first after a rotation is
+        // immediate however recently the cache was filled.
         let may_refetch = lock(&self.last_fetch).is_none_or(|t| t.elapsed() >= REFETCH_EVERY);
         if stale || (refetch && may_refetch) {
+            if refetch {
+                *lock(&self.last_fetch) = Some(Instant::now());
+            }
             self.fetch().await?;
         }
         let cached = lock(&self.cached);
@@ -157,7 +163,6 @@ impl Jwks {
 
     /// Fetches the JWKS; a failure keeps the cached keys (and is an error only without any).
     async fn fetch(&self) -> Result<(), String> {
-        *lock(&self.last_fetch) = Some(Instant::now());
         let fetched = async {
             let url = self.jwks_url().await?;
             *lock(&self.url) = Some(url.clone());

@@ -108,6 +108,42 @@ async fn a_signing_key_rotation_is_followed_through_the_jwks() {
     assert_eq!(v["path"], "/api/v2/after/rotation");
 }
 
+#[tokio::test]
+async fn a_signing_key_withdrawn_at_once_is_followed_without_waiting() {
+    let sim = jwt_sim().await;
+    // The default day-long cache: only the unknown kid can make the proxy read the JWKS again.
+    let p = start_proxy_with(&sim, "", &jwks_token_section(&sim, &sim.url(), "")).await;
+    p.ready().await;
+    let old_kid = get_json(&p.admin("/status")).await["jwks"]["key_ids"][0].clone();
+    let r = sim_post(
+        &sim,
+        "/__sim/rotate-signing-key",
+        json!({"retire_old": true}),
+    )
+    .await;
+    let new_kid: Value = r.json::<Value>().await.unwrap()["kid"].clone();
+    let jwks: Value = get_json(&format!("{}/.well-known/jwks.json", sim.url())).await;
+    assert_eq!(
+        jwks["keys"].as_array().unwrap().len(),
+        1,
+        "old key withdrawn"
+    );
+    sim_post(&sim, "/__sim/revoke", json!({})).await;
+    // The 401 makes the proxy mint; the new token's kid is unknown, so the JWKS is fetched
+    // again at once (the startup fetch moments ago does not count against the refetch limit).
+    let r = get(&p.url("/api/v2/after/rotation")).await;
+    assert_eq!(r.status(), 200);
+    let status = get_json(&p.admin("/status")).await;
+    assert_eq!(status["jwks"]["key_ids"], json!([new_kid]), "{status}");
+    assert_ne!(old_kid, new_kid);
+    let m = metrics_text(&p).await;
+    assert_eq!(
+        metric(&m, "genesys_proxy_jwks_fetches_total{outcome=\"success\"}"),
+        2.0,
+        "{m}"
+    );
+}
+
 // Multi-threaded: the in-process simulator must keep serving while the test blocks on the child.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_live_verifies_the_jwt_against_the_jwks() {

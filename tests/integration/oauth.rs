@@ -183,6 +183,35 @@ async fn hostile_tokens_are_refused_and_the_next_good_one_is_served() {
 }
 
 #[tokio::test]
+async fn unknown_key_ids_cannot_make_the_proxy_hammer_the_jwks() {
+    let sim = issuer_sim(SECRET).await;
+    let r = sim_post(
+        &sim,
+        "/__sim/hostile-tokens",
+        json!({"kind": "unknown_kid", "count": 3}),
+    )
+    .await;
+    assert!(r.status().is_success());
+    let p = start_oauth(&sim, SECRET, "", &discovered(&sim)).await;
+    p.ready().await;
+    let m = metrics_text(&p).await;
+    assert_eq!(
+        metric(
+            &m,
+            "genesys_proxy_token_requests_total{outcome=\"validation_failed\"}"
+        ),
+        3.0,
+        "{m}"
+    );
+    // The first fill, one refetch for the first unknown kid; the next two wait 30 s.
+    assert_eq!(
+        metric(&m, "genesys_proxy_jwks_fetches_total{outcome=\"success\"}"),
+        2.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
 async fn a_discovery_document_naming_another_issuer_is_not_trusted() {
     let sim = issuer_sim(SECRET).await;
     // The document at {issuer}/.well-known/openid-configuration names the issuer without the
