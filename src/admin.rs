@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,24 +20,41 @@ use crate::token::refresher::RefreshInfo;
 use crate::token::secret::Secret;
 use crate::token::store::{TokenSource, TokenStore};
 
-pub struct AdminState {
+/// One credential's running parts, as the admin listener reports them.
+pub struct CredentialView {
+    /// `default` for the top-level credential, else its `[[credential]]` name.
+    pub name: String,
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,
     pub refresh: Arc<Mutex<RefreshInfo>>,
-    pub audit: Arc<AuditLog>,
-    /// True once shutdown began: `/readyz` answers 503 so balancers drain first.
-    pub draining: AtomicBool,
     pub anomaly: Arc<AnomalyMonitor>,
-    pub reloader: Arc<Reloader>,
-    /// `admin.reload_token`: required on `POST /reload` when set.
-    pub reload_token: Option<Secret>,
     pub budget: Arc<crate::budget::Budget>,
     /// With `validation = "jwks"`.
     pub jwks: Option<Arc<crate::token::jwks::Jwks>>,
 }
 
+pub struct AdminState {
+    /// The top-level credential.
+    pub top: CredentialView,
+    /// Each `[[credential]]`, in file order.
+    pub others: Vec<CredentialView>,
+    pub audit: Arc<AuditLog>,
+    /// True once shutdown began: `/readyz` answers 503 so balancers drain first.
+    pub draining: AtomicBool,
+    pub reloader: Arc<Reloader>,
+    /// `admin.reload_token`: required on `POST /reload` when set.
+    pub reload_token: Option<Secret>,
+}
+
+impl AdminState {
+    /// Every credential, the top-level one first.
+    pub fn credentials(&self) -> impl Iterator<Item = &CredentialView> {
+        std::iter::once(&self.top).chain(&self.others)
+    }
+}
+
 /// Every pool slot: its token (fingerprint only) and the budget left in its window.
-fn pool_view(state: &AdminState, now: Instant) -> serde_json::Value {
+fn pool_view(state: &CredentialView, now: Instant) -> serde_json::Value {
     let remaining = state.budget.remaining();
     let slots: Vec<serde_json::Value> = (0..state.store.slots())
         .map(|slot| {
@@ -67,11 +84,31 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
-/// Ready when a valid token is held and shutdown has not begun; otherwise the one-line reason.
-pub fn readiness(state: &AdminState) -> Result<(), &'static str> {
+/// Ready when shutdown has not begun and every credential (or only `credential`, when named)
+/// holds a valid token; otherwise the one-line reason, naming the credential when there are
+/// several.
+pub fn readiness(state: &AdminState, credential: Option<&str>) -> Result<(), String> {
     if state.draining.load(Ordering::Relaxed) {
-        return Err("shutting down");
+        return Err("shutting down".into());
     }
+    let several = !state.others.is_empty();
+    for view in state.credentials() {
+        if credential.is_some_and(|name| name != view.name) {
+            continue;
+        }
+        if let Err(reason) = credential_readiness(view) {
+            return Err(if several {
+                format!("credential {}: {reason}", view.name)
+            } else {
+                reason.to_string()
+            });
+        }
+    }
+    Ok(())
+}
+
+/// One credential: ready when it holds a valid token.
+fn credential_readiness(state: &CredentialView) -> Result<(), &'static str> {
     let store = &state.store;
     if store.valid(Instant::now()).is_some() {
         return Ok(());
@@ -87,7 +124,12 @@ pub fn readiness(state: &AdminState) -> Result<(), &'static str> {
 
 /// `unhealthy` when requests cannot succeed (see [`readiness`]), `degraded` when they do but
 /// something needs attention, else `healthy`.
-fn health(state: &AdminState, info: &RefreshInfo, anomalies: bool) -> &'static str {
+fn health(
+    state: &CredentialView,
+    info: &RefreshInfo,
+    anomalies: bool,
+    audit: &AuditLog,
+) -> &'static str {
     let token = state.store.current();
     let usable = state.store.valid(Instant::now()).is_some();
     if !usable {
@@ -95,7 +137,7 @@ fn health(state: &AdminState, info: &RefreshInfo, anomalies: bool) -> &'static s
     } else if info.consecutive_failures > 0
         || info.pending_rotation.is_some()
         || anomalies
-        || state.audit.failures() > 0
+        || audit.failures() > 0
         || token.is_some_and(|t| t.source == TokenSource::Previous)
     {
         "degraded"
@@ -104,8 +146,21 @@ fn health(state: &AdminState, info: &RefreshInfo, anomalies: bool) -> &'static s
     }
 }
 
-async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
-    match readiness(&state) {
+async fn readyz(
+    State(state): State<Arc<AdminState>>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let credential = query.get("credential").map(String::as_str);
+    if let Some(name) = credential {
+        if !state.credentials().any(|c| c.name == name) {
+            return (
+                StatusCode::NOT_FOUND,
+                format!("no credential named {name:?}\n"),
+            )
+                .into_response();
+        }
+    }
+    match readiness(&state, credential) {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -121,11 +176,34 @@ fn rfc3339(t: SystemTime) -> String {
 
 async fn status(State(state): State<Arc<AdminState>>) -> Response {
     let now = Instant::now();
+    let config = state.reloader.info();
+    let mut body = credential_status(&state.top, &state.audit, now);
+    body["config"] = serde_json::json!({
+        "loaded_at": rfc3339(config.loaded_at),
+        "generation": config.generation,
+        "path": state.reloader.path().display().to_string(),
+    });
+    body["audit_write_failures"] = state.audit.failures().into();
+    body["credentials"] = state
+        .credentials()
+        .map(|c| (c.name.clone(), credential_status(c, &state.audit, now)))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    body["now"] = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        .into();
+    Json(body).into_response()
+}
+
+/// One credential's part of `/status`: token, refreshes, anomalies, rotation, pool, JWKS and
+/// counters.
+fn credential_status(state: &CredentialView, audit: &AuditLog, now: Instant) -> serde_json::Value {
     let token = state.store.current();
     let info = lock(&state.refresh).clone();
-    let config = state.reloader.info();
     let anomaly = state.anomaly.view();
-    let health = health(&state, &info, !anomaly.active.is_empty());
+    let health = health(state, &info, !anomaly.active.is_empty(), audit);
     let token_json = token.map(|t| {
         serde_json::json!({
             "valid": t.is_valid_at(now),
@@ -147,7 +225,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
         }
         total
     };
-    let body = serde_json::json!({
+    serde_json::json!({
         "status": health,
         "token": token_json.unwrap_or(serde_json::json!({"valid": false})),
         "last_refresh": info.last_refresh.map(rfc3339),
@@ -160,17 +238,12 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
             "reason": anomaly.reason,
             "active": anomaly.active,
         },
-        "config": {
-            "loaded_at": rfc3339(config.loaded_at),
-            "generation": config.generation,
-            "path": state.reloader.path().display().to_string(),
-        },
         "rotation": {
             "pending_new_secret": info.pending_rotation.as_ref().map(|(fp, _)| fp.clone()),
             "retry_until": info.pending_rotation.as_ref().map(|(_, t)| rfc3339(*t)),
             "last_error": info.last_rotation_error,
         },
-        "pool": pool_view(&state, now),
+        "pool": pool_view(state, now),
         "jwks": state.jwks.as_ref().map(|j| {
             let (keys, age, url) = j.view();
             serde_json::json!({
@@ -179,7 +252,6 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
                 "url": url.map(|u| u.to_string()),
             })
         }),
-        "audit_write_failures": state.audit.failures(),
         "counters": {
             "requests_total": counter(&m.requests_total),
             "upstream_unauthorized_total": m.upstream_unauthorized_total.get(),
@@ -188,9 +260,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
             "upstream_rate_limited_total": m.upstream_rate_limited_total.get(),
             "rejected_requests_total": counter(&m.rejected_requests_total),
         },
-        "now": SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
-    });
-    Json(body).into_response()
+    })
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
@@ -199,7 +269,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        crate::metrics::render_all(state.credentials().map(|c| &*c.metrics)),
     )
         .into_response()
 }

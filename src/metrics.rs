@@ -48,6 +48,24 @@ impl Default for Metrics {
     }
 }
 
+/// The Prometheus text exposition of several credentials' metrics: families of the same name
+/// are merged (each sample carries its `credential` label), so every family appears once.
+pub fn render_all<'a>(all: impl IntoIterator<Item = &'a Metrics>) -> String {
+    let mut families: Vec<prometheus::proto::MetricFamily> = Vec::new();
+    for m in all {
+        for mut family in m.registry.gather() {
+            match families.iter_mut().find(|f| f.name() == family.name()) {
+                Some(f) => f.mut_metric().extend(family.take_metric()),
+                None => families.push(family),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    // Encoding our own well-formed families into a Vec cannot fail.
+    let _ = TextEncoder::new().encode(&families, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
 fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help).namespace(PREFIX)
 }
@@ -140,10 +158,27 @@ const REJECT_REASONS: &[&str] = &[
 ];
 
 impl Metrics {
+    /// Metrics without a `credential` label: a single-credential proxy renders as it always
+    /// did.
+    pub fn new() -> Self {
+        Self::with_registry(Registry::new())
+    }
+
+    /// Metrics whose every sample carries `credential="<name>"` (with `[[credential]]`s).
+    pub fn for_credential(name: &str) -> Self {
+        let labels =
+            std::collections::HashMap::from([("credential".to_string(), name.to_string())]);
+        // Only an empty prefix is refused, and there is none.
+        match Registry::new_custom(None, Some(labels)) {
+            Ok(registry) => Self::with_registry(registry),
+            Err(_) => Self::new(),
+        }
+    }
+
     /// One line per metric: name, help, label and its known values.
     #[rustfmt::skip]
-    pub fn new() -> Self {
-        let m = Maker(Registry::new());
+    fn with_registry(registry: Registry) -> Self {
+        let m = Maker(registry);
         Metrics {
             requests_total: m.counter_vec("requests_total", "Requests answered by the proxy, by HTTP status code.", "code", &[]),
             request_duration_seconds: m.hist("request_duration_seconds", "Time from request start to response end, in seconds."),
@@ -175,10 +210,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        // Encoding our own well-formed families into a Vec cannot fail.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        String::from_utf8(out).unwrap_or_default()
+        render_all([self])
     }
 }
 

@@ -72,22 +72,36 @@ pub struct ReloadReport {
 /// How long a reload waits for the refresher to try the new secret.
 const ROTATION_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What a reload can change in one running credential.
+pub struct ReloadTarget {
+    /// `default` for the top-level credential, else its `[[credential]]` name.
+    pub name: String,
+    pub live: Arc<ArcSwap<Live>>,
+    pub refresher: mpsc::Sender<Command>,
+}
+
 pub struct Reloader {
     path: PathBuf,
     current: tokio::sync::Mutex<Config>,
-    live: Arc<ArcSwap<Live>>,
-    refresher: mpsc::Sender<Command>,
+    /// The top-level credential first, then each `[[credential]]` in file order.
+    targets: Vec<ReloadTarget>,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     info: ArcSwap<ConfigInfo>,
+}
+
+/// What one credential's part of a reload changed.
+struct Applied {
+    applied: Vec<String>,
+    restart_required: Vec<String>,
+    rotation: Value,
 }
 
 impl Reloader {
     pub fn new(
         path: PathBuf,
         config: Config,
-        live: Arc<ArcSwap<Live>>,
-        refresher: mpsc::Sender<Command>,
+        targets: Vec<ReloadTarget>,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -100,8 +114,7 @@ impl Reloader {
         Reloader {
             path,
             current: tokio::sync::Mutex::new(config),
-            live,
-            refresher,
+            targets,
             audit,
             metrics,
             info: ArcSwap::from_pointee(ConfigInfo {
@@ -119,23 +132,26 @@ impl Reloader {
         &self.path
     }
 
-    /// Secret files to watch (their directories are watched, not the files).
+    /// Secret files to watch (their directories are watched, not the files), of every
+    /// credential that asks for it.
     pub async fn watched_files(&self) -> Vec<PathBuf> {
         let c = self.current.lock().await;
-        if !c.restart.genesys.watch_secret_files {
-            return Vec::new();
+        let all = std::iter::once(&*c).chain(c.extra.iter().map(|e| &e.config));
+        let mut files = Vec::new();
+        for c in all.filter(|c| c.restart.genesys.watch_secret_files) {
+            let sources = [
+                Some(&c.credentials.client_secret_source),
+                c.credentials.previous_client_secret_source.as_ref(),
+            ];
+            for source in sources.into_iter().flatten() {
+                if let SecretSource::File(p) = source {
+                    if !files.contains(p) {
+                        files.push(p.clone());
+                    }
+                }
+            }
         }
-        [
-            Some(&c.credentials.client_secret_source),
-            c.credentials.previous_client_secret_source.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .filter_map(|s| match s {
-            SecretSource::File(p) => Some(p.clone()),
-            SecretSource::Env(_) => None,
-        })
-        .collect()
+        files
     }
 
     /// Runs one reload. Reloads are serialised: a second trigger waits for the first. The
@@ -158,38 +174,120 @@ impl Reloader {
         for w in &new.warnings {
             tracing::warn!("{w}");
         }
-        let diff = Diff::between(&current, &new);
-        if diff.is_empty() {
+        let parts = self.apply_all(&mut current, &new).await;
+        if parts.iter().all(|(_, p)| p.is_none()) {
             return self.finish(ReloadOutcome::Unchanged, json!({"outcome": "unchanged"}));
         }
-        self.apply_live(&current.live, &new.live);
-        current.live = new.live.clone();
-        let rotation = self.apply_credentials(&mut current, &new, &diff).await;
         let generation = self.info().generation + 1;
         self.info.store(Arc::new(ConfigInfo {
             loaded_at: SystemTime::now(),
             generation,
         }));
-        let outcome = if rotation.get("outcome") == Some(&json!("failed")) {
+        let (mut applied, mut restart_required, mut rotations) = (vec![], vec![], json!({}));
+        let mut rotation = Value::Null;
+        for (name, part) in parts.into_iter() {
+            let Some(part) = part else { continue };
+            applied.extend(part.applied);
+            restart_required.extend(part.restart_required);
+            if name == config::DEFAULT_CREDENTIAL {
+                rotation = part.rotation;
+            } else if !part.rotation.is_null() {
+                rotations[name] = part.rotation;
+            }
+        }
+        let failed = |r: &Value| r.get("outcome") == Some(&json!("failed"));
+        let outcome = if failed(&rotation)
+            || rotations
+                .as_object()
+                .is_some_and(|m| m.values().any(failed))
+        {
             ReloadOutcome::RotationFailed
-        } else if diff.restart_required.is_empty() {
+        } else if restart_required.is_empty() {
             ReloadOutcome::Applied
         } else {
             ReloadOutcome::PartiallyApplied
         };
-        let body = json!({
+        let mut body = json!({
             "outcome": outcome.as_str(),
             "trigger": trigger,
             "config_generation": generation,
-            "applied": diff.applied,
-            "restart_required": diff.restart_required,
+            "applied": applied,
+            "restart_required": restart_required,
             "rotation": rotation,
         });
+        if rotations.as_object().is_some_and(|m| !m.is_empty()) {
+            body["credential_rotations"] = rotations;
+        }
         self.audit
             .record(AuditEvent::ConfigReloaded, body.clone(), None);
         self.audit.flush().await;
-        tracing::info!(trigger, outcome = outcome.as_str(), applied = ?diff.applied, restart_required = ?diff.restart_required, "configuration reloaded");
+        tracing::info!(trigger, outcome = outcome.as_str(), applied = ?applied, restart_required = ?restart_required, "configuration reloaded");
         self.finish(outcome, body)
+    }
+
+    /// Applies `new` credential by credential: the top level, then each `[[credential]]`
+    /// present before and after (adding or removing one is the restart-only key
+    /// `credential`). `None` for a credential nothing changed in.
+    async fn apply_all(
+        &self,
+        current: &mut Config,
+        new: &Config,
+    ) -> Vec<(String, Option<Applied>)> {
+        let top = Diff::between(current, new);
+        let mut parts = Vec::new();
+        let top_keys: Vec<&str> = top
+            .applied
+            .iter()
+            .chain(&top.restart_required)
+            .copied()
+            .collect();
+        for target in &self.targets {
+            let is_top = target.name == config::DEFAULT_CREDENTIAL;
+            let (cur, next) = if is_top {
+                (&mut *current, new)
+            } else {
+                let cur = current.extra.iter_mut().find(|e| e.name == target.name);
+                let next = new.extra.iter().find(|e| e.name == target.name);
+                match (cur, next) {
+                    (Some(c), Some(n)) => (&mut c.config, &n.config),
+                    _ => continue,
+                }
+            };
+            let diff = Diff::between(cur, next);
+            if diff.is_empty() {
+                parts.push((target.name.clone(), None));
+                continue;
+            }
+            // A credential's keys are reported under its name, except the top-level keys it
+            // inherits (already reported once).
+            let named = |keys: &[&'static str]| -> Vec<String> {
+                keys.iter()
+                    .filter(|k| is_top || !top_keys.contains(k))
+                    .map(|k| {
+                        if is_top {
+                            k.to_string()
+                        } else {
+                            format!("credential.{}.{k}", target.name)
+                        }
+                    })
+                    .collect()
+            };
+            let (applied, restart_required) = (named(&diff.applied), named(&diff.restart_required));
+            self.apply_live(target, &cur.live, &next.live, is_top);
+            cur.live = next.live.clone();
+            let rotation = self.apply_credentials(target, cur, next, &diff).await;
+            parts.push((
+                target.name.clone(),
+                Some(Applied {
+                    applied,
+                    restart_required,
+                    rotation,
+                }),
+            ));
+        }
+        // The set of credentials itself (the restart-only key `credential`) lives in the top
+        // level's config: keep the running one.
+        parts
     }
 
     async fn rejected(&self, trigger: &str, reason: String) -> ReloadReport {
@@ -215,33 +313,41 @@ impl Reloader {
     }
 
     /// Swaps in the new live snapshot; the log level is the one live setting that must be
-    /// pushed (into the tracing filter) rather than read.
-    fn apply_live(&self, old: &Live, new: &Live) {
+    /// pushed (into the tracing filter) rather than read, and it is process-wide: the top
+    /// level's.
+    fn apply_live(&self, target: &ReloadTarget, old: &Live, new: &Live, is_top: bool) {
         if old == new {
             return;
         }
-        self.live.store(Arc::new(new.clone()));
-        if old.log.level != new.log.level {
+        target.live.store(Arc::new(new.clone()));
+        if is_top && old.log.level != new.log.level {
             if let Err(e) = crate::logging::set_level(&new.log.level) {
                 tracing::warn!(error = %e, "log level not changed");
             }
         }
     }
 
-    /// Hands changed secrets to the refresher; returns what to report under `rotation`.
-    async fn apply_credentials(&self, current: &mut Config, new: &Config, diff: &Diff) -> Value {
+    /// Hands changed secrets to the credential's refresher; returns what to report under
+    /// `rotation`.
+    async fn apply_credentials(
+        &self,
+        target: &ReloadTarget,
+        current: &mut Config,
+        new: &Config,
+        diff: &Diff,
+    ) -> Value {
         let (cur, next) = (&mut current.credentials, &new.credentials);
         if !diff.credentials {
             if diff.previous_secret {
                 let previous = next.previous_client_secret.clone();
-                let _ = self.refresher.send(Command::SetPrevious(previous)).await;
+                let _ = target.refresher.send(Command::SetPrevious(previous)).await;
                 cur.previous_client_secret = next.previous_client_secret.clone();
                 cur.previous_client_secret_source = next.previous_client_secret_source.clone();
             }
             return Value::Null;
         }
         let new_secret = next.client_secret.fingerprint();
-        match self.rotate(next).await {
+        match self.rotate(target, next).await {
             Ok(generation) => {
                 *cur = next.clone();
                 json!({"outcome": "rotated", "generation": generation, "new_secret": new_secret})
@@ -256,7 +362,11 @@ impl Reloader {
     }
 
     /// Asks the refresher to rotate and waits (bounded) for its answer.
-    async fn rotate(&self, next: &config::CredentialSettings) -> Result<u64, String> {
+    async fn rotate(
+        &self,
+        target: &ReloadTarget,
+        next: &config::CredentialSettings,
+    ) -> Result<u64, String> {
         let credentials = Credentials {
             client_id: next.client_id.clone(),
             secret: next.client_secret.clone(),
@@ -264,7 +374,7 @@ impl Reloader {
         };
         let (reply, answer) = oneshot::channel();
         let command = Command::Rotate { credentials, reply };
-        if self.refresher.send(command).await.is_err() {
+        if target.refresher.send(command).await.is_err() {
             return Err("the refresher stopped".into());
         }
         match tokio::time::timeout(ROTATION_ANSWER_TIMEOUT, answer).await {

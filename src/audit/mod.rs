@@ -94,11 +94,24 @@ impl AuditEvent {
     }
 }
 
-/// The audit log. Cheap to share behind an `Arc`; recording never blocks on I/O.
+/// The audit log. Cheap to share behind an `Arc`; recording never blocks on I/O. Handles
+/// made with [`AuditLog::scoped`] write to the same file and chain.
 pub struct AuditLog {
+    shared: Arc<Shared>,
+    scope: Option<Arc<Scope>>,
+}
+
+/// The writer thread and its channel, shared by every scoped handle.
+struct Shared {
     tx: Mutex<Option<mpsc::Sender<Message>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     failures: Arc<AtomicU64>,
+}
+
+/// With `[[credential]]`s: the credential a handle's events are about.
+pub(crate) struct Scope {
+    credential: String,
+    client_id: String,
 }
 
 impl AuditLog {
@@ -116,10 +129,24 @@ impl AuditLog {
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))?;
         Ok(AuditLog {
-            tx: Mutex::new(Some(tx)),
-            writer: Mutex::new(Some(handle)),
-            failures,
+            shared: Arc::new(Shared {
+                tx: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(handle)),
+                failures,
+            }),
+            scope: None,
         })
+    }
+
+    /// A handle on the same log whose events name `credential` and its `client_id`.
+    pub fn scoped(&self, credential: &str, client_id: &str) -> AuditLog {
+        AuditLog {
+            shared: self.shared.clone(),
+            scope: Some(Arc::new(Scope {
+                credential: credential.to_string(),
+                client_id: client_id.to_string(),
+            })),
+        }
     }
 
     /// Queues one event for the writer. Never fails the caller and never blocks on I/O.
@@ -134,8 +161,9 @@ impl AuditLog {
             event,
             details,
             token: token_fingerprint.map(str::to_string),
+            scope: self.scope.clone(),
         };
-        if let Some(tx) = lock(&self.tx).as_ref() {
+        if let Some(tx) = lock(&self.shared.tx).as_ref() {
             let _ = tx.send(message);
         }
     }
@@ -143,7 +171,7 @@ impl AuditLog {
     /// Resolves once every event recorded before the call has been written (or has failed).
     pub async fn flush(&self) {
         let (done, wait) = tokio::sync::oneshot::channel();
-        let sent = lock(&self.tx)
+        let sent = lock(&self.shared.tx)
             .as_ref()
             .is_some_and(|tx| tx.send(Message::Flush(done)).is_ok());
         if sent {
@@ -153,11 +181,11 @@ impl AuditLog {
 
     /// Audit writes that failed since start.
     pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
+        self.shared.failures.load(Ordering::Relaxed)
     }
 }
 
-impl Drop for AuditLog {
+impl Drop for Shared {
     /// Closes the channel and waits for the writer to drain it: nothing recorded is lost.
     fn drop(&mut self) {
         lock(&self.tx).take();

@@ -21,6 +21,9 @@ struct Body<'a> {
     seq: u64,
     event: &'a str,
     client_id: &'a str,
+    /// With `[[credential]]`s: which credential the event is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credential: Option<&'a str>,
     details: &'a serde_json::Value,
     #[serde(skip_serializing_if = "Option::is_none")]
     token: Option<&'a str>,
@@ -39,6 +42,7 @@ pub(super) enum Message {
         event: AuditEvent,
         details: serde_json::Value,
         token: Option<String>,
+        scope: Option<Arc<super::Scope>>,
     },
     /// Answer once every earlier message is handled.
     Flush(tokio::sync::oneshot::Sender<()>),
@@ -101,7 +105,11 @@ impl Writer {
                     event,
                     details,
                     token,
-                } => self.write(ts, event, &details, token.as_deref()),
+                    scope,
+                } => {
+                    self.reopen_if_replaced();
+                    self.append(ts, event, &details, token.as_deref(), scope.as_deref());
+                }
                 Message::Flush(done) => {
                     let _ = done.send(());
                 }
@@ -144,6 +152,7 @@ impl Writer {
                     AuditEvent::AuditLogReopened,
                     &details,
                     None,
+                    None,
                 );
             }
             Err(e) => {
@@ -152,30 +161,21 @@ impl Writer {
         }
     }
 
-    fn write(
-        &mut self,
-        ts: SystemTime,
-        event: AuditEvent,
-        details: &serde_json::Value,
-        token: Option<&str>,
-    ) {
-        self.reopen_if_replaced();
-        self.append(ts, event, details, token);
-    }
-
     fn append(
         &mut self,
         ts: SystemTime,
         event: AuditEvent,
         details: &serde_json::Value,
         token: Option<&str>,
+        scope: Option<&super::Scope>,
     ) {
         let seq = self.seq + 1;
         let body = Body {
             ts: humantime::format_rfc3339_millis(ts).to_string(),
             seq,
             event: event.as_str(),
-            client_id: &self.client_id,
+            client_id: scope.map_or(self.client_id.as_str(), |s| s.client_id.as_str()),
+            credential: scope.map(|s| s.credential.as_str()),
             details,
             token,
             prev: &self.prev,

@@ -17,15 +17,21 @@ use super::ConfigError;
 pub(super) struct Builder<'a> {
     file: &'a Path,
     warnings: Vec<String>,
+    /// Building a `[[credential]]`: its name, which prefixes every key in errors.
+    credential: Option<&'a str>,
 }
 
 pub(super) type Built<T> = Result<T, ConfigError>;
 
 impl Builder<'_> {
     pub(super) fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        let key = match self.credential {
+            None => key.to_string(),
+            Some(name) => super::credential::key_of(name, key),
+        };
         ConfigError::Invalid {
             file: self.file.to_path_buf(),
-            key: key.to_string(),
+            key,
             message: message.into(),
         }
     }
@@ -52,10 +58,19 @@ impl Builder<'_> {
 }
 
 /// Applies defaults and validates. `file` names the source in error messages.
-pub fn config(raw: FileConfig, file: &Path) -> Built<Config> {
+pub fn config(mut raw: FileConfig, file: &Path) -> Built<Config> {
+    let entries = raw.credential.take().unwrap_or_default();
+    let mut main = one(raw.clone(), file, None)?;
+    super::credential::add(&mut main, raw, entries, file)?;
+    Ok(main)
+}
+
+/// One credential's whole configuration (`credential` names a `[[credential]]` in errors).
+pub(super) fn one(raw: FileConfig, file: &Path, credential: Option<&str>) -> Built<Config> {
     let mut b = Builder {
         file,
         warnings: Vec::new(),
+        credential,
     };
     // Genesys's API lives under /api/v2/; another issuer's API may be anywhere.
     let default_prefix = if raw.oauth.is_some() { "/" } else { "/api/v2/" };
@@ -87,6 +102,9 @@ pub fn config(raw: FileConfig, file: &Path) -> Built<Config> {
             token: token_http,
             audit: audit(&b, raw.audit)?,
             log: log_restart,
+            credentials: CredentialSet {
+                listeners: Vec::new(),
+            },
         },
         live: Live {
             proxy: proxy_live,
@@ -97,6 +115,7 @@ pub fn config(raw: FileConfig, file: &Path) -> Built<Config> {
         },
         credentials,
         warnings: b.warnings,
+        extra: Vec::new(),
     })
 }
 

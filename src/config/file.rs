@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     #[serde(default)]
@@ -23,9 +23,25 @@ pub struct FileConfig {
     pub anomaly: AnomalySection,
     #[serde(default)]
     pub budget: BudgetSection,
+    /// `[[credential]]`: further OAuth clients, each on its own listener.
+    pub credential: Option<Vec<CredentialSection>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `[[credential]]`: one more OAuth client with its own listener and token lifecycle. Keys it
+/// leaves out come from the top-level `[proxy]` and `[token]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSection {
+    pub name: Option<String>,
+    pub listen: Option<String>,
+    pub allowed_client_cidrs: Option<Vec<String>>,
+    pub allowed_path_prefixes: Option<Vec<String>>,
+    pub genesys: Option<GenesysSection>,
+    pub oauth: Option<OAuthSection>,
+    pub token: Option<TokenSection>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetSection {
     pub requests_per_window: Option<u64>,
@@ -36,7 +52,7 @@ pub struct BudgetSection {
 }
 
 /// `[[budget.app]]`: an application group for fair sharing.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppSection {
     pub name: Option<String>,
@@ -44,7 +60,7 @@ pub struct AppSection {
     pub weight: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AnomalySection {
     pub window_ms: Option<u64>,
@@ -57,7 +73,7 @@ pub struct AnomalySection {
     pub rate_limited: Option<u32>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxySection {
     pub listen: Option<String>,
@@ -77,14 +93,14 @@ pub struct ProxySection {
     pub allowed_methods: Option<Vec<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
     pub listen: Option<String>,
     pub reload_token: Option<SecretRef>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenesysSection {
     pub region: Option<String>,
@@ -98,7 +114,7 @@ pub struct GenesysSection {
 }
 
 /// `[oauth]`: a generic OAuth2 issuer (RFC 6749 client-credentials grant).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OAuthSection {
     pub token_url: Option<String>,
@@ -116,14 +132,14 @@ pub struct OAuthSection {
 
 /// `{ env = "NAME" }` or `{ file = "/path" }`. A plain string is refused on purpose: secrets do
 /// not belong in config files.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretRef {
     pub env: Option<String>,
     pub file: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenSection {
     pub refresh_before_expiry_seconds: Option<u64>,
@@ -143,13 +159,43 @@ pub struct TokenSection {
     pub leeway_seconds: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Declares `TokenSection::overlaid`: every field of `over` that is set wins.
+macro_rules! overlay {
+    ($($field:ident),* $(,)?) => {
+        impl TokenSection {
+            /// `self` with every key `over` sets replaced (a credential's `[credential.token]`).
+            pub fn overlaid(self, over: TokenSection) -> TokenSection {
+                TokenSection { $( $field: over.$field.or(self.$field), )* }
+            }
+        }
+    };
+}
+
+overlay!(
+    refresh_before_expiry_seconds,
+    validation,
+    max_token_requests_per_minute,
+    backoff_initial_ms,
+    backoff_max_ms,
+    request_timeout_ms,
+    connect_timeout_ms,
+    rotation_retry_window_seconds,
+    pool_size,
+    jwks_url,
+    issuer,
+    audience,
+    algorithms,
+    jwks_cache_seconds,
+    leeway_seconds,
+);
+
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditSection {
     pub path: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSection {
     pub format: Option<String>,

@@ -4,6 +4,7 @@
 //! model field to its file key and its reload class. Only this module knows TOML.
 
 mod build;
+mod credential;
 pub mod file;
 pub mod keyed;
 pub mod model;
@@ -22,8 +23,9 @@ use std::path::{Path, PathBuf};
 
 pub use keyed::Keyed;
 pub use model::{
-    AnomalyThresholds, ApiTarget, AppGroup, AuditTarget, BudgetSettings, Config,
+    AnomalyThresholds, ApiTarget, AppGroup, AuditTarget, BudgetSettings, Config, CredentialConfig,
     CredentialSettings, Diff, Live, LogFormat, ProxyLive, Restart, TokenLive, Validation,
+    DEFAULT_CREDENTIAL,
 };
 
 /// Why a config file was refused. The message always names the file, and the key when one is

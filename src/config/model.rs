@@ -27,7 +27,21 @@ pub struct Config {
     pub credentials: CredentialSettings,
     /// Non-fatal findings (e.g. a secret file readable by others), printed at start-up.
     pub warnings: Vec<String>,
+    /// `[[credential]]`: further OAuth clients, each a whole configuration of its own (the
+    /// top-level keys with the credential's overrides). Empty for a single-credential file.
+    pub extra: Vec<CredentialConfig>,
 }
+
+/// One `[[credential]]`: its name and its configuration.
+#[derive(Debug, Clone)]
+pub struct CredentialConfig {
+    pub name: String,
+    pub config: Config,
+}
+
+/// The name the top-level credential (`[genesys]` or `[oauth]`) goes by in `/status`, metrics
+/// and the audit log once there are several.
+pub const DEFAULT_CREDENTIAL: &str = "default";
 
 keyed_sections! {
     /// Settings read once at start-up; a reload that changes one reports "restart required".
@@ -38,6 +52,15 @@ keyed_sections! {
         pub token: TokenRestart,
         pub audit: AuditSettings,
         pub log: LogRestart,
+        pub credentials: CredentialSet,
+    }
+}
+
+keyed_struct! {
+    /// The `[[credential]]` entries by name and listener: adding, removing or moving one needs
+    /// a restart (their other keys reload like the top-level ones).
+    pub struct CredentialSet {
+        pub listeners: Vec<(String, SocketAddr)> => "credential",
     }
 }
 

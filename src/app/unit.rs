@@ -1,0 +1,321 @@
+//! One credential's running parts: its token store, refresher, budget, anomaly monitor and
+//! JWKS cache, and its own proxy listener with worker threads. The top-level credential is one
+//! unit; each `[[credential]]` is another, sharing nothing with it but the audit log, the admin
+//! listener and the shutdown signal, so one credential's failures never touch another's
+//! requests.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use pingora::apps::HttpServerOptions;
+use pingora::server::configuration::ServerConf;
+use pingora::utils::tls::{parse_x509, WrappedX509};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::admin::CredentialView;
+use crate::admission::{self, Gate};
+use crate::anomaly::AnomalyMonitor;
+use crate::audit::AuditLog;
+use crate::budget::Budget;
+use crate::config::{ApiTarget, Config, Live};
+use crate::metrics::Metrics;
+use crate::proxy::{GenesysProxy, ProxyState};
+use crate::reload::ReloadTarget;
+use crate::shutdown::Shutdown;
+use crate::token::endpoint::TokenEndpoint;
+use crate::token::refresher::{self, Credentials, RefreshInfo, Refresher};
+use crate::token::report::Reporter;
+use crate::token::store::TokenStore;
+use crate::worker::{self, Worker};
+
+/// A credential whose listener is bound but whose tasks are not started yet: binding every
+/// listener first means a port clash fails start-up before anything runs.
+pub(super) struct Bound {
+    pub name: String,
+    pub config: Config,
+    pub listener: TcpListener,
+    pub addr: SocketAddr,
+}
+
+impl Bound {
+    pub fn bind(name: &str, config: &Config) -> anyhow::Result<Bound> {
+        let r = &config.restart.proxy;
+        let key = if name == crate::config::DEFAULT_CREDENTIAL {
+            "proxy.listen".to_string()
+        } else {
+            format!("credential.{name}.listen")
+        };
+        let listener = worker::bind(r.listen, r.reuse_port)
+            .with_context(|| format!("{key}: cannot bind {}", r.listen))?;
+        Ok(Bound {
+            name: name.to_string(),
+            config: config.clone(),
+            addr: listener.local_addr()?,
+            listener,
+        })
+    }
+}
+
+/// A running credential.
+pub(super) struct Unit {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub live: Arc<ArcSwap<Live>>,
+    pub store: Arc<TokenStore>,
+    pub metrics: Arc<Metrics>,
+    pub anomaly: Arc<AnomalyMonitor>,
+    pub budget: Arc<Budget>,
+    pub jwks: Option<Arc<crate::token::jwks::Jwks>>,
+    pub refresh_info: Arc<Mutex<RefreshInfo>>,
+    pub commands: mpsc::Sender<refresher::Command>,
+    pub workers: ProxyWorkers,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+impl Unit {
+    /// Starts the credential's refresher, resolver, anomaly ticks, budget dispatcher and
+    /// proxy workers.
+    pub fn start(
+        bound: Bound,
+        metrics: Arc<Metrics>,
+        audit: Arc<AuditLog>,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<Unit> {
+        let config = &bound.config;
+        let live = Arc::new(ArcSwap::from_pointee(config.live.clone()));
+        let endpoint = TokenEndpoint::for_config(config).map_err(anyhow::Error::msg)?;
+        let jwks = config.restart.token.jwks.as_ref().map(|settings| {
+            let client = endpoint.http_client();
+            Arc::new(crate::token::jwks::Jwks::new(
+                settings.clone(),
+                client,
+                metrics.clone(),
+            ))
+        });
+        let store = Arc::new(TokenStore::with_slots(config.restart.token.pool_size));
+        let anomaly = Arc::new(AnomalyMonitor::new(
+            live.clone(),
+            audit.clone(),
+            metrics.clone(),
+        ));
+        let budget = Arc::new(Budget::new(store.clone(), live.clone(), metrics.clone()));
+        let refresh_info: Arc<Mutex<RefreshInfo>> = Arc::default();
+        let (commands, commands_rx) = mpsc::channel(16);
+        let shared = refresher::Shared {
+            store: store.clone(),
+            live: live.clone(),
+            report: Reporter {
+                metrics: metrics.clone(),
+                audit,
+                anomaly: anomaly.clone(),
+                info: refresh_info.clone(),
+            },
+        };
+        let c = &config.credentials;
+        let credentials = Credentials {
+            client_id: c.client_id.clone(),
+            secret: c.client_secret.clone(),
+            previous: c.previous_client_secret.clone(),
+        };
+        let refresher = Refresher::new(shared, endpoint, credentials, commands_rx, jwks.clone());
+        let state = proxy_state(config, &live, &store, &metrics, &anomaly, &budget)?;
+        let tasks = vec![
+            tokio::spawn(refresher.run(shutdown.clone())),
+            tokio::spawn(resolve_loop(
+                config.restart.genesys.api.clone(),
+                state.clone(),
+                config.restart.proxy.dns_refresh,
+                shutdown.clone(),
+            )),
+            spawn_anomaly_ticks(anomaly.clone(), shutdown.clone()),
+            tokio::spawn(budget.clone().dispatch(shutdown.clone())),
+        ];
+        let workers = spawn_workers(bound.listener, state, config, &bound.name, shutdown)?;
+        Ok(Unit {
+            name: bound.name,
+            addr: bound.addr,
+            live,
+            store,
+            metrics,
+            anomaly,
+            budget,
+            jwks,
+            refresh_info,
+            commands,
+            workers,
+            tasks,
+        })
+    }
+
+    /// What the admin listener reports of this credential.
+    pub fn view(&self) -> CredentialView {
+        CredentialView {
+            name: self.name.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            refresh: self.refresh_info.clone(),
+            anomaly: self.anomaly.clone(),
+            budget: self.budget.clone(),
+            jwks: self.jwks.clone(),
+        }
+    }
+
+    /// What a reload may change in this credential.
+    pub fn reload_target(&self) -> ReloadTarget {
+        ReloadTarget {
+            name: self.name.clone(),
+            live: self.live.clone(),
+            refresher: self.commands.clone(),
+        }
+    }
+}
+
+fn proxy_state(
+    config: &Config,
+    live: &Arc<ArcSwap<Live>>,
+    store: &Arc<TokenStore>,
+    metrics: &Arc<Metrics>,
+    anomaly: &Arc<AnomalyMonitor>,
+    budget: &Arc<Budget>,
+) -> anyhow::Result<Arc<ProxyState>> {
+    let upstream = &config.restart.genesys;
+    Ok(Arc::new(ProxyState {
+        live: live.clone(),
+        host_header: HeaderValue::from_str(&upstream.api.host_header())
+            .context("api_url: host is not a valid Host header")?,
+        api: upstream.api.clone(),
+        upstream_addrs: ArcSwap::from_pointee(Vec::new()),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        anomaly: anomaly.clone(),
+        budget: budget.clone(),
+        upstream_ca: upstream.ca_certs.as_ref().map(|certs| {
+            let wrapped: Vec<WrappedX509> = certs
+                .iter()
+                .map(|der| WrappedX509::new(der.clone(), parse_x509))
+                .collect();
+            Arc::from(wrapped.into_boxed_slice())
+        }),
+    }))
+}
+
+/// Clears quiet anomalies every 250 ms.
+fn spawn_anomaly_ticks(anomaly: Arc<AnomalyMonitor>, mut shutdown: Shutdown) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => anomaly.tick(),
+                _ = shutdown.wait() => return,
+            }
+        }
+    })
+}
+
+/// A credential's proxy worker threads, and how to stop them.
+pub(super) struct ProxyWorkers {
+    pub apps: Vec<Arc<pingora::proxy::HttpProxy<GenesysProxy>>>,
+    pub pingora_shutdown: watch::Sender<bool>,
+    pub done: Vec<tokio::sync::oneshot::Receiver<()>>,
+}
+
+fn spawn_workers(
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+    config: &Config,
+    name: &str,
+    shutdown: Shutdown,
+) -> anyhow::Result<ProxyWorkers> {
+    let server_conf = Arc::new(ServerConf::default());
+    let (pingora_shutdown, pingora_rx) = watch::channel(false);
+    let threads = config.restart.proxy.threads;
+    let (limit, warning) = admission::connection_limit(config.restart.proxy.max_connections);
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
+    }
+    let gate = Arc::new(Gate::new(state.live.clone(), state.metrics.clone(), limit));
+    let std_listener = listener.into_std()?;
+    let mut workers = ProxyWorkers {
+        apps: Vec::with_capacity(threads),
+        pingora_shutdown,
+        done: Vec::with_capacity(threads),
+    };
+    for i in 0..threads {
+        let listener = std_listener.try_clone()?;
+        let proxy = GenesysProxy {
+            state: state.clone(),
+        };
+        let mut app = pingora::proxy::http_proxy(&server_conf, proxy);
+        // CONNECT reaches our hooks, which refuse it in the Genesys error shape (pingora's own
+        // refusal is an empty 405).
+        let mut options = HttpServerOptions::default();
+        options.allow_connect_method_proxying = true;
+        app.server_options = Some(options);
+        let app = Arc::new(app);
+        workers.apps.push(app.clone());
+        let worker = Worker {
+            app,
+            pingora_shutdown: pingora_rx.clone(),
+            shutdown: shutdown.clone(),
+            grace: config.restart.proxy.shutdown_grace,
+            gate: gate.clone(),
+        };
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread_name = if name == crate::config::DEFAULT_CREDENTIAL {
+            format!("proxy-worker-{i}")
+        } else {
+            format!("proxy-{name}-{i}")
+        };
+        std::thread::Builder::new()
+            .name(thread_name)
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match rt {
+                    Ok(rt) => rt.block_on(worker.run(listener)),
+                    Err(e) => tracing::error!(error = %e, "cannot start a proxy worker runtime"),
+                }
+                let _ = done_tx.send(());
+            })
+            .context("spawning a proxy worker thread")?;
+        workers.done.push(done_rx);
+    }
+    Ok(workers)
+}
+
+/// Resolves the API host now and every `every`, off the request path. A failed lookup keeps
+/// the previous addresses.
+async fn resolve_loop(
+    api: ApiTarget,
+    state: Arc<ProxyState>,
+    every: Duration,
+    mut shutdown: Shutdown,
+) {
+    let mut delay = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait() => return,
+        }
+        match tokio::net::lookup_host((api.host.as_str(), api.port)).await {
+            Ok(addrs) => {
+                let addrs: Vec<SocketAddr> = addrs.collect();
+                if !addrs.is_empty() {
+                    state.upstream_addrs.store(Arc::new(addrs));
+                }
+                delay = every;
+            }
+            Err(e) => {
+                tracing::warn!(host = %api.host, error = %e, "cannot resolve the Genesys API host; keeping previous addresses");
+                delay = Duration::from_secs(1).min(every);
+            }
+        }
+    }
+}
