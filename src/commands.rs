@@ -124,47 +124,56 @@ fn check(paths: &[std::path::PathBuf], live: bool) -> ExitCode {
         Err(code) => return code,
     };
     for (path, c) in paths.iter().zip(&configs) {
-        let result = rt.block_on(async {
-            let endpoint =
-                crate::token::endpoint::TokenEndpoint::for_config(c).map_err(|e| e.to_string())?;
-            let minted = endpoint
-                .mint(&c.credentials.client_id, &c.credentials.client_secret)
-                .await
-                .map_err(|e| e.to_string())?;
-            // The same check the refresher makes before it publishes a token.
-            let mut exp = None;
-            match (&c.restart.token.jwks, c.live.token.validation) {
-                (Some(settings), _) => {
-                    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-                    let jwks = crate::token::jwks::Jwks::new(
-                        settings.clone(),
-                        endpoint.http_client(),
-                        metrics,
-                    );
-                    exp = Some(jwks.verify(minted.access_token.expose()).await?);
+        // Every credential is checked; each is named when there are several.
+        let several = !c.extra.is_empty();
+        let all = std::iter::once((config::DEFAULT_CREDENTIAL, c))
+            .chain(c.extra.iter().map(|e| (e.name.as_str(), &e.config)));
+        for (name, c) in all {
+            let label = if several {
+                format!(" credential {name}:")
+            } else {
+                String::new()
+            };
+            match rt.block_on(live_check(c)) {
+                Ok((fingerprint, lifetime)) => println!(
+                    "{}:{label} live: minted and validated token {fingerprint} (lifetime {} s)",
+                    path.display(),
+                    lifetime.as_secs()
+                ),
+                Err(e) => {
+                    eprintln!("{}:{label} live check failed: {e}", path.display());
+                    return ExitCode::from(EXIT_RUNTIME);
                 }
-                (None, config::Validation::TokensMe) => endpoint
-                    .validate(&minted.access_token)
-                    .await
-                    .map_err(|e| e.to_string())?,
-                (None, _) => {}
-            }
-            let lifetime =
-                crate::token::minter::lifetime(&minted, exp).map_err(|e| e.to_string())?;
-            Ok::<_, String>((minted, lifetime))
-        });
-        match result {
-            Ok((m, lifetime)) => println!(
-                "{}: live: minted and validated token {} (lifetime {} s)",
-                path.display(),
-                m.access_token.fingerprint(),
-                lifetime.as_secs()
-            ),
-            Err(e) => {
-                eprintln!("{}: live check failed: {e}", path.display());
-                return ExitCode::from(EXIT_RUNTIME);
             }
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Mints one token for `c`'s credential and validates it as the refresher would: its
+/// fingerprint and lifetime.
+async fn live_check(c: &config::Config) -> Result<(String, std::time::Duration), String> {
+    let endpoint =
+        crate::token::endpoint::TokenEndpoint::for_config(c).map_err(|e| e.to_string())?;
+    let minted = endpoint
+        .mint(&c.credentials.client_id, &c.credentials.client_secret)
+        .await
+        .map_err(|e| e.to_string())?;
+    // The same check the refresher makes before it publishes a token.
+    let mut exp = None;
+    match (&c.restart.token.jwks, c.live.token.validation) {
+        (Some(settings), _) => {
+            let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+            let jwks =
+                crate::token::jwks::Jwks::new(settings.clone(), endpoint.http_client(), metrics);
+            exp = Some(jwks.verify(minted.access_token.expose()).await?);
+        }
+        (None, config::Validation::TokensMe) => endpoint
+            .validate(&minted.access_token)
+            .await
+            .map_err(|e| e.to_string())?,
+        (None, _) => {}
+    }
+    let lifetime = crate::token::minter::lifetime(&minted, exp).map_err(|e| e.to_string())?;
+    Ok((minted.access_token.fingerprint(), lifetime))
 }

@@ -267,7 +267,7 @@ impl Reloader {
                         if is_top {
                             k.to_string()
                         } else {
-                            format!("credential.{}.{k}", target.name)
+                            config::credential::key_of(&target.name, k)
                         }
                     })
                     .collect()

@@ -19,7 +19,7 @@ pub const MAX_CREDENTIALS: usize = 32;
 
 /// The key a user wrote for `key` of credential `name`: its listener and allowlists sit in the
 /// entry itself, everything else under the entry's sections.
-pub(super) fn key_of(name: &str, key: &str) -> String {
+pub fn key_of(name: &str, key: &str) -> String {
     let own = key.strip_prefix("proxy.").filter(|k| {
         matches!(
             *k,

@@ -4,7 +4,7 @@
 //! model field to its file key and its reload class. Only this module knows TOML.
 
 mod build;
-mod credential;
+pub mod credential;
 pub mod file;
 pub mod keyed;
 pub mod model;
@@ -16,6 +16,8 @@ pub(crate) mod value;
 mod tests;
 #[cfg(test)]
 mod tests_classes;
+#[cfg(test)]
+mod tests_credential;
 #[cfg(test)]
 mod tests_oauth;
 
