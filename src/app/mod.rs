@@ -87,15 +87,11 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
     install_crypto_provider();
     // With [[credential]]s every metric sample and audit line names its credential; a
     // single-credential proxy renders exactly as before.
-    let several = !config.extra.is_empty();
-    let metrics_for = |name: &str| {
-        Arc::new(if several {
-            Metrics::for_credential(name)
-        } else {
-            Metrics::new()
-        })
-    };
-    let top_metrics = metrics_for(DEFAULT_CREDENTIAL);
+    let top_metrics = Arc::new(if config.extra.is_empty() {
+        Metrics::new()
+    } else {
+        Metrics::for_credential(DEFAULT_CREDENTIAL)
+    });
     let r = &config.restart;
     let target = &r.audit.target;
     let audit = Arc::new(
@@ -113,17 +109,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
     let admin_addr = admin_listener.local_addr()?;
     let (trigger, shutdown) = shutdown::channel();
 
-    let mut units = Vec::with_capacity(bound.len());
-    for b in bound {
-        let (metrics, audit) = if b.name == DEFAULT_CREDENTIAL {
-            let scoped = several.then(|| audit.scoped(&b.name, &b.config.credentials.client_id));
-            (top_metrics.clone(), scoped.map_or(audit.clone(), Arc::new))
-        } else {
-            let scoped = audit.scoped(&b.name, &b.config.credentials.client_id);
-            (metrics_for(&b.name), Arc::new(scoped))
-        };
-        units.push(Unit::start(b, metrics, audit, shutdown.clone())?);
-    }
+    let units = start_units(bound, &audit, top_metrics.clone(), &shutdown)?;
     let reloader = Arc::new(Reloader::new(
         config_path,
         config.clone(),
@@ -150,21 +136,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
     });
     let admin = spawn_admin(admin_listener, admin_state.clone());
 
-    let listeners: serde_json::Map<String, serde_json::Value> = units
-        .iter()
-        .map(|u| (u.name.clone(), u.addr.to_string().into()))
-        .collect();
-    let proxy_addr = units[0].addr;
-    let mut details = serde_json::json!({
-        "proxy_listen": proxy_addr.to_string(),
-        "admin_listen": admin_addr.to_string(),
-        "api_host": r.genesys.api.host,
-        "version": env!("CARGO_PKG_VERSION"),
-    });
-    if several {
-        details["credential_listeners"] = listeners.into();
-    }
-    audit.record(AuditEvent::ProxyStarted, details, None);
+    record_start(&audit, &config, &units, admin_addr);
     for u in &units {
         tracing::info!(credential = %u.name, proxy = %u.addr, admin = %admin_addr, "genesys-auth-proxy listening");
     }
@@ -177,6 +149,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         })
         .collect();
     let (store, metrics) = (units[0].store.clone(), units[0].metrics.clone());
+    let units_addr = units[0].addr;
     let mut workers = Vec::new();
     for u in units {
         tasks.extend(u.tasks);
@@ -185,7 +158,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
     let done = tokio::spawn(drain(shutdown, admin_state, workers, admin, tasks));
     Ok(Running {
         reloader,
-        proxy_addr,
+        proxy_addr: units_addr,
         admin_addr,
         store,
         metrics,
@@ -194,6 +167,51 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         trigger,
         done,
     })
+}
+
+/// Starts every bound credential. With several, each gets metrics labelled with its name and
+/// an audit handle naming it; a single credential keeps the unlabelled ones.
+fn start_units(
+    bound: Vec<Bound>,
+    audit: &Arc<AuditLog>,
+    top_metrics: Arc<Metrics>,
+    shutdown: &shutdown::Shutdown,
+) -> anyhow::Result<Vec<Unit>> {
+    let several = bound.len() > 1;
+    let mut units = Vec::with_capacity(bound.len());
+    for b in bound {
+        let (metrics, audit) = if !several {
+            (top_metrics.clone(), audit.clone())
+        } else {
+            let scoped = Arc::new(audit.scoped(&b.name, &b.config.credentials.client_id));
+            let metrics = if b.name == DEFAULT_CREDENTIAL {
+                top_metrics.clone()
+            } else {
+                Arc::new(Metrics::for_credential(&b.name))
+            };
+            (metrics, scoped)
+        };
+        units.push(Unit::start(b, metrics, audit, shutdown.clone())?);
+    }
+    Ok(units)
+}
+
+/// `PROXY_STARTED`, with every credential's listener when there are several.
+fn record_start(audit: &AuditLog, config: &Config, units: &[Unit], admin_addr: SocketAddr) {
+    let mut details = serde_json::json!({
+        "proxy_listen": units[0].addr.to_string(),
+        "admin_listen": admin_addr.to_string(),
+        "api_host": config.restart.genesys.api.host,
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    if units.len() > 1 {
+        let listeners: serde_json::Map<String, serde_json::Value> = units
+            .iter()
+            .map(|u| (u.name.clone(), u.addr.to_string().into()))
+            .collect();
+        details["credential_listeners"] = listeners.into();
+    }
+    audit.record(AuditEvent::ProxyStarted, details, None);
 }
 
 /// The admin listener outlives the proxy's drain, so balancers see `/readyz` 503 while it

@@ -28,7 +28,7 @@ pub(super) fn base(extra_genesys: &str, rest: &str) -> String {
     )
 }
 
-fn err_of(text: &str) -> String {
+pub(super) fn err_of(text: &str) -> String {
     match parse(text, Path::new("t.toml")) {
         Ok(_) => panic!("expected an error for:\n{text}"),
         Err(e) => e.to_string(),

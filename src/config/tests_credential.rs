@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::model::IssuerKind;
-use super::tests::{base, secret_file};
+use super::tests::{base, err_of, secret_file};
 use super::*;
 
 fn entry(name: &str, listen: &str, extra: &str, issuer: &str) -> String {
@@ -15,13 +15,6 @@ fn entry(name: &str, listen: &str, extra: &str, issuer: &str) -> String {
         "\n[[credential]]\nname = \"{name}\"\nlisten = \"{listen}\"\n{extra}\n[credential.{section}]\n{keys}\nclient_id = \"other\"\nclient_secret = {{ file = {:?} }}\n",
         f.display().to_string()
     )
-}
-
-fn err_of(text: &str) -> String {
-    match parse(text, Path::new("t.toml")) {
-        Ok(_) => panic!("expected an error for:\n{text}"),
-        Err(e) => e.to_string(),
-    }
 }
 
 #[test]

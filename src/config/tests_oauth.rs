@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::model::{AuthMethod, IssuerKind};
-use super::tests::secret_file;
+use super::tests::{err_of, secret_file};
 use super::*;
 use crate::token::jwks::KeySource;
 
@@ -16,13 +16,6 @@ fn oauth(extra: &str, token: &str) -> String {
 }
 
 const JWKS: &str = "jwks_url = \"https://idp.example.com/.well-known/jwks.json\"";
-
-fn err_of(text: &str) -> String {
-    match parse(text, Path::new("t.toml")) {
-        Ok(_) => panic!("expected an error for:\n{text}"),
-        Err(e) => e.to_string(),
-    }
-}
 
 #[test]
 fn oauth_defaults_to_basic_auth_jwks_validation_and_any_path() {

@@ -30,23 +30,13 @@ pub(super) fn issuer(
     match (genesys, oauth) {
         (Some(g), None) => {
             let upstream = genesys_upstream(b, &g)?;
-            let ids = Ids {
-                section: "genesys",
-                client_id: g.client_id,
-                client_secret: g.client_secret,
-                previous_client_secret: g.previous_client_secret,
-            };
-            Ok((upstream, credentials(b, ids)?))
+            let ids = (g.client_id, g.client_secret, g.previous_client_secret);
+            Ok((upstream, credentials(b, "genesys", ids)?))
         }
         (None, Some(o)) => {
             let upstream = oauth_upstream(b, &o)?;
-            let ids = Ids {
-                section: "oauth",
-                client_id: o.client_id,
-                client_secret: o.client_secret,
-                previous_client_secret: o.previous_client_secret,
-            };
-            Ok((upstream, credentials(b, ids)?))
+            let ids = (o.client_id, o.client_secret, o.previous_client_secret);
+            Ok((upstream, credentials(b, "oauth", ids)?))
         }
         (Some(_), Some(_)) => Err(b.err(
             "oauth",
@@ -178,35 +168,31 @@ fn ca_file(b: &Builder, file: Option<&str>, key: &str) -> Built<Option<Vec<Vec<u
     }
 }
 
-/// The credential keys of one issuer section.
-struct Ids {
-    section: &'static str,
-    client_id: Option<String>,
-    client_secret: Option<SecretRef>,
-    previous_client_secret: Option<SecretRef>,
-}
+/// `client_id`, `client_secret` and `previous_client_secret` of one issuer section.
+type Ids = (Option<String>, Option<SecretRef>, Option<SecretRef>);
 
-/// Client id and secrets; each secret is read now so a bad one fails the load.
-fn credentials(b: &mut Builder, ids: Ids) -> Built<CredentialSettings> {
-    let key = |name: &str| format!("{}.{name}", ids.section);
-    let client_id = ids.client_id.unwrap_or_default();
+/// Client id and secrets of `section`; each secret is read now so a bad one fails the load.
+fn credentials(b: &mut Builder, section: &str, ids: Ids) -> Built<CredentialSettings> {
+    let key = |name: &str| format!("{section}.{name}");
+    let (client_id, client_secret, previous_client_secret) = ids;
+    let client_id = client_id.unwrap_or_default();
     if client_id.trim().is_empty() {
         return Err(b.err(&key("client_id"), "is required and must not be empty"));
     }
-    if client_id.contains(':') && ids.section == "genesys" {
+    if client_id.contains(':') && section == "genesys" {
         return Err(b.err(&key("client_id"), "must not contain ':'"));
     }
     if client_id.chars().any(char::is_control) {
         return Err(b.err(&key("client_id"), "must not contain control characters"));
     }
-    let secret_ref = ids.client_secret.ok_or_else(|| {
+    let secret_ref = client_secret.ok_or_else(|| {
         b.err(
             &key("client_secret"),
             "is required: { env = \"NAME\" } or { file = \"/path\" }",
         )
     })?;
     let (client_secret, client_secret_source) = secret(b, secret_ref, &key("client_secret"))?;
-    let (previous_client_secret, previous_client_secret_source) = match ids.previous_client_secret {
+    let (previous_client_secret, previous_client_secret_source) = match previous_client_secret {
         None => (None, None),
         Some(r) => {
             let (s, src) = secret(b, r, &key("previous_client_secret"))?;
