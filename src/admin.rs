@@ -31,6 +31,8 @@ pub struct CredentialView {
     pub budget: Arc<crate::budget::Budget>,
     /// With `validation = "jwks"`.
     pub jwks: Option<Arc<crate::token::jwks::Jwks>>,
+    /// With `[cluster]`.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 pub struct AdminState {
@@ -252,6 +254,7 @@ fn credential_status(state: &CredentialView, audit: &AuditLog, now: Instant) -> 
                 "url": url.map(|u| u.to_string()),
             })
         }),
+        "cluster": state.cluster.as_ref().map(|c| c.view()),
         "counters": {
             "requests_total": counter(&m.requests_total),
             "upstream_unauthorized_total": m.upstream_unauthorized_total.get(),

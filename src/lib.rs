@@ -57,6 +57,7 @@ pub mod app;
 pub mod audit;
 pub mod budget;
 pub mod cli;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 #[cfg(feature = "sim")]

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub token_pool_budget_remaining: IntGaugeVec,
     pub jwks_fetches_total: IntCounterVec,
     pub jwks_keys: IntGauge,
+    pub cluster_redis_up: IntGauge,
+    pub cluster_tokens_total: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -204,6 +206,8 @@ impl Metrics {
             token_pool_budget_remaining: m.int_gauge_vec("token_pool_budget_remaining", "Rate-limit budget left in the current window, per token pool slot (0 .. pool_size-1).", "slot"),
             jwks_fetches_total: m.counter_vec("jwks_fetches_total", "JWKS fetches (validation = \"jwks\") by outcome.", "outcome", &["success", "failed"]),
             jwks_keys: m.int_gauge("jwks_keys", "Keys in the cached JWKS (validation = \"jwks\")."),
+            cluster_redis_up: m.int_gauge("cluster_redis_up", "[cluster]: 1 while Redis answers and tokens are shared, 0 while this replica works standalone."),
+            cluster_tokens_total: m.counter_vec("cluster_tokens_total", "[cluster]: tokens this replica took, by how: adopted (stored by another replica), minted_shared (minted under the lease and stored), minted_standalone (minted alone while Redis failed).", "how", &["adopted", "minted_shared", "minted_standalone"]),
             registry: m.0,
         }
     }

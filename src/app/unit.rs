@@ -31,6 +31,7 @@ use crate::shutdown::Shutdown;
 use crate::token::endpoint::TokenEndpoint;
 use crate::token::refresher::{self, Credentials, RefreshInfo, Refresher};
 use crate::token::report::Reporter;
+use crate::token::shared::SharedLink;
 use crate::token::store::TokenStore;
 use crate::worker::{self, Worker};
 
@@ -73,6 +74,7 @@ pub(super) struct Unit {
     pub budget: Arc<Budget>,
     pub jwks: Option<Arc<crate::token::jwks::Jwks>>,
     pub refresh_info: Arc<Mutex<RefreshInfo>>,
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     pub commands: mpsc::Sender<refresher::Command>,
     pub workers: ProxyWorkers,
     pub tasks: Vec<JoinHandle<()>>,
@@ -123,9 +125,32 @@ impl Unit {
             secret: c.client_secret.clone(),
             previous: c.previous_client_secret.clone(),
         };
-        let refresher = Refresher::new(shared, endpoint, credentials, commands_rx, jwks.clone());
+        let (cluster, link) = match &config.restart.cluster.settings {
+            None => (None, None),
+            Some(settings) => {
+                let (cluster, events) = crate::cluster::Cluster::new(
+                    settings.clone(),
+                    config.restart.genesys.token_url.as_str(),
+                    &c.client_id,
+                    metrics.clone(),
+                    shared.report.audit.clone(),
+                )
+                .map_err(anyhow::Error::msg)?;
+                let link = SharedLink::new(cluster.clone(), &c.client_secret, events)
+                    .map_err(anyhow::Error::msg)?;
+                (Some(cluster), Some(link))
+            }
+        };
+        let refresher = Refresher::new(
+            shared,
+            endpoint,
+            credentials,
+            commands_rx,
+            jwks.clone(),
+            link,
+        );
         let state = proxy_state(config, &live, &store, &metrics, &anomaly, &budget)?;
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(refresher.run(shutdown.clone())),
             tokio::spawn(resolve_loop(
                 config.restart.genesys.api.clone(),
@@ -136,6 +161,9 @@ impl Unit {
             spawn_anomaly_ticks(anomaly.clone(), shutdown.clone()),
             tokio::spawn(budget.clone().dispatch(shutdown.clone())),
         ];
+        if let Some(cluster) = &cluster {
+            tasks.push(tokio::spawn(cluster.clone().run(shutdown.clone())));
+        }
         let workers = spawn_workers(bound.listener, state, config, &bound.name, shutdown)?;
         Ok(Unit {
             name: bound.name,
@@ -147,6 +175,7 @@ impl Unit {
             budget,
             jwks,
             refresh_info,
+            cluster,
             commands,
             workers,
             tasks,
@@ -163,6 +192,7 @@ impl Unit {
             anomaly: self.anomaly.clone(),
             budget: self.budget.clone(),
             jwks: self.jwks.clone(),
+            cluster: self.cluster.clone(),
         }
     }
 

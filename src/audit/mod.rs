@@ -52,10 +52,14 @@ pub enum AuditEvent {
     AnomalyCleared,
     /// The file was deleted or replaced while the proxy ran; the chain continues in a new file.
     AuditLogReopened,
+    /// `[cluster]`: Redis answers; tokens are shared with the other replicas.
+    ClusterJoined,
+    /// `[cluster]`: Redis failed; this replica mints for itself until it answers again.
+    ClusterStandalone,
 }
 
 impl AuditEvent {
-    pub const ALL: [AuditEvent; 15] = [
+    pub const ALL: [AuditEvent; 17] = [
         AuditEvent::ProxyStarted,
         AuditEvent::ProxyStopped,
         AuditEvent::TokenAcquired,
@@ -71,6 +75,8 @@ impl AuditEvent {
         AuditEvent::AnomalyRaised,
         AuditEvent::AnomalyCleared,
         AuditEvent::AuditLogReopened,
+        AuditEvent::ClusterJoined,
+        AuditEvent::ClusterStandalone,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -90,6 +96,8 @@ impl AuditEvent {
             AuditEvent::AnomalyRaised => "ANOMALY_RAISED",
             AuditEvent::AnomalyCleared => "ANOMALY_CLEARED",
             AuditEvent::AuditLogReopened => "AUDIT_LOG_REOPENED",
+            AuditEvent::ClusterJoined => "CLUSTER_JOINED",
+            AuditEvent::ClusterStandalone => "CLUSTER_STANDALONE",
         }
     }
 }

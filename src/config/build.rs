@@ -105,6 +105,12 @@ pub(super) fn one(raw: FileConfig, file: &Path, credential: Option<&str>) -> Bui
             credentials: CredentialSet {
                 listeners: Vec::new(),
             },
+            cluster: ClusterRestart {
+                settings: match raw.cluster {
+                    None => None,
+                    Some(c) => Some(cluster(&mut b, c)?),
+                },
+            },
         },
         live: Live {
             proxy: proxy_live,
@@ -366,6 +372,55 @@ fn jwks(
         cache: Duration::from_secs(t.jwks_cache_seconds.unwrap_or(86_400).max(1)),
         leeway: Duration::from_secs(t.leeway_seconds.unwrap_or(30)),
     }))
+}
+
+/// `[cluster]`: a Redis URL without a password (that goes in `cluster.password`), bounded
+/// timeouts.
+fn cluster(b: &mut Builder, c: super::file::ClusterSection) -> Built<ClusterSettings> {
+    let url = c
+        .redis_url
+        .ok_or_else(|| b.err("cluster.redis_url", "is required in [cluster]"))?;
+    let parsed = reqwest::Url::parse(&url)
+        .map_err(|e| b.err("cluster.redis_url", format!("{url:?} is not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "redis" | "rediss") || parsed.host_str().is_none() {
+        return Err(b.err(
+            "cluster.redis_url",
+            "must be redis://host[:port][/db] or rediss://… (TLS)",
+        ));
+    }
+    if parsed.password().is_some() {
+        return Err(b.err(
+            "cluster.redis_url",
+            "must not hold a password: use cluster.password = { env = \"NAME\" } or { file = \"/path\" }",
+        ));
+    }
+    let password = match c.password {
+        None => None,
+        Some(r) => Some(secret(b, r, "cluster.password")?.0),
+    };
+    let key_prefix = c.key_prefix.unwrap_or_else(|| "genesys-auth-proxy".into());
+    if key_prefix.is_empty()
+        || key_prefix
+            .chars()
+            .any(|ch| ch.is_whitespace() || ch.is_control())
+    {
+        return Err(b.err("cluster.key_prefix", "must be non-empty without spaces"));
+    }
+    let timeout = b.ms(c.timeout_ms, 250, "cluster.timeout_ms")?;
+    let lease = b.ms(c.lease_ms, 15_000, "cluster.lease_ms")?;
+    if lease < Duration::from_secs(1) {
+        return Err(b.err(
+            "cluster.lease_ms",
+            "must be at least 1000 (a mint takes that long)",
+        ));
+    }
+    Ok(ClusterSettings {
+        redis_url: url,
+        password,
+        key_prefix,
+        timeout,
+        lease,
+    })
 }
 
 fn audit(b: &Builder, a: AuditSection) -> Built<AuditSettings> {

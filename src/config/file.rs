@@ -25,6 +25,18 @@ pub struct FileConfig {
     pub budget: BudgetSection,
     /// `[[credential]]`: further OAuth clients, each on its own listener.
     pub credential: Option<Vec<CredentialSection>>,
+    /// `[cluster]`: replicas share tokens through Redis.
+    pub cluster: Option<ClusterSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    pub redis_url: Option<String>,
+    pub password: Option<SecretRef>,
+    pub key_prefix: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub lease_ms: Option<u64>,
 }
 
 /// `[[credential]]`: one more OAuth client with its own listener and token lifecycle. Keys it

@@ -53,7 +53,30 @@ keyed_sections! {
         pub audit: AuditSettings,
         pub log: LogRestart,
         pub credentials: CredentialSet,
+        pub cluster: ClusterRestart,
     }
+}
+
+keyed_struct! {
+    /// `[cluster]`: read once at start.
+    pub struct ClusterRestart {
+        pub settings: Option<ClusterSettings> => "cluster.redis_url" | "cluster.password" | "cluster.key_prefix" | "cluster.timeout_ms" | "cluster.lease_ms",
+    }
+}
+
+/// How replicas share their tokens through Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSettings {
+    /// `redis://` or `rediss://` (TLS), without a password.
+    pub redis_url: String,
+    /// `cluster.password`: the Redis AUTH password, read like a client secret.
+    pub password: Option<Secret>,
+    /// Every key and channel starts with this.
+    pub key_prefix: String,
+    /// Every Redis call gives up after this; the proxy then works standalone.
+    pub timeout: Duration,
+    /// How long a replica may hold the right to mint before others may take it.
+    pub lease: Duration,
 }
 
 keyed_struct! {

@@ -92,7 +92,14 @@ impl Minter {
         let minted = result?;
         let exp = self.validate(&minted).await?;
         let lifetime = lifetime(&minted, exp)?;
-        build_token(&minted, lifetime, generation, slot, started, source)
+        Token::from_secret(
+            &minted.access_token,
+            lifetime,
+            generation,
+            slot,
+            started,
+            source,
+        )
     }
 
     /// Asks Genesys whether a held token is still accepted (one API call, no token request).
@@ -155,30 +162,4 @@ pub fn lifetime(minted: &Minted, exp: Option<SystemTime>) -> Result<Duration, Mi
             .or(b)
             .ok_or_else(|| MintError::InvalidResponse("no expires_in and no exp".into())),
     }
-}
-
-/// The published form of a minted token: the bearer header built once, marked sensitive.
-fn build_token(
-    minted: &Minted,
-    lifetime: Duration,
-    generation: u64,
-    slot: usize,
-    acquired_at: Instant,
-    source: TokenSource,
-) -> Result<Token, MintError> {
-    let mut header =
-        http::HeaderValue::from_str(&format!("Bearer {}", minted.access_token.expose()))
-            .map_err(|_| MintError::InvalidResponse("token is not a valid header value".into()))?;
-    header.set_sensitive(true);
-    Ok(Token {
-        header,
-        fingerprint: minted.access_token.fingerprint(),
-        generation,
-        slot,
-        acquired_at,
-        expires_at: acquired_at + lifetime,
-        expires_at_wall: SystemTime::now() + lifetime,
-        lifetime,
-        source,
-    })
 }

@@ -16,4 +16,5 @@ pub mod refresher;
 pub mod report;
 pub mod schedule;
 pub mod secret;
+pub mod shared;
 pub mod store;

@@ -26,6 +26,7 @@ use super::schedule::{
     Step, STAGGER,
 };
 use super::secret::Secret;
+use super::shared::{Plan, SharedLink};
 use super::store::{Token, TokenSource, TokenStore};
 use crate::config::Live;
 
@@ -63,7 +64,9 @@ struct PendingRotation {
 }
 
 pub struct Refresher {
-    shared: Shared,
+    pub(super) shared: Shared,
+    /// `[cluster]`: the link to the other replicas through Redis.
+    pub(super) link: Option<SharedLink>,
     minter: Minter,
     credentials: Credentials,
     commands: mpsc::Receiver<Command>,
@@ -85,6 +88,7 @@ impl Refresher {
         credentials: Credentials,
         commands: mpsc::Receiver<Command>,
         jwks: Option<Arc<super::jwks::Jwks>>,
+        link: Option<SharedLink>,
     ) -> Self {
         let slots = shared.store.slots();
         let minter = Minter::new(
@@ -96,6 +100,7 @@ impl Refresher {
         );
         Refresher {
             shared,
+            link,
             minter,
             credentials,
             commands,
@@ -126,6 +131,7 @@ impl Refresher {
                     _ = tokio::time::sleep_until(until.into()) => {}
                     _ = self.shared.store.woken() => {}
                     cmd = self.commands.recv() => if let Some(cmd) = cmd { self.handle(cmd).await },
+                    event = next_shared(&mut self.link) => self.on_shared(event).await,
                     _ = shutdown.wait() => return,
                 },
             }
@@ -203,6 +209,11 @@ impl Refresher {
     /// A normal refresh of one pool slot: current secret, then previous on `invalid_client`.
     async fn refresh(&mut self, slot: usize, reason: Reason) {
         let started = Instant::now();
+        let leased = match self.plan(slot, reason, started).await {
+            Plan::Adopted => return,
+            Plan::MintShared { leased } => Some(leased),
+            Plan::MintAlone => None,
+        };
         self.last_mint = Some(started);
         let generation = self.shared.store.generation() + 1;
         let held = self.shared.store.slot(slot);
@@ -228,8 +239,18 @@ impl Refresher {
                 .await;
         }
         match result {
-            Ok(token) => self.accept(token, reason, started),
+            Ok(token) => {
+                match leased {
+                    Some(leased) => self.share(&token, leased).await,
+                    None if self.link.is_some() => self.count("minted_standalone"),
+                    None => {}
+                }
+                self.accept(token, reason, started);
+            }
             Err(e) => {
+                if leased == Some(true) {
+                    self.release(slot).await;
+                }
                 self.failures = self.failures.saturating_add(1);
                 let delay = self.backoff_after(self.failures, &e);
                 self.backoff_until = Some(Instant::now() + delay);
@@ -251,7 +272,7 @@ impl Refresher {
     }
 
     /// Publishes a validated token, records it, and schedules its proactive refresh.
-    fn accept(&mut self, token: Token, reason: Reason, started: Instant) {
+    pub(super) fn accept(&mut self, token: Token, reason: Reason, started: Instant) {
         self.failures = 0;
         self.backoff_until = None;
         self.shared.report.acquired(&token, reason, started);
@@ -298,6 +319,13 @@ impl Refresher {
     /// refresh (their tokens stay valid at Genesys when the old secret is removed).
     async fn rotate(&mut self, new: Credentials) -> Result<u64, String> {
         let started = Instant::now();
+        // [cluster]: a replica that rotated first already stored a token for the new secret.
+        if let Some(token) = self.adopt_rotated(&new.secret).await {
+            let generation = token.generation;
+            self.rekey(&new.secret);
+            self.rotated(new, token, started);
+            return Ok(generation);
+        }
         self.last_mint = Some(started);
         let generation = self.shared.store.generation() + 1;
         let (id, secret) = (&new.client_id, &new.secret);
@@ -307,6 +335,8 @@ impl Refresher {
             .await;
         match result {
             Ok(token) => {
+                self.rekey(&new.secret);
+                self.share(&token, false).await;
                 self.rotated(new, token, started);
                 Ok(generation)
             }
@@ -365,6 +395,17 @@ impl Refresher {
             let new_secret = p.credentials.secret.fingerprint();
             self.shared.report.rotation_abandoned(&new_secret);
         }
+    }
+}
+
+/// The next message from the cluster task; never resolves without `[cluster]`.
+async fn next_shared(link: &mut Option<SharedLink>) -> crate::cluster::SharedEvent {
+    match link {
+        Some(l) => match l.events.recv().await {
+            Some(event) => event,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -70,6 +70,8 @@ pub enum Reason {
     Rejected,
     Expired,
     Rotation,
+    /// `[cluster]`: another replica published a new token.
+    Shared,
 }
 
 impl Reason {
@@ -80,6 +82,7 @@ impl Reason {
             Reason::Rejected => "rejected_upstream",
             Reason::Expired => "expired",
             Reason::Rotation => "rotation",
+            Reason::Shared => "published_by_replica",
         }
     }
 }

@@ -24,6 +24,8 @@ use tokio::sync::{watch, Notify};
 pub enum TokenSource {
     Current,
     Previous,
+    /// `[cluster]`: minted by another replica and read from Redis.
+    Shared,
 }
 
 impl TokenSource {
@@ -31,6 +33,7 @@ impl TokenSource {
         match self {
             TokenSource::Current => "current",
             TokenSource::Previous => "previous",
+            TokenSource::Shared => "shared",
         }
     }
 }
@@ -64,6 +67,41 @@ impl std::fmt::Debug for Token {
 }
 
 impl Token {
+    /// A token from its value: the bearer header built once and marked sensitive.
+    pub fn from_secret(
+        access_token: &super::secret::Secret,
+        lifetime: std::time::Duration,
+        generation: u64,
+        slot: usize,
+        acquired_at: Instant,
+        source: TokenSource,
+    ) -> Result<Token, super::endpoint::MintError> {
+        let mut header = HeaderValue::from_str(&format!("Bearer {}", access_token.expose()))
+            .map_err(|_| {
+                super::endpoint::MintError::InvalidResponse(
+                    "token is not a valid header value".into(),
+                )
+            })?;
+        header.set_sensitive(true);
+        Ok(Token {
+            header,
+            fingerprint: access_token.fingerprint(),
+            generation,
+            slot,
+            acquired_at,
+            expires_at: acquired_at + lifetime,
+            expires_at_wall: std::time::SystemTime::now() + lifetime,
+            lifetime,
+            source,
+        })
+    }
+
+    /// The token's value (for `[cluster]`, which stores it sealed).
+    pub fn access_token(&self) -> Option<super::secret::Secret> {
+        let value = self.header.to_str().ok()?.strip_prefix("Bearer ")?;
+        Some(super::secret::Secret::new(value))
+    }
+
     pub fn is_valid_at(&self, now: Instant) -> bool {
         now < self.expires_at
     }

@@ -1,0 +1,383 @@
+//! Cluster mode (`[cluster]`): replicas share one token lifecycle through Redis.
+//!
+//! Each credential's tokens are stored sealed ([`seal`]) under
+//! `{key_prefix}:{kid}:token:{slot}` with their expiry. A replica that needs a token first
+//! reads the stored one; only if it has none it may use (missing, the one it holds, or one the
+//! API refused) does it take the lease `{…}:lease:{slot}` (`SET NX PX`), read again, mint,
+//! store and publish on `{key_prefix}:published`; the others wait for that message (or the
+//! lease to lapse) and adopt the stored token. So a 401 storm across every replica costs one
+//! token request. Every Redis call is bounded by `cluster.timeout_ms`; on any failure the
+//! replica works standalone (it mints for itself), says so in a metric, `/status` and the
+//! audit log, and converges again once Redis answers. Nothing on the request path touches
+//! Redis.
+
+pub mod seal;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::{mpsc, Notify};
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::config::model::ClusterSettings;
+use crate::metrics::Metrics;
+use crate::sync::lock;
+use crate::token::secret::Secret;
+pub use seal::Sealer;
+
+/// A token read back from Redis.
+pub struct Stored {
+    pub token: Secret,
+    pub expires_at_wall: SystemTime,
+}
+
+/// What the cluster task tells the refresher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedEvent {
+    /// A replica stored a new token for key `kid`, slot `slot`.
+    Published { kid: String, slot: usize },
+    /// Redis answers again after a failure: reconcile.
+    Rejoined,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Record {
+    exp_ms: u64,
+    sealed: String,
+}
+
+/// Releases the lease only if this replica still owns it.
+const RELEASE: &str =
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+
+/// One credential's link to Redis.
+pub struct Cluster {
+    settings: ClusterSettings,
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// The credential's identity (token URL and client id): part of every key derivation.
+    context: String,
+    /// This replica's lease owner id.
+    owner: String,
+    up: AtomicBool,
+    published: Notify,
+    last_error: Mutex<Option<String>>,
+    events: mpsc::UnboundedSender<SharedEvent>,
+    metrics: Arc<Metrics>,
+    audit: Arc<AuditLog>,
+}
+
+impl Cluster {
+    /// A link for the credential `client_id` at `token_url`; events for its refresher go to
+    /// the returned receiver. Nothing is connected yet.
+    pub fn new(
+        settings: ClusterSettings,
+        token_url: &str,
+        client_id: &str,
+        metrics: Arc<Metrics>,
+        audit: Arc<AuditLog>,
+    ) -> Result<(Arc<Cluster>, mpsc::UnboundedReceiver<SharedEvent>), String> {
+        let mut info: redis::ConnectionInfo = settings
+            .redis_url
+            .as_str()
+            .parse()
+            .map_err(|e| format!("cluster.redis_url: {e}"))?;
+        if let Some(p) = &settings.password {
+            info.redis.password = Some(p.expose().to_string());
+        }
+        let client = redis::Client::open(info).map_err(|e| format!("cluster.redis_url: {e}"))?;
+        let (events, receiver) = mpsc::unbounded_channel();
+        metrics.cluster_redis_up.set(0);
+        let cluster = Cluster {
+            settings,
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            context: format!("{token_url} {client_id}"),
+            owner: crate::fingerprint::sha256_hex(
+                format!("{}{:?}", std::process::id(), SystemTime::now()).as_bytes(),
+            )[..16]
+                .to_string(),
+            up: AtomicBool::new(false),
+            published: Notify::new(),
+            last_error: Mutex::new(None),
+            events,
+            metrics,
+            audit,
+        };
+        Ok((Arc::new(cluster), receiver))
+    }
+
+    /// The sealing key of `secret` for this credential.
+    pub fn sealer(&self, secret: &Secret) -> Result<Sealer, String> {
+        Sealer::derive(secret, &self.context)
+    }
+
+    /// Whether the last Redis call succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// How long a lease may be held: waiting longer than this means its holder is gone.
+    pub fn lease(&self) -> Duration {
+        self.settings.lease
+    }
+
+    fn key(&self, s: &Sealer, what: &str, slot: usize) -> String {
+        format!("{}:{}:{what}:{slot}", self.settings.key_prefix, s.kid)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}:published", self.settings.key_prefix)
+    }
+
+    /// The stored token of `slot`, if there is one this secret can open.
+    pub async fn load(&self, s: &Sealer, slot: usize) -> Result<Option<Stored>, String> {
+        let key = self.key(s, "token", slot);
+        let value: Option<String> = self
+            .call(|mut c| {
+                let key = key.clone();
+                async move { redis::AsyncCommands::get(&mut c, key).await }
+            })
+            .await?;
+        let Some(record) = value.and_then(|v| serde_json::from_str::<Record>(&v).ok()) else {
+            return Ok(None);
+        };
+        let aad = format!("{key}|{}", record.exp_ms);
+        let Some(plain) = s.open(aad.as_bytes(), &record.sealed) else {
+            return Ok(None);
+        };
+        let token = String::from_utf8(plain).map_err(|_| "stored token is not text")?;
+        Ok(Some(Stored {
+            token: Secret::new(token),
+            expires_at_wall: UNIX_EPOCH + Duration::from_millis(record.exp_ms),
+        }))
+    }
+
+    /// Stores `token` for `slot` until it expires and tells every replica.
+    pub async fn save(
+        &self,
+        s: &Sealer,
+        slot: usize,
+        token: &Secret,
+        expires_at_wall: SystemTime,
+    ) -> Result<(), String> {
+        let key = self.key(s, "token", slot);
+        let exp_ms = expires_at_wall
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let ttl = expires_at_wall
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .as_millis()
+            .max(1) as u64;
+        let aad = format!("{key}|{exp_ms}");
+        let sealed = s.seal(aad.as_bytes(), token.expose().as_bytes())?;
+        let value = serde_json::to_string(&Record { exp_ms, sealed }).map_err(|e| e.to_string())?;
+        let (channel, message) = (self.channel(), format!("{}:{slot}", s.kid));
+        self.call(|mut c| async move {
+            redis::pipe()
+                .atomic()
+                .cmd("SET")
+                .arg(&key)
+                .arg(&value)
+                .arg("PX")
+                .arg(ttl)
+                .ignore()
+                .cmd("PUBLISH")
+                .arg(&channel)
+                .arg(&message)
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Takes the right to mint for `slot` (`SET NX PX lease_ms`): true when this replica has
+    /// it.
+    pub async fn take_lease(&self, s: &Sealer, slot: usize) -> Result<bool, String> {
+        let key = self.key(s, "lease", slot);
+        let (owner, ttl) = (self.owner.clone(), self.settings.lease.as_millis() as u64);
+        let set: Option<String> = self
+            .call(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&owner)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Gives the lease back, if this replica still holds it.
+    pub async fn release_lease(&self, s: &Sealer, slot: usize) {
+        let key = self.key(s, "lease", slot);
+        let owner = self.owner.clone();
+        let _ = self
+            .call(|mut c| async move {
+                redis::Script::new(RELEASE)
+                    .key(&key)
+                    .arg(&owner)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    /// Waits until another replica publishes a token, or `at_most`.
+    pub async fn wait_published(&self, at_most: Duration) {
+        let _ = tokio::time::timeout(at_most, self.published.notified()).await;
+    }
+
+    /// One bounded Redis call; its outcome moves the link up or down.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, String>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let result = async {
+            let conn = self.connection().await?;
+            match tokio::time::timeout(self.settings.timeout, op(conn)).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(format!("redis: {e}")),
+                Err(_) => Err(format!(
+                    "redis: no answer within {} ms",
+                    self.settings.timeout.as_millis()
+                )),
+            }
+        }
+        .await;
+        match &result {
+            Ok(_) => self.mark_up(),
+            Err(e) => self.mark_down(e),
+        }
+        result
+    }
+
+    /// The shared connection, connecting (bounded) when there is none yet.
+    async fn connection(&self) -> Result<ConnectionManager, String> {
+        let mut conn = self.conn.lock().await;
+        if let Some(c) = conn.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(self.settings.timeout)
+            .set_response_timeout(self.settings.timeout)
+            .set_number_of_retries(1);
+        let connect = self.client.get_connection_manager_with_config(config);
+        let c = tokio::time::timeout(self.settings.timeout, connect)
+            .await
+            .map_err(|_| "redis: cannot connect in time".to_string())?
+            .map_err(|e| format!("redis: {e}"))?;
+        *conn = Some(c.clone());
+        Ok(c)
+    }
+
+    fn mark_up(&self) {
+        if !self.up.swap(true, Ordering::Relaxed) {
+            self.metrics.cluster_redis_up.set(1);
+            *lock(&self.last_error) = None;
+            self.audit.record(
+                AuditEvent::ClusterJoined,
+                json!({"redis": self.settings.redis_url, "key_prefix": self.settings.key_prefix}),
+                None,
+            );
+            tracing::info!(redis = %self.settings.redis_url, "cluster: sharing tokens through Redis");
+            let _ = self.events.send(SharedEvent::Rejoined);
+        }
+    }
+
+    fn mark_down(&self, error: &str) {
+        *lock(&self.last_error) = Some(error.to_string());
+        if self.up.swap(false, Ordering::Relaxed) {
+            self.metrics.cluster_redis_up.set(0);
+            self.audit.record(
+                AuditEvent::ClusterStandalone,
+                json!({"redis": self.settings.redis_url, "error": error}),
+                None,
+            );
+            tracing::warn!(redis = %self.settings.redis_url, %error, "cluster: Redis unavailable; minting standalone until it answers");
+        }
+    }
+
+    /// `/status` `cluster`: shared or standalone, and why.
+    pub fn view(&self) -> serde_json::Value {
+        json!({
+            "state": if self.is_up() { "shared" } else { "standalone" },
+            "redis": self.settings.redis_url,
+            "key_prefix": self.settings.key_prefix,
+            "last_error": *lock(&self.last_error),
+        })
+    }
+
+    /// Keeps the link alive until shutdown: a `PING` every second (so a Redis outage and its
+    /// end are noticed without traffic) and the subscription to published tokens.
+    pub async fn run(self: Arc<Self>, mut shutdown: crate::shutdown::Shutdown) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let subscription = self.subscribe().await;
+            let Ok(mut pubsub) = subscription else {
+                tokio::select! {
+                    _ = tick.tick() => { let _ = self.ping().await; continue; }
+                    _ = shutdown.wait() => return,
+                }
+            };
+            let mut messages = pubsub.on_message();
+            loop {
+                tokio::select! {
+                    m = futures_util::StreamExt::next(&mut messages) => match m {
+                        Some(m) => self.on_published(m.get_payload::<String>().unwrap_or_default()),
+                        None => break,
+                    },
+                    _ = tick.tick() => {
+                        if self.ping().await.is_err() {
+                            break;
+                        }
+                    }
+                    _ = shutdown.wait() => return,
+                }
+            }
+        }
+    }
+
+    async fn subscribe(&self) -> Result<redis::aio::PubSub, String> {
+        let connect = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(self.channel()).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        match tokio::time::timeout(self.settings.timeout, connect).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err(format!("redis: {e}")),
+            Err(_) => Err("redis: cannot subscribe in time".into()),
+        }
+    }
+
+    async fn ping(&self) -> Result<(), String> {
+        self.call(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await
+            .map(|_| ())
+    }
+
+    fn on_published(&self, payload: String) {
+        let Some((kid, slot)) = payload.rsplit_once(':') else {
+            return;
+        };
+        let Ok(slot) = slot.parse() else { return };
+        self.published.notify_waiters();
+        let _ = self.events.send(SharedEvent::Published {
+            kid: kid.to_string(),
+            slot,
+        });
+    }
+}
