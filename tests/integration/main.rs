@@ -6,6 +6,7 @@ mod support;
 mod budget;
 mod chaos;
 mod cli;
+mod cluster;
 mod credentials;
 mod hardening;
 mod jwks;
