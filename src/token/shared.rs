@@ -177,9 +177,8 @@ impl Refresher {
             // replica to do so wins, the others adopt its token).
             SharedEvent::Rejoined => {
                 for slot in 0..self.shared.store.slots() {
-                    match self.adopt_stored(slot, Reason::Shared, now).await {
-                        Ok(false) => self.offer_held(slot).await,
-                        Ok(true) | Err(_) => {}
+                    if let Ok(false) = self.adopt_stored(slot, Reason::Shared, now).await {
+                        self.offer_held(slot).await;
                     }
                 }
             }
