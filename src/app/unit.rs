@@ -163,6 +163,12 @@ impl Unit {
         ];
         if let Some(cluster) = &cluster {
             tasks.push(tokio::spawn(cluster.clone().run(shutdown.clone())));
+            tasks.push(tokio::spawn(share_budget(
+                cluster.clone(),
+                budget.clone(),
+                live.clone(),
+                shutdown.clone(),
+            )));
         }
         let workers = spawn_workers(bound.listener, state, config, &bound.name, shutdown)?;
         Ok(Unit {
@@ -233,6 +239,33 @@ fn proxy_state(
             Arc::from(wrapped.into_boxed_slice())
         }),
     }))
+}
+
+/// `[cluster]`: every 200 ms, adds the calls this replica made with each token to the count in
+/// Redis and takes the total back into the budget, so replicas sharing a token do not together
+/// overrun its rate limit. Off the request path; a Redis failure only loses the sharing.
+async fn share_budget(
+    cluster: Arc<crate::cluster::Cluster>,
+    budget: Arc<Budget>,
+    live: Arc<ArcSwap<Live>>,
+    mut shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait() => return,
+        }
+        let window = live.load().budget.window;
+        for (token, delta) in budget.take_unshared() {
+            if let Ok(Some((total, left))) =
+                cluster.add_usage(&token.fingerprint, delta, window).await
+            {
+                budget.observe_shared(&token, total, left);
+            }
+        }
+    }
 }
 
 /// Clears quiet anomalies every 250 ms.

@@ -291,6 +291,32 @@ impl Budget {
         self.changed.notify_one();
     }
 
+    /// `[cluster]`: each held token with the calls taken with it since the last time (they
+    /// go to the shared count in Redis).
+    pub fn take_unshared(&self) -> Vec<(Arc<Token>, u64)> {
+        let tokens: Vec<Arc<Token>> = (0..self.store.slots())
+            .filter_map(|slot| self.store.slot(slot))
+            .collect();
+        let mut windows = self.sync(&tokens);
+        tokens
+            .into_iter()
+            .map(|t| {
+                let n = windows.get_mut(t.slot).map_or(0, Window::take_unshared);
+                (t, n)
+            })
+            .collect()
+    }
+
+    /// `[cluster]`: `total` calls were made with `token` by all replicas together, in a window
+    /// ending in `reset`: counted like Genesys's own `inin-ratelimit-count`.
+    pub fn observe_shared(&self, token: &Arc<Token>, total: u64, reset: Duration) {
+        let allowed = lock(&self.windows)
+            .get(token.slot)
+            .map_or(self.live.load().budget.requests_per_window, |w| w.allowed);
+        let reset_seconds = reset.as_millis().div_ceil(1000) as u64;
+        self.observe(token, total, allowed, Some(reset_seconds));
+    }
+
     /// Genesys answered 429 for `token`: nothing left until `retry_after`.
     pub fn exhausted(&self, token: &Arc<Token>, retry_after: Duration) {
         let now = Instant::now();

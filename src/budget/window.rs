@@ -26,6 +26,8 @@ pub struct Window {
     /// Paced credit and when it was last refilled.
     credit: f64,
     credit_at: Option<Instant>,
+    /// `[cluster]`: calls taken since they were last added to the shared count in Redis.
+    unshared: u64,
 }
 
 /// The share of a window that may go out at once.
@@ -41,6 +43,7 @@ impl Window {
             length,
             credit: 0.0,
             credit_at: None,
+            unshared: 0,
         };
         w.credit = w.burst();
         w
@@ -97,6 +100,7 @@ impl Window {
             return false;
         }
         self.used += 1;
+        self.unshared += 1;
         self.credit -= 1.0;
         self.resets_at.get_or_insert(now + self.length);
         true
@@ -105,6 +109,7 @@ impl Window {
     /// Gives back a call that was counted but never sent.
     pub fn give_back(&mut self) {
         self.used = self.used.saturating_sub(1);
+        self.unshared = self.unshared.saturating_sub(1);
         self.credit = (self.credit + 1.0).min(self.burst());
     }
 
@@ -134,6 +139,11 @@ impl Window {
                 self.resets_at = ours.or(theirs);
             }
         }
+    }
+
+    /// Calls taken since the last time this was asked (`[cluster]` adds them to Redis).
+    pub fn take_unshared(&mut self) -> u64 {
+        std::mem::take(&mut self.unshared)
     }
 
     /// A 429: nothing left until `retry_after` has passed.

@@ -54,6 +54,17 @@ struct Record {
 const RELEASE: &str =
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
+/// Adds `ARGV[1]` calls to a token's shared count (`KEYS[1]`), opening its window of
+/// `ARGV[2]` ms with the first call; returns the count and the ms left in the window. A zero
+/// add never opens a window.
+const ADD_USAGE: &str = r#"
+local delta = tonumber(ARGV[1])
+if delta == 0 and redis.call('exists', KEYS[1]) == 0 then return {0, -2} end
+local total = redis.call('incrby', KEYS[1], delta)
+if redis.call('pttl', KEYS[1]) < 0 then redis.call('pexpire', KEYS[1], ARGV[2]) end
+return {total, redis.call('pttl', KEYS[1])}
+"#;
+
 /// One credential's link to Redis.
 pub struct Cluster {
     settings: ClusterSettings,
@@ -231,6 +242,30 @@ impl Cluster {
                     .await
             })
             .await;
+    }
+
+    /// Adds `delta` calls made with the token `fingerprint` to the count all replicas share
+    /// (one window of `window` from the first call): the total, and the time left in the
+    /// window (`None` when no call was made yet).
+    pub async fn add_usage(
+        &self,
+        fingerprint: &str,
+        delta: u64,
+        window: Duration,
+    ) -> Result<Option<(u64, Duration)>, String> {
+        let key = format!("{}:budget:{fingerprint}", self.settings.key_prefix);
+        let ms = window.as_millis() as u64;
+        let (total, ttl): (u64, i64) = self
+            .call(|mut c| async move {
+                redis::Script::new(ADD_USAGE)
+                    .key(&key)
+                    .arg(delta)
+                    .arg(ms)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok((ttl > 0).then(|| (total, Duration::from_millis(ttl as u64))))
     }
 
     /// Waits until another replica publishes a token, or `at_most`.

@@ -255,3 +255,41 @@ async fn the_second_replica_to_rotate_adopts_the_first_ones_token() {
 fn replica_conf_path(r: &ProxyProcess) -> std::path::PathBuf {
     r.conf.clone()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_tokens_rate_limit_budget_through_redis() {
+    let sim = start_sim(sim_config()).await;
+    let redis = RedisServer::start();
+    let all = replicas(&sim, &redis, 2).await;
+    let c = client();
+    for i in 0..15 {
+        let r = c
+            .get(format!("http://{}/api/v2/budget/{i}", all[0].proxy))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // The idle replica sent nothing and saw no Genesys header, yet knows the token's budget
+    // is 15 calls lighter.
+    let admin = all[1].admin.clone();
+    eventually(
+        Duration::from_secs(5),
+        "the idle replica to see the shared count",
+        || {
+            let admin = admin.clone();
+            async move {
+                let s = get_json(&format!("http://{admin}/status")).await;
+                s["pool"][0]["budget_remaining"] == 300 - 15
+            }
+        },
+    )
+    .await;
+    let counts: Vec<(String, String)> = redis
+        .dump()
+        .into_iter()
+        .filter(|(k, _)| k.contains(":budget:"))
+        .collect();
+    assert_eq!(counts.len(), 1, "{counts:?}");
+    assert_eq!(counts[0].1, "15");
+}
