@@ -159,3 +159,56 @@ fn adding_a_credential_is_a_restart_key() {
     .unwrap();
     assert_eq!(Diff::between(&one, &two).restart_required, ["credential"]);
 }
+
+#[test]
+fn cluster_settings_are_checked() {
+    let ok = parse(
+        &base(
+            "",
+            "[cluster]\nredis_url = \"rediss://redis.internal:6380/2\"",
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let c = ok.restart.cluster.settings.unwrap();
+    assert_eq!(c.key_prefix, "genesys-auth-proxy");
+    assert_eq!(c.timeout.as_millis(), 250);
+    assert_eq!(c.lease.as_millis(), 15_000);
+    assert!(parse(&base("", ""), Path::new("t.toml"))
+        .unwrap()
+        .restart
+        .cluster
+        .settings
+        .is_none());
+    for (cluster, needle) in [
+        ("", "cluster.redis_url: is required"),
+        (
+            "redis_url = \"http://x\"",
+            "cluster.redis_url: must be redis://",
+        ),
+        (
+            "redis_url = \"redis://:hunter2@x\"",
+            "must not hold a password",
+        ),
+        (
+            "redis_url = \"redis://x\"\ntimeout_ms = 0",
+            "cluster.timeout_ms",
+        ),
+        (
+            "redis_url = \"redis://x\"\nlease_ms = 10",
+            "cluster.lease_ms",
+        ),
+        (
+            "redis_url = \"redis://x\"\nkey_prefix = \"a b\"",
+            "cluster.key_prefix",
+        ),
+        (
+            "redis_url = \"redis://x\"\npassword = \"inline\"",
+            "expected struct SecretRef",
+        ),
+    ] {
+        let e = err_of(&base("", &format!("[cluster]\n{cluster}")));
+        assert!(e.contains(needle), "{needle}: {e}");
+        assert!(!e.contains("hunter2"), "the password is not echoed: {e}");
+    }
+}

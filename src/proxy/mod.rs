@@ -242,7 +242,7 @@ impl ProxyHttp for GenesysProxy {
         let earlier = ctx.first_401.map(|(newest, _)| newest);
         let (newest, deadline) = *ctx.first_401.get_or_insert_with(|| {
             let wait = ctx.live.proxy.refresh_wait_timeout;
-            (store.generation(), Instant::now() + wait)
+            (store.newest_when_refused(&used), Instant::now() + wait)
         });
         if !replay_after_401(ctx.replays, used.generation, earlier)
             || !self.may_replay(session, ctx)

@@ -117,6 +117,9 @@ struct Slot {
     current: ArcSwapOption<Token>,
     /// Highest generation of this slot a request reported refused by the API (401).
     rejected: AtomicU64,
+    /// The newest generation published when `rejected` was first reported: tokens newer than
+    /// it were minted after the refusal.
+    newest_at_rejection: AtomicU64,
 }
 
 /// Shared holder of the pool's tokens.
@@ -149,6 +152,7 @@ impl TokenStore {
                 .map(|_| Slot {
                     current: ArcSwapOption::empty(),
                     rejected: AtomicU64::new(0),
+                    newest_at_rejection: AtomicU64::new(0),
                 })
                 .collect(),
             fallback: ArcSwapOption::empty(),
@@ -244,6 +248,8 @@ impl TokenStore {
         if let Some(slot) = self.slots.get(used.slot) {
             let previous = slot.rejected.fetch_max(used.generation, Ordering::AcqRel);
             if previous < used.generation {
+                slot.newest_at_rejection
+                    .store(self.generation(), Ordering::Release);
                 self.wake.notify_one();
             }
         }
@@ -268,6 +274,19 @@ impl TokenStore {
             return Some(fallback);
         }
         self.wait_newer(after.max(used.generation), timeout).await
+    }
+
+    /// The newest generation published when `used` was first reported refused (now, when it
+    /// has not been): a token newer than that was minted after the refusal. A request that
+    /// meets its 401 after another request's 401 already brought a replacement is replayed with
+    /// that replacement instead of waiting for yet another token.
+    pub fn newest_when_refused(&self, used: &Token) -> u64 {
+        match self.slots.get(used.slot) {
+            Some(s) if s.rejected.load(Ordering::Acquire) == used.generation => {
+                s.newest_at_rejection.load(Ordering::Acquire)
+            }
+            _ => self.generation(),
+        }
     }
 
     /// The generation of the newest published token.
@@ -473,6 +492,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_late_401_takes_the_replacement_another_request_already_brought() {
+        let s = TokenStore::new();
+        let old = Arc::new(token(1, MINUTE));
+        s.publish(token(1, MINUTE));
+        assert_eq!(
+            s.newest_when_refused(&old),
+            1,
+            "not refused yet: the newest now"
+        );
+        s.reject(&old);
+        s.publish(token(2, MINUTE));
+        // A second request that used the same token meets its 401 only now.
+        let after = s.newest_when_refused(&old);
+        assert_eq!(after, 1);
+        let replacement = s.replacement_for(&old, after, Duration::ZERO).await;
+        assert_eq!(replacement.map(|t| t.generation), Some(2));
+    }
+
+    #[tokio::test]
     async fn wait_newer_times_out() {
         let s = TokenStore::new();
         s.publish(token(1, MINUTE));
