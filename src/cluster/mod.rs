@@ -40,8 +40,10 @@ pub struct Stored {
 pub enum SharedEvent {
     /// A replica stored a new token for key `kid`, slot `slot`.
     Published { kid: String, slot: usize },
-    /// Redis answers again after a failure: reconcile.
-    Rejoined,
+    /// Redis answers (every second, and once subscribed): take the stored token if it
+    /// differs from the held one, or store the held one if none is stored. Catches up on any
+    /// publication missed while the subscription was down.
+    Sync,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -327,7 +329,6 @@ impl Cluster {
                 None,
             );
             tracing::info!(redis = %self.settings.redis_url, "cluster: sharing tokens through Redis");
-            let _ = self.events.send(SharedEvent::Rejoined);
         }
     }
 
@@ -354,8 +355,9 @@ impl Cluster {
         })
     }
 
-    /// Keeps the link alive until shutdown: a `PING` every second (so a Redis outage and its
-    /// end are noticed without traffic) and the subscription to published tokens.
+    /// Keeps the link alive until shutdown: the subscription to published tokens, and every
+    /// second a `PING` (so a Redis outage and its end are noticed without traffic) followed by
+    /// a [`SharedEvent::Sync`] (so replicas converge even on a publication they missed).
     pub async fn run(self: Arc<Self>, mut shutdown: crate::shutdown::Shutdown) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -363,10 +365,12 @@ impl Cluster {
             let subscription = self.subscribe().await;
             let Ok(mut pubsub) = subscription else {
                 tokio::select! {
-                    _ = tick.tick() => { let _ = self.ping().await; continue; }
+                    _ = tick.tick() => { self.ping_and_sync().await; }
                     _ = shutdown.wait() => return,
                 }
+                continue;
             };
+            let _ = self.events.send(SharedEvent::Sync);
             let mut messages = pubsub.on_message();
             loop {
                 tokio::select! {
@@ -375,7 +379,7 @@ impl Cluster {
                         None => break,
                     },
                     _ = tick.tick() => {
-                        if self.ping().await.is_err() {
+                        if !self.ping_and_sync().await {
                             break;
                         }
                     }
@@ -383,6 +387,15 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// A `PING`; when Redis answers, asks the refresher to sync. True when it answered.
+    async fn ping_and_sync(&self) -> bool {
+        let up = self.ping().await.is_ok();
+        if up {
+            let _ = self.events.send(SharedEvent::Sync);
+        }
+        up
     }
 
     async fn subscribe(&self) -> Result<redis::aio::PubSub, String> {

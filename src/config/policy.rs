@@ -25,13 +25,13 @@ pub(super) fn exposure_warnings(
         out.push("proxy.allowed_client_cidrs allows every address (a /0 network): anyone who can reach the proxy calls Genesys with its credentials".into());
     }
     if !admin.listen.ip().is_loopback() {
-        let token = if admin.reload_token.is_some() {
-            ""
+        let open = if admin.reload_token.is_some() {
+            "/status and /metrics are unauthenticated to anyone who can reach it (firewall it)"
         } else {
-            "; set admin.reload_token"
+            "/status, /metrics and POST /reload are unauthenticated to anyone who can reach it (firewall it; set admin.reload_token)"
         };
         out.push(format!(
-            "admin.listen = {} is reachable from the network: /status, /metrics and POST /reload are unauthenticated to anyone who can reach it (firewall it{token})",
+            "admin.listen = {} is reachable from the network: {open}",
             admin.listen
         ));
     }

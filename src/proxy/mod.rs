@@ -60,6 +60,18 @@ pub struct GenesysProxy {
     pub state: Arc<ProxyState>,
 }
 
+/// What a request's first 401 fixed.
+#[derive(Debug, Clone, Copy)]
+struct FirstRefusal {
+    /// The newest generation when the token was found refused: a 401 on a token newer than
+    /// this reaches the client (see [`replay_after_401`]).
+    newest: u64,
+    /// A replacement must be newer than this.
+    floor: u64,
+    /// When replays must be under way by (`refresh_wait_timeout_ms` after the 401).
+    deadline: Instant,
+}
+
 /// Per-request state.
 pub struct RequestCtx {
     started: Instant,
@@ -72,9 +84,10 @@ pub struct RequestCtx {
     token: Option<Arc<Token>>,
     /// Replays after 401s so far (at most [`MAX_REPLAYS`]).
     replays: u8,
-    /// The newest token generation when the request first saw a 401, and when its replays
-    /// must be under way by (`refresh_wait_timeout_ms` after that 401).
-    first_401: Option<(u64, Instant)>,
+    /// Set at the request's first 401.
+    first_401: Option<FirstRefusal>,
+    /// The newest token generation when the request was given its token.
+    newest_at_send: u64,
     tries: u8,
     /// Conflicting `Content-Length` values: refused, never forwarded.
     ambiguous_framing: bool,
@@ -110,6 +123,7 @@ impl ProxyHttp for GenesysProxy {
             token: None,
             replays: 0,
             first_401: None,
+            newest_at_send: 0,
             tries: 0,
             ambiguous_framing: false,
             client: None,
@@ -239,10 +253,18 @@ impl ProxyHttp for GenesysProxy {
             return Ok(());
         };
         let store = &self.state.store;
-        let earlier = ctx.first_401.map(|(newest, _)| newest);
-        let (newest, deadline) = *ctx.first_401.get_or_insert_with(|| {
-            let wait = ctx.live.proxy.refresh_wait_timeout;
-            (store.newest_when_refused(&used), Instant::now() + wait)
+        let earlier = ctx.first_401.map(|f| f.newest);
+        let newest_at_send = ctx.newest_at_send;
+        let first = *ctx.first_401.get_or_insert_with(|| {
+            let newest = store.newest_when_refused(&used);
+            FirstRefusal {
+                newest,
+                // A replacement is any token newer than what the request could have been sent
+                // with: one published after it was sent (e.g. adopted from another replica)
+                // or after its token was refused.
+                floor: newest.min(newest_at_send),
+                deadline: Instant::now() + ctx.live.proxy.refresh_wait_timeout,
+            }
         });
         if !replay_after_401(ctx.replays, used.generation, earlier)
             || !self.may_replay(session, ctx)
@@ -251,8 +273,8 @@ impl ProxyHttp for GenesysProxy {
             store.reject(&used);
             return Ok(());
         }
-        let wait = deadline.saturating_duration_since(Instant::now());
-        match store.replacement_for(&used, newest, wait).await {
+        let wait = first.deadline.saturating_duration_since(Instant::now());
+        match store.replacement_for(&used, first.floor, wait).await {
             Some(replacement) => {
                 ctx.token = Some(replacement);
                 ctx.replays += 1;

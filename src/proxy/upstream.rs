@@ -38,6 +38,7 @@ impl GenesysProxy {
                     .with_label_values(&[app, outcome])
                     .inc();
                 ctx.token = Some(token);
+                ctx.newest_at_send = self.state.store.generation();
                 ctx.client = Some(client);
                 Ok(false)
             }

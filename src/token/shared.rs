@@ -173,9 +173,9 @@ impl Refresher {
                     let _ = self.adopt_stored(slot, Reason::Shared, now).await;
                 }
             }
-            // Redis is back: take what is stored, or store ours if nothing is (the first
+            // Take what is stored, or store ours if nothing is (after a Redis outage the first
             // replica to do so wins, the others adopt its token).
-            SharedEvent::Rejoined => {
+            SharedEvent::Sync => {
                 for slot in 0..self.shared.store.slots() {
                     if let Ok(false) = self.adopt_stored(slot, Reason::Shared, now).await {
                         self.offer_held(slot).await;
