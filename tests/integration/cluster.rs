@@ -81,11 +81,27 @@ async fn three_replicas_share_one_token_and_a_revoke_under_load_costs_one_token_
     tokio::time::sleep(Duration::from_millis(400)).await;
     sim_post(&sim, "/__sim/revoke", json!({})).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut sent = 0;
+    let (mut sent, mut failures) = (0, Vec::new());
     for l in loads {
-        let (n, failures) = l.finish().await;
-        assert!(failures.is_empty(), "{failures:?}");
+        let (n, f) = l.finish().await;
+        failures.extend(f);
         sent += n;
+    }
+    if !failures.is_empty() {
+        let mut why = String::new();
+        for r in &all {
+            let m = get_text(&format!("http://{}/metrics", r.admin)).await;
+            why += &m
+                .lines()
+                .filter(|l| {
+                    l.starts_with("genesys_proxy_replays_total")
+                        || l.starts_with("genesys_proxy_cluster_tokens_total")
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            why += "\n";
+        }
+        panic!("{failures:?}\n{why}");
     }
     assert!(sent > 100, "{sent}");
     let s = stats(&sim).await;
