@@ -52,6 +52,10 @@ struct Record {
     sealed: String,
 }
 
+/// A replica waits at most this long for the replica holding the lease to publish (a mint takes
+/// tens of milliseconds; requests wait `proxy.refresh_wait_timeout_ms`, 5 s by default).
+pub const MAX_LEASE_WAIT: Duration = Duration::from_secs(2);
+
 /// Releases the lease only if this replica still owns it.
 const RELEASE: &str =
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
@@ -134,9 +138,11 @@ impl Cluster {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// How long a lease may be held: waiting longer than this means its holder is gone.
-    pub fn lease(&self) -> Duration {
-        self.settings.lease
+    /// How long a replica waits for another one's lease before it mints for itself: the
+    /// lease, but at most [`MAX_LEASE_WAIT`] (a lease its holder failed to release must not
+    /// keep requests waiting for their replacement token).
+    pub fn lease_wait(&self) -> Duration {
+        self.settings.lease.min(MAX_LEASE_WAIT)
     }
 
     fn key(&self, s: &Sealer, what: &str, slot: usize) -> String {
@@ -235,12 +241,16 @@ impl Cluster {
     pub async fn release_lease(&self, s: &Sealer, slot: usize) {
         let key = self.key(s, "lease", slot);
         let owner = self.owner.clone();
+        // One round trip (EVAL, not EVALSHA with a NOSCRIPT retry): a lease left behind makes
+        // the others wait for it to lapse.
         let _ = self
             .call(|mut c| async move {
-                redis::Script::new(RELEASE)
-                    .key(&key)
+                redis::cmd("EVAL")
+                    .arg(RELEASE)
+                    .arg(1)
+                    .arg(&key)
                     .arg(&owner)
-                    .invoke_async::<i64>(&mut c)
+                    .query_async::<i64>(&mut c)
                     .await
             })
             .await;

@@ -54,13 +54,17 @@ pub enum Plan {
 
 impl Refresher {
     /// Before minting `slot`: adopt a stored token, or take the lease (reading again once it
-    /// is ours), or wait for the replica holding it to publish. Bounded by the lease: a holder
-    /// that died lets its lease lapse.
+    /// is ours), or wait for the replica holding it to publish, at most
+    /// [`crate::cluster::MAX_LEASE_WAIT`]: then mint here (a holder that died or left its lease
+    /// behind costs one extra token request, never a request).
     pub(super) async fn plan(&mut self, slot: usize, reason: Reason, started: Instant) -> Plan {
         let Some(link) = &self.link else {
             return Plan::MintAlone;
         };
-        let (cluster, deadline) = (link.cluster.clone(), Instant::now() + link.cluster.lease());
+        let (cluster, deadline) = (
+            link.cluster.clone(),
+            Instant::now() + link.cluster.lease_wait(),
+        );
         loop {
             match self.adopt_stored(slot, reason, started).await {
                 Ok(true) => return Plan::Adopted,
@@ -82,9 +86,7 @@ impl Refresher {
                         Err(_) => Plan::MintAlone,
                     }
                 }
-                Ok(false) if Instant::now() >= deadline + Duration::from_secs(1) => {
-                    return Plan::MintAlone
-                }
+                Ok(false) if Instant::now() >= deadline => return Plan::MintAlone,
                 Ok(false) => cluster.wait_published(WAIT_STEP).await,
             }
         }

@@ -309,3 +309,44 @@ async fn replicas_share_the_tokens_rate_limit_budget_through_redis() {
     assert_eq!(counts.len(), 1, "{counts:?}");
     assert_eq!(counts[0].1, "15");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_left_behind_costs_a_token_request_not_a_request() {
+    let sim = start_sim(sim_config()).await;
+    let redis = RedisServer::start();
+    let all = replicas(&sim, &redis, 1).await;
+    // A replica that crashed while minting left its lease for a minute.
+    let token_key = redis
+        .dump()
+        .into_iter()
+        .map(|(k, _)| k)
+        .find(|k| k.contains(":token:0"))
+        .unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(token_key.replace(":token:", ":lease:"))
+        .arg("crashed-replica")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut c)
+        .unwrap();
+    sim_post(&sim, "/__sim/revoke", json!({})).await;
+    let started = std::time::Instant::now();
+    let r = get(&format!("http://{}/api/v2/after-crash", all[0].proxy)).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let m = get_text(&format!("http://{}/metrics", all[0].admin)).await;
+    assert_eq!(
+        metric(
+            &m,
+            "genesys_proxy_cluster_tokens_total{how=\"minted_standalone\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+}
