@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Load comparison on loopback: the Genesys simulator alone (echo path), genesys-auth-proxy in
-# front of it, and nginx in front of it injecting a static Authorization header (the reference
-# for "as fast as nginx per request"). Each target gets the same wrk run; the script prints
-# requests/s, p50 and p99 side by side and the proxy/nginx ratios.
+# Load comparison on loopback: the Genesys simulator alone (echo path), and in front of it
+# genesys-auth-proxy, a bare pingora proxy (benches/bare_pingora.rs: a static header, nothing
+# else: pingora's own cost), nginx and haproxy (static Authorization header: the references for
+# "as fast as nginx per request"). Each target gets the same wrk run; the script prints
+# requests/s, p50, p99 and the proxy process's CPU per request (utime+stime over the run divided
+# by the requests wrk counted; for the simulator row, the simulator's own), then ratios computed
+# within each run.
 #
 #   bash benches/load-compare.sh            # 10 s per target, 2 threads, 64 connections
-#   DURATION=20s CONNECTIONS=128 bash benches/load-compare.sh
+#   RUNS=3 DURATION=20s CONNECTIONS=128 bash benches/load-compare.sh
+#   PERF=1 bash benches/load-compare.sh     # also the perf top 10 of the proxy (first run)
 #
-# Installs nginx and wrk from Debian packages when missing. Traffic stays on 127.0.0.1; every
-# process it starts is stopped on exit.
+# Installs nginx, haproxy and wrk from Debian packages when missing. Traffic stays on 127.0.0.1;
+# every process it starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,13 +22,17 @@ CONNECTIONS=${CONNECTIONS:-64}
 PATH_UNDER_TEST=${PATH_UNDER_TEST:-/api/v2/bench/echo}
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx || ! need wrk; then
-  apt-get update -qq && apt-get install -y -qq nginx wrk >/dev/null
+if ! need nginx || ! need wrk || ! need haproxy; then
+  apt-get update -qq && apt-get install -y -qq nginx-light haproxy wrk >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+RUNS=${RUNS:-1}
 
 cargo build --release --quiet
+cargo build --release --quiet --example bare-pingora
 BIN=target/release/genesys-auth-proxy
+BARE=target/release/examples/bare-pingora
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -40,11 +48,13 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_http() { for _ in $(seq 1 200); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done; echo "timeout waiting for $1" >&2; exit 1; }
 
 SIM_PORT=$(free_port); PROXY_PORT=$(free_port); ADMIN_PORT=$(free_port); NGINX_PORT=$(free_port)
+BARE_PORT=$(free_port); HAPROXY_PORT=$(free_port)
 SECRET="bench-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
 "$BIN" sim --listen "127.0.0.1:$SIM_PORT" --client "bench:$SECRET" \
   --api-rate-limit-per-minute 1000000000 --token-rate-limit-per-minute 1000000 >"$WORK/sim.log" 2>&1 &
-PIDS+=($!)
+SIM_PID=$!
+PIDS+=($SIM_PID)
 wait_http "http://127.0.0.1:$SIM_PORT/__sim/stats"
 
 # A token for the direct and nginx runs (nginx injects it as a static header).
@@ -68,8 +78,37 @@ path = "$WORK/audit.jsonl"
 level = "warn"
 EOF
 "$BIN" run -c "$WORK/proxy.toml" >"$WORK/proxy.log" 2>&1 &
-PIDS+=($!)
+PROXY_PID=$!
+PIDS+=($PROXY_PID)
 for _ in $(seq 1 200); do [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$ADMIN_PORT/readyz")" = 200 ] && break; sleep 0.05; done
+
+"$BARE" "127.0.0.1:$BARE_PORT" "127.0.0.1:$SIM_PORT" "Bearer $TOKEN" 2 >"$WORK/bare.log" 2>&1 &
+BARE_PID=$!
+PIDS+=($BARE_PID)
+wait_http "http://127.0.0.1:$BARE_PORT$PATH_UNDER_TEST"
+
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 2
+  maxconn 8192
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend bench
+  bind 127.0.0.1:$HAPROXY_PORT
+  default_backend sim
+backend sim
+  http-reuse always
+  http-request set-header Authorization "Bearer $TOKEN"
+  server sim 127.0.0.1:$SIM_PORT
+EOF
+"$HAPROXY" -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
+HAPROXY_PID=$!
+PIDS+=($HAPROXY_PID)
+wait_http "http://127.0.0.1:$HAPROXY_PORT$PATH_UNDER_TEST"
 
 cat >"$WORK/nginx.conf" <<EOF
 worker_processes 2;
@@ -94,43 +133,89 @@ EOF
 "$NGINX" -c "$WORK/nginx.conf" -p "$WORK" -g 'daemon on;'
 wait_http "http://127.0.0.1:$NGINX_PORT$PATH_UNDER_TEST"
 
+NGINX_PIDS="$(cat "$WORK/nginx.pid") $(pgrep -P "$(cat "$WORK/nginx.pid")" | tr '\n' ' ')"
+
 # Sanity: every target answers 200 through the same path.
-for url in "http://127.0.0.1:$PROXY_PORT$PATH_UNDER_TEST" "http://127.0.0.1:$NGINX_PORT$PATH_UNDER_TEST"; do
+for port in $PROXY_PORT $NGINX_PORT $BARE_PORT $HAPROXY_PORT; do
+  url="http://127.0.0.1:$port$PATH_UNDER_TEST"
   code=$(curl -s -o /dev/null -w '%{http_code}' "$url")
   [ "$code" = 200 ] || { echo "$url answered $code" >&2; exit 1; }
 done
 
-run_wrk() { # name url [extra header]
-  local name=$1 url=$2; shift 2
-  local out
+# CPU time (utime + stime, all threads) of the given processes, in clock ticks.
+cpu_ticks() {
+  local total=0 pid ut st
+  for pid in "$@"; do
+    # Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    read -r ut st < <(sed 's/^.*) //' "/proc/$pid/stat" | awk '{print $12, $13}')
+    total=$((total + ut + st))
+  done
+  echo "$total"
+}
+TICK=$(getconf CLK_TCK)
+
+run_wrk() { # name "pids" url [extra header]
+  local name=$1 pids=$2 url=$3; shift 3
+  local out before after
+  # shellcheck disable=SC2086
+  before=$(cpu_ticks $pids)
   out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@" "$url")
-  local rps p50 p99 errors
+  # shellcheck disable=SC2086
+  after=$(cpu_ticks $pids)
+  local rps p50 p99 errors requests cpu_us
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  requests=$(awk '/requests in/ {print $1}' <<<"$out")
+  cpu_us=$(python3 -c "print(f'{($after - $before) / $TICK * 1e6 / $requests:.1f}')")
   errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
-  printf '%-22s %12s %10s %10s  %s\n' "$name" "$rps" "$p50" "$p99" "$errors"
-  echo "$name $rps $p50 $p99" >>"$WORK/results"
+  printf '%-24s %12s %10s %10s %12s  %s\n' "$name" "$rps" "$p50" "$p99" "$cpu_us" "$errors"
+  echo "$RUN|$name|$rps|$p50|$p99|$cpu_us" >>"$WORK/results"
 }
 
-echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, path $PATH_UNDER_TEST, $(nproc) cores"
-printf '%-22s %12s %10s %10s\n' target requests/s p50 p99
-run_wrk "simulator (direct)" "http://127.0.0.1:$SIM_PORT$PATH_UNDER_TEST" -H "Authorization: Bearer $TOKEN"
-run_wrk "genesys-auth-proxy" "http://127.0.0.1:$PROXY_PORT$PATH_UNDER_TEST"
-run_wrk "nginx (static header)" "http://127.0.0.1:$NGINX_PORT$PATH_UNDER_TEST"
+echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, path $PATH_UNDER_TEST, $(nproc) cores, $RUNS run(s)"
+for RUN in $(seq "$RUNS"); do
+  echo "-- run $RUN"
+  printf '%-24s %12s %10s %10s %12s\n' target requests/s p50 p99 "cpu us/req"
+  run_wrk "simulator (direct)" "$SIM_PID" "http://127.0.0.1:$SIM_PORT$PATH_UNDER_TEST" -H "Authorization: Bearer $TOKEN"
+  run_wrk "bare pingora" "$BARE_PID" "http://127.0.0.1:$BARE_PORT$PATH_UNDER_TEST"
+  if [ -n "${PERF:-}" ] && [ "$RUN" = 1 ]; then
+    perf record -q -F 499 -g -p "$PROXY_PID" -o "$WORK/perf.data" -- sleep 5 >/dev/null 2>&1 &
+    PERF_PID=$!
+  fi
+  run_wrk "genesys-auth-proxy" "$PROXY_PID" "http://127.0.0.1:$PROXY_PORT$PATH_UNDER_TEST"
+  if [ -n "${PERF_PID:-}" ]; then
+    wait "$PERF_PID" || true
+    unset PERF_PID
+  fi
+  run_wrk "nginx (static header)" "$NGINX_PIDS" "http://127.0.0.1:$NGINX_PORT$PATH_UNDER_TEST"
+  run_wrk "haproxy (static header)" "$HAPROXY_PID" "http://127.0.0.1:$HAPROXY_PORT$PATH_UNDER_TEST"
+done
 
 python3 - "$WORK/results" <<'EOF'
 import re, sys
+from collections import defaultdict
 def ms(v):
     m = re.match(r"([\d.]+)(us|ms|s)", v)
     n, u = float(m.group(1)), m.group(2)
     return n / 1000 if u == "us" else n * 1000 if u == "s" else n
-rows = {}
+runs = defaultdict(dict)
 for line in open(sys.argv[1]):
-    parts = line.split()
-    rows[" ".join(parts[:-3])] = parts[-3:]
-p, n = rows["genesys-auth-proxy"], rows["nginx (static header)"]
-print(f"ratio proxy/nginx: throughput {float(p[0]) / float(n[0]):.2f}x, "
-      f"p50 {ms(p[1]) / ms(n[1]):.2f}x, p99 {ms(p[2]) / ms(n[2]):.2f}x (lower latency ratio is better)")
+    run, name, rps, p50, p99, cpu = line.strip().split("|")
+    runs[run][name] = (float(rps), ms(p50), ms(p99), float(cpu))
+def ratio(a, b, run):
+    x, y = runs[run][a], runs[run][b]
+    return (f"cpu/req {x[3] / y[3]:.2f}x, throughput {x[0] / y[0]:.2f}x, "
+            f"p50 {x[1] / y[1]:.2f}x, p99 {x[2] / y[2]:.2f}x")
+for run in sorted(runs):
+    print(f"run {run}: proxy/nginx   {ratio('genesys-auth-proxy', 'nginx (static header)', run)}")
+    print(f"run {run}: proxy/haproxy {ratio('genesys-auth-proxy', 'haproxy (static header)', run)}")
+    print(f"run {run}: proxy/bare    {ratio('genesys-auth-proxy', 'bare pingora', run)}")
+    print(f"run {run}: bare/nginx    {ratio('bare pingora', 'nginx (static header)', run)}")
 EOF
 echo "proxy errors logged: $(grep -c -i '"level":"ERROR"' "$WORK/proxy.log" || true)"
+if [ -f "$WORK/perf.data" ]; then
+  echo "perf top 10 (genesys-auth-proxy, self time, first run):"
+  perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null |
+    grep -E '^ +[0-9.]+%' | head -10
+fi
