@@ -51,7 +51,13 @@ fn main() {
         authorization: http::HeaderValue::from_str(authorization).expect("a header value"),
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut server = Server::new(None).expect("pingora server");
+    // One single-threaded runtime per thread, as genesys-auth-proxy runs its workers (pingora's
+    // default, a work-stealing runtime, costs more per request on loopback).
+    let conf = pingora::server::configuration::ServerConf {
+        work_stealing: false,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut service = http_proxy_service(&server.configuration, bare);
     service.add_tcp(listen);

@@ -10,6 +10,9 @@
 #   bash benches/load-compare.sh            # 10 s per target, 2 threads, 64 connections
 #   RUNS=3 DURATION=20s CONNECTIONS=128 bash benches/load-compare.sh
 #   PERF=1 bash benches/load-compare.sh     # also the perf top 10 of the proxy (first run)
+#   ONLY=nginx bash benches/load-compare.sh # only the targets whose name matches
+#
+# cs/req: context switches (voluntary + involuntary) of the target per request.
 #
 # Installs nginx, haproxy and wrk from Debian packages when missing. Traffic stays on 127.0.0.1;
 # every process it starts is stopped on exit.
@@ -154,29 +157,46 @@ cpu_ticks() {
 }
 TICK=$(getconf CLK_TCK)
 
+# Context switches (voluntary + involuntary, all live threads) of the given processes.
+ctx_switches() {
+  local total=0 pid n
+  for pid in "$@"; do
+    n=$(cat /proc/"$pid"/task/*/status 2>/dev/null |
+      awk '/^(non)?voluntary_ctxt_switches/ {s += $2} END {print s + 0}')
+    total=$((total + n))
+  done
+  echo "$total"
+}
+
 run_wrk() { # name "pids" url [extra header]
   local name=$1 pids=$2 url=$3; shift 3
-  local out before after
+  local out before after cs_before cs_after
+  if [ -n "${ONLY:-}" ] && ! grep -qi -- "$ONLY" <<<"$name"; then return 0; fi
   # shellcheck disable=SC2086
   before=$(cpu_ticks $pids)
+  # shellcheck disable=SC2086
+  cs_before=$(ctx_switches $pids)
   out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@" "$url")
   # shellcheck disable=SC2086
   after=$(cpu_ticks $pids)
-  local rps p50 p99 errors requests cpu_us
+  # shellcheck disable=SC2086
+  cs_after=$(ctx_switches $pids)
+  local rps p50 p99 errors requests cpu_us cs
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   requests=$(awk '/requests in/ {print $1}' <<<"$out")
   cpu_us=$(python3 -c "print(f'{($after - $before) / $TICK * 1e6 / $requests:.1f}')")
+  cs=$(python3 -c "print(f'{($cs_after - $cs_before) / $requests:.2f}')")
   errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
-  printf '%-24s %12s %10s %10s %12s  %s\n' "$name" "$rps" "$p50" "$p99" "$cpu_us" "$errors"
+  printf '%-24s %12s %10s %10s %12s %10s  %s\n' "$name" "$rps" "$p50" "$p99" "$cpu_us" "$cs" "$errors"
   echo "$RUN|$name|$rps|$p50|$p99|$cpu_us" >>"$WORK/results"
 }
 
 echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, path $PATH_UNDER_TEST, $(nproc) cores, $RUNS run(s)"
 for RUN in $(seq "$RUNS"); do
   echo "-- run $RUN"
-  printf '%-24s %12s %10s %10s %12s\n' target requests/s p50 p99 "cpu us/req"
+  printf '%-24s %12s %10s %10s %12s %10s\n' target requests/s p50 p99 "cpu us/req" "cs/req"
   run_wrk "simulator (direct)" "$SIM_PID" "http://127.0.0.1:$SIM_PORT$PATH_UNDER_TEST" -H "Authorization: Bearer $TOKEN"
   run_wrk "bare pingora" "$BARE_PID" "http://127.0.0.1:$BARE_PORT$PATH_UNDER_TEST"
   if [ -n "${PERF:-}" ] && [ "$RUN" = 1 ]; then
@@ -208,6 +228,8 @@ def ratio(a, b, run):
     return (f"cpu/req {x[3] / y[3]:.2f}x, throughput {x[0] / y[0]:.2f}x, "
             f"p50 {x[1] / y[1]:.2f}x, p99 {x[2] / y[2]:.2f}x")
 for run in sorted(runs):
+    if len(runs[run]) < 5:
+        continue
     print(f"run {run}: proxy/nginx   {ratio('genesys-auth-proxy', 'nginx (static header)', run)}")
     print(f"run {run}: proxy/haproxy {ratio('genesys-auth-proxy', 'haproxy (static header)', run)}")
     print(f"run {run}: proxy/bare    {ratio('genesys-auth-proxy', 'bare pingora', run)}")

@@ -21,18 +21,30 @@ tokio::task_local! {
 }
 
 /// The deadline for the request head a connection is waiting for, if any.
+///
+/// Arming and disarming happen twice per request, so they are atomic stores only: the timer is
+/// moved when it fires (to the deadline as it is then), or at once when a deadline is set
+/// earlier than the timer. Re-registering a tokio timer per request would cost a task wake-up
+/// and, whenever the timer wheel asks for it, a write to the runtime's own eventfd and an
+/// extra `epoll_wait`.
 pub struct HeadClock {
     base: Instant,
     /// Milliseconds after `base` (plus one; 0 = no deadline).
     deadline: AtomicU64,
+    /// When the timer fires, in the same units ([`NO_TIMER`] while it waits for an arm).
+    timer: AtomicU64,
     changed: Notify,
 }
+
+/// `HeadClock::timer` while no timer is set: any deadline is earlier.
+const NO_TIMER: u64 = u64::MAX;
 
 impl HeadClock {
     pub fn new(first_head: Duration) -> Arc<Self> {
         let clock = Arc::new(HeadClock {
             base: Instant::now(),
             deadline: AtomicU64::new(0),
+            timer: AtomicU64::new(NO_TIMER),
             changed: Notify::new(),
         });
         clock.arm(first_head);
@@ -41,37 +53,43 @@ impl HeadClock {
 
     fn arm(&self, within: Duration) {
         let at = (self.base.elapsed() + within).as_millis() as u64 + 1;
-        self.deadline.store(at, Ordering::Release);
-        self.changed.notify_one();
-    }
-
-    fn disarm(&self) {
-        self.deadline.store(0, Ordering::Release);
-        self.changed.notify_one();
-    }
-
-    fn deadline(&self) -> Option<Instant> {
-        match self.deadline.load(Ordering::Acquire) {
-            0 => None,
-            ms => Some(self.base + Duration::from_millis(ms - 1)),
+        // SeqCst here and in `expired`: each side stores one variable and loads the other.
+        self.deadline.store(at, Ordering::SeqCst);
+        if at < self.timer.load(Ordering::SeqCst) {
+            self.changed.notify_one();
         }
+    }
+
+    /// The timer finds the clock disarmed when it fires.
+    fn disarm(&self) {
+        self.deadline.store(0, Ordering::SeqCst);
+    }
+
+    fn instant(&self, ms: u64) -> Instant {
+        self.base + Duration::from_millis(ms - 1)
     }
 
     /// Resolves when a deadline passes while still armed.
     pub async fn expired(&self) {
         loop {
-            match self.deadline() {
-                None => self.changed.notified().await,
-                Some(at) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(at) => {
-                            if self.deadline() == Some(at) {
-                                return;
-                            }
-                        }
-                        _ = self.changed.notified() => {}
-                    }
+            let at = self.deadline.load(Ordering::SeqCst);
+            if at == 0 {
+                self.timer.store(NO_TIMER, Ordering::SeqCst);
+                // An arm between the load above and the store has notified (its deadline is
+                // earlier than NO_TIMER) or is seen here.
+                if self.deadline.load(Ordering::SeqCst) == 0 {
+                    self.changed.notified().await;
                 }
+                continue;
+            }
+            let when = self.instant(at);
+            if when <= Instant::now() {
+                return;
+            }
+            self.timer.store(at, Ordering::SeqCst);
+            tokio::select! {
+                _ = tokio::time::sleep_until(when) => {}
+                _ = self.changed.notified() => {}
             }
         }
     }
@@ -122,6 +140,46 @@ mod tests {
         assert!(!served.is_finished());
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(!served.await.unwrap(), "cut for a missing head");
+    }
+
+    /// Counts wake-ups of the task polling the clock.
+    #[derive(Default)]
+    struct Wakes(AtomicU64);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rearming_later_leaves_the_timer_alone() {
+        use std::future::Future;
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let clock = HeadClock::new(Duration::from_secs(10));
+        let mut expired = Box::pin(clock.expired());
+        assert!(
+            expired.as_mut().poll(&mut cx).is_pending(),
+            "timer set for 10 s"
+        );
+        // Per request: disarm, then arm later than the timer. Neither wakes the clock.
+        for _ in 0..3 {
+            clock.disarm();
+            clock.arm(Duration::from_secs(60));
+        }
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+        // The 10 s timer fires, finds the deadline moved to 60 s, and waits for it.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert!(expired.as_mut().poll(&mut cx).is_pending());
+        // An earlier deadline wakes it at once.
+        clock.arm(Duration::from_secs(1));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+        assert!(expired.as_mut().poll(&mut cx).is_pending());
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        assert!(expired.as_mut().poll(&mut cx).is_ready());
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,7 +10,7 @@ pub mod window;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,8 +72,11 @@ pub struct Budget {
     store: Arc<TokenStore>,
     windows: Mutex<Vec<Window>>,
     queue: Mutex<Queue>,
-    /// Wakes the dispatcher: a waiter arrived, or the window changed.
+    /// Wakes the dispatcher: a waiter arrived, or the window changed while some wait.
     changed: Notify,
+    /// `Queue::len` as of its last change, read without the lock: a window change wakes the
+    /// dispatcher only when requests wait (a wake-up per answer costs a cross-thread switch).
+    queued: AtomicUsize,
     live: Arc<ArcSwap<Live>>,
     metrics: Arc<Metrics>,
     /// `token_pool_budget_remaining{slot}` per slot, looked up once.
@@ -100,6 +103,7 @@ impl Budget {
             windows: Mutex::new(windows),
             queue: Mutex::new(Queue::default()),
             changed: Notify::new(),
+            queued: AtomicUsize::new(0),
             live,
             metrics,
             next_id: AtomicU64::new(0),
@@ -127,6 +131,14 @@ impl Budget {
         tokens: &[Arc<Token>],
         now: Instant,
     ) -> Option<Arc<Token>> {
+        let remaining = |t: &Arc<Token>| windows.get(t.slot).map_or(0, |w| w.remaining(now));
+        // Usually the token with the most left takes it (the first of equals, as below).
+        let best = tokens
+            .iter()
+            .min_by_key(|t| std::cmp::Reverse(remaining(t)))?;
+        if windows.get_mut(best.slot).is_some_and(|w| w.take(now)) {
+            return Some(best.clone());
+        }
         let mut order: Vec<&Arc<Token>> = tokens.iter().collect();
         order.sort_by_key(|t| {
             std::cmp::Reverse(windows.get(t.slot).map_or(0, |w| w.remaining(now)))
@@ -170,8 +182,15 @@ impl Budget {
     /// Takes one call for `client` from the pool's token with the most budget left, waiting
     /// (fairly) up to `wait` if every token's budget is spent. `fallback` is used when no token
     /// is usable at this instant.
-    pub async fn admit(&self, client: ClientKey, fallback: &Arc<Token>, wait: Duration) -> Admit {
-        let settings = self.live.load().budget.clone();
+    ///
+    /// `settings` is the request's snapshot of the live settings.
+    pub async fn admit(
+        &self,
+        settings: &BudgetSettings,
+        client: ClientKey,
+        fallback: &Arc<Token>,
+        wait: Duration,
+    ) -> Admit {
         let now = Instant::now();
         let (id, mut rx) = {
             let mut q = lock(&self.queue);
@@ -209,7 +228,7 @@ impl Budget {
                 .or_default()
                 .push_back(Waiter { id, grant: tx });
             q.len += 1;
-            self.metrics.budget_queue_depth.set(q.len as i64);
+            self.set_depth(&q);
             (id, rx)
         };
         self.changed.notify_one();
@@ -244,7 +263,7 @@ impl Budget {
         });
         if was_waiting {
             q.len -= 1;
-            self.metrics.budget_queue_depth.set(q.len as i64);
+            self.set_depth(&q);
         } else {
             drop(q);
             if let Ok(token) = rx.try_recv() {
@@ -288,7 +307,7 @@ impl Budget {
         }
         self.publish_remaining(&windows, now);
         drop(windows);
-        self.changed.notify_one();
+        self.window_changed();
     }
 
     /// `[cluster]`: each held token with the calls taken with it since the last time (they
@@ -326,7 +345,7 @@ impl Budget {
         }
         self.publish_remaining(&windows, now);
         drop(windows);
-        self.changed.notify_one();
+        self.window_changed();
     }
 
     /// Budget left per pool slot, for `/status`.
@@ -336,6 +355,19 @@ impl Budget {
             .iter()
             .map(|w| w.remaining(now))
             .collect()
+    }
+
+    fn set_depth(&self, q: &Queue) {
+        self.queued.store(q.len, Ordering::SeqCst);
+        self.metrics.budget_queue_depth.set(q.len as i64);
+    }
+
+    /// A window changed: budget may have freed for waiting requests. A request that starts
+    /// waiting after the load wakes the dispatcher itself, and it reads the changed window.
+    fn window_changed(&self) {
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_one();
+        }
     }
 
     fn publish_remaining(&self, windows: &[Window], now: Instant) {
@@ -391,7 +423,7 @@ impl Budget {
                 w.give_back();
             }
         }
-        self.metrics.budget_queue_depth.set(q.len as i64);
+        self.set_depth(&q);
         let retry = if tokens.is_empty() {
             // No usable token: look again soon (the refresher is minting one).
             now + Duration::from_millis(50)

@@ -69,3 +69,48 @@ fn the_least_used_client_by_weight_goes_first() {
         .push_back(waiter());
     assert_eq!(next_client(&q, &s), Some(newcomer));
 }
+
+/// A budget over a one-slot pool holding a fresh token.
+fn budget_with_token() -> (Budget, Arc<Token>) {
+    let dir = std::env::temp_dir().join(format!("gap-budget-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let text = format!(
+        "[genesys]\nclient_id = \"abc\"\nclient_secret = {{ file = {:?} }}\n",
+        secret.display().to_string()
+    );
+    let config = crate::config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+    let live = Arc::new(ArcSwap::from_pointee(config.live));
+    let store = Arc::new(TokenStore::new());
+    let now = Instant::now();
+    let life = Duration::from_secs(3600);
+    store.publish(Token {
+        header: http::HeaderValue::from_static("Bearer x"),
+        fingerprint: "sha256:000000000000".into(),
+        generation: 1,
+        slot: 0,
+        acquired_at: now,
+        expires_at: now + life,
+        expires_at_wall: std::time::SystemTime::now() + life,
+        lifetime: life,
+        source: crate::token::store::TokenSource::Current,
+    });
+    let token = store.current().unwrap();
+    (Budget::new(store, live, Arc::new(Metrics::new())), token)
+}
+
+#[test]
+fn an_answer_wakes_the_dispatcher_only_while_requests_wait() {
+    use futures_util::FutureExt;
+    let (budget, token) = budget_with_token();
+    // Every answer carries the rate-limit headers: with nobody waiting, no wake-up (it would
+    // cost a switch to the dispatcher's thread per request).
+    budget.observe(&token, 10, 300, Some(60));
+    budget.exhausted(&token, Duration::from_secs(1));
+    assert!(budget.changed.notified().now_or_never().is_none());
+    // With a request waiting, a changed window may free budget for it.
+    budget.queued.store(1, Ordering::SeqCst);
+    budget.observe(&token, 10, 300, Some(60));
+    assert!(budget.changed.notified().now_or_never().is_some());
+}

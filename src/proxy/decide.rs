@@ -138,10 +138,16 @@ pub fn rewrite_upstream_request(
     host: &HeaderValue,
     bearer: Option<&HeaderValue>,
 ) -> Result<()> {
-    let uri: Uri = path_and_query
-        .parse()
-        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad request path"))?;
-    upstream.set_uri(uri);
+    // An origin-form URI (the usual case) already is just the path and query.
+    let origin_form = upstream.uri.authority().is_none()
+        && upstream.uri.scheme().is_none()
+        && upstream.uri.path_and_query().map(|pq| pq.as_str()) == Some(path_and_query);
+    if !origin_form {
+        let uri: Uri = path_and_query
+            .parse()
+            .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad request path"))?;
+        upstream.set_uri(uri);
+    }
     upstream.remove_header(&header::AUTHORIZATION);
     upstream.remove_header(&header::PROXY_AUTHORIZATION);
     upstream.insert_header(header::HOST, host.clone())?;
@@ -153,44 +159,6 @@ pub fn rewrite_upstream_request(
 
 pub fn header_u64(resp: &ResponseHeader, name: &str) -> Option<u64> {
     resp.headers.get(name)?.to_str().ok()?.trim().parse().ok()
-}
-
-/// Status codes as static labels, so the label set stays bounded and allocation-free.
-pub fn status_label(status: u16) -> &'static str {
-    const COMMON: [(u16, &str); 21] = [
-        (200, "200"),
-        (201, "201"),
-        (202, "202"),
-        (204, "204"),
-        (301, "301"),
-        (302, "302"),
-        (304, "304"),
-        (400, "400"),
-        (401, "401"),
-        (403, "403"),
-        (404, "404"),
-        (405, "405"),
-        (409, "409"),
-        (413, "413"),
-        (415, "415"),
-        (429, "429"),
-        (500, "500"),
-        (501, "501"),
-        (502, "502"),
-        (503, "503"),
-        (504, "504"),
-    ];
-    if let Some((_, label)) = COMMON.iter().find(|(code, _)| *code == status) {
-        return label;
-    }
-    match status {
-        0 => "0",
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
 }
 
 #[cfg(test)]
@@ -226,14 +194,6 @@ mod tests {
         assert!(!replay_after_401(1, 6, Some(5)));
         // Bounded whatever happens.
         assert!(!replay_after_401(MAX_REPLAYS, 4, Some(5)));
-    }
-
-    #[test]
-    fn status_labels_are_bounded() {
-        assert_eq!(status_label(200), "200");
-        assert_eq!(status_label(418), "4xx");
-        assert_eq!(status_label(599), "5xx");
-        assert_eq!(status_label(0), "0");
     }
 
     #[test]

@@ -11,9 +11,10 @@ mod respond;
 mod sanitize;
 mod upstream;
 
+pub use crate::metrics::status_label;
 pub use decide::{
     client_allowed, header_u64, refusal_for, replay_after_401, replayable,
-    rewrite_upstream_request, status_label, Refusal, MAX_REPLAYS,
+    rewrite_upstream_request, Refusal, MAX_REPLAYS,
 };
 pub use sanitize::{normalise_content_length, path_allowed, strip_upgrade};
 
@@ -33,7 +34,7 @@ use pingora::{ErrorType, RetryType};
 use crate::anomaly::AnomalyMonitor;
 use crate::budget::{Budget, ClientKey};
 use crate::config::{ApiTarget, Live};
-use crate::metrics::Metrics;
+use crate::metrics::{Code, Metrics, ReplayOutcome};
 use crate::token::store::{Token, TokenStore};
 
 /// The error that tells pingora to run the request again after a 401.
@@ -282,7 +283,7 @@ impl ProxyHttp for GenesysProxy {
             }
             None => {
                 let m = &self.state.metrics;
-                m.replays_total.with_label_values(&["no_new_token"]).inc();
+                m.replays.inc(ReplayOutcome::NoNewToken);
                 Ok(())
             }
         }
@@ -362,20 +363,17 @@ impl ProxyHttp for GenesysProxy {
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
         let metrics = &self.state.metrics;
-        metrics
-            .requests_total
-            .with_label_values(&[status_label(status)])
-            .inc();
+        metrics.requests.inc(Code(status));
         metrics
             .request_duration_seconds
             .observe(ctx.started.elapsed().as_secs_f64());
         if ctx.replays > 0 {
             let outcome = if status == 401 {
-                "rejected_again"
+                ReplayOutcome::RejectedAgain
             } else {
-                "success"
+                ReplayOutcome::Success
             };
-            metrics.replays_total.with_label_values(&[outcome]).inc();
+            metrics.replays.inc(outcome);
         }
         if ctx.live.log.access_log {
             let req = session.req_header();

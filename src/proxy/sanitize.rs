@@ -4,6 +4,7 @@
 
 use http::header;
 use pingora::http::RequestHeader;
+use std::borrow::Cow;
 
 /// Is `path` under an allowed prefix, and does it mean one thing only? The upstream must see
 /// exactly the path that was checked, so anything a server might normalise differently is
@@ -14,24 +15,33 @@ pub fn path_allowed(path: &str, prefixes: &[String]) -> bool {
     if !path.starts_with('/') || path.contains(['\\', ';']) {
         return false;
     }
-    let Some(decoded) = percent_decode(path).and_then(|b| String::from_utf8(b).ok()) else {
-        return false;
+    // Most paths have no escape: then the decoded path is the path itself, and so is its
+    // second decoding.
+    let decoded: Cow<str> = if path.contains('%') {
+        match percent_decode(path).and_then(|b| String::from_utf8(b).ok()) {
+            Some(d) => Cow::Owned(d),
+            None => return false,
+        }
+    } else {
+        Cow::Borrowed(path)
     };
     let separators = |p: &str| p.matches('/').count();
     if separators(&decoded) != separators(path)
         || decoded.contains(['\\', ';'])
         || decoded.chars().any(char::is_control)
-        || percent_decode(&decoded).is_some_and(|again| again != decoded.as_bytes())
+        || (decoded.contains('%')
+            && percent_decode(&decoded).is_some_and(|again| again != decoded.as_bytes()))
     {
         return false;
     }
-    let segments: Vec<&str> = decoded.split('/').skip(1).collect();
-    let last = segments.len().saturating_sub(1);
-    let bad_segment = segments
-        .iter()
-        .enumerate()
-        .any(|(i, seg)| matches!(*seg, "." | "..") || (seg.is_empty() && i != last));
-    !bad_segment && prefixes.iter().any(|p| path.starts_with(p.as_str()))
+    let mut segments = decoded.split('/').skip(1).peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        if matches!(seg, "." | "..") || (seg.is_empty() && !last) {
+            return false;
+        }
+    }
+    prefixes.iter().any(|p| path.starts_with(p.as_str()))
 }
 
 /// Decodes `%XX` escapes; `None` when a `%` is not followed by two hex digits.

@@ -14,6 +14,7 @@ use super::respond::respond_rate_limited;
 use super::{header_u64, replay_error, replayable, GenesysProxy, RequestCtx, MAX_RATE_RETRIES};
 use crate::anomaly::Kind;
 use crate::budget::{Admit, Budget, Refused};
+use crate::metrics::{Admission, RateLimitOutcome, ReplayOutcome};
 use crate::token::store::Token;
 
 impl GenesysProxy {
@@ -26,31 +27,34 @@ impl GenesysProxy {
         token: Arc<Token>,
         ip: IpAddr,
     ) -> Result<bool> {
-        let client = Budget::client_key(&ctx.live.budget, ip);
-        let wait = ctx.live.budget.max_queue_wait;
-        let admitted = self.state.budget.admit(client.clone(), &token, wait).await;
-        let app = Budget::app_label(&ctx.live.budget, &client);
+        let settings = &ctx.live.budget;
+        let client = Budget::client_key(settings, ip);
+        let admitted = self
+            .state
+            .budget
+            .admit(settings, client.clone(), &token, settings.max_queue_wait)
+            .await;
+        let app = Budget::app_label(settings, &client);
         let m = &self.state.metrics;
         match admitted {
             Admit::Go { queued, token } => {
-                let outcome = if queued { "queued" } else { "served" };
-                m.budget_requests_total
-                    .with_label_values(&[app, outcome])
-                    .inc();
+                let outcome = if queued {
+                    Admission::Queued
+                } else {
+                    Admission::Served
+                };
+                m.budget_requests.inc(app, outcome);
                 ctx.token = Some(token);
                 ctx.newest_at_send = self.state.store.generation();
                 ctx.client = Some(client);
                 Ok(false)
             }
             Admit::Refused { why, retry_after } => {
-                m.budget_requests_total
-                    .with_label_values(&[app, "refused"])
-                    .inc();
-                let outcome = match why {
-                    Refused::QueueFull => "queue_full",
-                    Refused::QueueTimeout => "queue_timeout",
-                };
-                m.rate_limited_total.with_label_values(&[outcome]).inc();
+                m.budget_requests.inc(app, Admission::Refused);
+                m.rate_limited.inc(match why {
+                    Refused::QueueFull => RateLimitOutcome::QueueFull,
+                    Refused::QueueTimeout => RateLimitOutcome::QueueTimeout,
+                });
                 respond_rate_limited(session, retry_after).await?;
                 Ok(true)
             }
@@ -101,12 +105,7 @@ impl GenesysProxy {
     /// if that fits in what is left of its `max_queue_wait_ms`. Otherwise the 429 passes through.
     pub(super) async fn absorb_429(&self, session: &Session, ctx: &mut RequestCtx) -> Result<()> {
         let metrics = &self.state.metrics;
-        let passed = || {
-            metrics
-                .rate_limited_total
-                .with_label_values(&["passed_through"])
-                .inc()
-        };
+        let passed = || metrics.rate_limited.inc(RateLimitOutcome::PassedThrough);
         let (Some(token), Some(client)) = (ctx.token.clone(), ctx.client.clone()) else {
             passed();
             return Ok(());
@@ -117,14 +116,12 @@ impl GenesysProxy {
         }
         let deadline = ctx.started + ctx.live.budget.max_queue_wait;
         let wait = deadline.saturating_duration_since(Instant::now());
-        match self.state.budget.admit(client, &token, wait).await {
+        let budget = &self.state.budget;
+        match budget.admit(&ctx.live.budget, client, &token, wait).await {
             Admit::Go { token, .. } => {
                 ctx.token = Some(token);
                 ctx.rate_retries += 1;
-                metrics
-                    .rate_limited_total
-                    .with_label_values(&["absorbed"])
-                    .inc();
+                metrics.rate_limited.inc(RateLimitOutcome::Absorbed);
                 Err(replay_error())
             }
             Admit::Refused { .. } => {
@@ -152,11 +149,7 @@ impl GenesysProxy {
         );
         // A refused further replay is counted in `logging`; here only the too-large case.
         if !ok && ctx.replays == 0 {
-            self.state
-                .metrics
-                .replays_total
-                .with_label_values(&["body_too_large"])
-                .inc();
+            self.state.metrics.replays.inc(ReplayOutcome::BodyTooLarge);
         }
         ok
     }

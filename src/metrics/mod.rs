@@ -7,6 +7,14 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+mod handles;
+
+pub use handles::{
+    status_label, Admission, AppCounters, Code, Handles, RateLimitOutcome, ReplayOutcome,
+};
+
+use handles::LabelSet;
+
 const PREFIX: &str = "genesys_proxy";
 
 /// Latency buckets for a proxy: sub-millisecond to tens of seconds.
@@ -42,6 +50,11 @@ pub struct Metrics {
     pub jwks_keys: IntGauge,
     pub cluster_redis_up: IntGauge,
     pub cluster_tokens_total: IntCounterVec,
+    /// Handles to the request path's labelled counters (see [`handles`]).
+    pub requests: Handles<Code>,
+    pub replays: Handles<ReplayOutcome>,
+    pub rate_limited: Handles<RateLimitOutcome>,
+    pub budget_requests: AppCounters,
 }
 
 impl Default for Metrics {
@@ -140,13 +153,6 @@ const TOKEN_OUTCOMES: &[&str] = &[
     "invalid_response",
     "validation_failed",
 ];
-const RATE_LIMIT_OUTCOMES: &[&str] = &["absorbed", "passed_through", "queue_timeout", "queue_full"];
-const REPLAY_OUTCOMES: &[&str] = &[
-    "success",
-    "rejected_again",
-    "body_too_large",
-    "no_new_token",
-];
 const REJECT_REASONS: &[&str] = &[
     "client_not_allowed",
     "path_not_allowed",
@@ -181,11 +187,15 @@ impl Metrics {
     #[rustfmt::skip]
     fn with_registry(registry: Registry) -> Self {
         let m = Maker(registry);
+        let requests_total = m.counter_vec("requests_total", "Requests answered by the proxy, by HTTP status code.", "code", &[]);
+        let replays_total = m.counter_vec("replays_total", "Requests replayed or not after an upstream 401, by outcome.", "outcome", ReplayOutcome::LABELS);
+        let rate_limited_total = m.counter_vec("rate_limited_total", "Requests that met the rate limit, by outcome: absorbed (a 429 re-sent after budget freed), passed_through (Genesys's 429), queue_timeout and queue_full (the proxy's own 429).", "outcome", RateLimitOutcome::LABELS);
+        let budget_requests_total = m.labelled_counter("budget_requests_total", "Requests by application group (configured [[budget.app]] names, else other) and admission: served at once, served after queueing, or refused.", &["app", "outcome"]);
         Metrics {
-            requests_total: m.counter_vec("requests_total", "Requests answered by the proxy, by HTTP status code.", "code", &[]),
+            requests_total: requests_total.clone(),
             request_duration_seconds: m.hist("request_duration_seconds", "Time from request start to response end, in seconds."),
             upstream_unauthorized_total: m.counter("upstream_unauthorized_total", "Upstream 401 answers seen."),
-            replays_total: m.counter_vec("replays_total", "Requests replayed or not after an upstream 401, by outcome.", "outcome", REPLAY_OUTCOMES),
+            replays_total: replays_total.clone(),
             token_requests_total: m.counter_vec("token_requests_total", "Token endpoint calls by outcome.", "outcome", TOKEN_OUTCOMES),
             token_refresh_duration_seconds: m.hist("token_refresh_duration_seconds", "Duration of a token refresh (mint and validate), in seconds."),
             token_expiry_timestamp_seconds: m.gauge("token_expiry_timestamp_seconds", "Unix time at which the current token expires."),
@@ -201,13 +211,17 @@ impl Metrics {
             client_connections: m.int_gauge("client_connections", "Client connections open on the proxy listener."),
             budget_queue_depth: m.int_gauge("budget_queue_depth", "Requests waiting for rate-limit budget."),
             budget_queue_wait_seconds: m.hist("budget_queue_wait_seconds", "Time requests waited for rate-limit budget, in seconds."),
-            rate_limited_total: m.counter_vec("rate_limited_total", "Requests that met the rate limit, by outcome: absorbed (a 429 re-sent after budget freed), passed_through (Genesys's 429), queue_timeout and queue_full (the proxy's own 429).", "outcome", RATE_LIMIT_OUTCOMES),
-            budget_requests_total: m.labelled_counter("budget_requests_total", "Requests by application group (configured [[budget.app]] names, else other) and admission: served at once, served after queueing, or refused.", &["app", "outcome"]),
+            rate_limited_total: rate_limited_total.clone(),
+            budget_requests_total: budget_requests_total.clone(),
             token_pool_budget_remaining: m.int_gauge_vec("token_pool_budget_remaining", "Rate-limit budget left in the current window, per token pool slot (0 .. pool_size-1).", "slot"),
             jwks_fetches_total: m.counter_vec("jwks_fetches_total", "JWKS fetches (validation = \"jwks\") by outcome.", "outcome", &["success", "failed"]),
             jwks_keys: m.int_gauge("jwks_keys", "Keys in the cached JWKS (validation = \"jwks\")."),
             cluster_redis_up: m.int_gauge("cluster_redis_up", "[cluster]: 1 while Redis answers and tokens are shared, 0 while this replica works standalone."),
             cluster_tokens_total: m.counter_vec("cluster_tokens_total", "[cluster]: tokens this replica took, by how: adopted (stored by another replica), minted_shared (minted under the lease and stored), minted_standalone (minted alone while Redis failed).", "how", &["adopted", "minted_shared", "minted_standalone"]),
+            requests: Handles::new(requests_total, &[]),
+            replays: Handles::new(replays_total, &[]),
+            rate_limited: Handles::new(rate_limited_total, &[]),
+            budget_requests: AppCounters::new(budget_requests_total),
             registry: m.0,
         }
     }
@@ -225,9 +239,9 @@ mod tests {
     #[test]
     fn every_metric_is_prefixed_and_rendered() {
         let m = Metrics::new();
-        m.requests_total.with_label_values(&["200"]).inc();
+        m.requests.inc(Code(200));
         m.token_requests_total.with_label_values(&["success"]).inc();
-        m.replays_total.with_label_values(&["success"]).inc();
+        m.replays.inc(ReplayOutcome::Success);
         m.secret_rotations_total
             .with_label_values(&["success"])
             .inc();

@@ -20,6 +20,9 @@ use crate::head_clock::HeadClock;
 use crate::proxy::{GenesysProxy, Refusal};
 use crate::shutdown::Shutdown;
 
+mod stream;
+pub use stream::Downstream;
+
 /// Binds a listener; with `reuse_port` a second process can bind the same address, which is
 /// how a restart hands over without refusing connections (see the README).
 pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
@@ -127,11 +130,12 @@ impl Worker {
     }
 }
 
-/// Wraps an accepted socket the way pingora's own listener does, so `client_addr()` works.
+/// Wraps an accepted socket the way pingora's own listener does: `client_addr()` works and
+/// writes are buffered (see [`Downstream`]).
 fn to_pingora_stream(tcp: tokio::net::TcpStream, peer: SocketAddr) -> pingora::protocols::Stream {
     let mut stream = pingora::protocols::l4::stream::Stream::from(tcp);
     let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
     let _ = digest.peer_addr.set(Some(peer.into()));
     stream.set_socket_digest(digest);
-    Box::new(stream)
+    Box::new(Downstream::new(stream))
 }

@@ -1,0 +1,223 @@
+//! Handles to labelled counters for the request path. `with_label_values` hashes the label
+//! values and takes the family's lock on every call; a request increments two to four labelled
+//! counters, so the handles are looked up once (on first use, so a value never seen is not
+//! rendered) and kept.
+
+use std::marker::PhantomData;
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
+use prometheus::{IntCounter, IntCounterVec};
+
+/// A closed set of label values: each value has an index into [`LabelSet::LABELS`].
+pub trait LabelSet: Copy {
+    const LABELS: &'static [&'static str];
+    fn index(self) -> usize;
+}
+
+/// Defines an enum whose variants are the values of one label.
+macro_rules! label_set {
+    ($(#[$m:meta])* $name:ident { $($variant:ident => $label:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($variant),+ }
+
+        impl LabelSet for $name {
+            const LABELS: &'static [&'static str] = &[$($label),+];
+            fn index(self) -> usize {
+                self as usize
+            }
+        }
+    };
+}
+
+label_set! {
+    /// `replays_total{outcome}`: what became of a request after an upstream 401.
+    ReplayOutcome {
+        Success => "success",
+        RejectedAgain => "rejected_again",
+        BodyTooLarge => "body_too_large",
+        NoNewToken => "no_new_token",
+    }
+}
+
+label_set! {
+    /// `rate_limited_total{outcome}`: how a request met the rate limit.
+    RateLimitOutcome {
+        Absorbed => "absorbed",
+        PassedThrough => "passed_through",
+        QueueTimeout => "queue_timeout",
+        QueueFull => "queue_full",
+    }
+}
+
+label_set! {
+    /// `budget_requests_total{outcome}`: how a request was admitted to the budget.
+    Admission {
+        Served => "served",
+        Queued => "queued",
+        Refused => "refused",
+    }
+}
+
+/// The common status codes get a label of their own; others are counted by class.
+const COMMON_CODES: [u16; 21] = [
+    200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 405, 409, 413, 415, 429, 500, 501, 502,
+    503, 504,
+];
+
+/// Every value of `requests_total`'s `code` label: [`COMMON_CODES`], then `0` (no answer
+/// written) and the classes.
+const CODE_LABELS: [&str; 27] = [
+    "200", "201", "202", "204", "301", "302", "304", "400", "401", "403", "404", "405", "409",
+    "413", "415", "429", "500", "501", "502", "503", "504", "0", "1xx", "2xx", "3xx", "4xx", "5xx",
+];
+
+/// An HTTP status as the `code` label counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Code(pub u16);
+
+impl LabelSet for Code {
+    const LABELS: &'static [&'static str] = &CODE_LABELS;
+    fn index(self) -> usize {
+        if let Some(i) = COMMON_CODES.iter().position(|c| *c == self.0) {
+            return i;
+        }
+        COMMON_CODES.len()
+            + match self.0 {
+                0 => 0,
+                100..=199 => 1,
+                200..=299 => 2,
+                300..=399 => 3,
+                400..=499 => 4,
+                _ => 5,
+            }
+    }
+}
+
+/// The `requests_total` label of a status code: a bounded set, never the raw number.
+pub fn status_label(status: u16) -> &'static str {
+    CODE_LABELS[Code(status).index()]
+}
+
+/// One counter family's counters for every value of `E`, after any fixed leading label
+/// values (e.g. the `app` of `budget_requests_total`).
+pub struct Handles<E: LabelSet> {
+    family: IntCounterVec,
+    leading: Vec<String>,
+    cells: Box<[OnceLock<IntCounter>]>,
+    set: PhantomData<E>,
+}
+
+impl<E: LabelSet> Handles<E> {
+    pub fn new(family: IntCounterVec, leading: &[&str]) -> Self {
+        Handles {
+            family,
+            leading: leading.iter().map(|s| s.to_string()).collect(),
+            cells: E::LABELS.iter().map(|_| OnceLock::new()).collect(),
+            set: PhantomData,
+        }
+    }
+
+    /// The counter for `value`.
+    pub fn get(&self, value: E) -> &IntCounter {
+        let i = value.index();
+        self.cells[i].get_or_init(|| {
+            let mut labels: Vec<&str> = self.leading.iter().map(String::as_str).collect();
+            labels.push(E::LABELS[i]);
+            self.family.with_label_values(&labels)
+        })
+    }
+
+    pub fn inc(&self, value: E) {
+        self.get(value).inc();
+    }
+}
+
+/// `budget_requests_total{app, outcome}`: handles per application group name. App names come
+/// from the configuration, so the list is short and grows only when a reload adds a name.
+pub struct AppCounters {
+    family: IntCounterVec,
+    other: Handles<Admission>,
+    apps: ArcSwap<Vec<AppHandles>>,
+}
+
+/// One application group's name and its counters.
+type AppHandles = (Box<str>, Arc<Handles<Admission>>);
+
+impl AppCounters {
+    pub fn new(family: IntCounterVec) -> Self {
+        AppCounters {
+            other: Handles::new(family.clone(), &["other"]),
+            family,
+            apps: ArcSwap::from_pointee(Vec::new()),
+        }
+    }
+
+    pub fn inc(&self, app: &str, outcome: Admission) {
+        if app == "other" {
+            return self.other.inc(outcome);
+        }
+        if let Some((_, h)) = self.apps.load().iter().find(|(name, _)| &**name == app) {
+            return h.inc(outcome);
+        }
+        let handles = Arc::new(Handles::new(self.family.clone(), &[app]));
+        handles.inc(outcome);
+        self.apps.rcu(|apps| {
+            let mut apps = Vec::clone(apps);
+            if !apps.iter().any(|(name, _)| &**name == app) {
+                apps.push((app.into(), handles.clone()));
+            }
+            apps
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::Opts;
+
+    #[test]
+    fn status_labels_are_bounded_and_match_their_code() {
+        assert_eq!(status_label(200), "200");
+        assert_eq!(status_label(504), "504");
+        assert_eq!(status_label(418), "4xx");
+        assert_eq!(status_label(599), "5xx");
+        assert_eq!(status_label(700), "5xx");
+        assert_eq!(status_label(0), "0");
+        assert_eq!(status_label(103), "1xx");
+        for (i, code) in COMMON_CODES.iter().enumerate() {
+            assert_eq!(CODE_LABELS[i], code.to_string());
+        }
+    }
+
+    #[test]
+    fn handles_count_in_the_family_and_only_used_values_appear() {
+        let family = IntCounterVec::new(Opts::new("t", "t"), &["outcome"]).unwrap();
+        let h: Handles<ReplayOutcome> = Handles::new(family.clone(), &[]);
+        h.inc(ReplayOutcome::NoNewToken);
+        h.inc(ReplayOutcome::NoNewToken);
+        assert_eq!(family.with_label_values(&["no_new_token"]).get(), 2);
+        let seen: Vec<String> = prometheus::core::Collector::collect(&family)[0]
+            .get_metric()
+            .iter()
+            .map(|m| m.get_label()[0].value().to_string())
+            .collect();
+        assert_eq!(seen, ["no_new_token"]);
+    }
+
+    #[test]
+    fn app_counters_keep_apps_apart() {
+        let family = IntCounterVec::new(Opts::new("t", "t"), &["app", "outcome"]).unwrap();
+        let apps = AppCounters::new(family.clone());
+        apps.inc("reporting", Admission::Served);
+        apps.inc("reporting", Admission::Served);
+        apps.inc("other", Admission::Refused);
+        apps.inc("crm", Admission::Queued);
+        assert_eq!(family.with_label_values(&["reporting", "served"]).get(), 2);
+        assert_eq!(family.with_label_values(&["other", "refused"]).get(), 1);
+        assert_eq!(family.with_label_values(&["crm", "queued"]).get(), 1);
+        assert_eq!(apps.apps.load().len(), 2);
+    }
+}
