@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::HeaderValue;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -114,6 +115,11 @@ pub(crate) fn replay_error() -> Box<Error> {
 #[async_trait]
 impl ProxyHttp for GenesysProxy {
     type CTX = RequestCtx;
+
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {
+        // None: pingora's default adds response compression, disabled, which still builds a
+        // module context for every request. The proxy never compresses (it relays bodies).
+    }
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
