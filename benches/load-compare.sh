@@ -11,6 +11,9 @@
 #   RUNS=3 DURATION=20s CONNECTIONS=128 bash benches/load-compare.sh
 #   PERF=1 bash benches/load-compare.sh     # also the perf top 10 of the proxy (first run)
 #   ONLY=nginx bash benches/load-compare.sh # only the targets whose name matches
+#   BASELINE=/path/to/older/genesys-auth-proxy bash benches/load-compare.sh
+#                                           # also an older build, same config: before/after
+#                                           # ratios within each run
 #
 # cs/req: context switches (voluntary + involuntary) of the target per request.
 #
@@ -84,6 +87,16 @@ EOF
 PROXY_PID=$!
 PIDS+=($PROXY_PID)
 for _ in $(seq 1 200); do [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$ADMIN_PORT/readyz")" = 200 ] && break; sleep 0.05; done
+
+if [ -n "${BASELINE:-}" ]; then
+  BASE_PORT=$(free_port); BASE_ADMIN=$(free_port)
+  sed -e "s/127.0.0.1:$PROXY_PORT/127.0.0.1:$BASE_PORT/" -e "s/127.0.0.1:$ADMIN_PORT/127.0.0.1:$BASE_ADMIN/" \
+    -e "s|$WORK/audit.jsonl|$WORK/audit-baseline.jsonl|" "$WORK/proxy.toml" >"$WORK/baseline.toml"
+  "$BASELINE" run -c "$WORK/baseline.toml" >"$WORK/baseline.log" 2>&1 &
+  BASE_PID=$!
+  PIDS+=($BASE_PID)
+  for _ in $(seq 1 200); do [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$BASE_ADMIN/readyz")" = 200 ] && break; sleep 0.05; done
+fi
 
 "$BARE" "127.0.0.1:$BARE_PORT" "127.0.0.1:$SIM_PORT" "Bearer $TOKEN" 2 >"$WORK/bare.log" 2>&1 &
 BARE_PID=$!
@@ -208,6 +221,9 @@ for RUN in $(seq "$RUNS"); do
     wait "$PERF_PID" || true
     unset PERF_PID
   fi
+  if [ -n "${BASE_PID:-}" ]; then
+    run_wrk "baseline build" "$BASE_PID" "http://127.0.0.1:$BASE_PORT$PATH_UNDER_TEST"
+  fi
   run_wrk "nginx (static header)" "$NGINX_PIDS" "http://127.0.0.1:$NGINX_PORT$PATH_UNDER_TEST"
   run_wrk "haproxy (static header)" "$HAPROXY_PID" "http://127.0.0.1:$HAPROXY_PORT$PATH_UNDER_TEST"
 done
@@ -234,6 +250,9 @@ for run in sorted(runs):
     print(f"run {run}: proxy/haproxy {ratio('genesys-auth-proxy', 'haproxy (static header)', run)}")
     print(f"run {run}: proxy/bare    {ratio('genesys-auth-proxy', 'bare pingora', run)}")
     print(f"run {run}: bare/nginx    {ratio('bare pingora', 'nginx (static header)', run)}")
+    if "baseline build" in runs[run]:
+        print(f"run {run}: proxy/baseline {ratio('genesys-auth-proxy', 'baseline build', run)}")
+        print(f"run {run}: baseline/nginx {ratio('baseline build', 'nginx (static header)', run)}")
 EOF
 echo "proxy errors logged: $(grep -c -i '"level":"ERROR"' "$WORK/proxy.log" || true)"
 if [ -f "$WORK/perf.data" ]; then
