@@ -7,15 +7,15 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, Criterion};
 use futures_util::FutureExt;
 use genesys_auth_proxy::budget::{Admit, Budget};
 use genesys_auth_proxy::metrics::Metrics;
+use genesys_auth_proxy::token::secret::Secret;
 use genesys_auth_proxy::token::store::{Token, TokenSource, TokenStore};
-use http::HeaderValue;
 
 /// Settings with two application groups and a budget the loop never spends.
 fn live() -> genesys_auth_proxy::config::Live {
@@ -47,19 +47,17 @@ cidrs = ["10.2.0.0/16"]
 }
 
 fn token(slot: usize, generation: u64) -> Token {
-    let now = Instant::now();
+    let secret = Secret::new("bench-access-token");
     let life = Duration::from_secs(86_400);
-    Token {
-        header: HeaderValue::from_static("Bearer bench"),
-        fingerprint: "sha256:0123456789ab".into(),
+    Token::from_secret(
+        &secret,
+        life,
         generation,
         slot,
-        acquired_at: now,
-        expires_at: now + life,
-        expires_at_wall: SystemTime::now() + life,
-        lifetime: life,
-        source: TokenSource::Current,
-    }
+        Instant::now(),
+        TokenSource::Current,
+    )
+    .expect("a valid header value")
 }
 
 fn bench(c: &mut Criterion) {
@@ -74,30 +72,22 @@ fn bench(c: &mut Criterion) {
         let fallback = store.current().unwrap();
         let ip: IpAddr = "10.1.4.2".parse().unwrap();
         let settings = &snapshot.budget;
+        let admit = || {
+            let client = Budget::client_key(settings, ip);
+            // The fast path never waits, so the future is ready at its first poll.
+            let admitted = budget
+                .admit(settings, client, &fallback, settings.max_queue_wait)
+                .now_or_never();
+            match admitted {
+                Some(Admit::Go { token, .. }) => token,
+                _ => panic!("the bench budget is never spent"),
+            }
+        };
         c.bench_function(&format!("admit_pool_{slots}"), |b| {
-            b.iter(|| {
-                let client = Budget::client_key(settings, ip);
-                // The fast path never waits, so the future is ready at its first poll.
-                let admitted = budget
-                    .admit(settings, client, &fallback, settings.max_queue_wait)
-                    .now_or_never();
-                match admitted {
-                    Some(Admit::Go { token, .. }) => std::hint::black_box(token),
-                    _ => panic!("the bench budget is never spent"),
-                }
-            })
+            b.iter(|| std::hint::black_box(admit()))
         });
         c.bench_function(&format!("admit_and_observe_pool_{slots}"), |b| {
-            b.iter(|| {
-                let client = Budget::client_key(settings, ip);
-                let admitted = budget
-                    .admit(settings, client, &fallback, settings.max_queue_wait)
-                    .now_or_never();
-                let Some(Admit::Go { token, .. }) = admitted else {
-                    panic!("the bench budget is never spent");
-                };
-                budget.observe(&token, 10, 1_000_000_000_000, Some(60));
-            })
+            b.iter(|| budget.observe(&admit(), 10, 1_000_000_000_000, Some(60)))
         });
     }
 }

@@ -6,6 +6,7 @@
 //! keep flowing. A request that cannot be served within `max_queue_wait_ms` gets the proxy's
 //! own 429 with an honest `Retry-After`.
 
+mod dispatch;
 pub mod window;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -19,7 +20,6 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::config::{BudgetSettings, Live};
 use crate::metrics::Metrics;
-use crate::shutdown::Shutdown;
 use crate::sync::lock;
 use crate::token::store::{Token, TokenStore};
 use window::Window;
@@ -379,85 +379,10 @@ impl Budget {
         }
         self.metrics.upstream_ratelimit_remaining.set(total as i64);
     }
-
-    /// Serves waiting requests whenever budget frees; runs until shutdown.
-    pub async fn dispatch(self: Arc<Self>, mut shutdown: Shutdown) {
-        loop {
-            let next = self.grant_waiters(Instant::now());
-            tokio::select! {
-                _ = sleep_until(next) => {}
-                _ = self.changed.notified() => {}
-                _ = shutdown.wait() => return,
-            }
-        }
-    }
-
-    /// Grants budget to waiters, least-used client first; returns when to look again.
-    fn grant_waiters(&self, now: Instant) -> Option<Instant> {
-        let settings = self.live.load().budget.clone();
-        let mut q = lock(&self.queue);
-        if q.period_ends.is_some_and(|t| now >= t) {
-            q.usage.clear();
-            q.period_ends = None;
-        }
-        q.period_ends.get_or_insert(now + settings.window);
-        let tokens = self.store.usable(now);
-        let mut windows = self.sync(&tokens);
-        while q.len > 0 {
-            let Some(client) = next_client(&q, &settings) else {
-                break;
-            };
-            let Some(token) = Self::take_best(&mut windows, &tokens, now) else {
-                break;
-            };
-            let waiter = q.waiting.get_mut(&client).and_then(VecDeque::pop_front);
-            if q.waiting.get(&client).is_some_and(VecDeque::is_empty) {
-                q.waiting.remove(&client);
-            }
-            let Some(waiter) = waiter else { continue };
-            q.len -= 1;
-            let slot = token.slot;
-            if waiter.grant.send(token).is_ok() {
-                *q.usage.entry(client).or_default() += 1;
-            } else if let Some(w) = windows.get_mut(slot) {
-                w.give_back();
-            }
-        }
-        self.set_depth(&q);
-        let retry = if tokens.is_empty() {
-            // No usable token: look again soon (the refresher is minting one).
-            now + Duration::from_millis(50)
-        } else {
-            Self::free_at(&windows, &tokens, now)
-        };
-        (q.len > 0).then(|| retry.max(now + Duration::from_millis(1)))
-    }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The waiting client that used least in this period, weighted by its application group.
-fn next_client(q: &Queue, settings: &BudgetSettings) -> Option<ClientKey> {
-    let weight = |k: &ClientKey| match k {
-        ClientKey::App(i) => settings.apps.get(*i).map_or(1, |a| a.weight.max(1)),
-        ClientKey::Address(_) => 1,
-    };
-    q.waiting
-        .iter()
-        .filter(|(_, d)| !d.is_empty())
-        .map(|(k, _)| k)
-        .min_by(|a, b| {
-            let ua = q.usage.get(*a).copied().unwrap_or(0) * weight(b);
-            let ub = q.usage.get(*b).copied().unwrap_or(0) * weight(a);
-            ua.cmp(&ub)
-        })
-        .cloned()
-}
+#[cfg(test)]
+use dispatch::next_client;
 
 #[cfg(test)]
 mod tests;

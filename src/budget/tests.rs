@@ -83,19 +83,10 @@ fn budget_with_token() -> (Budget, Arc<Token>) {
     let config = crate::config::parse(&text, std::path::Path::new("t.toml")).unwrap();
     let live = Arc::new(ArcSwap::from_pointee(config.live));
     let store = Arc::new(TokenStore::new());
-    let now = Instant::now();
+    let secret = crate::token::secret::Secret::new("access-token");
     let life = Duration::from_secs(3600);
-    store.publish(Token {
-        header: http::HeaderValue::from_static("Bearer x"),
-        fingerprint: "sha256:000000000000".into(),
-        generation: 1,
-        slot: 0,
-        acquired_at: now,
-        expires_at: now + life,
-        expires_at_wall: std::time::SystemTime::now() + life,
-        lifetime: life,
-        source: crate::token::store::TokenSource::Current,
-    });
+    let source = crate::token::store::TokenSource::Current;
+    store.publish(Token::from_secret(&secret, life, 1, 0, Instant::now(), source).unwrap());
     let token = store.current().unwrap();
     (Budget::new(store, live, Arc::new(Metrics::new())), token)
 }
