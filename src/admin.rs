@@ -256,9 +256,9 @@ fn credential_status(state: &CredentialView, audit: &AuditLog, now: Instant) -> 
         }),
         "cluster": state.cluster.as_ref().map(|c| c.view()),
         "counters": {
-            "requests_total": counter(&m.requests_total),
+            "requests_total": counter(m.requests.family()),
             "upstream_unauthorized_total": m.upstream_unauthorized_total.get(),
-            "replays_total": counter(&m.replays_total),
+            "replays_total": counter(m.replays.family()),
             "token_requests_total": counter(&m.token_requests_total),
             "upstream_rate_limited_total": m.upstream_rate_limited_total.get(),
             "rejected_requests_total": counter(&m.rejected_requests_total),

@@ -131,18 +131,16 @@ impl Budget {
         tokens: &[Arc<Token>],
         now: Instant,
     ) -> Option<Arc<Token>> {
-        let remaining = |t: &Arc<Token>| windows.get(t.slot).map_or(0, |w| w.remaining(now));
+        let most_left = |windows: &[Window], t: &Arc<Token>| {
+            std::cmp::Reverse(windows.get(t.slot).map_or(0, |w| w.remaining(now)))
+        };
         // Usually the token with the most left takes it (the first of equals, as below).
-        let best = tokens
-            .iter()
-            .min_by_key(|t| std::cmp::Reverse(remaining(t)))?;
+        let best = tokens.iter().min_by_key(|t| most_left(windows, t))?;
         if windows.get_mut(best.slot).is_some_and(|w| w.take(now)) {
             return Some(best.clone());
         }
         let mut order: Vec<&Arc<Token>> = tokens.iter().collect();
-        order.sort_by_key(|t| {
-            std::cmp::Reverse(windows.get(t.slot).map_or(0, |w| w.remaining(now)))
-        });
+        order.sort_by_key(|t| most_left(windows, t));
         order
             .into_iter()
             .find(|t| windows.get_mut(t.slot).is_some_and(|w| w.take(now)))

@@ -60,18 +60,24 @@ label_set! {
     }
 }
 
-/// The common status codes get a label of their own; others are counted by class.
-const COMMON_CODES: [u16; 21] = [
-    200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 405, 409, 413, 415, 429, 500, 501, 502,
-    503, 504,
-];
-
-/// Every value of `requests_total`'s `code` label: [`COMMON_CODES`], then `0` (no answer
-/// written) and the classes.
+/// Every value of `requests_total`'s `code` label: the common status codes, which get a label
+/// of their own, then `0` (no answer written) and the classes the others are counted by.
 const CODE_LABELS: [&str; 27] = [
     "200", "201", "202", "204", "301", "302", "304", "400", "401", "403", "404", "405", "409",
     "413", "415", "429", "500", "501", "502", "503", "504", "0", "1xx", "2xx", "3xx", "4xx", "5xx",
 ];
+
+/// The common codes, read from the first [`CODE_LABELS`] at compile time.
+const COMMON_CODES: [u16; 21] = {
+    let mut codes = [0u16; 21];
+    let mut i = 0;
+    while i < codes.len() {
+        let d = CODE_LABELS[i].as_bytes();
+        codes[i] = (d[0] - b'0') as u16 * 100 + (d[1] - b'0') as u16 * 10 + (d[2] - b'0') as u16;
+        i += 1;
+    }
+    codes
+};
 
 /// An HTTP status as the `code` label counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +137,11 @@ impl<E: LabelSet> Handles<E> {
 
     pub fn inc(&self, value: E) {
         self.get(value).inc();
+    }
+
+    /// The whole family (e.g. for a sum over its labels).
+    pub fn family(&self) -> &IntCounterVec {
+        &self.family
     }
 }
 

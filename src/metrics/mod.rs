@@ -24,10 +24,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: Registry,
-    pub requests_total: IntCounterVec,
     pub request_duration_seconds: Histogram,
     pub upstream_unauthorized_total: IntCounter,
-    pub replays_total: IntCounterVec,
     pub token_requests_total: IntCounterVec,
     pub token_refresh_duration_seconds: Histogram,
     pub token_expiry_timestamp_seconds: Gauge,
@@ -43,8 +41,6 @@ pub struct Metrics {
     pub client_connections: IntGauge,
     pub budget_queue_depth: IntGauge,
     pub budget_queue_wait_seconds: Histogram,
-    pub rate_limited_total: IntCounterVec,
-    pub budget_requests_total: IntCounterVec,
     pub token_pool_budget_remaining: IntGaugeVec,
     pub jwks_fetches_total: IntCounterVec,
     pub jwks_keys: IntGauge,
@@ -192,10 +188,8 @@ impl Metrics {
         let rate_limited_total = m.counter_vec("rate_limited_total", "Requests that met the rate limit, by outcome: absorbed (a 429 re-sent after budget freed), passed_through (Genesys's 429), queue_timeout and queue_full (the proxy's own 429).", "outcome", RateLimitOutcome::LABELS);
         let budget_requests_total = m.labelled_counter("budget_requests_total", "Requests by application group (configured [[budget.app]] names, else other) and admission: served at once, served after queueing, or refused.", &["app", "outcome"]);
         Metrics {
-            requests_total: requests_total.clone(),
             request_duration_seconds: m.hist("request_duration_seconds", "Time from request start to response end, in seconds."),
             upstream_unauthorized_total: m.counter("upstream_unauthorized_total", "Upstream 401 answers seen."),
-            replays_total: replays_total.clone(),
             token_requests_total: m.counter_vec("token_requests_total", "Token endpoint calls by outcome.", "outcome", TOKEN_OUTCOMES),
             token_refresh_duration_seconds: m.hist("token_refresh_duration_seconds", "Duration of a token refresh (mint and validate), in seconds."),
             token_expiry_timestamp_seconds: m.gauge("token_expiry_timestamp_seconds", "Unix time at which the current token expires."),
@@ -211,8 +205,6 @@ impl Metrics {
             client_connections: m.int_gauge("client_connections", "Client connections open on the proxy listener."),
             budget_queue_depth: m.int_gauge("budget_queue_depth", "Requests waiting for rate-limit budget."),
             budget_queue_wait_seconds: m.hist("budget_queue_wait_seconds", "Time requests waited for rate-limit budget, in seconds."),
-            rate_limited_total: rate_limited_total.clone(),
-            budget_requests_total: budget_requests_total.clone(),
             token_pool_budget_remaining: m.int_gauge_vec("token_pool_budget_remaining", "Rate-limit budget left in the current window, per token pool slot (0 .. pool_size-1).", "slot"),
             jwks_fetches_total: m.counter_vec("jwks_fetches_total", "JWKS fetches (validation = \"jwks\") by outcome.", "outcome", &["success", "failed"]),
             jwks_keys: m.int_gauge("jwks_keys", "Keys in the cached JWKS (validation = \"jwks\")."),
