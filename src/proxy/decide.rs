@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Uri};
+use http::{header, HeaderName, HeaderValue, Uri};
 use ipnet::IpNet;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::{Error, ErrorType, Result};
@@ -157,7 +157,13 @@ pub fn rewrite_upstream_request(
     Ok(())
 }
 
-pub fn header_u64(resp: &ResponseHeader, name: &str) -> Option<u64> {
+/// Genesys's rate-limit headers, parsed once at compile time rather than per response.
+pub const RATELIMIT_COUNT: HeaderName = HeaderName::from_static("inin-ratelimit-count");
+pub const RATELIMIT_ALLOWED: HeaderName = HeaderName::from_static("inin-ratelimit-allowed");
+pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("inin-ratelimit-reset");
+pub const CORRELATION_ID: HeaderName = HeaderName::from_static("inin-correlation-id");
+
+pub fn header_u64(resp: &ResponseHeader, name: &HeaderName) -> Option<u64> {
     resp.headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 

@@ -222,6 +222,10 @@ impl ProxyHttp for GenesysProxy {
         peer.options.total_connection_timeout = Some(settings.upstream_connect_timeout);
         peer.options.read_timeout = Some(settings.upstream_read_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
+        // No watcher task per pooled connection (our pingora patch, vendor/README.md): a
+        // pooled connection is checked when it is taken, which saves a task, a timer and a
+        // wake-up per request.
+        peer.options.idle_watch = false;
         peer.options.ca = self.state.upstream_ca.clone();
         Ok(Box::new(peer))
     }

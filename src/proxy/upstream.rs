@@ -10,6 +10,7 @@ use http::header;
 use pingora::prelude::*;
 use pingora::proxy::Session;
 
+use super::decide::{CORRELATION_ID, RATELIMIT_ALLOWED, RATELIMIT_COUNT, RATELIMIT_RESET};
 use super::respond::respond_rate_limited;
 use super::{header_u64, replay_error, replayable, GenesysProxy, RequestCtx, MAX_RATE_RETRIES};
 use crate::anomaly::Kind;
@@ -69,17 +70,17 @@ impl GenesysProxy {
         if ctx.live.log.access_log {
             ctx.correlation_id = upstream
                 .headers
-                .get("inin-correlation-id")
+                .get(&CORRELATION_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
         }
         let budget = &self.state.budget;
         if let (Some(token), Some(count), Some(allowed)) = (
             ctx.token.as_ref(),
-            header_u64(upstream, "inin-ratelimit-count"),
-            header_u64(upstream, "inin-ratelimit-allowed"),
+            header_u64(upstream, &RATELIMIT_COUNT),
+            header_u64(upstream, &RATELIMIT_ALLOWED),
         ) {
-            let reset = header_u64(upstream, "inin-ratelimit-reset");
+            let reset = header_u64(upstream, &RATELIMIT_RESET);
             budget.observe(token, count, allowed, reset);
         }
         match ctx.upstream_status {
@@ -91,7 +92,7 @@ impl GenesysProxy {
                 metrics.upstream_rate_limited_total.inc();
                 self.state.anomaly.observe(Kind::RateLimitStorm);
                 if let Some(token) = ctx.token.as_ref() {
-                    let retry_after = header_u64(upstream, "retry-after")
+                    let retry_after = header_u64(upstream, &header::RETRY_AFTER)
                         .map_or(ctx.live.budget.window, Duration::from_secs);
                     budget.exhausted(token, retry_after);
                 }

@@ -18,3 +18,4 @@ mod rotation;
 mod rotation_load;
 mod sim;
 mod tls;
+mod upstream_pool;
