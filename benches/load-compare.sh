@@ -258,5 +258,5 @@ echo "proxy errors logged: $(grep -c -i '"level":"ERROR"' "$WORK/proxy.log" || t
 if [ -f "$WORK/perf.data" ]; then
   echo "perf top 10 (genesys-auth-proxy, self time, first run):"
   perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null |
-    grep -E '^ +[0-9.]+%' | head -10
+    grep -E '^ +[0-9.]+%' | sed -E 's/[ -]+$//' | head -10
 fi
