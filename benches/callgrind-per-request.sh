@@ -83,7 +83,9 @@ EOF
   total=$(grep -E '^(summary|totals):' "$dump" | head -1 | awk '{print $2}')
   echo "$name: $n requests, $((total / n)) instructions/request"
   if [ "$TOP" -gt 0 ]; then
-    callgrind_annotate --threshold=100 "$dump" 2>/dev/null | grep -E '^ *[0-9,]+ \(' | sed -n "2,$((TOP + 1))p" | cut -c1-160
+    # Skip the totals and the thread-entry frames callgrind charges the whole run to.
+    callgrind_annotate --threshold=100 "$dump" 2>/dev/null | grep -E '^ *[0-9,]+ \(' |
+      grep -vE '\((100\.0|9[0-9]\.[0-9]+)%\)' | head -"$TOP" | cut -c1-160
   fi
   kill "$pid" 2>/dev/null || true
 }
