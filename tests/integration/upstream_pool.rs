@@ -53,17 +53,17 @@ fn alive_tasks() -> usize {
         .num_alive_tasks()
 }
 
-/// Blocks (bounded) until the kernel has the peer's FIN for `fd`, then lets the runtime's
-/// reactor see it.
-async fn wait_for_fin(fd: RawFd) {
+/// Blocks (bounded) until the kernel reports `events` on our socket `fd` (the peer's FIN, or
+/// bytes), then lets the runtime's reactor see it.
+async fn wait_for(fd: RawFd, events: libc::c_short) {
     let mut pfd = libc::pollfd {
         fd,
-        events: libc::POLLIN | libc::POLLRDHUP,
+        events,
         revents: 0,
     };
     // SAFETY: one valid pollfd, a bounded timeout.
     let ready = unsafe { libc::poll(&mut pfd, 1, 5_000) };
-    assert_eq!(ready, 1, "no FIN within 5 s");
+    assert_eq!(ready, 1, "nothing arrived within 5 s");
     tokio::task::yield_now().await;
 }
 
@@ -119,7 +119,7 @@ async fn a_connection_the_server_closed_is_skipped_for_the_next() {
     up.release_unwatched(second);
 
     drop(first_server);
-    wait_for_fin(first_id).await;
+    wait_for(first_id, libc::POLLIN | libc::POLLRDHUP).await;
 
     let taken = up.connector.reused_stream(&up.peer).await.expect("pooled");
     assert_eq!(
@@ -140,15 +140,7 @@ async fn a_connection_with_unexpected_data_is_not_reused() {
     let id = stream.id();
     up.release_unwatched(stream);
     server.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
-    // Wait until the bytes are readable on our end.
-    let mut pfd = libc::pollfd {
-        fd: id,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, a bounded timeout.
-    assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5_000) }, 1);
-    tokio::task::yield_now().await;
+    wait_for(id, libc::POLLIN).await;
 
     assert!(up.connector.reused_stream(&up.peer).await.is_none());
     assert_eq!(up.connector.unexpected_data_connection_count(), 1);
