@@ -32,7 +32,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/bench-proxy.sh
+. benches/bench-proxy.sh
 SIM_PORT=$(free_port)
 SECRET="bench-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 "$BIN" sim --listen "127.0.0.1:$SIM_PORT" --client "bench:$SECRET" \
@@ -46,21 +47,7 @@ measure() {
   local name=$1 bin=$2 port admin pid out n total
   port=$(free_port)
   admin=$(free_port)
-  cat >"$WORK/$name.toml" <<EOF
-[proxy]
-listen = "127.0.0.1:$port"
-[admin]
-listen = "127.0.0.1:$admin"
-[genesys]
-login_url = "http://127.0.0.1:$SIM_PORT"
-api_url = "http://127.0.0.1:$SIM_PORT"
-client_id = "bench"
-client_secret = { file = "$WORK/secret" }
-[audit]
-path = "$WORK/$name-audit.jsonl"
-[log]
-level = "warn"
-EOF
+  write_bench_proxy_toml "$WORK/$name.toml" "$port" "$admin" "$SIM_PORT" "$WORK/secret" "$WORK/$name-audit.jsonl"
   out="$WORK/$name.callgrind"
   valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" run -c "$WORK/$name.toml" \
     >"$WORK/$name.log" 2>&1 &

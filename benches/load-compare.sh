@@ -50,7 +50,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/bench-proxy.sh
+. benches/bench-proxy.sh
 wait_http() { for _ in $(seq 1 200); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done; echo "timeout waiting for $1" >&2; exit 1; }
 
 SIM_PORT=$(free_port); PROXY_PORT=$(free_port); ADMIN_PORT=$(free_port); NGINX_PORT=$(free_port)
@@ -68,21 +69,7 @@ TOKEN=$(curl -s -u "bench:$SECRET" -d grant_type=client_credentials "http://127.
   python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
 
 printf '%s\n' "$SECRET" >"$WORK/secret"; chmod 600 "$WORK/secret"
-cat >"$WORK/proxy.toml" <<EOF
-[proxy]
-listen = "127.0.0.1:$PROXY_PORT"
-[admin]
-listen = "127.0.0.1:$ADMIN_PORT"
-[genesys]
-login_url = "http://127.0.0.1:$SIM_PORT"
-api_url = "http://127.0.0.1:$SIM_PORT"
-client_id = "bench"
-client_secret = { file = "$WORK/secret" }
-[audit]
-path = "$WORK/audit.jsonl"
-[log]
-level = "warn"
-EOF
+write_bench_proxy_toml "$WORK/proxy.toml" "$PROXY_PORT" "$ADMIN_PORT" "$SIM_PORT" "$WORK/secret" "$WORK/audit.jsonl"
 "$BIN" run -c "$WORK/proxy.toml" >"$WORK/proxy.log" 2>&1 &
 PROXY_PID=$!
 PIDS+=($PROXY_PID)
