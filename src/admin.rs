@@ -241,8 +241,9 @@ fn credential_status(state: &CredentialView, audit: &AuditLog, now: Instant) -> 
             "active": anomaly.active,
         },
         "rotation": {
-            "pending_new_secret": info.pending_rotation.as_ref().map(|(fp, _)| fp.clone()),
-            "retry_until": info.pending_rotation.as_ref().map(|(_, t)| rfc3339(*t)),
+            "pending_new_secret": info.pending_rotation.as_ref().map(|p| p.new_secret.clone()),
+            "next_attempt_at": info.pending_rotation.as_ref().map(|p| rfc3339(p.next_attempt)),
+            "retry_until": info.pending_rotation.as_ref().map(|p| rfc3339(p.retry_until)),
             "last_error": info.last_rotation_error,
         },
         "pool": pool_view(state, now),
@@ -287,7 +288,10 @@ async fn reload(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Res
         )
             .into_response();
     }
-    let report = state.reloader.reload("admin_api").await;
+    let report = state
+        .reloader
+        .reload(crate::reload::Trigger::AdminApi)
+        .await;
     (reload_status(report.outcome), Json(report.body)).into_response()
 }
 
@@ -343,5 +347,7 @@ pub fn reload_status(outcome: ReloadOutcome) -> StatusCode {
         }
         ReloadOutcome::Rejected => StatusCode::BAD_REQUEST,
         ReloadOutcome::RotationFailed => StatusCode::BAD_GATEWAY,
+        // Accepted: the new secret is tried on the refresher's schedule.
+        ReloadOutcome::RotationPending => StatusCode::ACCEPTED,
     }
 }

@@ -6,6 +6,11 @@
 //! [`crate::config::Restart`] settings are reported as "restart required" and never applied
 //! (the running config keeps its own); a new client secret is handed to the refresher, which
 //! mints and validates with it before anything is swapped.
+//!
+//! One change, one reload: the secret-file watcher reloads only when the bytes (or modes) of
+//! the config and secret files differ from the last reload's ([`Reloader::reload_if_changed`]);
+//! a secret the refresher was already asked for is not asked for again (it retries on its own
+//! schedule); a file's warnings are logged when it changes, not on every reload.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,8 +23,32 @@ use tokio::sync::{mpsc, oneshot};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::config::{self, Config, Diff, Live};
 use crate::metrics::Metrics;
-use crate::token::refresher::{Command, Credentials};
+use crate::token::refresher::{Command, Credentials, RotationResult};
 use crate::token::secret::SecretSource;
+
+/// What started a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Sighup,
+    AdminApi,
+    SecretFileChanged,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Sighup => "sighup",
+            Trigger::AdminApi => "admin_api",
+            Trigger::SecretFileChanged => "secret_file_changed",
+        }
+    }
+
+    /// An operator asked (signal, API): a secret the refresher gave up on is tried again. A
+    /// file event only reports a change of bytes.
+    fn explicit(self) -> bool {
+        self != Trigger::SecretFileChanged
+    }
+}
 
 /// When and how often the configuration was (re)loaded, for `/status`.
 #[derive(Debug, Clone, Copy)]
@@ -40,15 +69,19 @@ pub enum ReloadOutcome {
     /// The new secret did not validate; the current one keeps serving and the new one is
     /// retried.
     RotationFailed,
+    /// The new secret is not tried yet (the token-request cap, or a working token is minted
+    /// first); the current one keeps serving.
+    RotationPending,
 }
 
 impl ReloadOutcome {
-    pub const ALL: [ReloadOutcome; 5] = [
+    pub const ALL: [ReloadOutcome; 6] = [
         ReloadOutcome::Applied,
         ReloadOutcome::PartiallyApplied,
         ReloadOutcome::Unchanged,
         ReloadOutcome::Rejected,
         ReloadOutcome::RotationFailed,
+        ReloadOutcome::RotationPending,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +91,7 @@ impl ReloadOutcome {
             ReloadOutcome::Unchanged => "unchanged",
             ReloadOutcome::Rejected => "rejected",
             ReloadOutcome::RotationFailed => "rotation_failed",
+            ReloadOutcome::RotationPending => "rotation_pending",
         }
     }
 }
@@ -88,13 +122,20 @@ pub struct Reloader {
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     info: ArcSwap<ConfigInfo>,
+    /// The config and secret files as the last reload read them (`None` before the first
+    /// reload: the first watcher event always reloads, and a reload of unchanged files is a
+    /// no-op).
+    last_inputs: std::sync::Mutex<Option<[u8; 32]>>,
+    /// The warnings the last reload logged: logged again only when something changed.
+    last_warnings: std::sync::Mutex<Vec<String>>,
 }
 
 /// What one credential's part of a reload changed.
 struct Applied {
     applied: Vec<String>,
     restart_required: Vec<String>,
-    rotation: Value,
+    rotation: Option<RotationResult>,
+    new_secret: String,
 }
 
 impl Reloader {
@@ -111,6 +152,7 @@ impl Reloader {
                 .config_reloads_total
                 .with_label_values(&[outcome.as_str()]);
         }
+        let warnings = config.warnings.clone();
         Reloader {
             path,
             current: tokio::sync::Mutex::new(config),
@@ -121,7 +163,35 @@ impl Reloader {
                 loaded_at: SystemTime::now(),
                 generation: 1,
             }),
+            last_inputs: std::sync::Mutex::new(None),
+            // Start-up logged these already.
+            last_warnings: std::sync::Mutex::new(warnings),
         }
+    }
+
+    /// A digest of the config file and every secret file: bytes, mode and file identity, or
+    /// the read error.
+    async fn inputs_digest(&self) -> [u8; 32] {
+        let mut files = vec![self.path.clone()];
+        files.extend(self.watched_files().await);
+        tokio::task::spawn_blocking(move || digest_files(&files))
+            .await
+            .unwrap_or([0; 32])
+    }
+
+    /// The watcher's reload: none at all when the files are byte-identical to what the last
+    /// reload read (the watcher may see events that change nothing: a `touch`, a re-mount, a
+    /// Kubernetes `..data` swap to the same content).
+    pub async fn reload_if_changed(&self, trigger: Trigger) -> Option<ReloadReport> {
+        let digest = self.inputs_digest().await;
+        if *crate::sync::lock(&self.last_inputs) == Some(digest) {
+            tracing::debug!(
+                trigger = trigger.as_str(),
+                "config and secret files unchanged; no reload"
+            );
+            return None;
+        }
+        Some(self.reload(trigger).await)
     }
 
     pub fn info(&self) -> ConfigInfo {
@@ -156,7 +226,11 @@ impl Reloader {
 
     /// Runs one reload. Reloads are serialised: a second trigger waits for the first. The
     /// answer comes after the reload's audit events are written.
-    pub async fn reload(&self, trigger: &str) -> ReloadReport {
+    pub async fn reload(&self, trigger: Trigger) -> ReloadReport {
+        let digest = self.inputs_digest().await;
+        *crate::sync::lock(&self.last_inputs) = Some(digest);
+        let explicit = trigger.explicit();
+        let trigger = trigger.as_str();
         let mut current = self.current.lock().await;
         // File I/O (config, secrets, CA bundle) off the async runtime: a slow disk must not
         // stall the admin listener.
@@ -171,11 +245,11 @@ impl Reloader {
                     .await
             }
         };
-        for w in &new.warnings {
-            tracing::warn!("{w}");
-        }
-        let parts = self.apply_all(&mut current, &new).await;
-        if parts.iter().all(|(_, p)| p.is_none()) {
+        let parts = self.apply_all(&mut current, &new, explicit).await;
+        let changed = parts.iter().any(|(_, p)| p.is_some());
+        self.log_warnings(&new.warnings, changed);
+        if !changed {
+            tracing::debug!(trigger, "reload: nothing changed");
             return self.finish(ReloadOutcome::Unchanged, json!({"outcome": "unchanged"}));
         }
         let generation = self.info().generation + 1;
@@ -185,23 +259,30 @@ impl Reloader {
         }));
         let (mut applied, mut restart_required, mut rotations) = (vec![], vec![], json!({}));
         let mut rotation = Value::Null;
+        let (mut failed, mut pending) = (false, false);
         for (name, part) in parts.into_iter() {
             let Some(part) = part else { continue };
             applied.extend(part.applied);
             restart_required.extend(part.restart_required);
+            let Some(result) = part.rotation else {
+                continue;
+            };
+            failed |= matches!(
+                result,
+                RotationResult::Failed { .. } | RotationResult::Abandoned
+            );
+            pending |= matches!(result, RotationResult::Pending { .. });
+            let shown = rotation_json(&result, &part.new_secret);
             if name == config::DEFAULT_CREDENTIAL {
-                rotation = part.rotation;
-            } else if !part.rotation.is_null() {
-                rotations[name] = part.rotation;
+                rotation = shown;
+            } else {
+                rotations[name] = shown;
             }
         }
-        let failed = |r: &Value| r.get("outcome") == Some(&json!("failed"));
-        let outcome = if failed(&rotation)
-            || rotations
-                .as_object()
-                .is_some_and(|m| m.values().any(failed))
-        {
+        let outcome = if failed {
             ReloadOutcome::RotationFailed
+        } else if pending {
+            ReloadOutcome::RotationPending
         } else if restart_required.is_empty() {
             ReloadOutcome::Applied
         } else {
@@ -232,6 +313,7 @@ impl Reloader {
         &self,
         current: &mut Config,
         new: &Config,
+        explicit: bool,
     ) -> Vec<(String, Option<Applied>)> {
         let top = Diff::between(current, new);
         let mut parts = Vec::new();
@@ -254,7 +336,9 @@ impl Reloader {
                 }
             };
             let diff = Diff::between(cur, next);
-            if diff.is_empty() {
+            // An operator's reload also asks the refresher about secrets it may have given
+            // up on; the answer is "current" when there is nothing to do.
+            if diff.is_empty() && !explicit {
                 parts.push((target.name.clone(), None));
                 continue;
             }
@@ -275,13 +359,22 @@ impl Reloader {
             let (applied, restart_required) = (named(&diff.applied), named(&diff.restart_required));
             self.apply_live(target, &cur.live, &next.live, is_top);
             cur.live = next.live.clone();
-            let rotation = self.apply_credentials(target, cur, next, &diff).await;
+            let new_secret = next.credentials.client_secret.fingerprint();
+            let rotation = self
+                .apply_credentials(target, cur, next, &diff, explicit)
+                .await
+                .filter(|r| *r != RotationResult::Current);
+            if diff.is_empty() && rotation.is_none() {
+                parts.push((target.name.clone(), None));
+                continue;
+            }
             parts.push((
                 target.name.clone(),
                 Some(Applied {
                     applied,
                     restart_required,
                     rotation,
+                    new_secret,
                 }),
             ));
         }
@@ -327,46 +420,54 @@ impl Reloader {
         }
     }
 
-    /// Hands changed secrets to the credential's refresher; returns what to report under
-    /// `rotation`.
+    /// Logs the warnings of the files just read: all of them when the reload changed
+    /// something, else only the ones the last reload did not log (a mode warning is not
+    /// repeated on every reload of an unchanged file).
+    fn log_warnings(&self, warnings: &[String], changed: bool) {
+        let mut last = crate::sync::lock(&self.last_warnings);
+        for w in warnings {
+            if changed || !last.contains(w) {
+                tracing::warn!("{w}");
+            } else {
+                tracing::debug!("{w}");
+            }
+        }
+        *last = warnings.to_vec();
+    }
+
+    /// Hands changed secrets to the credential's refresher; returns how the rotation stands.
+    /// The running config records the secret as requested whatever the answer: the
+    /// refresher owns the retries, so a later reload of the same file asks nothing again.
     async fn apply_credentials(
         &self,
         target: &ReloadTarget,
         current: &mut Config,
         new: &Config,
         diff: &Diff,
-    ) -> Value {
+        explicit: bool,
+    ) -> Option<RotationResult> {
         let (cur, next) = (&mut current.credentials, &new.credentials);
-        if !diff.credentials {
+        if !diff.credentials && !explicit {
             if diff.previous_secret {
                 let previous = next.previous_client_secret.clone();
                 let _ = target.refresher.send(Command::SetPrevious(previous)).await;
                 cur.previous_client_secret = next.previous_client_secret.clone();
                 cur.previous_client_secret_source = next.previous_client_secret_source.clone();
             }
-            return Value::Null;
+            return None;
         }
-        let new_secret = next.client_secret.fingerprint();
-        match self.rotate(target, next).await {
-            Ok(generation) => {
-                *cur = next.clone();
-                json!({"outcome": "rotated", "generation": generation, "new_secret": new_secret})
-            }
-            Err(reason) => json!({
-                "outcome": "failed",
-                "reason": reason,
-                "new_secret": new_secret,
-                "note": "the current secret and token keep serving; the new secret is retried for token.rotation_retry_window_seconds",
-            }),
-        }
+        let result = self.rotate(target, next).await;
+        *cur = next.clone();
+        Some(result)
     }
 
-    /// Asks the refresher to rotate and waits (bounded) for its answer.
+    /// Asks the refresher to rotate and waits (bounded) for its answer: the attempt's
+    /// outcome, or why and until when it waits.
     async fn rotate(
         &self,
         target: &ReloadTarget,
         next: &config::CredentialSettings,
-    ) -> Result<u64, String> {
+    ) -> RotationResult {
         let credentials = Credentials {
             client_id: next.client_id.clone(),
             secret: next.client_secret.clone(),
@@ -374,15 +475,90 @@ impl Reloader {
         };
         let (reply, answer) = oneshot::channel();
         let command = Command::Rotate { credentials, reply };
+        let stopped = RotationResult::Failed {
+            error: "the refresher stopped".into(),
+            next_attempt: SystemTime::now(),
+            retry_until: SystemTime::now(),
+        };
         if target.refresher.send(command).await.is_err() {
-            return Err("the refresher stopped".into());
+            return stopped;
         }
         match tokio::time::timeout(ROTATION_ANSWER_TIMEOUT, answer).await {
-            Err(_) => Err("no answer from the refresher in time; it keeps trying".into()),
-            Ok(Err(_)) => Err("the refresher stopped".into()),
+            Err(_) => RotationResult::Pending {
+                why: crate::token::refresher::PendingWhy::Backoff,
+                next_attempt: SystemTime::now(),
+                retry_until: SystemTime::now() + ROTATION_ANSWER_TIMEOUT,
+            },
+            Ok(Err(_)) => stopped,
             Ok(Ok(result)) => result,
         }
     }
+}
+
+/// A rotation's state as the reload answer and the audit line show it.
+fn rotation_json(result: &RotationResult, new_secret: &str) -> Value {
+    let at = |t: &SystemTime| humantime::format_rfc3339_seconds(*t).to_string();
+    const KEEPS: &str = "the current secret and token keep serving; the new secret is retried on its own schedule until retry_until";
+    match result {
+        RotationResult::Current => json!({"outcome": "current", "new_secret": new_secret}),
+        RotationResult::Rotated { generation } => {
+            json!({"outcome": "rotated", "generation": generation, "new_secret": new_secret})
+        }
+        RotationResult::Failed {
+            error,
+            next_attempt,
+            retry_until,
+        } => json!({
+            "outcome": "failed",
+            "reason": error,
+            "new_secret": new_secret,
+            "next_attempt_at": at(next_attempt),
+            "retry_until": at(retry_until),
+            "note": KEEPS,
+        }),
+        RotationResult::Pending {
+            why,
+            next_attempt,
+            retry_until,
+        } => json!({
+            "outcome": "pending",
+            "reason": why.as_str(),
+            "new_secret": new_secret,
+            "next_attempt_at": at(next_attempt),
+            "retry_until": at(retry_until),
+            "note": KEEPS,
+        }),
+        RotationResult::Abandoned => json!({
+            "outcome": "failed",
+            "reason": "the retry window closed before the new secret validated",
+            "new_secret": new_secret,
+        }),
+        RotationResult::Superseded => json!({"outcome": "superseded", "new_secret": new_secret}),
+    }
+}
+
+/// SHA-256 over each file's path, mode and bytes, or its read error.
+fn digest_files(files: &[PathBuf]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(f.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        #[cfg(unix)]
+        if let Ok(m) = std::fs::metadata(f) {
+            use std::os::unix::fs::MetadataExt;
+            h.update(m.mode().to_le_bytes());
+        }
+        match crate::files::read_capped(f, crate::files::CONFIG_MAX_BYTES) {
+            Ok(bytes) => {
+                h.update((bytes.len() as u64).to_le_bytes());
+                h.update(&bytes);
+            }
+            Err(e) => h.update(format!("error: {e}")),
+        }
+        h.update([0xff]);
+    }
+    h.finalize().into()
 }
 
 #[cfg(test)]
@@ -399,7 +575,8 @@ mod tests {
                 "partially_applied",
                 "unchanged",
                 "rejected",
-                "rotation_failed"
+                "rotation_failed",
+                "rotation_pending"
             ]
         );
     }

@@ -65,7 +65,7 @@ impl Running {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => {
-                    let report = self.reloader.reload("sighup").await;
+                    let report = self.reloader.reload(crate::reload::Trigger::Sighup).await;
                     tracing::info!(outcome = report.outcome.as_str(), body = %report.body, "SIGHUP reload");
                 }
             }

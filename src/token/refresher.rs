@@ -8,8 +8,11 @@
 //!
 //! Rotation ([`Command::Rotate`]): mint and validate with the new secret *before* anything is
 //! swapped. Success swaps credentials and token atomically and keeps the old token as fallback
-//! for the rotation window; failure keeps everything as it was and retries with backoff for
-//! `token.rotation_retry_window_seconds` (the new secret may not be active at Genesys yet).
+//! for the rotation window; failure keeps everything as it was and retries on the rotation's
+//! own backoff for `token.rotation_retry_window_seconds` (the new secret may not be active at
+//! Genesys yet). A rotation is a pending attempt the schedule places like any other mint:
+//! after the mints that keep a working token, within the per-minute cap; asking again for the
+//! secret already pending adds no attempt.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -22,8 +25,8 @@ use super::minter::Minter;
 pub use super::report::RefreshInfo;
 use super::report::{Reporter, RotationFailure};
 use super::schedule::{
-    self, backoff, refresh_delay, Facts, FailureClass, HeldToken, Reason, RetryWindow, SlotFacts,
-    Step, STAGGER,
+    self, backoff, refresh_delay, rotation_backoff, Facts, FailureClass, HeldToken, Reason,
+    RetryWindow, SlotFacts, Step, STAGGER, STARVING_PACE,
 };
 use super::secret::Secret;
 use super::shared::{Plan, SharedLink};
@@ -38,15 +41,72 @@ pub struct Credentials {
     pub previous: Option<Secret>,
 }
 
+impl Credentials {
+    /// Same client and secret (the fallback secret aside).
+    fn same_secret(&self, other: &Credentials) -> bool {
+        self.client_id == other.client_id && self.secret == other.secret
+    }
+}
+
 /// Requests to the refresher from the reload path.
 pub enum Command {
-    /// Switch to new credentials once a token minted with them validates.
+    /// Switch to new credentials once a token minted with them validates. Asking for the
+    /// credentials in use, or for the ones already pending, sends no token request.
     Rotate {
         credentials: Credentials,
-        reply: oneshot::Sender<Result<u64, String>>,
+        reply: oneshot::Sender<RotationResult>,
     },
     /// Change only the previous (fallback) secret.
     SetPrevious(Option<Secret>),
+}
+
+/// How a rotation request stands when the refresher answers it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RotationResult {
+    /// These credentials are the ones in use: nothing to do.
+    Current,
+    /// The new secret minted and validated a token, now in use.
+    Rotated { generation: u64 },
+    /// The attempt failed: the current secret keeps serving; the next attempt is scheduled.
+    Failed {
+        error: String,
+        next_attempt: SystemTime,
+        retry_until: SystemTime,
+    },
+    /// Not tried yet, for `why`; the attempt is scheduled.
+    Pending {
+        why: PendingWhy,
+        next_attempt: SystemTime,
+        retry_until: SystemTime,
+    },
+    /// The retry window closed before the new secret validated.
+    Abandoned,
+    /// A newer secret replaced this one before it was tried.
+    Superseded,
+}
+
+/// Why a rotation attempt waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingWhy {
+    /// This secret's retry is already scheduled: asking again adds no attempt.
+    AlreadyScheduled,
+    /// `max_token_requests_per_minute` is reached.
+    TokenRequestCap,
+    /// A slot without a usable token is minted with the working secret first.
+    WorkingSecretFirst,
+    /// Its backoff after a failed attempt.
+    Backoff,
+}
+
+impl PendingWhy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PendingWhy::AlreadyScheduled => "already_scheduled",
+            PendingWhy::TokenRequestCap => "token_request_cap",
+            PendingWhy::WorkingSecretFirst => "working_secret_first",
+            PendingWhy::Backoff => "backoff",
+        }
+    }
 }
 
 /// What the refresher shares with the rest of the process.
@@ -56,11 +116,12 @@ pub struct Shared {
     pub report: Reporter,
 }
 
-/// A rotation that failed and is retried until its window closes.
+/// A rotation waiting for its (next) attempt, until its window closes.
 struct PendingRotation {
     credentials: Credentials,
     window: RetryWindow,
-    failures: u32,
+    /// The reload waiting for the first answer about this secret.
+    reply: Option<oneshot::Sender<RotationResult>>,
 }
 
 pub struct Refresher {
@@ -117,20 +178,25 @@ impl Refresher {
     pub async fn run(mut self, mut shutdown: crate::shutdown::Shutdown) {
         while !shutdown.is_set() {
             while let Ok(cmd) = self.commands.try_recv() {
-                self.handle(cmd).await;
+                self.handle(cmd);
             }
             let now = Instant::now();
             if self.notice_rejection(now) {
                 self.check_siblings().await;
             }
-            match schedule::next_step(&self.facts(now)) {
+            let facts = self.facts(now);
+            let step = schedule::next_step(&facts);
+            if let Step::Sleep(_) = step {
+                self.answer_waiting(&facts);
+            }
+            match step {
                 Step::Mint(slot, reason) => self.refresh(slot, reason).await,
                 Step::RetryRotation => self.retry_rotation().await,
                 Step::AbandonRotation => self.abandon_rotation(),
                 Step::Sleep(until) => tokio::select! {
                     _ = tokio::time::sleep_until(until.into()) => {}
                     _ = self.shared.store.woken() => {}
-                    cmd = self.commands.recv() => if let Some(cmd) = cmd { self.handle(cmd).await },
+                    cmd = self.commands.recv() => if let Some(cmd) = cmd { self.handle(cmd) },
                     event = next_shared(&mut self.link) => self.on_shared(event).await,
                     _ = shutdown.wait() => return,
                 },
@@ -156,6 +222,7 @@ impl Refresher {
             backoff_until: self.backoff_until,
             cap_free_at: self.minter.cap_free_at(now),
             stagger_until: self.last_mint.map(|t| t + STAGGER),
+            pace_until: self.last_mint.map(|t| t + STARVING_PACE),
             rotation: self.pending.as_ref().map(|p| p.window),
         }
     }
@@ -292,39 +359,120 @@ impl Refresher {
         self.shared.report.published(&self.shared.store);
     }
 
-    async fn handle(&mut self, cmd: Command) {
+    fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::SetPrevious(previous) => self.credentials.previous = previous,
-            Command::Rotate { credentials, reply } => {
-                let result = if credentials == self.credentials {
-                    self.pending = None;
-                    self.shared.report.rotation_settled();
-                    Ok(self.shared.store.generation())
-                } else {
-                    self.rotate(credentials).await
-                };
-                let _ = reply.send(result);
+            Command::Rotate { credentials, reply } => self.request_rotation(credentials, reply),
+        }
+    }
+
+    /// Takes a rotation request. The credentials in use: any pending rotation is dropped (the
+    /// operator went back). The ones already pending: no new attempt, the answer says when the
+    /// scheduled one is. Others: a new pending rotation, tried when the schedule allows; its
+    /// answer comes from [`Refresher::run`] (tried, or why it waits).
+    fn request_rotation(
+        &mut self,
+        credentials: Credentials,
+        reply: oneshot::Sender<RotationResult>,
+    ) {
+        let now = Instant::now();
+        if credentials.same_secret(&self.credentials) {
+            self.credentials.previous = credentials.previous;
+            if let Some(p) = self.pending.take() {
+                if let Some(reply) = p.reply {
+                    let _ = reply.send(RotationResult::Superseded);
+                }
+                self.shared.report.rotation_settled();
             }
+            let _ = reply.send(RotationResult::Current);
+            return;
+        }
+        if let Some(p) = self
+            .pending
+            .as_mut()
+            .filter(|p| p.credentials.same_secret(&credentials))
+        {
+            p.credentials.previous = credentials.previous;
+            let window = p.window;
+            let next = schedule::rotation_next_attempt(&self.facts(now)).unwrap_or(now);
+            let _ = reply.send(RotationResult::Pending {
+                why: PendingWhy::AlreadyScheduled,
+                next_attempt: wall(next, now),
+                retry_until: wall(window.deadline, now),
+            });
+            return;
+        }
+        if let Some(old) = self.pending.take() {
+            if let Some(reply) = old.reply {
+                let _ = reply.send(RotationResult::Superseded);
+            }
+        }
+        let deadline = now + self.shared.live.load().token.rotation_retry_window;
+        self.pending = Some(PendingRotation {
+            credentials,
+            window: RetryWindow {
+                next_try: now,
+                deadline,
+                failures: 0,
+            },
+            reply: Some(reply),
+        });
+    }
+
+    /// A rotation request still unanswered whose attempt cannot go soon: say why and when.
+    /// An attempt due within [`ANSWER_AFTER`] (the stagger after another mint) is waited for.
+    fn answer_waiting(&mut self, facts: &Facts) {
+        let Some(p) = self.pending.as_mut() else {
+            return;
+        };
+        let next = schedule::rotation_next_attempt(facts).unwrap_or(facts.now);
+        if p.reply.is_some() && next <= facts.now + ANSWER_AFTER {
+            return;
+        }
+        let (now, deadline, failures) = (facts.now, p.window.deadline, p.window.failures);
+        let new_secret = p.credentials.secret.fingerprint();
+        let why = if facts.cap_free_at.is_some() {
+            PendingWhy::TokenRequestCap
+        } else if failures > 0 {
+            PendingWhy::Backoff
+        } else {
+            PendingWhy::WorkingSecretFirst
+        };
+        self.shared
+            .report
+            .rotation_pending(&new_secret, wall(next, now), wall(deadline, now));
+        if let Some(reply) = p.reply.take() {
+            let _ = reply.send(RotationResult::Pending {
+                why,
+                next_attempt: wall(next, now),
+                retry_until: wall(deadline, now),
+            });
         }
     }
 
     async fn retry_rotation(&mut self) {
-        if let Some(credentials) = self.pending.as_ref().map(|p| p.credentials.clone()) {
-            let _ = self.rotate(credentials).await;
+        let Some(p) = self.pending.as_mut() else {
+            return;
+        };
+        let reply = p.reply.take();
+        let credentials = p.credentials.clone();
+        let result = self.rotate(credentials).await;
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
         }
     }
 
     /// One rotation attempt: mint and validate with the new credentials, then swap. The new
     /// token goes to the first pool slot; the other slots move to the new secret at their next
     /// refresh (their tokens stay valid at Genesys when the old secret is removed).
-    async fn rotate(&mut self, new: Credentials) -> Result<u64, String> {
+    async fn rotate(&mut self, new: Credentials) -> RotationResult {
         let started = Instant::now();
         // [cluster]: a replica that rotated first already stored a token for the new secret.
         if let Some(token) = self.adopt_rotated(&new.secret).await {
             let generation = token.generation;
             self.rekey(&new.secret);
             self.rotated(new, token, started);
-            return Ok(generation);
+            return RotationResult::Rotated { generation };
         }
         self.last_mint = Some(started);
         let generation = self.shared.store.generation() + 1;
@@ -338,12 +486,9 @@ impl Refresher {
                 self.rekey(&new.secret);
                 self.share(&token, false).await;
                 self.rotated(new, token, started);
-                Ok(generation)
+                RotationResult::Rotated { generation }
             }
-            Err(e) => {
-                self.rotation_failed(new, &e);
-                Err(e.to_string())
-            }
+            Err(e) => self.rotation_failed(new, &e),
         }
     }
 
@@ -362,22 +507,33 @@ impl Refresher {
         self.accept(token, Reason::Rotation, started);
     }
 
-    /// Keeps everything as it is and schedules a retry within the rotation window (the window
-    /// opens at the first failure of this secret).
-    fn rotation_failed(&mut self, new: Credentials, e: &MintError) {
+    /// Keeps everything as it is and schedules the next attempt on the rotation's own backoff
+    /// (minutes for a refused secret), within its window.
+    fn rotation_failed(&mut self, new: Credentials, e: &MintError) -> RotationResult {
         let now = Instant::now();
+        let live = self.shared.live.load();
         let (deadline, attempt) = match &self.pending {
-            Some(p) if p.credentials.secret == new.secret => (p.window.deadline, p.failures + 1),
-            _ => (now + self.shared.live.load().token.rotation_retry_window, 1),
+            Some(p) if p.credentials.same_secret(&new) => {
+                (p.window.deadline, p.window.failures + 1)
+            }
+            _ => (now + live.token.rotation_retry_window, 1),
         };
-        let delay = self.backoff_after(attempt, e);
+        let delay = rotation_backoff(
+            attempt,
+            failure_class(e),
+            live.token.backoff_initial,
+            live.token.backoff_max,
+            rand::random(),
+        );
         let held = self.shared.store.current();
+        let next_attempt = SystemTime::now() + delay;
+        let retry_until = wall(deadline, now);
         self.shared.report.rotation_failed(RotationFailure {
             new_secret: &new.secret.fingerprint(),
             error: e,
             attempt,
             retry_in: delay,
-            retry_until: SystemTime::now() + deadline.saturating_duration_since(now),
+            retry_until,
             held: held.as_deref(),
         });
         self.pending = Some(PendingRotation {
@@ -385,17 +541,34 @@ impl Refresher {
             window: RetryWindow {
                 next_try: now + delay,
                 deadline,
+                failures: attempt,
             },
-            failures: attempt,
+            reply: None,
         });
+        RotationResult::Failed {
+            error: e.to_string(),
+            next_attempt,
+            retry_until,
+        }
     }
 
     fn abandon_rotation(&mut self) {
         if let Some(p) = self.pending.take() {
             let new_secret = p.credentials.secret.fingerprint();
             self.shared.report.rotation_abandoned(&new_secret);
+            if let Some(reply) = p.reply {
+                let _ = reply.send(RotationResult::Abandoned);
+            }
         }
     }
+}
+
+/// A reload waits for a rotation attempt due this soon instead of being told it is pending.
+const ANSWER_AFTER: Duration = Duration::from_secs(1);
+
+/// The wall-clock time of `at`, read at `now`.
+fn wall(at: Instant, now: Instant) -> SystemTime {
+    SystemTime::now() + at.saturating_duration_since(now)
 }
 
 /// The next message from the cluster task; never resolves without `[cluster]`.

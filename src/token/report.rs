@@ -22,9 +22,18 @@ pub struct RefreshInfo {
     pub refresh_count: u64,
     pub consecutive_failures: u32,
     pub last_error: Option<String>,
-    /// A rotation that failed and is being retried: (new secret fingerprint, retry until).
-    pub pending_rotation: Option<(String, SystemTime)>,
+    /// A rotation waiting for its (next) attempt.
+    pub pending_rotation: Option<PendingRotationView>,
     pub last_rotation_error: Option<String>,
+}
+
+/// A pending rotation, as `/status` shows it.
+#[derive(Debug, Clone)]
+pub struct PendingRotationView {
+    /// The new secret's fingerprint.
+    pub new_secret: String,
+    pub next_attempt: SystemTime,
+    pub retry_until: SystemTime,
 }
 
 /// Where the refresher's outcomes go.
@@ -194,10 +203,25 @@ impl Reporter {
         );
         {
             let mut info = self.info();
-            info.pending_rotation = Some((f.new_secret.to_string(), f.retry_until));
+            info.pending_rotation = Some(PendingRotationView {
+                new_secret: f.new_secret.to_string(),
+                next_attempt: SystemTime::now() + f.retry_in,
+                retry_until: f.retry_until,
+            });
             info.last_rotation_error = Some(f.error.to_string());
         }
-        tracing::warn!(new_secret_fingerprint = %f.new_secret, error = %f.error, attempt = f.attempt, "secret rotation failed; keeping the current secret and retrying");
+        let next_attempt = humantime::format_rfc3339_seconds(SystemTime::now() + f.retry_in);
+        tracing::warn!(new_secret_fingerprint = %f.new_secret, error = %f.error, attempt = f.attempt, retry_in_ms = f.retry_in.as_millis() as u64, %next_attempt, "secret rotation failed; keeping the current secret and retrying");
+    }
+
+    /// A rotation waits for its attempt (the token-request cap, a working token first, or its
+    /// backoff).
+    pub fn rotation_pending(&self, new_secret: &str, next_attempt: SystemTime, until: SystemTime) {
+        self.info().pending_rotation = Some(PendingRotationView {
+            new_secret: new_secret.to_string(),
+            next_attempt,
+            retry_until: until,
+        });
     }
 
     /// The retry window closed without the new secret validating.

@@ -59,6 +59,29 @@ pub fn backoff(
     Duration::from_secs_f64(capped * (0.5 + 0.5 * jitter))
 }
 
+/// A new secret the token endpoint refused (or throttled) is retried no sooner than the harsh
+/// backoff, which grows up to this (whatever `backoff_max_ms` says): a new secret that is not
+/// active yet gets a few quick tries, then one every few minutes, never a stream of refused
+/// requests (the credential-stuffing pattern Genesys throttles).
+pub const ROTATION_REFUSED_MAX: Duration = Duration::from_secs(300);
+
+/// The wait before the next attempt of a rotation whose `attempt`-th try failed. With the
+/// defaults (`backoff_initial_ms = 500`) a refused new secret is tried at most 5 times in its
+/// first minute, twice in the second, then once per 2.5 to 5 minutes.
+pub fn rotation_backoff(
+    attempt: u32,
+    class: FailureClass,
+    initial: Duration,
+    max: Duration,
+    jitter: f64,
+) -> Duration {
+    let max = match class {
+        FailureClass::Harsh => max.max(ROTATION_REFUSED_MAX),
+        FailureClass::Transient => max,
+    };
+    backoff(attempt, class, initial, max, jitter)
+}
+
 /// How long the refresher sleeps when nothing at all is due.
 const IDLE: Duration = Duration::from_secs(3600);
 
@@ -108,11 +131,13 @@ pub struct SlotFacts {
     pub refresh_at: Option<Instant>,
 }
 
-/// A rotation to a new secret that failed and is being retried.
+/// A rotation to a new secret, waiting for its (next) attempt.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryWindow {
     pub next_try: Instant,
     pub deadline: Instant,
+    /// Attempts with this secret that failed so far (0: not tried yet).
+    pub failures: u32,
 }
 
 /// Everything the refresher's next step depends on, read at one instant.
@@ -124,8 +149,10 @@ pub struct Facts {
     pub backoff_until: Option<Instant>,
     /// `Some` while the per-minute cap on token requests is reached: when it frees.
     pub cap_free_at: Option<Instant>,
-    /// The last mint plus [`STAGGER`].
+    /// The last token request plus [`STAGGER`].
     pub stagger_until: Option<Instant>,
+    /// The last token request plus [`STARVING_PACE`].
+    pub pace_until: Option<Instant>,
     pub rotation: Option<RetryWindow>,
 }
 
@@ -141,64 +168,114 @@ pub enum Step {
     Sleep(Instant),
 }
 
-/// Decides the refresher's next step. A slot gets a token when it has none, when a request
-/// reported its token refused, when it expired, or when its proactive refresh is due (the
-/// urgent reasons first); never during a backoff, past the per-minute cap, or sooner than
-/// [`STAGGER`] after the previous mint. A pending rotation is retried at its time.
+/// While no usable token is held, mints may go past `max_token_requests_per_minute`, but no
+/// more often than this (and still after any backoff): the cap exists to keep bursts from
+/// tripping Genesys's throttle, not to leave the proxy without a token.
+pub const STARVING_PACE: Duration = Duration::from_secs(1);
+
+/// Decides the refresher's next step, in this order:
+///
+/// 1. a slot with no usable token (none yet, refused by the API, expired), with the secret in
+///    use: the proxy must keep a working token before it tries anything new;
+/// 2. a pending rotation's attempt, at its own time (its schedule alone decides; re-reading an
+///    unchanged file never adds an attempt), before a proactive refresh when it was never
+///    tried (its token replaces the one due), after it once it has failed;
+/// 3. a proactive refresh.
+///
+/// Every mint waits for its backoff and [`STAGGER`] after the previous token request. Every
+/// token request, rotation attempts included, counts against the per-minute cap, and rotation
+/// attempts and proactive refreshes wait for it; only while *no* slot holds a usable token may
+/// an urgent mint go past the cap, at most once per [`STARVING_PACE`].
 pub fn next_step(f: &Facts) -> Step {
-    if let Some(r) = f.rotation {
-        if f.now >= r.deadline {
-            return Step::AbandonRotation;
-        }
-        if f.now >= r.next_try && f.cap_free_at.is_none() {
-            return Step::RetryRotation;
+    let rotation = f.rotation;
+    if rotation.is_some_and(|r| f.now >= r.deadline) {
+        return Step::AbandonRotation;
+    }
+    let starving = !f.slots.iter().any(|s| usable(s, f.now));
+    let due = due_slot(f);
+    let urgent = due.filter(|(_, r)| *r != Reason::Proactive);
+    let proactive = due.filter(|(_, r)| *r == Reason::Proactive);
+    let future = |t: Option<Instant>| t.filter(|t| f.now < *t);
+    let backoff = future(f.backoff_until);
+    let stagger = future(f.stagger_until);
+    // The instant each kind of step may go (None: now).
+    let urgent_gate = if starving {
+        [backoff, stagger, future(f.pace_until)]
+    } else {
+        [backoff, stagger, f.cap_free_at]
+    };
+    let normal_gate = [backoff, stagger, f.cap_free_at];
+    let rotation_gate = [stagger, f.cap_free_at, None];
+    let gate = |g: [Option<Instant>; 3]| g.into_iter().flatten().max();
+
+    let mut candidates: Vec<(Step, Option<Instant>)> = Vec::with_capacity(3);
+    if let Some((slot, reason)) = urgent {
+        candidates.push((Step::Mint(slot, reason), gate(urgent_gate)));
+    }
+    let retry = rotation.filter(|r| f.now >= r.next_try);
+    let retry = retry.map(|_| (Step::RetryRotation, gate(rotation_gate)));
+    let refresh = proactive.map(|(slot, r)| (Step::Mint(slot, r), gate(normal_gate)));
+    if rotation.is_some_and(|r| r.failures == 0) {
+        candidates.extend(retry.into_iter().chain(refresh));
+    } else {
+        candidates.extend(refresh.into_iter().chain(retry));
+    }
+    let mut wake: Vec<Instant> = Vec::new();
+    for (step, held_until) in candidates {
+        match held_until {
+            None => return step,
+            Some(t) => wake.push(t),
         }
     }
-    let held_back = [
-        f.backoff_until.filter(|t| f.now < *t),
-        f.cap_free_at,
-        f.stagger_until.filter(|t| f.now < *t),
-    ]
-    .into_iter()
-    .flatten()
-    .max();
-    let wake = match due_slot(f) {
-        Some((slot, reason)) => match held_back {
-            Some(until) => Some(until),
-            None => return Step::Mint(slot, reason),
-        },
-        None => f.slots.iter().filter_map(|s| s.refresh_at).min(),
-    };
-    let rotation_wake = f.rotation.map(|r| {
-        // A due retry held back by the cap waits for the cap, not for its (past) time.
-        let next = match f.cap_free_at {
-            Some(free) if f.now >= r.next_try => free,
-            _ => r.next_try,
-        };
-        next.min(r.deadline)
-    });
+    // Nothing may go now: sleep until the earliest thing that could change that.
+    wake.extend(f.slots.iter().filter_map(|s| s.refresh_at));
+    wake.extend(f.slots.iter().filter_map(|s| s.token.map(|t| t.expires_at)));
+    if let Some(r) = rotation {
+        wake.push(r.deadline);
+        if f.now < r.next_try {
+            wake.push(r.next_try);
+        }
+    }
     Step::Sleep(
-        [wake, rotation_wake]
-            .into_iter()
-            .flatten()
+        wake.into_iter()
+            .filter(|t| *t > f.now)
             .min()
             .unwrap_or(f.now + IDLE),
     )
 }
 
+/// When a pending rotation's next attempt can go: its own time, held back by the cap and
+/// the stagger (for `/status` and the reload's answer).
+pub fn rotation_next_attempt(f: &Facts) -> Option<Instant> {
+    let r = f.rotation?;
+    let stagger = f.stagger_until.filter(|t| f.now < *t);
+    [Some(r.next_try.max(f.now)), stagger, f.cap_free_at]
+        .into_iter()
+        .flatten()
+        .max()
+        .map(|t| t.min(r.deadline))
+}
+
+/// A token requests may be sent with: present, not refused, not expired.
+fn usable(s: &SlotFacts, now: Instant) -> bool {
+    s.token
+        .is_some_and(|t| s.rejected_generation < t.generation && now < t.expires_at)
+}
+
 /// The slot most in need of a token: urgent reasons (none, refused, expired) before a
 /// proactive refresh, lower slots first.
 fn due_slot(f: &Facts) -> Option<(usize, Reason)> {
-    let due: Vec<(usize, Reason)> = f
-        .slots
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| mint_reason(s, f.now).map(|r| (i, r)))
-        .collect();
-    due.iter()
-        .find(|(_, r)| *r != Reason::Proactive)
-        .or(due.first())
-        .copied()
+    let mut first = None;
+    for (i, s) in f.slots.iter().enumerate() {
+        match mint_reason(s, f.now) {
+            Some(Reason::Proactive) => {
+                first.get_or_insert((i, Reason::Proactive));
+            }
+            Some(r) => return Some((i, r)),
+            None => {}
+        }
+    }
+    first
 }
 
 fn mint_reason(s: &SlotFacts, now: Instant) -> Option<Reason> {

@@ -89,6 +89,7 @@ fn facts(now: Instant) -> Facts {
         backoff_until: None,
         cap_free_at: None,
         stagger_until: None,
+        pace_until: None,
         rotation: None,
     }
 }
@@ -162,8 +163,9 @@ fn backoff_cap_and_stagger_hold_a_due_mint_back() {
         ..facts(now)
     };
     assert_eq!(next_step(&backing_off), Step::Sleep(later));
+    // The cap holds back a slot's first mint while another slot serves.
     let capped = Facts {
-        slots: empty.clone(),
+        slots: vec![SlotFacts::default(), slot(now)],
         cap_free_at: Some(later),
         ..facts(now)
     };
@@ -219,7 +221,13 @@ fn a_pool_serves_urgent_slots_before_proactive_ones_one_at_a_time() {
 fn rotation_retries_at_its_time_within_its_window() {
     let now = Instant::now();
     let s = Duration::from_secs(1);
-    let window = |next_try, deadline| Some(RetryWindow { next_try, deadline });
+    let window = |next_try, deadline| {
+        Some(RetryWindow {
+            next_try,
+            deadline,
+            failures: 0,
+        })
+    };
     let f = Facts {
         rotation: window(now, now + s),
         ..facts(now)
@@ -242,4 +250,146 @@ fn rotation_retries_at_its_time_within_its_window() {
         ..facts(now)
     };
     assert_eq!(next_step(&f), Step::Sleep(now + 2 * s));
+}
+
+fn refused(now: Instant) -> SlotFacts {
+    SlotFacts {
+        rejected_generation: 3,
+        ..slot(now)
+    }
+}
+
+fn pending(next_try: Instant, deadline: Instant, failures: u32) -> Option<RetryWindow> {
+    Some(RetryWindow {
+        next_try,
+        deadline,
+        failures,
+    })
+}
+
+// Regression (issue 21): with the cap spent by legitimate mints, a revoke left the proxy
+// without a token for the rest of the minute while requests timed out.
+#[test]
+fn without_a_usable_token_a_mint_goes_past_the_cap_at_a_bounded_pace() {
+    let now = Instant::now();
+    let s = Duration::from_secs(1);
+    let capped = Facts {
+        slots: vec![refused(now)],
+        cap_free_at: Some(now + 40 * s),
+        ..facts(now)
+    };
+    assert_eq!(next_step(&capped), Step::Mint(0, Reason::Rejected));
+    // ... but no more than once per STARVING_PACE, and never inside a backoff.
+    let paced = Facts {
+        pace_until: Some(now + s / 2),
+        ..capped.clone()
+    };
+    assert_eq!(next_step(&paced), Step::Sleep(now + s / 2));
+    let backing_off = Facts {
+        backoff_until: Some(now + 4 * s),
+        ..capped.clone()
+    };
+    assert_eq!(next_step(&backing_off), Step::Sleep(now + 4 * s));
+    // With another slot still usable, the refused one waits for the cap.
+    let pool = Facts {
+        slots: vec![refused(now), slot(now)],
+        ..capped.clone()
+    };
+    assert_eq!(next_step(&pool), Step::Sleep(now + 40 * s));
+    // A proactive refresh never goes past the cap.
+    let proactive = Facts {
+        slots: vec![SlotFacts {
+            refresh_at: Some(now),
+            ..slot(now)
+        }],
+        ..capped
+    };
+    assert_eq!(next_step(&proactive), Step::Sleep(now + 40 * s));
+}
+
+// Regression (issue 21): a pending wrong secret was tried while the working one minted
+// nothing, and the proxy ran out of tokens.
+#[test]
+fn the_working_secret_mints_before_a_pending_rotation_is_tried() {
+    let now = Instant::now();
+    let s = Duration::from_secs(1);
+    for failures in [0, 3] {
+        let f = Facts {
+            slots: vec![refused(now)],
+            rotation: pending(now, now + 300 * s, failures),
+            ..facts(now)
+        };
+        assert_eq!(next_step(&f), Step::Mint(0, Reason::Rejected), "{failures}");
+    }
+    // Urgent slot in its backoff (the working secret fails too): the rotation may go.
+    let f = Facts {
+        slots: vec![refused(now)],
+        backoff_until: Some(now + 5 * s),
+        rotation: pending(now, now + 300 * s, 1),
+        ..facts(now)
+    };
+    assert_eq!(next_step(&f), Step::RetryRotation);
+    // Starving and capped: the urgent mint goes, the rotation waits for the cap.
+    let f = Facts {
+        slots: vec![refused(now)],
+        cap_free_at: Some(now + 30 * s),
+        pace_until: Some(now + s),
+        rotation: pending(now, now + 300 * s, 1),
+        ..facts(now)
+    };
+    assert_eq!(next_step(&f), Step::Sleep(now + s));
+    assert_eq!(rotation_next_attempt(&f), Some(now + 30 * s));
+}
+
+#[test]
+fn a_fresh_rotation_replaces_a_due_refresh_and_a_failed_one_waits_behind_it() {
+    let now = Instant::now();
+    let due = SlotFacts {
+        refresh_at: Some(now),
+        ..slot(now)
+    };
+    let fresh = Facts {
+        slots: vec![due],
+        rotation: pending(now, now + Duration::from_secs(300), 0),
+        ..facts(now)
+    };
+    assert_eq!(next_step(&fresh), Step::RetryRotation);
+    let failed = Facts {
+        rotation: pending(now, now + Duration::from_secs(300), 2),
+        ..fresh
+    };
+    assert_eq!(next_step(&failed), Step::Mint(0, Reason::Proactive));
+}
+
+// The bound stated in the README: with the default backoff_initial_ms, a refused new secret
+// is sent at most 5 times in any minute, and at most twice a minute after its first two
+// minutes.
+#[test]
+fn a_refused_new_secret_is_tried_a_handful_of_times_a_minute_at_most() {
+    let init = Duration::from_millis(500);
+    let max = Duration::from_secs(60);
+    for j in JITTERS {
+        let mut at = vec![0.0f64];
+        for attempt in 1..40 {
+            let d = rotation_backoff(attempt, FailureClass::Harsh, init, max, j);
+            assert!(d <= ROTATION_REFUSED_MAX, "{d:?}");
+            at.push(at.last().unwrap() + d.as_secs_f64());
+        }
+        for (i, start) in at.iter().enumerate() {
+            let in_minute = at[i..].iter().take_while(|t| **t < start + 60.0).count();
+            assert!(
+                in_minute <= 5,
+                "jitter {j}: {in_minute} attempts from {start}s"
+            );
+            if *start >= 120.0 {
+                assert!(in_minute <= 2, "jitter {j}: {in_minute} from {start}s");
+            }
+        }
+        assert!(*at.last().unwrap() > 3600.0, "backs off to minutes");
+    }
+    // A transient failure (network, 5xx) of a new secret keeps the normal backoff.
+    assert_eq!(
+        rotation_backoff(40, FailureClass::Transient, init, max, 1.0),
+        max
+    );
 }

@@ -103,7 +103,7 @@ impl SecretSource {
         let mode = std::fs::metadata(path).ok()?.permissions().mode();
         (mode & 0o077 != 0).then(|| {
             format!(
-                "secret file {} is readable by group or others (mode {:o}); chmod 600 it",
+                "secret file {} is readable by group or others (mode {:o}); chmod 600 it (on Kubernetes: defaultMode: 0400 on the secret volume)",
                 path.display(),
                 mode & 0o777
             )

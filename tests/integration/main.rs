@@ -16,6 +16,7 @@ mod proxy;
 mod replay;
 mod rotation;
 mod rotation_load;
+mod settle;
 mod sim;
 mod tls;
 mod upstream_pool;
