@@ -137,6 +137,7 @@ fn health(
     if !usable {
         "unhealthy"
     } else if info.consecutive_failures > 0
+        || info.refresher_panics > 0
         || info.pending_rotation.is_some()
         || anomalies
         || audit.failures() > 0
@@ -215,6 +216,9 @@ fn credential_status(state: &CredentialView, audit: &AuditLog, now: Instant) -> 
             "generation": t.generation,
             "fingerprint": t.fingerprint,
             "source": t.source.as_str(),
+            "lifetime_seconds": t.lifetime.as_secs(),
+            // The issuer's longer lifetime, cut to token.max_lifetime_seconds.
+            "lifetime_clamped_from_seconds": t.clamped_from.map(|d| d.as_secs()),
         })
     });
     let m = &state.metrics;
@@ -233,6 +237,8 @@ fn credential_status(state: &CredentialView, audit: &AuditLog, now: Instant) -> 
         "last_refresh": info.last_refresh.map(rfc3339),
         "refresh_count": info.refresh_count,
         "consecutive_refresh_failures": info.consecutive_failures,
+        "refresher_panics": info.refresher_panics,
+        "last_refresher_panic": info.last_refresher_panic,
         "last_refresh_error": info.last_error,
         "anomaly": {
             "state": if anomaly.active.is_empty() { "clear" } else { "raised" },

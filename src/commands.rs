@@ -164,8 +164,12 @@ async fn live_check(c: &config::Config) -> Result<(String, std::time::Duration),
     match (&c.restart.token.jwks, c.live.token.validation) {
         (Some(settings), _) => {
             let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-            let jwks =
-                crate::token::jwks::Jwks::new(settings.clone(), endpoint.http_client(), metrics);
+            let jwks = crate::token::jwks::Jwks::new(
+                settings.clone(),
+                endpoint.http_client(),
+                endpoint.max_response_bytes(),
+                metrics,
+            );
             exp = Some(jwks.verify(minted.access_token.expose()).await?);
         }
         (None, config::Validation::TokensMe) => endpoint
@@ -174,6 +178,7 @@ async fn live_check(c: &config::Config) -> Result<(String, std::time::Duration),
             .map_err(|e| e.to_string())?,
         (None, _) => {}
     }
-    let lifetime = crate::token::minter::lifetime(&minted, exp).map_err(|e| e.to_string())?;
+    let lifetime = crate::token::minter::lifetime(&minted, exp, c.live.token.max_lifetime)
+        .map_err(|e| e.to_string())?;
     Ok((minted.access_token.fingerprint(), lifetime))
 }

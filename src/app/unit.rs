@@ -97,6 +97,7 @@ impl Unit {
             Arc::new(crate::token::jwks::Jwks::new(
                 settings.clone(),
                 client,
+                endpoint.max_response_bytes(),
                 metrics.clone(),
             ))
         });

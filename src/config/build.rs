@@ -299,6 +299,15 @@ fn token(b: &Builder, t: TokenSection, issuer: IssuerKind) -> Built<(TokenRestar
     let http = TokenRestart {
         request_timeout: b.ms(t.request_timeout_ms, 10_000, "token.request_timeout_ms")?,
         connect_timeout: b.ms(t.connect_timeout_ms, 3_000, "token.connect_timeout_ms")?,
+        max_response_bytes: match t.max_response_bytes.unwrap_or(1024 * 1024) {
+            n @ 1024..=67_108_864 => n as usize,
+            _ => {
+                return Err(b.err(
+                    "token.max_response_bytes",
+                    "must be between 1024 and 67108864 (64 MiB)",
+                ))
+            }
+        },
         pool_size: match t.pool_size.unwrap_or(1) {
             n @ 1..=50 => n,
             _ => return Err(b.err("token.pool_size", "must be between 1 and 50")),
@@ -312,6 +321,15 @@ fn token(b: &Builder, t: TokenSection, issuer: IssuerKind) -> Built<(TokenRestar
         backoff_initial,
         backoff_max,
         rotation_retry_window: Duration::from_secs(t.rotation_retry_window_seconds.unwrap_or(600)),
+        max_lifetime: match t.max_lifetime_seconds.unwrap_or(172_800) {
+            n @ 60..=31_536_000 => Duration::from_secs(n),
+            _ => {
+                return Err(b.err(
+                    "token.max_lifetime_seconds",
+                    "must be between 60 and 31536000 (a year); Genesys's own maximum is 172800",
+                ))
+            }
+        },
     };
     Ok((http, live))
 }

@@ -222,6 +222,8 @@ keyed_struct! {
     pub struct TokenRestart {
         pub request_timeout: Duration => "token.request_timeout_ms",
         pub connect_timeout: Duration => "token.connect_timeout_ms",
+        /// The largest answer read from the token endpoint, discovery or the JWKS.
+        pub max_response_bytes: usize => "token.max_response_bytes",
         /// Tokens held at once (each has its own rate-limit budget at Genesys).
         pub pool_size: usize => "token.pool_size",
         /// With `validation = "jwks"`: where the keys are and what the tokens must say.
@@ -239,6 +241,8 @@ keyed_struct! {
         pub backoff_max: Duration => "token.backoff_max_ms",
         /// How long a failed rotation to a new secret keeps being retried.
         pub rotation_retry_window: Duration => "token.rotation_retry_window_seconds",
+        /// A longer lifetime from the issuer (`expires_in`, a JWT's `exp`) is cut to this.
+        pub max_lifetime: Duration => "token.max_lifetime_seconds",
     }
 }
 

@@ -54,6 +54,14 @@ pub enum Hostile {
     WrongAudience,
     /// No `exp` claim at all.
     NoExp,
+    /// No `iss` claim.
+    NoIssuer,
+    /// No `aud` claim.
+    NoAudience,
+    /// `exp` in the year 5138.
+    FarExp,
+    /// `exp` past the year 9999 (a millisecond timestamp read as seconds, times 1000).
+    ExpPastYear9999,
 }
 
 /// The simulator's signing keys; empty unless the JWT mode is on.
@@ -203,16 +211,33 @@ fn hostile_token(
             }
             encode(&header, claims, &forger.encoding)
         }
-        Hostile::Expired | Hostile::WrongIssuer | Hostile::WrongAudience | Hostile::NoExp => {
+        _ => {
+            let fields = claims.as_object_mut()?;
             match kind {
                 Hostile::Expired => {
-                    claims["iat"] = json!(now - 7200);
-                    claims["exp"] = json!(now - 3600);
+                    fields.insert("iat".into(), json!(now - 7200));
+                    fields.insert("exp".into(), json!(now - 3600));
                 }
-                Hostile::WrongIssuer => claims["iss"] = json!("https://attacker.example"),
-                Hostile::WrongAudience => claims["aud"] = json!("https://another-api.example"),
+                Hostile::WrongIssuer => {
+                    fields.insert("iss".into(), json!("https://attacker.example"));
+                }
+                Hostile::WrongAudience => {
+                    fields.insert("aud".into(), json!("https://another-api.example"));
+                }
+                Hostile::NoExp => {
+                    fields.remove("exp");
+                }
+                Hostile::NoIssuer => {
+                    fields.remove("iss");
+                }
+                Hostile::NoAudience => {
+                    fields.remove("aud");
+                }
+                Hostile::FarExp => {
+                    fields.insert("exp".into(), json!(99_999_999_999u64));
+                }
                 _ => {
-                    claims.as_object_mut()?.remove("exp");
+                    fields.insert("exp".into(), json!(now.saturating_mul(1_000_000)));
                 }
             }
             encode(&header, claims, &key.encoding)

@@ -39,6 +39,9 @@ pub async fn token(
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
     if let Some(fault) = state.next_fault() {
+        if fault == FaultKind::FarExpiry {
+            return far_expiry(&state, &headers, &body).await;
+        }
         return fault_response(&state, fault).await;
     }
     let (outcome, response) = grant(&state, &headers, &body);
@@ -78,10 +81,16 @@ fn grant(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Answer {
     let lifetime = state
         .token_lifetime_seconds
         .load(std::sync::atomic::Ordering::Relaxed);
+    // A JWT whose exp is the point of the test comes without expires_in.
+    let mut exp_only = false;
     let token = match state.config.token_format {
         TokenFormat::Opaque => super::random_token(),
         TokenFormat::Jwt => match state.keys.sign(&client_id, lifetime) {
-            Some((t, _hostile)) => t,
+            Some((t, hostile)) => {
+                use super::jwt::Hostile;
+                exp_only = matches!(hostile, Some(Hostile::FarExp | Hostile::ExpPastYear9999));
+                t
+            }
             None => {
                 let error = oauth_error(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -93,11 +102,14 @@ fn grant(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Answer {
         },
     };
     let lifetime = state.store_token(&token, &client_id, Instant::now());
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "access_token": token,
         "token_type": "bearer",
         "expires_in": lifetime,
     });
+    if exp_only {
+        body.as_object_mut().map(|b| b.remove("expires_in"));
+    }
     let answer = (StatusCode::OK, no_store(), Json(body)).into_response();
     ("success", answer)
 }
@@ -184,6 +196,23 @@ fn client_credentials_request(
     }
 }
 
+/// A real grant whose answer claims a lifetime no issuer gives (the token itself lives as
+/// configured).
+async fn far_expiry(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Response {
+    let (outcome, response) = grant(state, headers, body);
+    state.count_token_outcome(outcome);
+    if outcome != "success" {
+        return response;
+    }
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap_or_default();
+    let mut answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    // serde_json writes 1e300 as a plain (finite) number.
+    answer["expires_in"] = serde_json::json!(1e300);
+    (StatusCode::OK, no_store(), Json(answer)).into_response()
+}
+
 async fn fault_response(state: &SimState, fault: FaultKind) -> Response {
     let (outcome, response) = match fault {
         FaultKind::Status500 => (
@@ -209,6 +238,15 @@ async fn fault_response(state: &SimState, fault: FaultKind) -> Response {
         ),
         FaultKind::RateLimit => ("rate_limited", rate_limited()),
         FaultKind::InvalidClient => ("invalid_client", invalid_client()),
+        FaultKind::HugeBody => {
+            let chunks = (0..64).map(|_| {
+                Ok::<_, std::convert::Infallible>(bytes::Bytes::from(vec![b' '; 1 << 20]))
+            });
+            let body = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+            ("huge_body", (StatusCode::OK, body).into_response())
+        }
+        // Answered by `far_expiry` before faults are read.
+        FaultKind::FarExpiry => ("far_expiry", StatusCode::OK.into_response()),
         FaultKind::Timeout => {
             state.count_token_outcome("timeout");
             tokio::time::sleep(HANG).await;

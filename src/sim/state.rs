@@ -32,6 +32,11 @@ pub enum FaultKind {
     RateLimit,
     /// 401 `invalid_client`, as if the credentials were wrong.
     InvalidClient,
+    /// HTTP 200 with 64 MiB of white space, chunked (no `Content-Length`): a client that
+    /// reads answers whole runs out of memory.
+    HugeBody,
+    /// A good token whose answer says `expires_in: 1e300`.
+    FarExpiry,
 }
 
 /// One issued access token.

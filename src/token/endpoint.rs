@@ -79,6 +79,26 @@ pub struct TokenEndpoint {
     grant: Grant,
     /// Genesys only: `GET /api/v2/tokens/me?preserveIdleTTL=true`.
     tokens_me_url: Option<Url>,
+    /// `token.max_response_bytes`: the largest answer read.
+    max_response: usize,
+}
+
+/// Reads an answer's body, streamed, refusing it once it passes `cap` bytes: a hostile or
+/// broken issuer cannot make the proxy hold more than `cap` (a 3 GB token answer once grew
+/// the process until the kernel killed it).
+pub async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Vec<u8>, String> {
+    let too_large = || format!("the answer is larger than token.max_response_bytes ({cap} bytes)");
+    if response.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| describe(&e))? {
+        if body.len() + chunk.len() > cap {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 #[derive(Deserialize)]
@@ -101,6 +121,7 @@ impl TokenEndpoint {
         upstream: &UpstreamSettings,
         connect_timeout: Duration,
         request_timeout: Duration,
+        max_response: usize,
     ) -> Result<Self, String> {
         let api_base = upstream.api.base_url();
         let tokens_me_url = match upstream.grant.issuer {
@@ -131,13 +152,25 @@ impl TokenEndpoint {
             token_url: upstream.token_url.clone(),
             grant: upstream.grant.clone(),
             tokens_me_url,
+            max_response,
         })
     }
 
     /// The endpoint a validated config describes (token URL, API base, timeouts, `ca_file`).
     pub fn for_config(config: &crate::config::Config) -> Result<Self, String> {
         let r = &config.restart;
-        Self::new(&r.genesys, r.token.connect_timeout, r.token.request_timeout)
+        let t = &r.token;
+        Self::new(
+            &r.genesys,
+            t.connect_timeout,
+            t.request_timeout,
+            t.max_response_bytes,
+        )
+    }
+
+    /// `token.max_response_bytes`, for the JWKS and discovery fetches.
+    pub fn max_response_bytes(&self) -> usize {
+        self.max_response
     }
 
     /// The HTTP client (timeouts, `ca_file`), shared with the JWKS fetches.
@@ -174,10 +207,9 @@ impl TokenEndpoint {
             .await
             .map_err(|e| MintError::Network(describe(&e)))?;
         let status = response.status();
-        let body = response
-            .bytes()
+        let body = read_capped(response, self.max_response)
             .await
-            .map_err(|e| MintError::Network(describe(&e)))?;
+            .map_err(MintError::InvalidResponse)?;
         classify(status, &body)
     }
 
@@ -271,7 +303,9 @@ pub fn classify(status: StatusCode, body: &[u8]) -> Result<Minted, MintError> {
         }
         return Ok(Minted {
             access_token: Secret::new(token),
-            expires_in: expires_in.map(|e| Duration::from_secs_f64(e.min(10.0 * 86_400.0))),
+            // Cut far below f64's range so the Duration is sound; the minter then cuts it to
+            // token.max_lifetime_seconds and says so.
+            expires_in: expires_in.map(|e| Duration::from_secs_f64(e.min(366.0 * 86_400.0))),
         });
     }
     let oauth: Option<OAuthError> = serde_json::from_slice(body).ok();

@@ -19,8 +19,12 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use reqwest::Url;
 
+use super::endpoint::read_capped;
 use crate::metrics::Metrics;
 use crate::sync::lock;
+
+/// 9999-12-31T23:59:59Z: a later `exp` is read as this.
+const LATEST_EXP: u64 = 253_402_300_799;
 
 /// An unknown `kid` refetches the JWKS at most this often.
 const REFETCH_EVERY: Duration = Duration::from_secs(30);
@@ -61,6 +65,8 @@ struct Cached {
 pub struct Jwks {
     settings: JwksSettings,
     client: reqwest::Client,
+    /// `token.max_response_bytes`.
+    max_response: usize,
     metrics: std::sync::Arc<Metrics>,
     cached: Mutex<Option<Cached>>,
     /// The last refetch for an unknown `kid`.
@@ -73,11 +79,13 @@ impl Jwks {
     pub fn new(
         settings: JwksSettings,
         client: reqwest::Client,
+        max_response: usize,
         metrics: std::sync::Arc<Metrics>,
     ) -> Self {
         Jwks {
             settings,
             client,
+            max_response,
             metrics,
             cached: Mutex::new(None),
             last_fetch: Mutex::new(None),
@@ -111,7 +119,11 @@ impl Jwks {
             .map_err(|e| format!("refused: {e}"))?
             .claims;
         let exp = claims["exp"].as_u64().ok_or("no numeric exp")?;
-        Ok(UNIX_EPOCH + Duration::from_secs(exp))
+        // Far-future values are taken as the latest time the clock can hold; the minter cuts
+        // the lifetime to token.max_lifetime_seconds (an exp past year 9999 once panicked).
+        Ok(UNIX_EPOCH
+            .checked_add(Duration::from_secs(exp.min(LATEST_EXP)))
+            .unwrap_or(UNIX_EPOCH))
     }
 
     fn validation(&self, alg: Algorithm) -> jsonwebtoken::Validation {
@@ -120,7 +132,15 @@ impl Jwks {
         v.algorithms = vec![alg];
         v.leeway = s.leeway.as_secs();
         v.validate_nbf = true;
-        v.set_required_spec_claims(&["exp"]);
+        // A configured claim must be present, not only right when present.
+        let mut required = vec!["exp"];
+        if s.issuer.is_some() {
+            required.push("iss");
+        }
+        if s.audience.is_some() {
+            required.push("aud");
+        }
+        v.set_required_spec_claims(&required);
         if let Some(iss) = &s.issuer {
             v.set_issuer(&[iss]);
         }
@@ -178,9 +198,10 @@ impl Jwks {
                     response.status().as_u16()
                 ));
             }
-            response
-                .json::<JwkSet>()
+            let body = read_capped(response, self.max_response)
                 .await
+                .map_err(|e| format!("the JWKS: {e}"))?;
+            serde_json::from_slice::<JwkSet>(&body)
                 .map_err(|e| format!("the JWKS is not a JWK set: {e}"))
         }
         .await;
@@ -224,9 +245,10 @@ impl Jwks {
                 response.status().as_u16()
             ));
         }
-        let doc: serde_json::Value = response
-            .json()
+        let body = read_capped(response, self.max_response)
             .await
+            .map_err(|e| format!("{doc_url}: {e}"))?;
+        let doc: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| format!("{doc_url} is not a JSON document: {e}"))?;
         // OpenID Connect Discovery 1.0 §4.3: the document must name the issuer it was asked for.
         let named = doc["issuer"].as_str().unwrap_or_default();

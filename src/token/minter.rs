@@ -91,15 +91,26 @@ impl Minter {
             .inc();
         let minted = result?;
         let exp = self.validate(&minted).await?;
-        let lifetime = lifetime(&minted, exp)?;
-        Token::from_secret(
+        let max = self.live.load().token.max_lifetime;
+        let issued = lifetime(&minted, exp, Duration::MAX)?;
+        let mut token = Token::from_secret(
             &minted.access_token,
-            lifetime,
+            issued.min(max),
             generation,
             slot,
             started,
             source,
-        )
+        )?;
+        if issued > max {
+            token.clamped_from = Some(issued);
+            tracing::warn!(
+                issued_seconds = issued.as_secs(),
+                max_seconds = max.as_secs(),
+                fingerprint = %token.fingerprint,
+                "the issuer's token lifetime is longer than token.max_lifetime_seconds; refreshing as if it were that"
+            );
+        }
+        Ok(token)
     }
 
     /// Asks Genesys whether a held token is still accepted (one API call, no token request).
@@ -153,13 +164,20 @@ impl Minter {
     }
 }
 
-/// How long a token lives: the earlier of `expires_in` and a verified JWT's `exp`.
-pub fn lifetime(minted: &Minted, exp: Option<SystemTime>) -> Result<Duration, MintError> {
+/// How long a token lives: the earlier of `expires_in` and a verified JWT's `exp`, at most
+/// `max` (`token.max_lifetime_seconds`: an issuer's `expires_in = 1e300` or an `exp` in the
+/// year 5138 would otherwise never be refreshed proactively).
+pub fn lifetime(
+    minted: &Minted,
+    exp: Option<SystemTime>,
+    max: Duration,
+) -> Result<Duration, MintError> {
     let left = exp.map(|exp| exp.duration_since(SystemTime::now()).unwrap_or_default());
-    match (minted.expires_in, left) {
-        (Some(a), Some(b)) => Ok(a.min(b)),
+    let life = match (minted.expires_in, left) {
+        (Some(a), Some(b)) => a.min(b),
         (a, b) => a
             .or(b)
-            .ok_or_else(|| MintError::InvalidResponse("no expires_in and no exp".into())),
-    }
+            .ok_or_else(|| MintError::InvalidResponse("no expires_in and no exp".into()))?,
+    };
+    Ok(life.min(max))
 }

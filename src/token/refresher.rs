@@ -174,8 +174,35 @@ impl Refresher {
         }
     }
 
-    /// Runs until `shutdown` turns true.
+    /// Runs until `shutdown` turns true. A panic (a bug: no input should cause one) does not
+    /// end the refresher for good, leaving the proxy without tokens until a restart: it is
+    /// logged, audited and shown in `/status`, and the loop resumes after a backoff (its
+    /// state is plain data, valid between steps).
     pub async fn run(mut self, mut shutdown: crate::shutdown::Shutdown) {
+        use futures_util::FutureExt;
+        let mut panics = 0u32;
+        loop {
+            let served = std::panic::AssertUnwindSafe(self.serve(&mut shutdown))
+                .catch_unwind()
+                .await;
+            let Err(panic) = served else { return };
+            panics = panics.saturating_add(1);
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            let what: String = what.chars().take(200).collect();
+            self.shared.report.refresher_panicked(panics, &what);
+            let pause = Duration::from_secs(1u64 << panics.min(6));
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.wait() => return,
+            }
+        }
+    }
+
+    async fn serve(&mut self, shutdown: &mut crate::shutdown::Shutdown) {
         while !shutdown.is_set() {
             while let Ok(cmd) = self.commands.try_recv() {
                 self.handle(cmd);

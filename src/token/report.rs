@@ -25,6 +25,9 @@ pub struct RefreshInfo {
     /// A rotation waiting for its (next) attempt.
     pub pending_rotation: Option<PendingRotationView>,
     pub last_rotation_error: Option<String>,
+    /// Times the refresher's loop panicked and was resumed, and the last panic's message.
+    pub refresher_panics: u32,
+    pub last_refresher_panic: Option<String>,
 }
 
 /// A pending rotation, as `/status` shows it.
@@ -232,6 +235,21 @@ impl Reporter {
             None,
         );
         self.info().pending_rotation = None;
+    }
+
+    /// The refresher's loop panicked; it resumes after a pause.
+    pub fn refresher_panicked(&self, panics: u32, what: &str) {
+        {
+            let mut info = self.info();
+            info.refresher_panics = panics;
+            info.last_refresher_panic = Some(what.to_string());
+        }
+        self.audit.record(
+            AuditEvent::TokenRefreshFailed,
+            json!({"outcome": "refresher_panicked", "error": what, "panics": panics}),
+            None,
+        );
+        tracing::error!(panics, error = %what, "the token refresher panicked (a bug); resuming it");
     }
 
     /// No rotation is pending any more.

@@ -51,6 +51,8 @@ pub struct Token {
     /// Wall-clock expiry, for `/status` and the expiry metric.
     pub expires_at_wall: SystemTime,
     pub lifetime: Duration,
+    /// The lifetime the issuer gave, when it was longer than `token.max_lifetime_seconds`.
+    pub clamped_from: Option<Duration>,
     pub source: TokenSource,
 }
 
@@ -65,6 +67,9 @@ impl std::fmt::Debug for Token {
             .finish()
     }
 }
+
+/// No token is held longer than this, whatever any input says.
+const LONGEST: Duration = Duration::from_secs(366 * 86_400);
 
 impl Token {
     /// A token from its value: the bearer header built once and marked sensitive.
@@ -83,6 +88,9 @@ impl Token {
                 )
             })?;
         header.set_sensitive(true);
+        // Whatever the caller computed, no instant past the clock's range (a far-future exp
+        // once panicked the refresher); the minter clamps far lower.
+        let lifetime = lifetime.min(LONGEST);
         Ok(Token {
             header,
             fingerprint: access_token.fingerprint(),
@@ -92,6 +100,7 @@ impl Token {
             expires_at: acquired_at + lifetime,
             expires_at_wall: std::time::SystemTime::now() + lifetime,
             lifetime,
+            clamped_from: None,
             source,
         })
     }
@@ -377,6 +386,7 @@ mod tests {
             expires_at: now + life,
             expires_at_wall: SystemTime::now() + life,
             lifetime: life,
+            clamped_from: None,
             source: TokenSource::Current,
         }
     }

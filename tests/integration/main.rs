@@ -9,6 +9,7 @@ mod cli;
 mod cluster;
 mod credentials;
 mod hardening;
+mod issuer_answers;
 mod jwks;
 mod oauth;
 mod observability;

@@ -120,7 +120,7 @@ async fn client_secret_basic_form_encodes_id_and_secret_as_rfc_6749_says() {
 }
 
 /// Every kind of bad token the simulator can issue, with the reason the audit log must give.
-const HOSTILE: [(Hostile, &str); 8] = [
+const HOSTILE: [(Hostile, &str); 10] = [
     (Hostile::AlgNone, "not a JWT with a supported algorithm"),
     (Hostile::Hs256PublicKey, "HS256 is refused"),
     (Hostile::UnknownKid, "no key"),
@@ -129,6 +129,10 @@ const HOSTILE: [(Hostile, &str); 8] = [
     (Hostile::WrongIssuer, "InvalidIssuer"),
     (Hostile::WrongAudience, "InvalidAudience"),
     (Hostile::NoExp, "exp"),
+    // Regression (issue 21): with token.issuer and token.audience set, a JWT without the
+    // claim was published; only a wrong value was refused.
+    (Hostile::NoIssuer, "Missing required claim: iss"),
+    (Hostile::NoAudience, "Missing required claim: aud"),
 ];
 
 #[tokio::test]
@@ -269,4 +273,32 @@ async fn check_live_mints_and_verifies_with_oauth() {
         last_token_request(&sim).await["auth_method"],
         "client_secret_post"
     );
+}
+
+// Regression (issue 21): an exp in the year 5138 (no expires_in) was taken as is, so the
+// token was never refreshed; one past the year 9999 made every /status call panic, and
+// larger ones panicked the refresher.
+#[tokio::test]
+async fn far_future_exp_is_cut_to_max_lifetime_and_panics_nothing() {
+    for kind in [Hostile::FarExp, Hostile::ExpPastYear9999] {
+        let sim = issuer_sim(SECRET).await;
+        let r = sim_post(
+            &sim,
+            "/__sim/hostile-tokens",
+            json!({"kind": kind, "count": 1}),
+        )
+        .await;
+        assert!(r.status().is_success());
+        let p = start_oauth(&sim, SECRET, "", &discovered(&sim)).await;
+        p.ready().await;
+        let s = get_json(&p.admin("/status")).await;
+        assert_eq!(s["token"]["lifetime_seconds"], 172_800, "{kind:?}: {s}");
+        assert!(
+            s["token"]["lifetime_clamped_from_seconds"].as_u64() > Some(172_800),
+            "{kind:?}: {s}"
+        );
+        assert_eq!(s["refresher_panics"], 0, "{kind:?}");
+        assert_eq!(get(&p.url("/api/v2/users/me")).await.status(), 200);
+        p.running.shutdown().await;
+    }
 }
