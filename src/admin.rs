@@ -1,5 +1,12 @@
 //! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics` (and `/reload`), on its own
 //! port so load balancers and scrapers never share the proxy's allowlists or capacity.
+//!
+//! It has limits of its own ([`serve`]): at most `admin.max_connections` open at once (within
+//! the descriptors the proxy's cap keeps free), a connection idle or slow for
+//! `admin.idle_timeout_ms` is closed, so a flood of idle connections on either listener never
+//! silences the other. Every path but `/healthz` and `/readyz` answers only a `Host` that is
+//! the listener's own address, `localhost`, a loopback address or one of `admin.allowed_hosts`:
+//! a web page that rebinds its own name to 127.0.0.1 cannot read `/status` or reload.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -355,5 +362,165 @@ pub fn reload_status(outcome: ReloadOutcome) -> StatusCode {
         ReloadOutcome::RotationFailed => StatusCode::BAD_GATEWAY,
         // Accepted: the new secret is tried on the refresher's schedule.
         ReloadOutcome::RotationPending => StatusCode::ACCEPTED,
+    }
+}
+
+/// The admin listener's own limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub idle_timeout: std::time::Duration,
+    pub allowed_hosts: Arc<Vec<String>>,
+}
+
+/// No admin connection lives longer than this, whatever it does (scrapers reconnect).
+const CONNECTION_LIFE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Serves `router` on `listener` until `stop` fires, within `limits`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: Limits,
+    mut stop: crate::shutdown::Shutdown,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait() => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors (or a transient accept error): pause rather than spin.
+                tracing::warn!(error = %e, "admin listener: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("admin listener: admin.max_connections reached; closing a connection");
+            continue;
+        };
+        let Ok(local) = stream.local_addr() else {
+            continue;
+        };
+        let router = router.clone();
+        let hosts = limits.allowed_hosts.clone();
+        let idle = limits.idle_timeout;
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let router = router.clone();
+                    let allowed = host_checked(req.uri().path())
+                        .then(|| req.headers().get(header::HOST))
+                        .flatten()
+                        .is_none_or(|h| host_allowed(h.to_str().ok(), local, &hosts));
+                    async move {
+                        if !allowed {
+                            return Ok::<_, std::convert::Infallible>(host_refused());
+                        }
+                        use tower::ServiceExt;
+                        router.oneshot(req.map(axum::body::Body::new)).await
+                    }
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(idle)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFE, conn).await;
+        });
+    }
+}
+
+/// Paths answered whatever the `Host`: probes and balancers send any name.
+fn host_checked(path: &str) -> bool {
+    !matches!(path, "/healthz" | "/readyz")
+}
+
+/// Is `host` (a `Host` header value) the listener's own address, `localhost`, a loopback
+/// address or an allowed name? A missing or unreadable header is refused by the caller
+/// reading `None` as "not allowed" only when a header was sent.
+pub fn host_allowed(host: Option<&str>, local: std::net::SocketAddr, allowed: &[String]) -> bool {
+    let Some(host) = host else {
+        return false;
+    };
+    let host = host.trim().to_ascii_lowercase();
+    // "[::1]:9090", "[::1]", "127.0.0.1:9090", "name:9090", "name".
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((ip, _)) => ip.to_string(),
+            None => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name.to_string(),
+            Some(_) => return false,
+            None => host.clone(),
+        }
+    };
+    let name = name.trim_end_matches('.');
+    if name == "localhost" || allowed.iter().any(|a| a == name) {
+        return true;
+    }
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => {
+            ip.is_loopback() || ip == local.ip() || ip.to_canonical() == local.ip().to_canonical()
+        }
+        Err(_) => false,
+    }
+}
+
+fn host_refused() -> Response {
+    (
+        StatusCode::MISDIRECTED_REQUEST,
+        Json(serde_json::json!({
+            "message": "this admin listener answers only its own address, localhost or admin.allowed_hosts in the Host header",
+            "code": "proxy.host_not_allowed",
+            "status": 421,
+        })),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    // Regression (issue 21): /status and POST /reload answered `Host: evil.example`, so a
+    // page rebinding its name to 127.0.0.1 could read status and reload.
+    #[test]
+    fn only_the_listeners_own_names_pass() {
+        let local: std::net::SocketAddr = "10.1.2.3:9090".parse().unwrap();
+        let extra = vec!["proxy-admin.ns.svc".to_string()];
+        for ok in [
+            "localhost",
+            "localhost:9090",
+            "LOCALHOST:9090",
+            "127.0.0.1:9090",
+            "127.0.0.5",
+            "[::1]:9090",
+            "10.1.2.3:9090",
+            "proxy-admin.ns.svc:9090",
+            "localhost.",
+        ] {
+            assert!(host_allowed(Some(ok), local, &extra), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:9090",
+            "10.1.2.4:9090",
+            "localhost.evil.example",
+            "[::1",
+            "127.0.0.1:x",
+            "",
+        ] {
+            assert!(!host_allowed(Some(bad), local, &extra), "{bad}");
+        }
+        assert!(!host_allowed(None, local, &extra));
+        assert!(!host_checked("/healthz") && !host_checked("/readyz"));
+        assert!(host_checked("/status") && host_checked("/reload") && host_checked("/metrics"));
     }
 }

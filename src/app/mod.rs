@@ -134,7 +134,12 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         reloader: reloader.clone(),
         reload_token: r.admin.reload_token.clone(),
     });
-    let admin = spawn_admin(admin_listener, admin_state.clone());
+    let limits = admin::Limits {
+        max_connections: r.admin.max_connections,
+        idle_timeout: r.admin.idle_timeout,
+        allowed_hosts: Arc::new(r.admin.allowed_hosts.clone()),
+    };
+    let admin = spawn_admin(admin_listener, admin_state.clone(), limits);
 
     record_start(&audit, &config, &units, admin_addr);
     for u in &units {
@@ -216,16 +221,14 @@ fn record_start(audit: &AuditLog, config: &Config, units: &[Unit], admin_addr: S
 
 /// The admin listener outlives the proxy's drain, so balancers see `/readyz` 503 while it
 /// runs; it stops when the returned sender fires.
-fn spawn_admin(listener: TcpListener, state: Arc<AdminState>) -> (Trigger, JoinHandle<()>) {
-    let (stop, mut stopped) = shutdown::channel();
+fn spawn_admin(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    limits: admin::Limits,
+) -> (Trigger, JoinHandle<()>) {
+    let (stop, stopped) = shutdown::channel();
     let router = admin::router(state);
-    let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stopped.wait().await });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "admin listener failed");
-        }
-    });
+    let task = tokio::spawn(admin::serve(listener, router, limits, stopped));
     (stop, task)
 }
 

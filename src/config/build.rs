@@ -75,17 +75,27 @@ pub(super) fn one(raw: FileConfig, file: &Path, credential: Option<&str>) -> Bui
     // Genesys's API lives under /api/v2/; another issuer's API may be anywhere.
     let default_prefix = if raw.oauth.is_some() { "/" } else { "/api/v2/" };
     let (proxy_restart, proxy_live) = proxy(&b, raw.proxy, default_prefix)?;
-    let admin = AdminSettings {
-        listen: b.addr(
-            raw.admin.listen.as_deref(),
-            "127.0.0.1:9090",
-            "admin.listen",
-        )?,
-        reload_token: match raw.admin.reload_token {
-            None => None,
-            Some(r) => Some(secret(&mut b, r, "admin.reload_token")?.0),
-        },
-    };
+    let admin =
+        AdminSettings {
+            listen: b.addr(
+                raw.admin.listen.as_deref(),
+                "127.0.0.1:9090",
+                "admin.listen",
+            )?,
+            reload_token: match raw.admin.reload_token {
+                None => None,
+                Some(r) => Some(secret(&mut b, r, "admin.reload_token")?.0),
+            },
+            allowed_hosts: admin_hosts(&b, raw.admin.allowed_hosts)?,
+            max_connections: match raw.admin.max_connections.unwrap_or(64) {
+                n @ 1..=100 => n,
+                _ => return Err(b.err(
+                    "admin.max_connections",
+                    "must be between 1 and 100 (the descriptors kept free for the admin listener)",
+                )),
+            },
+            idle_timeout: b.ms(raw.admin.idle_timeout_ms, 10_000, "admin.idle_timeout_ms")?,
+        };
     if admin.listen == proxy_restart.listen && admin.listen.port() != 0 {
         return Err(b.err("admin.listen", "must differ from proxy.listen"));
     }
@@ -180,6 +190,7 @@ fn proxy(b: &Builder, p: ProxySection, default_prefix: &str) -> Built<(ProxyRest
             "proxy.request_header_timeout_ms",
         )?,
         allowed_methods: methods(b, p.allowed_methods)?,
+        allow_non_ascii_paths: p.allow_non_ascii_paths.unwrap_or(false),
     };
     Ok((restart, live))
 }
@@ -471,4 +482,24 @@ fn log(b: &Builder, l: LogSection) -> Built<(LogRestart, LogLive)> {
             access_log: l.access_log.unwrap_or(false),
         },
     ))
+}
+
+/// `admin.allowed_hosts`: bare host names (no scheme, port or path), lower-cased.
+fn admin_hosts(b: &Builder, hosts: Option<Vec<String>>) -> Built<Vec<String>> {
+    let hosts = hosts.unwrap_or_default();
+    let mut out = Vec::with_capacity(hosts.len());
+    for h in hosts {
+        let ok = !h.is_empty()
+            && h.len() <= 253
+            && h.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.');
+        if !ok {
+            return Err(b.err(
+                "admin.allowed_hosts",
+                format!("{h:?} is not a host name (letters, digits, '-' and '.'; no port)"),
+            ));
+        }
+        out.push(h.to_ascii_lowercase());
+    }
+    Ok(out)
 }

@@ -103,6 +103,7 @@ pub struct ProxySection {
     pub max_connections: Option<usize>,
     pub request_header_timeout_ms: Option<u64>,
     pub allowed_methods: Option<Vec<String>>,
+    pub allow_non_ascii_paths: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -110,6 +111,9 @@ pub struct ProxySection {
 pub struct AdminSection {
     pub listen: Option<String>,
     pub reload_token: Option<SecretRef>,
+    pub allowed_hosts: Option<Vec<String>>,
+    pub max_connections: Option<usize>,
+    pub idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -128,6 +128,8 @@ keyed_struct! {
         pub request_header_timeout: Duration => "proxy.request_header_timeout_ms",
         /// Methods forwarded; others get 405 (upper case).
         pub allowed_methods: Vec<http::Method> => "proxy.allowed_methods",
+        /// Path characters outside ASCII once decoded (Genesys API paths are ASCII).
+        pub allow_non_ascii_paths: bool => "proxy.allow_non_ascii_paths",
     }
 }
 
@@ -136,6 +138,12 @@ keyed_struct! {
         pub listen: SocketAddr => "admin.listen",
         /// When set, `POST /reload` requires `Authorization: Bearer <token>`.
         pub reload_token: Option<Secret> => "admin.reload_token",
+        /// `Host` names accepted besides the listener's own address and `localhost`.
+        pub allowed_hosts: Vec<String> => "admin.allowed_hosts",
+        /// Open admin connections at most (within the descriptors kept free for it).
+        pub max_connections: usize => "admin.max_connections",
+        /// A connection waiting this long for a request head (idle or slow) is closed.
+        pub idle_timeout: Duration => "admin.idle_timeout_ms",
     }
 }
 

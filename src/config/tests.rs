@@ -438,3 +438,37 @@ fn jwks_validation_needs_a_jwks_url_and_refuses_hmac() {
         assert!(e.contains(key), "{rest}: {e}");
     }
 }
+
+// Regression (issue 21): `check` accepted login_url/api_url/token_url with user:password@ in
+// them (as it already refused for redis_url); the error must not echo the password either.
+#[test]
+fn urls_with_credentials_are_refused_without_echoing_them() {
+    for key in ["login_url", "api_url"] {
+        let e = err_of(&base(
+            &format!("{key} = \"https://user:hunter2@login.mypurecloud.com\""),
+            "",
+        ));
+        assert!(e.contains(&format!("genesys.{key}")), "{e}");
+        assert!(e.contains("holds credentials"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+    // A URL that does not even parse is not echoed with its password either.
+    let e = err_of(&base("login_url = \"https://u:hunter2@[bad\"", ""));
+    assert!(!e.contains("hunter2"), "{e}");
+}
+
+#[test]
+fn admin_limits_and_hosts_are_checked() {
+    let e = err_of(&base("", "[admin]\nmax_connections = 0"));
+    assert!(e.contains("admin.max_connections"), "{e}");
+    let e = err_of(&base("", "[admin]\nallowed_hosts = [\"http://x\"]"));
+    assert!(e.contains("admin.allowed_hosts"), "{e}");
+    let c = parse(
+        &base("", "[admin]\nallowed_hosts = [\"Proxy.NS.svc\"]"),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    assert_eq!(c.restart.admin.allowed_hosts, ["proxy.ns.svc"]);
+    assert_eq!(c.restart.admin.max_connections, 64);
+    assert!(!c.live.proxy.allow_non_ascii_paths);
+}

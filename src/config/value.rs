@@ -31,9 +31,17 @@ pub(super) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not an IP:port address (e.g. \"127.0.0.1:8080\")"))
 }
 
-/// Parses a base URL; plain `http` is accepted only for loopback hosts (the simulator).
-pub(crate) fn parse_url(s: &str) -> Result<Url, String> {
-    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+/// Parses a base URL; plain `http` is accepted only for loopback hosts (the simulator). A URL
+/// with credentials in it (`user:password@`) is refused, and never echoed in the error.
+pub(crate) fn parse_url(raw: &str) -> Result<Url, String> {
+    let shown = redact_userinfo(raw);
+    let s = shown.as_str();
+    let url = Url::parse(raw).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "{s:?} holds credentials (user:password@); the client secret goes in client_secret = {{ env = \"NAME\" }} or {{ file = \"/path\" }}"
+        ));
+    }
     let host = url.host_str().ok_or_else(|| format!("{s:?} has no host"))?;
     match url.scheme() {
         "https" => Ok(url),
@@ -42,6 +50,18 @@ pub(crate) fn parse_url(s: &str) -> Result<Url, String> {
             "{s:?} uses plain http; only https is allowed for non-loopback hosts"
         )),
         other => Err(format!("{s:?}: scheme {other:?} is not http or https")),
+    }
+}
+
+/// `scheme://…@host/…` for a URL whose authority holds an `@`, so no error shows a password.
+fn redact_userinfo(s: &str) -> String {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return s.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://…{}", &rest[at..]),
+        None => s.to_string(),
     }
 }
 

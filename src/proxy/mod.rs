@@ -178,6 +178,7 @@ impl ProxyHttp for GenesysProxy {
         if !path_allowed(
             session.req_header().uri.path(),
             &settings.allowed_path_prefixes,
+            settings.allow_non_ascii_paths,
         ) {
             return self
                 .refuse(session, Refusal::PathNotAllowed, &ctx.live)

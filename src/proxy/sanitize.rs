@@ -10,11 +10,15 @@ use std::borrow::Cow;
 /// exactly the path that was checked, so anything a server might normalise differently is
 /// refused: dot segments (also `..;` and percent-encoded dots), empty segments (`//`), path
 /// parameters (`;`), encoded separators, double encoding (`%252e`), invalid escapes, control
-/// characters, and bytes that do not decode to UTF-8 (overlong dots like `%c0%ae`).
-pub fn path_allowed(path: &str, prefixes: &[String]) -> bool {
+/// characters, and bytes that do not decode to UTF-8 (overlong dots like `%c0%ae`). Unless
+/// `non_ascii` (`proxy.allow_non_ascii_paths`), anything outside ASCII once decoded is
+/// refused too: Genesys API paths are ASCII, and a server that normalises Unicode (NFKC)
+/// reads lookalikes such as fullwidth dots `%EF%BC%8E%EF%BC%8E`, the one-dot leader `%E2%80%A4`,
+/// the fullwidth solidus `%EF%BC%8F` or the division slash `%E2%88%95` as `..` or `/`.
+pub fn path_allowed(path: &str, prefixes: &[String], non_ascii: bool) -> bool {
     let plain = match plain_path_allowed(path.as_bytes()) {
         Some(ok) => ok,
-        None => general_path_allowed(path),
+        None => general_path_allowed(path) && (non_ascii || decodes_to_ascii(path)),
     };
     plain && prefixes.iter().any(|p| path.starts_with(p.as_str()))
 }
@@ -80,6 +84,12 @@ fn general_path_allowed(path: &str) -> bool {
         }
     }
     true
+}
+
+/// Is the path, once decoded, ASCII? (Called after [`general_path_allowed`], which refuses
+/// undecodable paths.)
+fn decodes_to_ascii(path: &str) -> bool {
+    path.is_ascii() && percent_decode(path).is_some_and(|d| d.is_ascii())
 }
 
 /// Decodes `%XX` escapes; `None` when a `%` is not followed by two hex digits.
@@ -195,17 +205,37 @@ mod tests {
             "/api/v2/a%0ab",
             "/api/v2/%5cx",
         ] {
-            assert!(!path_allowed(bad, &p), "{bad} must be refused");
+            assert!(!path_allowed(bad, &p, false), "{bad} must be refused");
         }
         for good in [
             "/api/v2/users",
             "/api/v2/users/",
             "/api/v2/users/5f3c-11/roles",
-            "/api/v2/users/caf%C3%A9",
             "/api/v2/search%20term",
         ] {
-            assert!(path_allowed(good, &p), "{good} must pass");
+            assert!(path_allowed(good, &p, false), "{good} must pass");
         }
+    }
+
+    // Regression (issue 21): Unicode lookalikes of "." and "/" reached the upstream.
+    #[test]
+    fn non_ascii_paths_are_refused_unless_allowed() {
+        let p = vec!["/api/v2/".to_string()];
+        for lookalike in [
+            "/api/v2/%EF%BC%8E%EF%BC%8E/admin",
+            "/api/v2/a%E2%80%A4%E2%80%A4/x",
+            "/api/v2/a%EF%BC%8Fb",
+            "/api/v2/a%E2%88%95b",
+            "/api/v2/a%E2%80%8Bb",
+            "/api/v2/users/caf%C3%A9",
+            "/api/v2/users/café",
+        ] {
+            assert!(!path_allowed(lookalike, &p, false), "{lookalike}");
+        }
+        // With the key set, a decoded non-ASCII name passes; the structural checks still hold.
+        assert!(path_allowed("/api/v2/users/caf%C3%A9", &p, true));
+        assert!(path_allowed("/api/v2/users/café", &p, true));
+        assert!(!path_allowed("/api/v2/%c0%ae%c0%ae/x", &p, true));
     }
 
     #[test]
@@ -280,14 +310,14 @@ mod tests {
     #[test]
     fn paths_are_checked_without_tricks() {
         let p = vec!["/api/v2/".to_string()];
-        assert!(path_allowed("/api/v2/users", &p));
-        assert!(!path_allowed("/api/v1/users", &p));
-        assert!(!path_allowed("/api/v2/../../admin", &p));
-        assert!(!path_allowed("/api/v2/%2e%2e/secret", &p));
-        assert!(!path_allowed("/api/v2/a%2Fb", &p));
-        assert!(!path_allowed("/api/v2/./x", &p));
-        assert!(!path_allowed("/api/v2\\..\\x", &p));
-        assert!(!path_allowed("api/v2/users", &p));
-        assert!(!path_allowed("/__sim/stats", &p));
+        assert!(path_allowed("/api/v2/users", &p, false));
+        assert!(!path_allowed("/api/v1/users", &p, false));
+        assert!(!path_allowed("/api/v2/../../admin", &p, false));
+        assert!(!path_allowed("/api/v2/%2e%2e/secret", &p, false));
+        assert!(!path_allowed("/api/v2/a%2Fb", &p, false));
+        assert!(!path_allowed("/api/v2/./x", &p, false));
+        assert!(!path_allowed("/api/v2\\..\\x", &p, false));
+        assert!(!path_allowed("api/v2/users", &p, false));
+        assert!(!path_allowed("/__sim/stats", &p, false));
     }
 }

@@ -205,8 +205,10 @@ async fn paths_that_could_mean_two_things_are_refused_before_genesys() {
         );
     }
     let before = stats(&sim).await["api_requests"]["total"].as_u64().unwrap();
-    let r = get(&p.url("/api/v2/users/caf%C3%A9")).await;
-    assert_eq!(r.status(), 200, "a plain escaped UTF-8 path passes");
+    // An escape that decodes to plain ASCII passes (non-ASCII is refused by default since
+    // issue 21: proxy.allow_non_ascii_paths).
+    let r = get(&p.url("/api/v2/users/search%20term")).await;
+    assert_eq!(r.status(), 200, "a plain escaped ASCII path passes");
     let after = stats(&sim).await["api_requests"]["total"].as_u64().unwrap();
     assert_eq!(after, before + 1);
 }
@@ -310,4 +312,121 @@ async fn duplicate_content_lengths_are_never_forwarded_as_is() {
         before + 2,
         "only the unambiguous requests went upstream"
     );
+}
+
+// Regression (issue 21): Unicode lookalikes of "." and "/" reached the upstream, where a
+// server normalising to NFKC would read them as ".." or "/".
+#[tokio::test]
+async fn unicode_lookalikes_in_the_path_are_refused_by_default() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy(&sim).await;
+    for path in [
+        "/api/v2/%EF%BC%8E%EF%BC%8E/admin",
+        "/api/v2/a%E2%80%A4%E2%80%A4/x",
+        "/api/v2/a%EF%BC%8Fb",
+        "/api/v2/a%E2%88%95b",
+        "/api/v2/a%E2%80%8Bb",
+    ] {
+        let r = get(&p.url(path)).await;
+        assert_eq!(r.status(), 403, "{path}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["code"], "proxy.path_not_allowed", "{path}");
+    }
+    // Non-ASCII in the query is not the path: forwarded.
+    let r = get(&p.url("/api/v2/users?q=caf%C3%A9")).await;
+    assert_eq!(r.status(), 200);
+    let s = stats(&sim).await;
+    let seen = s["api_requests"]["total"].as_u64().unwrap();
+    assert_eq!(
+        seen, 2,
+        "only tokens/me and the query request reached the simulator: {s}"
+    );
+}
+
+/// One HTTP/1.1 request with this `Host` on a fresh connection; the status code.
+async fn status_with_host(addr: std::net::SocketAddr, method: &str, path: &str, host: &str) -> u16 {
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let answer = raw_exchange(addr, request.as_bytes()).await;
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {answer:?}"))
+}
+
+// Regression (issue 21): /status and POST /reload answered `Host: evil.example`, so a page
+// that rebinds its name to 127.0.0.1 could read status and trigger reloads.
+#[tokio::test]
+async fn the_admin_listener_answers_only_its_own_host_names() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy_with(&sim, "", "").await;
+    p.ready().await;
+    let admin = p.running.admin_addr;
+    let own = admin.to_string();
+    for path in ["/status", "/metrics"] {
+        assert_eq!(
+            status_with_host(admin, "GET", path, "evil.example").await,
+            421,
+            "{path}"
+        );
+        assert_eq!(
+            status_with_host(admin, "GET", path, "evil.example:9090").await,
+            421
+        );
+        assert_eq!(
+            status_with_host(admin, "GET", path, &own).await,
+            200,
+            "{path}"
+        );
+        assert_eq!(status_with_host(admin, "GET", path, "localhost").await, 200);
+    }
+    assert_eq!(
+        status_with_host(admin, "POST", "/reload", "evil.example").await,
+        421
+    );
+    assert_eq!(status_with_host(admin, "POST", "/reload", &own).await, 200);
+    // Probes and balancers send any name.
+    assert_eq!(
+        status_with_host(admin, "GET", "/healthz", "evil.example").await,
+        200
+    );
+    assert_eq!(
+        status_with_host(admin, "GET", "/readyz", "10.9.9.9:9090").await,
+        200
+    );
+}
+
+// Regression (issue 21): 2,100 idle connections to the admin listener took both listeners
+// down (no cap, no idle timeout: "too many open files").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_to_the_admin_listener_are_capped_and_closed() {
+    let sim = start_sim(sim_config()).await;
+    let dir = temp_dir("admin-flood");
+    let toml = proxy_toml(&sim.url(), SECRET, "", "", &dir).replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        "[admin]\nlisten = \"127.0.0.1:0\"\nmax_connections = 8\nidle_timeout_ms = 500",
+    );
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    let admin = p.running.admin_addr;
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(TcpStream::connect(admin).await.unwrap());
+    }
+    // The proxy listener serves whatever the admin listener's load.
+    assert_eq!(get(&p.url("/api/v2/users/me")).await.status(), 200);
+    // Past the cap, connections are closed at once; within it, idle ones after the timeout.
+    let started = Instant::now();
+    let mut closed = 0;
+    for tcp in idle.iter_mut() {
+        let (_, was_closed) = read_until_closed(tcp, Duration::from_secs(5)).await;
+        closed += usize::from(was_closed);
+    }
+    assert_eq!(closed, 40, "every idle connection is closed");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // And the admin listener answers again.
+    assert_eq!(get(&p.admin("/healthz")).await.status(), 200);
+    p.running.shutdown().await;
 }
