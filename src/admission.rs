@@ -3,9 +3,14 @@
 //! `proxy.max_connections`. A refused connection gets a complete JSON answer (403
 //! `proxy.client_not_allowed` or 503 `proxy.too_many_connections`) and is closed. The cap is
 //! kept under the open-file limit so the admin listener always has descriptors left.
+//!
+//! No single client address may hold more than [`share_of`] the cap (seven eighths): one
+//! client opening and holding every connection (reconnecting as they time out) would
+//! otherwise lock every other client out. The rest is always left for the others.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -27,8 +32,36 @@ pub struct Gate {
     pub metrics: Arc<Metrics>,
     connections: Arc<Semaphore>,
     limit: usize,
+    /// Open connections per client address (only addresses holding one).
+    per_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Refused connections being answered; past this many, refusals are closed unanswered.
     refusals: Arc<Semaphore>,
+}
+
+/// The most connections one client address may hold: seven eighths of the cap (all of a cap
+/// under 8), so other clients always find room.
+pub fn share_of(limit: usize) -> usize {
+    (limit - limit / 8).max(1)
+}
+
+/// A served connection's place: its slot under the cap and its count for its address, both
+/// given back when it is dropped.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    source: IpAddr,
+    per_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = crate::sync::lock(&self.per_source);
+        if let Some(n) = counts.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.source);
+            }
+        }
+    }
 }
 
 /// Refused connections answered at once, at most (each is held for [`REFUSAL_TIME`] at most).
@@ -36,8 +69,8 @@ const MAX_REFUSALS: usize = 256;
 
 /// What happens to an accepted connection.
 pub enum Admit {
-    /// Serve it; the permit is held for the connection's life.
-    Serve(OwnedSemaphorePermit),
+    /// Serve it; the slot is held for the connection's life.
+    Serve(Slot),
     /// Answer it with this refusal, holding the permit while answering.
     Refuse(Refusal, OwnedSemaphorePermit),
     /// Close it at once: too many refusals are being answered already.
@@ -51,6 +84,7 @@ impl Gate {
             metrics,
             connections: Arc::new(Semaphore::new(limit)),
             limit,
+            per_source: Arc::new(Mutex::new(HashMap::new())),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
         }
     }
@@ -61,7 +95,19 @@ impl Gate {
             Refusal::ClientNotAllowed
         } else {
             match self.connections.clone().try_acquire_owned() {
-                Ok(permit) => return Admit::Serve(permit),
+                Ok(permit) => {
+                    let mut counts = crate::sync::lock(&self.per_source);
+                    let held = counts.entry(peer).or_insert(0);
+                    if *held < share_of(self.limit) {
+                        *held += 1;
+                        return Admit::Serve(Slot {
+                            _permit: permit,
+                            source: peer,
+                            per_source: self.per_source.clone(),
+                        });
+                    }
+                    Refusal::TooManyConnections
+                }
                 Err(_) => Refusal::TooManyConnections,
             }
         };

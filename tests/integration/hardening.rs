@@ -91,10 +91,12 @@ async fn a_connection_flood_is_capped_and_the_admin_listener_stays_reachable() {
     let sim = start_sim(sim_config()).await;
     let p = start_proxy_with(&sim, "max_connections = 8", "").await;
     p.ready().await;
-    // Eight idle connections take every slot (they send nothing).
+    // Eight idle connections take every slot (they send nothing): seven from one address
+    // (its most), one from another.
     let mut idle = Vec::new();
-    for _ in 0..8 {
-        idle.push(TcpStream::connect(p.running.proxy_addr).await.unwrap());
+    for i in 0..8 {
+        let from = if i < 7 { "127.0.0.1" } else { "127.0.0.2" };
+        idle.push(connect_from(from, p.running.proxy_addr).await);
     }
     let admin = client();
     eventually(Duration::from_secs(5), "8 connections counted", || {
@@ -429,4 +431,48 @@ async fn idle_connections_to_the_admin_listener_are_capped_and_closed() {
     // And the admin listener answers again.
     assert_eq!(get(&p.admin("/healthz")).await.status(), 200);
     p.running.shutdown().await;
+}
+
+/// A connection to `to` from the loopback address `from`.
+async fn connect_from(from: &str, to: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+// Regression (issue 21): one client holding all max_connections (reconnecting as they timed
+// out) got 133 of another client's 143 requests refused.
+#[tokio::test]
+async fn one_client_cannot_hold_every_connection() {
+    let sim = start_sim(sim_config()).await;
+    let p = start_proxy_with(&sim, "max_connections = 16", "").await;
+    p.ready().await;
+    let addr = p.running.proxy_addr;
+    let mut hog = Vec::new();
+    for _ in 0..14 {
+        hog.push(connect_from("127.0.0.1", addr).await);
+    }
+    eventually(Duration::from_secs(5), "14 connections counted", || async {
+        metric(&metrics_text(&p).await, "genesys_proxy_client_connections") == 14.0
+    })
+    .await;
+    // Its fifteenth is refused: 14 is seven eighths of 16.
+    let mut extra = connect_from("127.0.0.1", addr).await;
+    extra
+        .write_all(b"GET /api/v2/users HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (answer, _) = read_until_closed(&mut extra, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    // Another client is served.
+    for _ in 0..5 {
+        let mut other = connect_from("127.0.0.2", addr).await;
+        other
+            .write_all(b"GET /api/v2/users/me HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let (answer, _) = read_until_closed(&mut other, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    drop(hog);
 }
