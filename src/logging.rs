@@ -11,14 +11,21 @@ use crate::config::LogFormat;
 
 static LEVEL: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides `level`.
+/// Installs the global subscriber. `RUST_LOG`, when set, overrides `level` (pingora's crates
+/// still stay at `info` unless it names them).
 pub fn init(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(guarded(level)))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let filter = from_env
+        .and_then(|v| EnvFilter::try_new(guarded(&v)).ok())
+        .or_else(|| EnvFilter::try_new(guarded(level)).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let max = filter.max_level_hint();
     let (filter, handle) = reload::Layer::new(filter);
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(not_pingora_trace));
     let installed = match format {
         LogFormat::Json => registry
             .with(
@@ -50,14 +57,27 @@ pub fn set_level(level: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// pingora's `trace!` records print raw request heads, the injected `Authorization: Bearer`
+/// and a client's own credentials included, so they are dropped whatever the filter says (even
+/// `RUST_LOG=trace` or `pingora_core=trace`).
+fn not_pingora_trace(meta: &tracing::Metadata<'_>) -> bool {
+    !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("pingora"))
+}
+
 /// pingora's `debug!` records print request lines with query strings and whole response
 /// bodies; unless the filter names pingora itself, its crates stay at `info`.
+///
+/// `notify` stays at `info` too unless named: its `trace!` records one line per inotify event,
+/// and a log file in a watched directory turned each line into another event, forever.
 fn guarded(level: &str) -> String {
-    if level.contains("pingora") {
-        level.to_string()
-    } else {
-        format!("{level},pingora_proxy=info,pingora_core=info")
+    let mut filter = level.to_string();
+    if !level.contains("pingora") {
+        filter.push_str(",pingora_proxy=info,pingora_core=info");
     }
+    if !level.contains("notify") {
+        filter.push_str(",notify=info");
+    }
+    filter
 }
 
 /// The `log` bridge would otherwise hand every pingora `debug!` record to the filter at run

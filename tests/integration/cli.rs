@@ -316,3 +316,40 @@ async fn the_sim_command_serves_with_its_flags() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ID:SECRET"));
 }
+
+// Regression (issue 21): `RUST_LOG=trace` wrote pingora's raw request heads, with the
+// injected `authorization: Bearer <token>` and the client's own credential, to stderr.
+#[tokio::test]
+async fn rust_log_trace_prints_no_bearer_token() {
+    let sim = start_sim(sim_config()).await;
+    let dir = temp_dir("trace-leak");
+    let toml = proxy_toml(&sim.url(), SECRET, "", "", &dir)
+        .replace("format = \"text\"", "format = \"json\"");
+    let conf = dir.join("proxy.toml");
+    std::fs::write(&conf, toml).unwrap();
+    // RUST_LOG overrides log.level = "warn": the listening line (info) shows it took effect.
+    let proc = ProxyProcess::spawn_with_env(&conf, &[("RUST_LOG", "trace")]);
+    proc.wait_ready().await;
+    let r = client()
+        .get(format!("http://{}/api/v2/users/me", proc.proxy))
+        .header("authorization", "Bearer client-own-credential-4711")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, seen, stdout) = proc.stop();
+    assert!(seen.lines().count() > 20, "trace logging is on: {seen}");
+    for text in [&seen, &stdout] {
+        assert!(!text.contains("client-own-credential-4711"), "{text}");
+        assert!(!text.contains(SECRET));
+        for (i, _) in text.match_indices("Bearer ") {
+            let after: String = text[i + 7..].chars().take(20).collect();
+            assert!(
+                !after
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "a bearer token in the logs: Bearer {after}…"
+            );
+        }
+    }
+}

@@ -387,9 +387,20 @@ impl ProxyProcess {
     /// Starts `genesys-auth-proxy run -c conf` and waits for its "listening" log line (JSON
     /// logs required) to learn the port-0 addresses.
     pub fn spawn(conf: &std::path::Path) -> ProxyProcess {
+        Self::spawn_with_env(conf, &[])
+    }
+
+    /// [`ProxyProcess::spawn`] with environment variables set.
+    pub fn spawn_with_env(conf: &std::path::Path, env: &[(&str, &str)]) -> ProxyProcess {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_genesys-auth-proxy"));
         command.args(["run", "-c"]).arg(conf);
-        let mut child = spawn_quiet(&mut command, std::process::Stdio::piped());
+        command.env_remove("RUST_LOG");
+        command.envs(env.iter().copied());
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
         let (logs, reader) = lines_of(child.stderr.take().unwrap());
         let mut seen = String::new();
         loop {
