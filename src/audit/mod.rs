@@ -158,12 +158,15 @@ impl AuditLog {
     }
 
     /// Queues one event for the writer. Never fails the caller and never blocks on I/O.
+    /// Strings in `details` longer than [`ECHO_MAX_CHARS`] are cut: details echo what issuers
+    /// and clients sent (a 1 MiB JWT `kid` once added 10 MB to the log in 8 s).
     pub fn record(
         &self,
         event: AuditEvent,
-        details: serde_json::Value,
+        mut details: serde_json::Value,
         token_fingerprint: Option<&str>,
     ) {
+        cap_strings(&mut details);
         let message = Message::Event {
             ts: SystemTime::now(),
             event,
@@ -204,6 +207,22 @@ impl Drop for Shared {
 }
 
 pub use verify::{verify, Verified, VerifyError};
+
+/// The longest string an audit line echoes in `details`.
+pub const ECHO_MAX_CHARS: usize = 512;
+
+/// Cuts every string in `v` to [`ECHO_MAX_CHARS`], saying how long it was.
+fn cap_strings(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) if s.len() > ECHO_MAX_CHARS => {
+            let cut: String = s.chars().take(ECHO_MAX_CHARS).collect();
+            *s = format!("{cut}… ({} bytes in all)", s.len());
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(cap_strings),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(cap_strings),
+        _ => {}
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -320,5 +339,46 @@ mod tests {
         let v = verify(&p).unwrap();
         assert!(!v.continues_earlier_file && v.events == 4, "{v:?}");
         assert_eq!(m.audit_write_failures_total.get(), 0);
+    }
+
+    // Regression (issue 21): an audit file that could not be reopened left
+    // audit_write_failures at 0 while every event went into an unlinked inode.
+    #[test]
+    fn an_audit_file_that_cannot_be_reopened_counts_as_failed_writes() {
+        let p = temp("unreopenable");
+        let m = Arc::new(Metrics::new());
+        let log = AuditLog::open(&AuditTarget::File(p.clone()), "cid", m.clone()).unwrap();
+        log.record(AuditEvent::ProxyStarted, serde_json::json!({}), None);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(log.flush());
+        assert_eq!(log.failures(), 0);
+        // The whole directory goes: the path cannot be opened again.
+        std::fs::remove_dir_all(p.parent().unwrap()).unwrap();
+        log.record(AuditEvent::TokenAcquired, serde_json::json!({}), None);
+        log.record(AuditEvent::ProxyStopped, serde_json::json!({}), None);
+        rt.block_on(log.flush());
+        assert_eq!(log.failures(), 2);
+        assert_eq!(m.audit_write_failures_total.get(), 2);
+    }
+
+    // Regression (issue 21): an issuer's 1 MiB `kid` was echoed in full into the audit log.
+    #[test]
+    fn long_echoed_strings_are_cut() {
+        let p = temp("echo");
+        let m = Arc::new(Metrics::new());
+        let log = AuditLog::open(&AuditTarget::File(p.clone()), "cid", m).unwrap();
+        let kid = "k".repeat(1 << 20);
+        log.record(
+            AuditEvent::TokenValidationFailed,
+            serde_json::json!({"error": format!("no key {kid:?} in the JWKS"), "list": [kid.clone()]}),
+            None,
+        );
+        drop(log);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.len() < 4 * ECHO_MAX_CHARS, "{} bytes", text.len());
+        assert!(text.contains("bytes in all"), "{text}");
+        assert!(verify(&p).is_ok());
     }
 }

@@ -107,8 +107,14 @@ impl Writer {
                     token,
                     scope,
                 } => {
-                    self.reopen_if_replaced();
-                    self.append(ts, event, &details, token.as_deref(), scope.as_deref());
+                    if self.reopen_if_replaced() {
+                        self.append(ts, event, &details, token.as_deref(), scope.as_deref());
+                    } else {
+                        // Written into the unlinked inode, the event would be lost without a
+                        // trace: count it as the failure it is.
+                        self.failures.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.audit_write_failures_total.inc();
+                    }
                 }
                 Message::Flush(done) => {
                     let _ = done.send(());
@@ -131,12 +137,14 @@ impl Writer {
     /// If the log file was deleted or replaced (rotated away, removed by an operator), writes
     /// would go on into an unlinked inode nobody can read: open the path again and record the
     /// break, continuing the chain (`AUDIT_LOG_REOPENED` carries the previous seq and hash).
-    fn reopen_if_replaced(&mut self) {
+    /// False when the path cannot be opened again: events cannot be written where anyone
+    /// reads them.
+    fn reopen_if_replaced(&mut self) -> bool {
         let (Sink::File(file), Some(path)) = (&self.sink, &self.path) else {
-            return;
+            return true;
         };
         if same_file(file, path) {
-            return;
+            return true;
         }
         match open_append(path) {
             Ok(f) => {
@@ -154,9 +162,11 @@ impl Writer {
                     None,
                     None,
                 );
+                true
             }
             Err(e) => {
-                tracing::error!(error = %e, path = %path.display(), "audit file was deleted or replaced and cannot be reopened");
+                tracing::error!(error = %e, path = %path.display(), "audit file was deleted or replaced and cannot be reopened; the event is lost (audit_write_failures_total)");
+                false
             }
         }
     }
