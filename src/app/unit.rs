@@ -263,7 +263,9 @@ async fn share_budget(
             if let Ok(Some((total, left))) =
                 cluster.add_usage(&token.fingerprint, delta, window).await
             {
-                budget.observe_shared(&token, total, left);
+                if !budget.observe_shared(&token, total, left) {
+                    cluster.implausible_count(&token.fingerprint, total);
+                }
             }
         }
     }

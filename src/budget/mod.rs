@@ -325,13 +325,22 @@ impl Budget {
     }
 
     /// `[cluster]`: `total` calls were made with `token` by all replicas together, in a window
-    /// ending in `reset`: counted like Genesys's own `inin-ratelimit-count`.
-    pub fn observe_shared(&self, token: &Arc<Token>, total: u64, reset: Duration) {
+    /// ending in `reset`: counted like Genesys's own `inin-ratelimit-count`. A count outside
+    /// `[0, allowed]` cannot be true (a broken or hostile writer to Redis: one far above the
+    /// limit once made every replica refuse every request) and is ignored: false.
+    pub fn observe_shared(&self, token: &Arc<Token>, total: i64, reset: Duration) -> bool {
         let allowed = lock(&self.windows)
             .get(token.slot)
             .map_or(self.live.load().budget.requests_per_window, |w| w.allowed);
+        let Ok(total) = u64::try_from(total) else {
+            return false;
+        };
+        if total > allowed {
+            return false;
+        }
         let reset_seconds = reset.as_millis().div_ceil(1000) as u64;
         self.observe(token, total, allowed, Some(reset_seconds));
+        true
     }
 
     /// Genesys answered 429 for `token`: nothing left until `retry_after`.

@@ -71,6 +71,18 @@ if redis.call('pttl', KEYS[1]) < 0 then redis.call('pexpire', KEYS[1], ARGV[2]) 
 return {total, redis.call('pttl', KEYS[1])}
 "#;
 
+/// Reconnect backoff: doubling from [`RECONNECT_FIRST`] to [`RECONNECT_MAX`].
+#[derive(Default)]
+struct Reconnect {
+    not_before: Option<std::time::Instant>,
+    failures: u32,
+}
+
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+/// A broken link is tried again at least this often, so replicas rejoin within about a second
+/// of Redis answering again.
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
+
 /// One credential's link to Redis.
 pub struct Cluster {
     settings: ClusterSettings,
@@ -81,6 +93,11 @@ pub struct Cluster {
     /// This replica's lease owner id.
     owner: String,
     up: AtomicBool,
+    /// No new connection before this (backoff after a failed or dropped one).
+    reconnect: Mutex<Reconnect>,
+    /// Shared budget counts ignored as impossible (negative or above the limit).
+    implausible: std::sync::atomic::AtomicU64,
+    last_implausible_log: Mutex<Option<std::time::Instant>>,
     published: Notify,
     last_error: Mutex<Option<String>>,
     events: mpsc::UnboundedSender<SharedEvent>,
@@ -119,6 +136,9 @@ impl Cluster {
             )[..16]
                 .to_string(),
             up: AtomicBool::new(false),
+            reconnect: Mutex::new(Reconnect::default()),
+            implausible: std::sync::atomic::AtomicU64::new(0),
+            last_implausible_log: Mutex::new(None),
             published: Notify::new(),
             last_error: Mutex::new(None),
             events,
@@ -264,10 +284,10 @@ impl Cluster {
         fingerprint: &str,
         delta: u64,
         window: Duration,
-    ) -> Result<Option<(u64, Duration)>, String> {
+    ) -> Result<Option<(i64, Duration)>, String> {
         let key = format!("{}:budget:{fingerprint}", self.settings.key_prefix);
         let ms = window.as_millis() as u64;
-        let (total, ttl): (u64, i64) = self
+        let (total, ttl): (i64, i64) = self
             .call(|mut c| async move {
                 redis::Script::new(ADD_USAGE)
                     .key(&key)
@@ -292,22 +312,65 @@ impl Cluster {
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let result = async {
-            let conn = self.connection().await?;
+            let conn = self.connection().await.map_err(|e| (e, false))?;
             match tokio::time::timeout(self.settings.timeout, op(conn)).await {
                 Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(format!("redis: {e}")),
-                Err(_) => Err(format!(
-                    "redis: no answer within {} ms",
-                    self.settings.timeout.as_millis()
+                // An error reply (WRONGTYPE, NOSCRIPT …) says the link works.
+                Ok(Err(e))
+                    if e.kind() != redis::ErrorKind::IoError
+                        && !e.is_timeout()
+                        && !e.is_connection_dropped()
+                        && !e.is_unrecoverable_error() =>
+                {
+                    Err((format!("redis: {e}"), false))
+                }
+                Ok(Err(e)) => Err((format!("redis: {e}"), true)),
+                Err(_) => Err((
+                    format!(
+                        "redis: no answer within {} ms",
+                        self.settings.timeout.as_millis()
+                    ),
+                    true,
                 )),
             }
         }
         .await;
-        match &result {
-            Ok(_) => self.mark_up(),
-            Err(e) => self.mark_down(e),
+        match result {
+            Ok(v) => {
+                self.mark_up();
+                Ok(v)
+            }
+            Err((e, broken)) => {
+                // A connection that timed out (a black-holed link, a reply too large to read
+                // in time) is never trusted again: the next call opens a new one, after a
+                // backoff. The redis client would otherwise keep the stalled socket forever.
+                if broken {
+                    self.drop_connection().await;
+                }
+                self.mark_down(&e);
+                Err(e)
+            }
         }
-        result
+    }
+
+    async fn drop_connection(&self) {
+        *self.conn.lock().await = None;
+        let mut r = lock(&self.reconnect);
+        r.failures = r.failures.saturating_add(1);
+        let delay = RECONNECT_FIRST
+            .saturating_mul(1 << r.failures.min(10))
+            .min(RECONNECT_MAX);
+        r.not_before = Some(std::time::Instant::now() + delay);
+    }
+
+    /// `[cluster]` budget: a shared count that cannot be true was ignored.
+    pub fn implausible_count(&self, fingerprint: &str, total: i64) {
+        self.implausible.fetch_add(1, Ordering::Relaxed);
+        let mut last = lock(&self.last_implausible_log);
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            *last = Some(std::time::Instant::now());
+            tracing::warn!(token = fingerprint, count = total, "cluster: ignoring a shared budget count outside [0, allowed] (written by something other than a replica?)");
+        }
     }
 
     /// The shared connection, connecting (bounded) when there is none yet.
@@ -316,17 +379,37 @@ impl Cluster {
         if let Some(c) = conn.as_ref() {
             return Ok(c.clone());
         }
+        if let Some(t) = lock(&self.reconnect).not_before {
+            if std::time::Instant::now() < t {
+                return Err("redis: reconnecting after a broken link".into());
+            }
+        }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(self.settings.timeout)
             .set_response_timeout(self.settings.timeout)
             .set_number_of_retries(1);
         let connect = self.client.get_connection_manager_with_config(config);
-        let c = tokio::time::timeout(self.settings.timeout, connect)
-            .await
-            .map_err(|_| "redis: cannot connect in time".to_string())?
-            .map_err(|e| format!("redis: {e}"))?;
-        *conn = Some(c.clone());
-        Ok(c)
+        let connected = match tokio::time::timeout(self.settings.timeout, connect).await {
+            Err(_) => Err("redis: cannot connect in time".to_string()),
+            Ok(Err(e)) => Err(format!("redis: {e}")),
+            Ok(Ok(c)) => Ok(c),
+        };
+        let mut r = lock(&self.reconnect);
+        match connected {
+            Ok(c) => {
+                *r = Reconnect::default();
+                *conn = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                r.failures = r.failures.saturating_add(1);
+                let delay = RECONNECT_FIRST
+                    .saturating_mul(1 << r.failures.min(10))
+                    .min(RECONNECT_MAX);
+                r.not_before = Some(std::time::Instant::now() + delay);
+                Err(e)
+            }
+        }
     }
 
     fn mark_up(&self) {
@@ -362,6 +445,7 @@ impl Cluster {
             "redis": self.settings.redis_url,
             "key_prefix": self.settings.key_prefix,
             "last_error": *lock(&self.last_error),
+            "implausible_budget_counts": self.implausible.load(Ordering::Relaxed),
         })
     }
 

@@ -14,6 +14,7 @@ mod jwks;
 mod oauth;
 mod observability;
 mod proxy;
+mod redis_faults;
 mod replay;
 mod rotation;
 mod rotation_load;
