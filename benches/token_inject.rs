@@ -29,6 +29,7 @@ fn store_with_token() -> Arc<TokenStore> {
         expires_at: now + Duration::from_secs(86_400),
         expires_at_wall: SystemTime::now() + Duration::from_secs(86_400),
         lifetime: Duration::from_secs(86_400),
+        clamped_from: None,
         source: TokenSource::Current,
     });
     store

@@ -190,7 +190,7 @@ impl Budget {
         wait: Duration,
     ) -> Admit {
         let now = Instant::now();
-        let (id, mut rx) = {
+        let (id, rx) = {
             let mut q = lock(&self.queue);
             let tokens = self.candidates(fallback, now);
             let mut windows = self.sync(&tokens);
@@ -231,16 +231,64 @@ impl Budget {
         };
         self.changed.notify_one();
         let started = Instant::now();
-        let granted = tokio::time::timeout(wait, &mut rx).await;
+        // Dropped before its answer (the request ended: its client left), the waiter leaves
+        // the queue and gives back a grant that raced the drop.
+        let mut place = Place {
+            budget: self,
+            client: Some(client),
+            id,
+            rx: Some(rx),
+        };
+        let granted = match place.rx.as_mut() {
+            Some(rx) => tokio::time::timeout(wait, rx).await,
+            None => return self.closed_admit(),
+        };
         self.metrics
             .budget_queue_wait_seconds
             .observe(started.elapsed().as_secs_f64());
+        let Some((client, rx)) = place.disarm() else {
+            return self.closed_admit();
+        };
         match granted {
             Ok(Ok(token)) => Admit::Go {
                 queued: true,
                 token,
             },
             _ => self.timed_out(client, id, rx, fallback),
+        }
+    }
+
+    /// Not reached: a place holds its client and receiver until it is disarmed, once.
+    fn closed_admit(&self) -> Admit {
+        Admit::Refused {
+            why: Refused::QueueTimeout,
+            retry_after: Duration::from_secs(1),
+        }
+    }
+
+    /// A waiter that left (its request future was dropped): out of the queue, and a grant
+    /// that raced it given back to its window.
+    fn left(&self, client: ClientKey, id: u64, mut rx: oneshot::Receiver<Arc<Token>>) {
+        let mut q = lock(&self.queue);
+        let was_waiting = q.waiting.get_mut(&client).is_some_and(|d| {
+            let before = d.len();
+            d.retain(|w| w.id != id);
+            before != d.len()
+        });
+        if q.waiting.get(&client).is_some_and(VecDeque::is_empty) {
+            q.waiting.remove(&client);
+        }
+        self.metrics.budget_queue_abandoned_total.inc();
+        if was_waiting {
+            q.len -= 1;
+            self.set_depth(&q);
+            return;
+        }
+        drop(q);
+        if let Ok(token) = rx.try_recv() {
+            if let Some(w) = lock(&self.windows).get_mut(token.slot) {
+                w.give_back();
+            }
         }
     }
 
@@ -393,3 +441,26 @@ use dispatch::next_client;
 
 #[cfg(test)]
 mod tests;
+
+/// A request's place in the queue while it waits; see [`Budget::admit`].
+struct Place<'a> {
+    budget: &'a Budget,
+    client: Option<ClientKey>,
+    id: u64,
+    rx: Option<oneshot::Receiver<Arc<Token>>>,
+}
+
+impl Place<'_> {
+    /// The wait ended normally: the caller settles the place itself.
+    fn disarm(&mut self) -> Option<(ClientKey, oneshot::Receiver<Arc<Token>>)> {
+        Some((self.client.take()?, self.rx.take()?))
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        if let (Some(client), Some(rx)) = (self.client.take(), self.rx.take()) {
+            self.budget.left(client, self.id, rx);
+        }
+    }
+}

@@ -30,11 +30,23 @@ impl GenesysProxy {
     ) -> Result<bool> {
         let settings = &ctx.live.budget;
         let client = Budget::client_key(settings, ip);
-        let admitted = self
-            .state
-            .budget
-            .admit(settings, client.clone(), &token, settings.max_queue_wait)
-            .await;
+        let admit =
+            self.state
+                .budget
+                .admit(settings, client.clone(), &token, settings.max_queue_wait);
+        // A request without a body can notice its client leaving while it waits (a FIN on the
+        // idle connection): it then gives its place back instead of being sent for nobody.
+        let admitted = if has_no_body(session.req_header()) {
+            tokio::select! {
+                biased;
+                admitted = admit => admitted,
+                () = client_left(session) => {
+                    return Error::e_explain(ErrorType::ConnectionClosed, "client left while queued for rate-limit budget");
+                }
+            }
+        } else {
+            admit.await
+        };
         let app = Budget::app_label(settings, &client);
         let m = &self.state.metrics;
         match admitted {
@@ -153,5 +165,26 @@ impl GenesysProxy {
             self.state.metrics.replays.inc(ReplayOutcome::BodyTooLarge);
         }
         ok
+    }
+}
+
+/// No `Content-Length` above 0 and no `Transfer-Encoding`: nothing to read after the head.
+fn has_no_body(req: &pingora::http::RequestHeader) -> bool {
+    let h = &req.headers;
+    !h.contains_key(header::TRANSFER_ENCODING)
+        && h.get(header::CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes() == b"0")
+}
+
+/// Resolves when the client closes its side of the connection; never otherwise (bytes of a
+/// pipelined next request are kept for it by pingora).
+async fn client_left(session: &mut Session) {
+    if session
+        .as_downstream_mut()
+        .read_body_or_idle(true)
+        .await
+        .is_ok()
+    {
+        std::future::pending::<()>().await;
     }
 }

@@ -374,3 +374,56 @@ async fn a_revoke_all_with_a_pool_of_four_costs_exactly_four_token_requests_and_
         s["token_requests"]["total"]
     );
 }
+
+// Regression (issue 21): a queued request whose client had gone kept its place (counted
+// against max_queue_length) and was still sent when budget freed, spending a call for nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_request_whose_client_left_gives_its_place_back_unsent() {
+    use tokio::io::AsyncWriteExt;
+    let sim = start_sim(sim_config()).await;
+    let dir = temp_dir("budget-left");
+    let p = start_from_toml(
+        &proxy_toml(&sim.url(), SECRET, "", "validation = \"none\"", &dir).replace(
+            "[audit]",
+            "[budget]\nrequests_per_window = 2\nwindow_seconds = 3\nmax_queue_wait_ms = 10000\n\n[audit]",
+        ),
+        dir,
+    )
+    .await;
+    p.ready().await;
+    for _ in 0..2 {
+        assert_eq!(get(&p.url("/api/v2/x")).await.status(), 200);
+    }
+    let sent = stats(&sim).await["api_requests"]["total"].as_u64().unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(p.running.proxy_addr)
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /api/v2/queued HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "the request is queued", || async {
+        metric(&metrics_text(&p).await, "genesys_proxy_budget_queue_depth") == 1.0
+    })
+    .await;
+    drop(tcp);
+    eventually(
+        Duration::from_secs(2),
+        "its place is given back",
+        || async {
+            let m = metrics_text(&p).await;
+            metric(&m, "genesys_proxy_budget_queue_depth") == 0.0
+                && metric(&m, "genesys_proxy_budget_queue_abandoned_total") == 1.0
+        },
+    )
+    .await;
+    // Past the window's reset, it is still never sent.
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        let now = stats(&sim).await["api_requests"]["total"].as_u64().unwrap();
+        assert_eq!(now, sent, "the abandoned request reached Genesys");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The budget it did not spend serves the next request at once.
+    assert_eq!(get(&p.url("/api/v2/x")).await.status(), 200);
+    p.running.shutdown().await;
+}
