@@ -176,7 +176,9 @@ pub const STARVING_PACE: Duration = Duration::from_secs(1);
 /// Decides the refresher's next step, in this order:
 ///
 /// 1. a slot with no usable token (none yet, refused by the API, expired), with the secret in
-///    use: the proxy must keep a working token before it tries anything new;
+///    use: the proxy must keep a working token before it tries anything new. Nothing goes
+///    before it unless it waits for its own backoff (the secret in use is failing: then a
+///    pending rotation may be the secret that works);
 /// 2. a pending rotation's attempt, at its own time (its schedule alone decides; re-reading an
 ///    unchanged file never adds an attempt), before a proactive refresh when it was never
 ///    tried (its token replaces the one due), after it once it has failed;
@@ -205,12 +207,20 @@ pub fn next_step(f: &Facts) -> Step {
         [backoff, stagger, f.cap_free_at]
     };
     let normal_gate = [backoff, stagger, f.cap_free_at];
-    let rotation_gate = [stagger, f.cap_free_at, None];
+    // While starving, a rotation attempt keeps the pace too: it must never push the urgent
+    // mint's pace forward and overtake it again and again.
+    let pace = future(f.pace_until).filter(|_| starving);
+    let rotation_gate = [stagger, f.cap_free_at, pace];
     let gate = |g: [Option<Instant>; 3]| g.into_iter().flatten().max();
 
     let mut candidates: Vec<(Step, Option<Instant>)> = Vec::with_capacity(3);
     if let Some((slot, reason)) = urgent {
-        candidates.push((Step::Mint(slot, reason), gate(urgent_gate)));
+        let held = gate(urgent_gate);
+        if held.is_some() && backoff.is_none() {
+            // Held only by the pace, the stagger or the cap: nothing else goes before it.
+            return Step::Sleep(held.unwrap_or(f.now));
+        }
+        candidates.push((Step::Mint(slot, reason), held));
     }
     let retry = rotation.filter(|r| f.now >= r.next_try);
     let retry = retry.map(|_| (Step::RetryRotation, gate(rotation_gate)));

@@ -329,6 +329,22 @@ fn the_working_secret_mints_before_a_pending_rotation_is_tried() {
         ..facts(now)
     };
     assert_eq!(next_step(&f), Step::RetryRotation);
+    // Regression (chaos soak, seed 2): held back only by the pace, the urgent mint is not
+    // overtaken by a due rotation attempt (each attempt pushed the pace forward again, and the
+    // working secret minted nothing for 3.7 s after a revoke).
+    let f = Facts {
+        slots: vec![refused(now)],
+        pace_until: Some(now + s / 2),
+        stagger_until: Some(now - s),
+        rotation: pending(now, now + 300 * s, 2),
+        ..facts(now)
+    };
+    assert_eq!(next_step(&f), Step::Sleep(now + s / 2));
+    let f = Facts {
+        pace_until: Some(now - s / 2),
+        ..f
+    };
+    assert_eq!(next_step(&f), Step::Mint(0, Reason::Rejected));
     // Starving and capped: the urgent mint goes, the rotation waits for the cap.
     let f = Facts {
         slots: vec![refused(now)],

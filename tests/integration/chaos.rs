@@ -1,6 +1,8 @@
 //! The seeded chaos soak: the proxy and the simulator as real processes, four clients sending
 //! GETs and POSTs with bodies (checking `body_sha256`), and a random schedule drawn from a seed
-//! that injects secret rotations (file, SIGHUP, `POST /reload`) with the old secret removed,
+//! that injects secret rotations (a Kubernetes `..data` swap seen by the watcher, or the file
+//! rewritten in place plus SIGHUP or `POST /reload`) with the old secret removed, sometimes a
+//! revoke right after the rotation, rotations to a wrong secret (never active at Genesys),
 //! revoke-all and revoke-client, every token-endpoint fault kind, latency spikes, short token
 //! lifetimes, simulator pauses (SIGSTOP, shorter than the token's remaining life) and broken
 //! config reloads.
@@ -120,10 +122,17 @@ struct Chaos {
     secret: String,
     secrets_used: Vec<String>,
     rotations: u64,
+    /// The secret volume (Kubernetes layout) and its current `..<stamp>` directory.
+    volume: std::path::PathBuf,
+    stamp: u64,
+    /// Rotations to a secret Genesys never accepts.
+    wrong_secrets: u64,
     impaired: Impaired,
     /// Injected faults not yet consumed: (injected at, token calls counted then, count).
     open_faults: Vec<(Instant, u64, u64)>,
     events: std::collections::BTreeMap<&'static str, u64>,
+    /// Every event with when it started, for the report of a failed request.
+    timeline: Vec<(Instant, &'static str)>,
     rng: StdRng,
     seed: u64,
 }
@@ -187,18 +196,7 @@ impl Chaos {
             self.seed
         );
         self.secrets_used.push(new.clone());
-        write_atomic(&self.dir.join("client-secret"), &format!("{new}\n"));
-        match trigger {
-            0 => {} // the watched file alone
-            1 => self.proc.signal("HUP"),
-            _ => {
-                let _ = client()
-                    .post(format!("http://{}/reload", self.proc.admin))
-                    .header("content-type", "application/json")
-                    .send()
-                    .await;
-            }
-        }
+        self.write_secret(&new, trigger).await;
         self.rotations += 1;
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.rotations_done().await < self.rotations {
@@ -216,13 +214,76 @@ impl Chaos {
             .await;
     }
 
+    /// Puts `secret` in the volume: `trigger` 0 swaps `..data` (the kubelet's way; the watcher
+    /// alone picks it up), 1 and 2 rewrite the file in its directory (not watched) and send
+    /// SIGHUP or `POST /reload`.
+    async fn write_secret(&mut self, secret: &str, trigger: u32) {
+        if trigger == 0 {
+            let old = self.volume.join(format!("..{}", self.stamp));
+            self.stamp += 1;
+            k8s_volume(
+                &self.volume,
+                "client-secret",
+                &self.stamp.to_string(),
+                &format!("{secret}\n"),
+            );
+            let _ = std::fs::remove_dir_all(old);
+            return;
+        }
+        let file = self
+            .volume
+            .join(format!("..{}", self.stamp))
+            .join("client-secret");
+        write_atomic(&file, &format!("{secret}\n"));
+        if trigger == 1 {
+            self.proc.signal("HUP");
+        } else {
+            let _ = client()
+                .post(format!("http://{}/reload", self.proc.admin))
+                .header("content-type", "application/json")
+                .send()
+                .await;
+        }
+    }
+
+    /// A rotation to a secret Genesys never accepts: the current one keeps serving, and the
+    /// wrong one is retried on its own backoff until the next rotation replaces it.
+    async fn rotate_to_wrong_secret(&mut self) {
+        let wrong = format!("chaos-wrong-{:016x}", self.rng.random::<u64>());
+        self.secrets_used.push(wrong.clone());
+        let trigger = self.rng.random_range(0..3);
+        self.write_secret(&wrong, trigger).await;
+        self.wrong_secrets += 1;
+    }
+
     async fn step(&mut self) {
-        let kind = self.rng.random_range(0..10);
+        let kind = self.rng.random_range(0..12);
+        let at = Instant::now();
         let name = match kind {
             0..=2 => {
                 let trigger = self.rng.random_range(0..3);
                 self.rotate(trigger).await;
-                ["rotation_file", "rotation_sighup", "rotation_post_reload"][trigger as usize]
+                [
+                    "rotation_k8s_swap",
+                    "rotation_sighup",
+                    "rotation_post_reload",
+                ][trigger as usize]
+            }
+            10 => {
+                // A rotation, and at once a revoke of every token (the pre-rotation one too).
+                let trigger = self.rng.random_range(0..3);
+                self.rotate(trigger).await;
+                self.sim_call(
+                    reqwest::Method::POST,
+                    "/__sim/revoke",
+                    json!({"client_id": CLIENT}),
+                )
+                .await;
+                "rotation_then_revoke"
+            }
+            11 => {
+                self.rotate_to_wrong_secret().await;
+                "wrong_secret"
             }
             3 => {
                 let body = if self.rng.random_bool(0.5) {
@@ -321,6 +382,7 @@ impl Chaos {
             }
         };
         *self.events.entry(name).or_default() += 1;
+        self.timeline.push((at, name));
     }
 }
 
@@ -353,8 +415,11 @@ async fn seeded_chaos_soak_loses_no_request() {
         "100000000",
     ]);
     let dir = temp_dir("chaos");
-    let secret_file = dir.join("client-secret");
-    write_atomic(&secret_file, &format!("{first_secret}\n"));
+    // A Kubernetes secret volume: client-secret -> ..data/client-secret, ..data -> ..0.
+    let volume = dir.join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    k8s_volume(&volume, "client-secret", "0", &format!("{first_secret}\n"));
+    let secret_file = volume.join("client-secret");
     let conf_text = format!(
         r#"[proxy]
 listen = "127.0.0.1:0"
@@ -406,9 +471,13 @@ access_log = true
         secret: first_secret.clone(),
         secrets_used: vec![first_secret],
         rotations: 0,
+        volume,
+        stamp: 0,
+        wrong_secrets: 0,
         impaired: Impaired::default(),
         open_faults: Vec::new(),
         events: Default::default(),
+        timeline: Vec::new(),
         rng,
         seed,
     };
@@ -454,6 +523,8 @@ access_log = true
         impaired,
         events,
         secrets_used,
+        wrong_secrets,
+        timeline,
         ..
     } = chaos;
     let (exit, logs, stdout) = proc.stop();
@@ -467,14 +538,34 @@ access_log = true
     let token_requests = sim_stats["token_requests"]["total"].as_u64().unwrap();
     let n_events: u64 = events.values().sum();
     // Each injected event may cost a couple of mints (a rotation, a revoke, a fault retried);
-    // short lifetimes (8 s and more) are refreshed at most about every 3 s.
-    let bound = 10 + 2 * n_events + seconds / 3;
+    // short lifetimes (8 s and more) are refreshed at most about every 3 s. A wrong secret is
+    // retried on its own backoff (0.4 s doubling with these settings) until the next rotation
+    // replaces it: at most 8 attempts in a 45 s run.
+    let bound = 10 + 2 * n_events + 8 * wrong_secrets + seconds / 3;
     println!(
         "chaos soak: seed {seed}, {:.0} s, {total} requests, by status {by_status:?}, events {events:?}, token requests {token_requests} (bound {bound}), impaired windows {}, max RSS {} MiB",
         started.elapsed().as_secs_f64(),
         impaired.0.len(),
         max_rss / 1024
     );
+
+    // Every request that did not get a 200, next to the events just before it.
+    for o in outcomes.iter().filter(|o| o.status != 200).take(20) {
+        let near: Vec<String> = timeline
+            .iter()
+            .filter(|(t, _)| {
+                *t <= o.ended && o.started.saturating_duration_since(*t) < Duration::from_secs(10)
+            })
+            .map(|(t, n)| format!("{n}@+{:.2}s", t.duration_since(started).as_secs_f64()))
+            .collect();
+        println!(
+            "chaos soak: HTTP {} {} at +{:.2}s..+{:.2}s after {near:?}",
+            o.status,
+            o.detail,
+            o.started.duration_since(started).as_secs_f64(),
+            o.ended.duration_since(started).as_secs_f64()
+        );
+    }
 
     // The invariants.
     assert!(exit.success(), "seed {seed}: proxy exit {exit:?}");

@@ -670,3 +670,21 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A Kubernetes secret volume: `dir/<name> -> ..data/<name>`, `..data -> ..<stamp>`.
+pub fn k8s_volume(dir: &std::path::Path, name: &str, stamp: &str, contents: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let data = dir.join(format!("..{stamp}"));
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join(name), contents).unwrap();
+    std::fs::set_permissions(data.join(name), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{stamp}"), &tmp).unwrap();
+    // The kubelet's AtomicWriter: rename the new symlink over `..data`, then drop the old dir.
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    let link = dir.join(name);
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink(format!("..data/{name}"), &link).unwrap();
+    }
+}
