@@ -19,7 +19,8 @@ WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/bench-proxy.sh
+. benches/bench-proxy.sh
 
 "$BIN" sim --listen 127.0.0.1:0 --client bench:bench-secret >"$WORK/sim.out" 2>/dev/null &
 PIDS+=($!)

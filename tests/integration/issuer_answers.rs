@@ -6,15 +6,6 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-async fn audit_lines(p: &Proxy) -> Vec<Value> {
-    p.running.audit.flush().await;
-    std::fs::read_to_string(p.audit_path())
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn a_huge_token_answer_is_refused_at_the_cap_and_the_next_mint_serves() {
     let sim = start_sim(sim_config()).await;
@@ -27,7 +18,7 @@ async fn a_huge_token_answer_is_refused_at_the_cap_and_the_next_mint_serves() {
     let p = start_proxy_with(&sim, "", "max_response_bytes = 65536").await;
     p.ready().await;
     assert_eq!(get(&p.url("/api/v2/users/me")).await.status(), 200);
-    let events = audit_lines(&p).await;
+    let events = audit_events(&p).await;
     let failed: Vec<&Value> = events
         .iter()
         .filter(|e| e["event"] == "TOKEN_REFRESH_FAILED")

@@ -51,15 +51,6 @@ async fn last_token_request(sim: &SimHandle) -> Value {
     get_json(&format!("{}/__sim/last-token-request", sim.url())).await
 }
 
-async fn audit_events(p: &Proxy) -> Vec<Value> {
-    p.running.audit.flush().await;
-    std::fs::read_to_string(p.audit_path())
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn client_secret_post_scope_audience_and_extra_params_reach_the_token_endpoint() {
     let sim = issuer_sim(SECRET).await;

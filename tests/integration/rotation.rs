@@ -18,16 +18,6 @@ async fn unwatched_proxy(sim: &genesys_auth_proxy::sim::SimHandle, token_extra: 
     p
 }
 
-async fn post_reload(p: &Proxy) -> (u16, Value) {
-    let r = client()
-        .post(p.admin("/reload"))
-        .header("content-type", "application/json")
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
-}
-
 fn audit_count(p: &Proxy, event: &str) -> usize {
     std::fs::read_to_string(p.audit_path())
         .unwrap_or_default()

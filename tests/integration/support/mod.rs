@@ -688,3 +688,24 @@ pub fn k8s_volume(dir: &std::path::Path, name: &str, stamp: &str, contents: &str
         std::os::unix::fs::symlink(format!("..data/{name}"), &link).unwrap();
     }
 }
+
+/// `POST /reload` as an operator sends it: its status and JSON answer.
+pub async fn post_reload(p: &Proxy) -> (u16, Value) {
+    let r = client()
+        .post(p.admin("/reload"))
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// Every audit line written so far, parsed.
+pub async fn audit_events(p: &Proxy) -> Vec<Value> {
+    p.running.audit.flush().await;
+    std::fs::read_to_string(p.audit_path())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
