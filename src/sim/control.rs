@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -33,6 +33,7 @@ pub fn router() -> Router<Arc<SimState>> {
         .route("/last-token-request", get(last_token_request))
         .route("/stats", get(stats))
         .route("/issued-tokens", get(issued_tokens))
+        .route("/huge", get(huge))
         .layer(middleware::from_fn(loopback_only))
 }
 
@@ -277,4 +278,18 @@ async fn stats(State(state): State<Arc<SimState>>) -> Response {
 /// against a simulator in another process grep every output for them).
 async fn issued_tokens(State(state): State<Arc<SimState>>) -> Response {
     ok(serde_json::json!({ "tokens": state.recent_token_values() }))
+}
+
+/// `GET /__sim/huge?mib=N` (1 to 256, default 64): N MiB of white space, chunked (no
+/// `Content-Length`), for clients that must read answers under a size cap (point a
+/// `jwks_url` here).
+async fn huge(Query(q): Query<std::collections::HashMap<String, String>>) -> Response {
+    let mib: usize = q
+        .get("mib")
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=256).contains(n))
+        .unwrap_or(64);
+    let chunks = (0..mib)
+        .map(|_| Ok::<_, std::convert::Infallible>(bytes::Bytes::from(vec![b' '; 1 << 20])));
+    axum::body::Body::from_stream(futures_util::stream::iter(chunks)).into_response()
 }

@@ -293,3 +293,43 @@ async fn far_future_exp_is_cut_to_max_lifetime_and_panics_nothing() {
         p.running.shutdown().await;
     }
 }
+
+// Regression (issue 21): a 1,500 MiB JWKS grew the proxy to 3.2 GB. The key set is read
+// under token.max_response_bytes like every issuer answer; a larger one fails validation
+// naming the key, and no token is served.
+#[tokio::test]
+async fn a_huge_jwks_is_refused_at_the_cap() {
+    let sim = issuer_sim(SECRET).await;
+    let token = format!(
+        "jwks_url = \"{}/__sim/huge?mib=8\"\n{}\nmax_response_bytes = 65536",
+        sim.url(),
+        discovered(&sim)
+    );
+    let p = start_oauth(&sim, SECRET, "", &token).await;
+    eventually(
+        std::time::Duration::from_secs(10),
+        "a refused validation",
+        || async {
+            audit_events(&p)
+                .await
+                .iter()
+                .any(|e| e["event"] == "TOKEN_VALIDATION_FAILED")
+        },
+    )
+    .await;
+    let events = audit_events(&p).await;
+    let failed = events
+        .iter()
+        .find(|e| e["event"] == "TOKEN_VALIDATION_FAILED")
+        .unwrap();
+    let error = failed["details"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("token.max_response_bytes (65536 bytes)"),
+        "{error}"
+    );
+    assert!(
+        p.running.store.current().is_none(),
+        "no token was published"
+    );
+    p.running.shutdown().await;
+}
