@@ -111,10 +111,16 @@ pub struct AuditLog {
 
 /// The writer thread and its channel, shared by every scoped handle.
 struct Shared {
-    tx: Mutex<Option<mpsc::Sender<Message>>>,
+    tx: Mutex<Option<mpsc::SyncSender<Message>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     failures: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
 }
+
+/// Events waiting for the writer, at most. The writer syncs each event to disk; a disk that
+/// stalls must not let the queue, and the process, grow without end: past this, events are
+/// dropped and counted as failed writes (`audit_write_failures_total`).
+pub const QUEUE: usize = 4096;
 
 /// With `[[credential]]`s: the credential a handle's events are about.
 pub(crate) struct Scope {
@@ -131,8 +137,8 @@ impl AuditLog {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let failures = Arc::new(AtomicU64::new(0));
-        let writer = Writer::open(target, client_id, metrics, failures.clone())?;
-        let (tx, rx) = mpsc::channel();
+        let writer = Writer::open(target, client_id, metrics.clone(), failures.clone())?;
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))?;
@@ -141,6 +147,7 @@ impl AuditLog {
                 tx: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(handle)),
                 failures,
+                metrics,
             }),
             scope: None,
         })
@@ -174,17 +181,36 @@ impl AuditLog {
             token: token_fingerprint.map(str::to_string),
             scope: self.scope.clone(),
         };
-        if let Some(tx) = lock(&self.shared.tx).as_ref() {
-            let _ = tx.send(message);
+        let full = match lock(&self.shared.tx).as_ref() {
+            Some(tx) => matches!(tx.try_send(message), Err(mpsc::TrySendError::Full(_))),
+            None => false,
+        };
+        if full {
+            self.shared.failures.fetch_add(1, Ordering::Relaxed);
+            self.shared.metrics.audit_write_failures_total.inc();
+            tracing::error!(
+                event = event.as_str(),
+                "audit queue full (the disk is not keeping up); event dropped"
+            );
         }
     }
 
     /// Resolves once every event recorded before the call has been written (or has failed).
     pub async fn flush(&self) {
         let (done, wait) = tokio::sync::oneshot::channel();
-        let sent = lock(&self.shared.tx)
-            .as_ref()
-            .is_some_and(|tx| tx.send(Message::Flush(done)).is_ok());
+        let Some(tx) = lock(&self.shared.tx).clone() else {
+            return;
+        };
+        let sent = match tx.try_send(Message::Flush(done)) {
+            Ok(()) => true,
+            // A full queue: wait for room off the async runtime (a flush is never dropped).
+            Err(mpsc::TrySendError::Full(flush)) => {
+                tokio::task::spawn_blocking(move || tx.send(flush).is_ok())
+                    .await
+                    .unwrap_or(false)
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => false,
+        };
         if sent {
             let _ = wait.await;
         }
@@ -380,5 +406,27 @@ mod tests {
         assert!(text.len() < 4 * ECHO_MAX_CHARS, "{} bytes", text.len());
         assert!(text.contains("bytes in all"), "{text}");
         assert!(verify(&p).is_ok());
+    }
+
+    // Issue 22: the queue to the writer is bounded; what does not fit is dropped and counted,
+    // never held in memory without end.
+    #[test]
+    fn a_burst_past_the_queue_is_dropped_and_counted() {
+        let p = temp("burst");
+        let m = Arc::new(Metrics::new());
+        let log = AuditLog::open(&AuditTarget::File(p.clone()), "cid", m.clone()).unwrap();
+        let n = 4 * QUEUE as u64;
+        for i in 0..n {
+            log.record(AuditEvent::TokenAcquired, serde_json::json!({"i": i}), None);
+        }
+        let dropped = log.failures();
+        drop(log);
+        let written = std::fs::read_to_string(&p).unwrap().lines().count() as u64;
+        assert_eq!(written + dropped, n, "every event written or counted");
+        assert!(written >= QUEUE as u64, "{written}");
+        assert_eq!(m.audit_write_failures_total.get(), dropped);
+        // Dropped events were never chained: the chain of what was written holds.
+        let v = verify(&p).unwrap();
+        assert_eq!(v.events as u64, written);
     }
 }

@@ -71,6 +71,9 @@ if redis.call('pttl', KEYS[1]) < 0 then redis.call('pexpire', KEYS[1], ARGV[2]) 
 return {total, redis.call('pttl', KEYS[1])}
 "#;
 
+/// Events waiting for the refresher, at most; more are dropped (see [`Cluster::new`]).
+const EVENT_QUEUE: usize = 64;
+
 /// Reconnect backoff: doubling from [`RECONNECT_FIRST`] to [`RECONNECT_MAX`].
 #[derive(Default)]
 struct Reconnect {
@@ -100,7 +103,7 @@ pub struct Cluster {
     last_implausible_log: Mutex<Option<std::time::Instant>>,
     published: Notify,
     last_error: Mutex<Option<String>>,
-    events: mpsc::UnboundedSender<SharedEvent>,
+    events: mpsc::Sender<SharedEvent>,
     metrics: Arc<Metrics>,
     audit: Arc<AuditLog>,
 }
@@ -114,7 +117,7 @@ impl Cluster {
         client_id: &str,
         metrics: Arc<Metrics>,
         audit: Arc<AuditLog>,
-    ) -> Result<(Arc<Cluster>, mpsc::UnboundedReceiver<SharedEvent>), String> {
+    ) -> Result<(Arc<Cluster>, mpsc::Receiver<SharedEvent>), String> {
         let mut info: redis::ConnectionInfo = settings
             .redis_url
             .as_str()
@@ -124,7 +127,9 @@ impl Cluster {
             info.redis.password = Some(p.expose().to_string());
         }
         let client = redis::Client::open(info).map_err(|e| format!("cluster.redis_url: {e}"))?;
-        let (events, receiver) = mpsc::unbounded_channel();
+        // Bounded: the events are hints (a Sync comes every second), so a refresher that is busy
+        // minting loses nothing by missing some; an unbounded queue could grow without end.
+        let (events, receiver) = mpsc::channel(EVENT_QUEUE);
         metrics.cluster_redis_up.set(0);
         let cluster = Cluster {
             settings,
@@ -464,7 +469,7 @@ impl Cluster {
                 }
                 continue;
             };
-            let _ = self.events.send(SharedEvent::Sync);
+            let _ = self.events.try_send(SharedEvent::Sync);
             let mut messages = pubsub.on_message();
             loop {
                 tokio::select! {
@@ -487,7 +492,7 @@ impl Cluster {
     async fn ping_and_sync(&self) -> bool {
         let up = self.ping().await.is_ok();
         if up {
-            let _ = self.events.send(SharedEvent::Sync);
+            let _ = self.events.try_send(SharedEvent::Sync);
         }
         up
     }
@@ -517,7 +522,7 @@ impl Cluster {
         };
         let Ok(slot) = slot.parse() else { return };
         self.published.notify_waiters();
-        let _ = self.events.send(SharedEvent::Published {
+        let _ = self.events.try_send(SharedEvent::Published {
             kid: kid.to_string(),
             slot,
         });

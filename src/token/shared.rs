@@ -24,14 +24,14 @@ const WAIT_STEP: Duration = Duration::from_millis(100);
 pub struct SharedLink {
     pub cluster: Arc<Cluster>,
     pub sealer: Sealer,
-    pub events: mpsc::UnboundedReceiver<SharedEvent>,
+    pub events: mpsc::Receiver<SharedEvent>,
 }
 
 impl SharedLink {
     pub fn new(
         cluster: Arc<Cluster>,
         secret: &Secret,
-        events: mpsc::UnboundedReceiver<SharedEvent>,
+        events: mpsc::Receiver<SharedEvent>,
     ) -> Result<SharedLink, String> {
         let sealer = cluster.sealer(secret)?;
         Ok(SharedLink {

@@ -54,6 +54,7 @@ fn token_requests(s: &Value) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak tier: .ci/run runs it (cargo test -- --ignored)"]
 async fn three_replicas_share_one_token_and_a_revoke_under_load_costs_one_token_request() {
     let sim = start_sim(sim_config()).await;
     let redis = RedisServer::start();
@@ -141,6 +142,7 @@ async fn futures_join<F: std::future::Future<Output = Value>>(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak tier: .ci/run runs it (cargo test -- --ignored)"]
 async fn redis_failing_mid_run_loses_nothing_and_replicas_converge_when_it_returns() {
     let sim = start_sim(sim_config()).await;
     let mut redis = RedisServer::start();
@@ -207,6 +209,7 @@ async fn redis_failing_mid_run_loses_nothing_and_replicas_converge_when_it_retur
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak tier: .ci/run runs it (cargo test -- --ignored)"]
 async fn a_replica_with_another_secret_cannot_read_the_shared_token() {
     let sim = start_sim(sim_config()).await;
     sim_post(
@@ -236,6 +239,7 @@ async fn a_replica_with_another_secret_cannot_read_the_shared_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak tier: .ci/run runs it (cargo test -- --ignored)"]
 async fn the_second_replica_to_rotate_adopts_the_first_ones_token() {
     let sim = start_sim(sim_config()).await;
     let redis = RedisServer::start();
@@ -273,6 +277,7 @@ fn replica_conf_path(r: &ProxyProcess) -> std::path::PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak tier: .ci/run runs it (cargo test -- --ignored)"]
 async fn replicas_share_the_tokens_rate_limit_budget_through_redis() {
     let sim = start_sim(sim_config()).await;
     let redis = RedisServer::start();
@@ -311,6 +316,7 @@ async fn replicas_share_the_tokens_rate_limit_budget_through_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak tier: .ci/run runs it (cargo test -- --ignored)"]
 async fn a_lease_left_behind_costs_a_token_request_not_a_request() {
     let sim = start_sim(sim_config()).await;
     let redis = RedisServer::start();

@@ -22,6 +22,7 @@ async fn rotations_done(admin: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak tier: .ci/run runs it (cargo test -- --ignored)"]
 async fn secret_rotations_under_load_drop_no_request() {
     let rotations: u64 = std::env::var("ROTATIONS")
         .ok()
