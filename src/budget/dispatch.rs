@@ -27,15 +27,11 @@ impl Budget {
     fn grant_waiters(&self, now: Instant) -> Option<Instant> {
         let settings = self.live.load().budget.clone();
         let mut q = lock(&self.queue);
-        if q.period_ends.is_some_and(|t| now >= t) {
-            q.usage.clear();
-            q.period_ends = None;
-        }
-        q.period_ends.get_or_insert(now + settings.window);
+        q.roll(now, settings.window);
         let tokens = self.store.usable(now);
         let mut windows = self.sync(&tokens);
         while q.len > 0 {
-            let Some(client) = next_client(&q, &settings) else {
+            let Some(client) = next_client(&q, &settings, now) else {
                 break;
             };
             let Some(token) = Self::take_best(&mut windows, &tokens, now) else {
@@ -49,7 +45,7 @@ impl Budget {
             q.len -= 1;
             let slot = token.slot;
             if waiter.grant.send(token).is_ok() {
-                *q.usage.entry(client).or_default() += 1;
+                q.used(client, now);
             } else if let Some(w) = windows.get_mut(slot) {
                 w.give_back();
             }
@@ -72,8 +68,9 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// The waiting client that used least in this period, weighted by its application group.
-pub(super) fn next_client(q: &Queue, settings: &BudgetSettings) -> Option<ClientKey> {
+/// The waiting client that used least recently (decayed usage), weighted by its application
+/// group.
+pub(super) fn next_client(q: &Queue, settings: &BudgetSettings, now: Instant) -> Option<ClientKey> {
     let weight = |k: &ClientKey| match k {
         ClientKey::App(i) => settings.apps.get(*i).map_or(1, |a| a.weight.max(1)),
         ClientKey::Address(_) => 1,
@@ -83,9 +80,9 @@ pub(super) fn next_client(q: &Queue, settings: &BudgetSettings) -> Option<Client
         .filter(|(_, d)| !d.is_empty())
         .map(|(k, _)| k)
         .min_by(|a, b| {
-            let ua = q.usage.get(*a).copied().unwrap_or(0) * weight(b);
-            let ub = q.usage.get(*b).copied().unwrap_or(0) * weight(a);
-            ua.cmp(&ub)
+            let ua = q.usage_of(a, now) * weight(b) as f64;
+            let ub = q.usage_of(b, now) * weight(a) as f64;
+            ua.total_cmp(&ub)
         })
         .cloned()
 }

@@ -58,13 +58,89 @@ struct Waiter {
     grant: oneshot::Sender<Arc<Token>>,
 }
 
-/// Waiting requests by client, and what each client used in the current fairness period.
+/// Waiting requests by client, and what each client used recently.
 #[derive(Default)]
 struct Queue {
     waiting: BTreeMap<ClientKey, VecDeque<Waiter>>,
     len: usize,
-    usage: HashMap<ClientKey, u64>,
-    period_ends: Option<Instant>,
+    usage: HashMap<ClientKey, Usage>,
+    /// The fairness horizon in force (see [`horizon`]).
+    horizon: Duration,
+    /// When usage is next pruned of clients whose use has faded.
+    next_prune: Option<Instant>,
+}
+
+/// What a client used, decaying: each call counts 1 and fades with time constant `horizon`,
+/// so fairness weighs what a client used in the last few seconds, whatever happened before
+/// and whether or not anyone waited. A steady client with a long uncontended history keeps
+/// its share when a burster arrives: its usage is its rate times the horizon, not its
+/// history since the last contention (which was all that ever reset it before).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Usage {
+    value: f64,
+    at: Instant,
+}
+
+impl Usage {
+    fn at(&self, now: Instant, horizon: Duration) -> f64 {
+        let age = now.saturating_duration_since(self.at).as_secs_f64();
+        self.value * (-age / horizon.as_secs_f64().max(1e-3)).exp()
+    }
+}
+
+/// The fairness horizon for a budget window: a twentieth of it, within 1 to 10 s.
+pub(crate) fn horizon(window: Duration) -> Duration {
+    (window / 20).clamp(Duration::from_secs(1), Duration::from_secs(10))
+}
+
+/// Clients whose usage is remembered at most (memory stays bounded whatever number of
+/// addresses is seen): past it, the faded ones are forgotten first, then all.
+const USAGE_CLIENTS_MAX: usize = 4096;
+
+impl Queue {
+    /// Keeps the horizon in step with the window and forgets clients whose use has faded
+    /// (checked once per horizon), whether or not requests wait.
+    fn roll(&mut self, now: Instant, window: Duration) {
+        self.horizon = horizon(window);
+        let due = self.next_prune.is_none_or(|t| now >= t);
+        if due || self.usage.len() > USAGE_CLIENTS_MAX {
+            let h = self.horizon;
+            self.usage.retain(|_, u| u.at(now, h) >= 0.01);
+            if self.usage.len() > USAGE_CLIENTS_MAX {
+                self.usage.clear();
+            }
+            self.next_prune = Some(now + h);
+        }
+    }
+
+    /// Counts one call for `client` at `now`.
+    fn used(&mut self, client: ClientKey, now: Instant) {
+        let h = self.horizon;
+        let u = self.usage.entry(client).or_insert(Usage {
+            value: 0.0,
+            at: now,
+        });
+        *u = Usage {
+            value: u.at(now, h) + 1.0,
+            at: now,
+        };
+    }
+
+    /// `client`'s usage now.
+    pub(crate) fn usage_of(&self, client: &ClientKey, now: Instant) -> f64 {
+        self.usage
+            .get(client)
+            .map_or(0.0, |u| u.at(now, self.horizon))
+    }
+
+    /// The client holding the most queue places for its weight, and that weighted count.
+    fn heaviest(&self, weight: impl Fn(&ClientKey) -> u64) -> Option<(ClientKey, u64, u64)> {
+        self.waiting
+            .iter()
+            .filter(|(_, d)| !d.is_empty())
+            .map(|(k, d)| (k.clone(), d.len() as u64, weight(k)))
+            .max_by(|a, b| (a.1 * b.2).cmp(&(b.1 * a.2)))
+    }
 }
 
 /// The budget of the pool's tokens: one window per slot.
@@ -192,11 +268,12 @@ impl Budget {
         let now = Instant::now();
         let (id, rx) = {
             let mut q = lock(&self.queue);
+            q.roll(now, settings.window);
             let tokens = self.candidates(fallback, now);
             let mut windows = self.sync(&tokens);
             if q.len == 0 {
                 if let Some(token) = Self::take_best(&mut windows, &tokens, now) {
-                    *q.usage.entry(client).or_default() += 1;
+                    q.used(client, now);
                     return Admit::Go {
                         queued: false,
                         token,
@@ -207,7 +284,7 @@ impl Budget {
             let retry_after = free_at
                 .saturating_duration_since(now)
                 .max(Duration::from_secs(1));
-            if q.len >= settings.max_queue_length {
+            if q.len >= settings.max_queue_length && !Self::make_room(&mut q, settings, &client) {
                 return Admit::Refused {
                     why: Refused::QueueFull,
                     retry_after,
@@ -254,7 +331,52 @@ impl Budget {
                 queued: true,
                 token,
             },
-            _ => self.timed_out(client, id, rx, fallback),
+            // Its place was given to a client below its share (see `make_room`).
+            Ok(Err(_)) => Admit::Refused {
+                why: Refused::QueueFull,
+                retry_after: self.retry_after(fallback),
+            },
+            Err(_) => self.timed_out(client, id, rx, fallback),
+        }
+    }
+
+    /// When budget frees next, at least a second from now (a 429's `Retry-After`).
+    fn retry_after(&self, fallback: &Arc<Token>) -> Duration {
+        let now = Instant::now();
+        let tokens = self.candidates(fallback, now);
+        Self::free_at(&self.sync(&tokens), &tokens, now)
+            .saturating_duration_since(now)
+            .max(Duration::from_secs(1))
+    }
+
+    /// The queue is full: a client holding fewer places for its weight than the heaviest
+    /// holder takes the place of that holder's newest waiter (which is answered 429
+    /// `queue_full`), so one client's burst cannot hold every place while a steady client is
+    /// refused at the door. False when `client` is the heaviest itself (it gets the 429).
+    fn make_room(q: &mut Queue, settings: &BudgetSettings, client: &ClientKey) -> bool {
+        let weight = |k: &ClientKey| match k {
+            ClientKey::App(i) => settings.apps.get(*i).map_or(1, |a| a.weight.max(1)),
+            ClientKey::Address(_) => 1,
+        };
+        let Some((heavy, held, heavy_weight)) = q.heaviest(weight) else {
+            return false;
+        };
+        let mine = q.waiting.get(client).map_or(0, |d| d.len() as u64) + 1;
+        // Weighted: mine / my_weight < held / heavy_weight, after taking the place.
+        if heavy == *client || mine * heavy_weight >= held * weight(client) {
+            return false;
+        }
+        let evicted = q.waiting.get_mut(&heavy).and_then(VecDeque::pop_back);
+        if q.waiting.get(&heavy).is_some_and(VecDeque::is_empty) {
+            q.waiting.remove(&heavy);
+        }
+        // Dropping its sender answers the evicted waiter: it is refused `queue_full`.
+        match evicted {
+            Some(_) => {
+                q.len -= 1;
+                true
+            }
+            None => false,
         }
     }
 

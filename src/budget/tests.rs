@@ -56,18 +56,59 @@ fn the_least_used_client_by_weight_goes_first() {
         q.waiting.entry(k).or_default().push_back(waiter());
     }
     // Reporting (weight 3) used 5, provisioning (weight 1) used 2: 5/3 < 2/1.
-    q.usage.insert(ClientKey::App(0), 5);
-    q.usage.insert(ClientKey::App(1), 2);
-    assert_eq!(next_client(&q, &s), Some(ClientKey::App(0)));
-    q.usage.insert(ClientKey::App(0), 7);
-    assert_eq!(next_client(&q, &s), Some(ClientKey::App(1)), "7/3 > 2/1");
+    let now = Instant::now();
+    q.horizon = Duration::from_secs(3);
+    for _ in 0..5 {
+        q.used(ClientKey::App(0), now);
+    }
+    for _ in 0..2 {
+        q.used(ClientKey::App(1), now);
+    }
+    assert_eq!(next_client(&q, &s, now), Some(ClientKey::App(0)));
+    q.used(ClientKey::App(0), now);
+    q.used(ClientKey::App(0), now);
+    assert_eq!(
+        next_client(&q, &s, now),
+        Some(ClientKey::App(1)),
+        "7/3 > 2/1"
+    );
     // A client that has used nothing yet goes first whatever its weight.
     let newcomer = ClientKey::Address("127.0.0.9".parse().unwrap());
     q.waiting
         .entry(newcomer.clone())
         .or_default()
         .push_back(waiter());
-    assert_eq!(next_client(&q, &s), Some(newcomer));
+    assert_eq!(next_client(&q, &s, now), Some(newcomer));
+}
+
+// Issue 22: usage fades with the horizon, whether or not anyone waits, and memory is bounded.
+#[test]
+fn usage_fades_and_is_forgotten() {
+    let mut q = Queue::default();
+    let start = Instant::now();
+    q.roll(start, Duration::from_secs(60));
+    assert_eq!(q.horizon, Duration::from_secs(3));
+    let steady = ClientKey::App(0);
+    // Two calls a second for 100 s: usage settles near rate x horizon (6), not 200.
+    for i in 0..200u64 {
+        q.used(steady.clone(), start + Duration::from_millis(500 * i));
+    }
+    let now = start + Duration::from_millis(500 * 199);
+    let u = q.usage_of(&steady, now);
+    assert!((5.0..8.0).contains(&u), "{u}");
+    // A minute later it is forgotten.
+    let later = now + Duration::from_secs(60);
+    q.roll(later, Duration::from_secs(60));
+    assert!(q.usage.is_empty());
+    // However many addresses are seen, the map stays bounded.
+    for i in 0..(USAGE_CLIENTS_MAX as u32 + 10) {
+        q.used(
+            ClientKey::Address(std::net::IpAddr::from(i.to_be_bytes())),
+            later,
+        );
+        q.roll(later, Duration::from_secs(60));
+    }
+    assert!(q.usage.len() <= USAGE_CLIENTS_MAX + 1);
 }
 
 /// A budget over a one-slot pool holding a fresh token.

@@ -427,3 +427,98 @@ async fn a_queued_request_whose_client_left_gives_its_place_back_unsent() {
     assert_eq!(get(&p.url("/api/v2/x")).await.status(), 200);
     p.running.shutdown().await;
 }
+
+/// A proxy with `[budget]` `requests_per_window = per_window` per `window` and these queue
+/// limits, in front of a simulator whose own limit is the same.
+async fn fair_proxy(
+    per_window: u64,
+    window: Duration,
+    queue: &str,
+) -> (genesys_auth_proxy::sim::SimHandle, Proxy) {
+    let sim = start_sim(genesys_auth_proxy::sim::SimConfig {
+        api_rate_limit_per_minute: per_window,
+        api_rate_limit_window: window,
+        ..sim_config()
+    })
+    .await;
+    let dir = temp_dir("fair-door");
+    let toml = proxy_toml(&sim.url(), SECRET, "", "validation = \"none\"", &dir).replace(
+        "[audit]",
+        &format!(
+            "[budget]\nrequests_per_window = {per_window}\nwindow_seconds = {}\n{queue}\n\n[audit]",
+            window.as_secs()
+        ),
+    );
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    (sim, p)
+}
+
+// Issue 22: queue admission was first come, first served. A client with 120 concurrent loops
+// held every one of 50 places and a steady client got the proxy's 429 (queue_full) on every
+// request for 30 s. Now a client below its share takes the place of the heaviest holder's
+// newest waiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_that_fills_the_queue_cannot_keep_a_steady_client_out() {
+    let (_sim, p) = fair_proxy(
+        20,
+        Duration::from_secs(5),
+        "max_queue_length = 50\nmax_queue_wait_ms = 10000",
+    )
+    .await;
+    let base = format!("http://{}", p.running.proxy_addr);
+    let until = Instant::now() + Duration::from_secs(8);
+    let burster = app(
+        base.clone(),
+        "127.0.0.2",
+        120,
+        Duration::from_millis(100),
+        until,
+    );
+    // Let the burst fill the queue first.
+    eventually(Duration::from_secs(10), "the queue is full", || async {
+        metric(&metrics_text(&p).await, "genesys_proxy_budget_queue_depth") >= 50.0
+    })
+    .await;
+    let steady = app(base, "127.0.0.3", 1, Duration::from_millis(500), until);
+    let (burster, steady) = (burster.await.unwrap(), steady.await.unwrap());
+    println!("queue door: burster {burster:?}, steady {steady:?}");
+    assert_eq!(steady.rate_limited + steady.other, 0, "steady: {steady:?}");
+    assert!(steady.ok >= 3, "steady was served: {steady:?}");
+    assert!(
+        burster.rate_limited > 0,
+        "the burster absorbs the refusals: {burster:?}"
+    );
+    p.running.shutdown().await;
+}
+
+// Issue 22: fairness usage was reset only while requests waited (and then only once a period
+// of a whole window had passed), so a steady client with a long uncontended history lost its
+// share when a burster arrived: the burster, at zero, was served first until it had used as
+// much. Usage now fades over a short horizon (a twentieth of the window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_quiet_history_does_not_cost_a_steady_client_its_share() {
+    let (_sim, p) = fair_proxy(300, Duration::from_secs(60), "max_queue_wait_ms = 2000").await;
+    let base = format!("http://{}", p.running.proxy_addr);
+    // Alone for 10 s at 4 requests a second (under the 5 a second the budget allows): 40 calls
+    // of history.
+    let alone_until = Instant::now() + Duration::from_secs(10);
+    let alone = app(
+        base.clone(),
+        "127.0.0.3",
+        1,
+        Duration::from_millis(250),
+        alone_until,
+    )
+    .await
+    .unwrap();
+    assert_eq!(alone.rate_limited + alone.other, 0, "alone: {alone:?}");
+    let until = Instant::now() + Duration::from_secs(6);
+    let burster = app(base.clone(), "127.0.0.2", 16, Duration::ZERO, until);
+    let steady = app(base, "127.0.0.3", 1, Duration::from_millis(250), until);
+    let (burster, steady) = (burster.await.unwrap(), steady.await.unwrap());
+    println!("long history: alone {alone:?}, then burster {burster:?}, steady {steady:?}");
+    assert_eq!(steady.rate_limited + steady.other, 0, "steady: {steady:?}");
+    assert!(burster.ok > 0 && burster.rate_limited > 0, "{burster:?}");
+    p.running.shutdown().await;
+}
