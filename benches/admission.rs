@@ -43,7 +43,9 @@ cidrs = ["10.2.0.0/16"]
     );
     genesys_auth_proxy::config::parse(&text, std::path::Path::new("bench.toml"))
         .expect("bench config")
+        .top()
         .live
+        .clone()
 }
 
 fn token(slot: usize, generation: u64) -> Token {

@@ -30,7 +30,7 @@ use crate::token::store::{TokenSource, TokenStore};
 /// One credential's running parts, as the admin listener reports them.
 pub struct CredentialView {
     /// `default` for the top-level credential, else its `[[credential]]` name.
-    pub name: String,
+    pub name: crate::config::CredentialName,
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,
     pub refresh: Arc<Mutex<RefreshInfo>>,
@@ -43,10 +43,8 @@ pub struct CredentialView {
 }
 
 pub struct AdminState {
-    /// The top-level credential.
-    pub top: CredentialView,
-    /// Each `[[credential]]`, in file order.
-    pub others: Vec<CredentialView>,
+    /// Every credential: the top-level one first, then each `[[credential]]` in file order.
+    pub credentials: Vec<CredentialView>,
     pub audit: Arc<AuditLog>,
     /// True once shutdown began: `/readyz` answers 503 so balancers drain first.
     pub draining: AtomicBool,
@@ -58,7 +56,12 @@ pub struct AdminState {
 impl AdminState {
     /// Every credential, the top-level one first.
     pub fn credentials(&self) -> impl Iterator<Item = &CredentialView> {
-        std::iter::once(&self.top).chain(&self.others)
+        self.credentials.iter()
+    }
+
+    /// The top-level credential.
+    pub fn top(&self) -> &CredentialView {
+        &self.credentials[0]
     }
 }
 
@@ -100,9 +103,9 @@ pub fn readiness(state: &AdminState, credential: Option<&str>) -> Result<(), Str
     if state.draining.load(Ordering::Relaxed) {
         return Err("shutting down".into());
     }
-    let several = !state.others.is_empty();
+    let several = state.credentials.len() > 1;
     for view in state.credentials() {
-        if credential.is_some_and(|name| name != view.name) {
+        if credential.is_some_and(|name| name != view.name.as_str()) {
             continue;
         }
         if let Err(reason) = credential_readiness(view) {
@@ -162,7 +165,7 @@ async fn readyz(
 ) -> Response {
     let credential = query.get("credential").map(String::as_str);
     if let Some(name) = credential {
-        if !state.credentials().any(|c| c.name == name) {
+        if !state.credentials().any(|c| c.name.as_str() == name) {
             return (
                 StatusCode::NOT_FOUND,
                 format!("no credential named {name:?}\n"),
@@ -187,7 +190,7 @@ fn rfc3339(t: SystemTime) -> String {
 async fn status(State(state): State<Arc<AdminState>>) -> Response {
     let now = Instant::now();
     let config = state.reloader.info();
-    let mut body = credential_status(&state.top, &state.audit, now);
+    let mut body = credential_status(state.top(), &state.audit, now);
     body["config"] = serde_json::json!({
         "loaded_at": rfc3339(config.loaded_at),
         "generation": config.generation,
@@ -196,7 +199,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
     body["audit_write_failures"] = state.audit.failures().into();
     body["credentials"] = state
         .credentials()
-        .map(|c| (c.name.clone(), credential_status(c, &state.audit, now)))
+        .map(|c| (c.name.to_string(), credential_status(c, &state.audit, now)))
         .collect::<serde_json::Map<_, _>>()
         .into();
     body["now"] = SystemTime::now()

@@ -26,10 +26,17 @@ use crate::proxy::{client_allowed, Refusal};
 /// log, whatever the connection count.
 const RESERVED_FDS: u64 = 128;
 
-/// Admission at accept, shared by every worker thread.
+/// Admission at accept on one credential's listener, shared by every worker thread: its
+/// allowlist and metrics, and the process's one [`Capacity`].
 pub struct Gate {
     pub live: Arc<ArcSwap<Live>>,
     pub metrics: Arc<Metrics>,
+    capacity: Arc<Capacity>,
+}
+
+/// The process's connection cap, over every listener: one budget of file descriptors, so the
+/// caps of several credentials cannot add up past the open-file limit.
+pub struct Capacity {
     connections: Arc<Semaphore>,
     limit: usize,
     /// Open connections per client address (only addresses holding one).
@@ -77,33 +84,48 @@ pub enum Admit {
     Drop(Refusal),
 }
 
-impl Gate {
-    pub fn new(live: Arc<ArcSwap<Live>>, metrics: Arc<Metrics>, limit: usize) -> Self {
-        Gate {
-            live,
-            metrics,
+impl Capacity {
+    /// At most `limit` open client connections (see [`connection_limit`]).
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Capacity {
             connections: Arc::new(Semaphore::new(limit)),
             limit,
             per_source: Arc::new(Mutex::new(HashMap::new())),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
+        })
+    }
+
+    /// Open client connections now, over every listener.
+    pub fn open(&self) -> usize {
+        self.limit - self.connections.available_permits()
+    }
+}
+
+impl Gate {
+    pub fn new(live: Arc<ArcSwap<Live>>, metrics: Arc<Metrics>, capacity: Arc<Capacity>) -> Self {
+        Gate {
+            live,
+            metrics,
+            capacity,
         }
     }
 
     /// Decides on a connection from `peer` before anything is read from it.
     pub fn admit(&self, peer: IpAddr) -> Admit {
+        let cap = &*self.capacity;
         let refusal = if !client_allowed(peer, &self.live.load().proxy.allowed_client_cidrs) {
             Refusal::ClientNotAllowed
         } else {
-            match self.connections.clone().try_acquire_owned() {
+            match cap.connections.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    let mut counts = crate::sync::lock(&self.per_source);
+                    let mut counts = crate::sync::lock(&cap.per_source);
                     let held = counts.entry(peer).or_insert(0);
-                    if *held < share_of(self.limit) {
+                    if *held < share_of(cap.limit) {
                         *held += 1;
                         return Admit::Serve(Slot {
                             _permit: permit,
                             source: peer,
-                            per_source: self.per_source.clone(),
+                            per_source: cap.per_source.clone(),
                         });
                     }
                     Refusal::TooManyConnections
@@ -111,15 +133,10 @@ impl Gate {
                 Err(_) => Refusal::TooManyConnections,
             }
         };
-        match self.refusals.clone().try_acquire_owned() {
+        match cap.refusals.clone().try_acquire_owned() {
             Ok(permit) => Admit::Refuse(refusal, permit),
             Err(_) => Admit::Drop(refusal),
         }
-    }
-
-    /// Open client connections now.
-    pub fn open(&self) -> usize {
-        self.limit - self.connections.available_permits()
     }
 }
 

@@ -86,7 +86,7 @@ fn run(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    crate::logging::init(config.restart.log.format, &config.live.log.level);
+    crate::logging::init(config.process.log.format, &config.top().live.log.level);
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
@@ -125,12 +125,10 @@ fn check(paths: &[std::path::PathBuf], live: bool) -> ExitCode {
     };
     for (path, c) in paths.iter().zip(&configs) {
         // Every credential is checked; each is named when there are several.
-        let several = !c.extra.is_empty();
-        let all = std::iter::once((config::DEFAULT_CREDENTIAL, c))
-            .chain(c.extra.iter().map(|e| (e.name.as_str(), &e.config)));
-        for (name, c) in all {
+        let several = c.several();
+        for c in &c.credentials {
             let label = if several {
-                format!(" credential {name}:")
+                format!(" credential {}:", c.name)
             } else {
                 String::new()
             };
@@ -152,11 +150,11 @@ fn check(paths: &[std::path::PathBuf], live: bool) -> ExitCode {
 
 /// Mints one token for `c`'s credential and validates it as the refresher would: its
 /// fingerprint and lifetime.
-async fn live_check(c: &config::Config) -> Result<(String, std::time::Duration), String> {
+async fn live_check(c: &config::Credential) -> Result<(String, std::time::Duration), String> {
     let endpoint =
-        crate::token::endpoint::TokenEndpoint::for_config(c).map_err(|e| e.to_string())?;
+        crate::token::endpoint::TokenEndpoint::for_credential(c).map_err(|e| e.to_string())?;
     let minted = endpoint
-        .mint(&c.credentials.client_id, &c.credentials.client_secret)
+        .mint(&c.secrets.client_id, &c.secrets.client_secret)
         .await
         .map_err(|e| e.to_string())?;
     // The same check the refresher makes before it publishes a token.

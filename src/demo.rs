@@ -86,20 +86,20 @@ pub fn demo(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    crate::logging::init(config.restart.log.format, &config.live.log.level);
+    crate::logging::init(config.process.log.format, &config.top().live.log.level);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
     let result: anyhow::Result<()> = rt.block_on(async {
-        let api = &config.restart.genesys.api;
+        let api = &config.top().restart.genesys.api;
         let sim_addr = format!("{}:{}", api.host, api.port);
         let listener = tokio::net::TcpListener::bind(&sim_addr).await.map_err(|e| {
             anyhow::anyhow!("cannot start the simulator on {sim_addr} (genesys.api_url in {}): {e}", path.display())
         })?;
         let sim = sim::start(
             SimConfig {
-                clients: vec![(config.credentials.client_id.clone(), config.credentials.client_secret.expose().to_string())],
+                clients: vec![(config.top().secrets.client_id.clone(), config.top().secrets.client_secret.expose().to_string())],
                 token_lifetime_seconds: 3600,
                 ..SimConfig::default()
             },

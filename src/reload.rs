@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{AuditEvent, AuditLog};
-use crate::config::{self, Config, Diff, Live};
+use crate::config::{self, Config, Credential, CredentialName, Diff, Keyed, Live};
 use crate::metrics::Metrics;
 use crate::token::refresher::{Command, Credentials, RotationResult};
 use crate::token::secret::SecretSource;
@@ -109,7 +109,7 @@ const ROTATION_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// What a reload can change in one running credential.
 pub struct ReloadTarget {
     /// `default` for the top-level credential, else its `[[credential]]` name.
-    pub name: String,
+    pub name: CredentialName,
     pub live: Arc<ArcSwap<Live>>,
     pub refresher: mpsc::Sender<Command>,
 }
@@ -130,12 +130,48 @@ pub struct Reloader {
     last_warnings: std::sync::Mutex<Vec<String>>,
 }
 
-/// What one credential's part of a reload changed.
-struct Applied {
+/// What one credential's part of a reload changed (keys as the user wrote them).
+struct Part {
+    name: CredentialName,
     applied: Vec<String>,
     restart_required: Vec<String>,
-    rotation: Option<RotationResult>,
+    /// Something besides a rotation answer changed.
+    changed: bool,
+    rotation: Option<Rotation>,
     new_secret: String,
+}
+
+/// A rotation asked of a refresher: its answer, or the channel it will come on.
+enum Rotation {
+    Asked(oneshot::Receiver<RotationResult>),
+    Answered(RotationResult),
+}
+
+impl Rotation {
+    /// The refresher's answer, waited for at most [`ROTATION_ANSWER_TIMEOUT`].
+    async fn answer(self) -> RotationResult {
+        let answer = match self {
+            Rotation::Answered(result) => return result,
+            Rotation::Asked(answer) => answer,
+        };
+        match tokio::time::timeout(ROTATION_ANSWER_TIMEOUT, answer).await {
+            Err(_) => RotationResult::Pending {
+                why: crate::token::refresher::PendingWhy::Backoff,
+                next_attempt: SystemTime::now(),
+                retry_until: SystemTime::now() + ROTATION_ANSWER_TIMEOUT,
+            },
+            Ok(Err(_)) => refresher_stopped(),
+            Ok(Ok(result)) => result,
+        }
+    }
+}
+
+fn refresher_stopped() -> RotationResult {
+    RotationResult::Failed {
+        error: "the refresher stopped".into(),
+        next_attempt: SystemTime::now(),
+        retry_until: SystemTime::now(),
+    }
 }
 
 impl Reloader {
@@ -206,12 +242,15 @@ impl Reloader {
     /// credential that asks for it.
     pub async fn watched_files(&self) -> Vec<PathBuf> {
         let c = self.current.lock().await;
-        let all = std::iter::once(&*c).chain(c.extra.iter().map(|e| &e.config));
         let mut files = Vec::new();
-        for c in all.filter(|c| c.restart.genesys.watch_secret_files) {
+        for c in c
+            .credentials
+            .iter()
+            .filter(|c| c.restart.genesys.watch_secret_files)
+        {
             let sources = [
-                Some(&c.credentials.client_secret_source),
-                c.credentials.previous_client_secret_source.as_ref(),
+                Some(&c.secrets.client_secret_source),
+                c.secrets.previous_client_secret_source.as_ref(),
             ];
             for source in sources.into_iter().flatten() {
                 if let SecretSource::File(p) = source {
@@ -224,8 +263,10 @@ impl Reloader {
         files
     }
 
-    /// Runs one reload. Reloads are serialised: a second trigger waits for the first. The
-    /// answer comes after the reload's audit events are written.
+    /// Runs one reload. Reloads are serialised up to the rotations they ask for: a second
+    /// trigger waits until the first has read the file and applied it, not for the
+    /// refreshers' answers, which every credential gives at once. The answer comes after the
+    /// reload's audit events are written.
     pub async fn reload(&self, trigger: Trigger) -> ReloadReport {
         let digest = self.inputs_digest().await;
         *crate::sync::lock(&self.last_inputs) = Some(digest);
@@ -245,26 +286,42 @@ impl Reloader {
                     .await
             }
         };
+        let mut restart_required: Vec<String> = current
+            .process
+            .diff(&new.process)
+            .into_iter()
+            .map(String::from)
+            .collect();
         let parts = self.apply_all(&mut current, &new, explicit).await;
-        let changed = parts.iter().any(|(_, p)| p.is_some());
+        drop(current);
+        let answers = futures_util::future::join_all(parts.into_iter().map(|mut p| async {
+            let rotation = match p.rotation.take() {
+                Some(r) => Some(r.answer().await).filter(|r| *r != RotationResult::Current),
+                None => None,
+            };
+            (p, rotation)
+        }))
+        .await;
+        let changed =
+            !restart_required.is_empty() || answers.iter().any(|(p, r)| p.changed || r.is_some());
         self.log_warnings(&new.warnings, changed);
         if !changed {
             tracing::debug!(trigger, "reload: nothing changed");
             return self.finish(ReloadOutcome::Unchanged, json!({"outcome": "unchanged"}));
         }
-        let generation = self.info().generation + 1;
-        self.info.store(Arc::new(ConfigInfo {
-            loaded_at: SystemTime::now(),
-            generation,
-        }));
-        let (mut applied, mut restart_required, mut rotations) = (vec![], vec![], json!({}));
+        let now = SystemTime::now();
+        let before = self.info.rcu(|i| ConfigInfo {
+            loaded_at: now,
+            generation: i.generation + 1,
+        });
+        let generation = before.generation + 1;
+        let (mut applied, mut rotations) = (vec![], json!({}));
         let mut rotation = Value::Null;
         let (mut failed, mut pending) = (false, false);
-        for (name, part) in parts.into_iter() {
-            let Some(part) = part else { continue };
+        for (part, result) in answers {
             applied.extend(part.applied);
             restart_required.extend(part.restart_required);
-            let Some(result) = part.rotation else {
+            let Some(result) = result else {
                 continue;
             };
             failed |= matches!(
@@ -273,10 +330,10 @@ impl Reloader {
             );
             pending |= matches!(result, RotationResult::Pending { .. });
             let shown = rotation_json(&result, &part.new_secret);
-            if name == config::DEFAULT_CREDENTIAL {
+            if part.name.is_top() {
                 rotation = shown;
             } else {
-                rotations[name] = shown;
+                rotations[part.name.as_str()] = shown;
             }
         }
         let outcome = if failed {
@@ -306,80 +363,57 @@ impl Reloader {
         self.finish(outcome, body)
     }
 
-    /// Applies `new` credential by credential: the top level, then each `[[credential]]`
-    /// present before and after (adding or removing one is the restart-only key
-    /// `credential`). `None` for a credential nothing changed in.
-    async fn apply_all(
-        &self,
-        current: &mut Config,
-        new: &Config,
-        explicit: bool,
-    ) -> Vec<(String, Option<Applied>)> {
-        let top = Diff::between(current, new);
-        let mut parts = Vec::new();
+    /// Applies `new` credential by credential, each present before and after (adding or
+    /// removing one is the restart-only key `credential`): live settings swapped in, new
+    /// secrets handed to the refreshers (answers awaited by the caller, after the lock).
+    async fn apply_all(&self, current: &mut Config, new: &Config, explicit: bool) -> Vec<Part> {
+        // A credential's keys are reported under its name, except the top-level keys it
+        // inherits (already reported once).
+        let top = Diff::between(current.top(), new.top());
         let top_keys: Vec<&str> = top
             .applied
             .iter()
             .chain(&top.restart_required)
             .copied()
             .collect();
+        let mut parts = Vec::new();
         for target in &self.targets {
-            let is_top = target.name == config::DEFAULT_CREDENTIAL;
-            let (cur, next) = if is_top {
-                (&mut *current, new)
-            } else {
-                let cur = current.extra.iter_mut().find(|e| e.name == target.name);
-                let next = new.extra.iter().find(|e| e.name == target.name);
-                match (cur, next) {
-                    (Some(c), Some(n)) => (&mut c.config, &n.config),
-                    _ => continue,
-                }
+            let cur = current
+                .credentials
+                .iter_mut()
+                .find(|c| c.name == target.name);
+            let (Some(cur), Some(next)) = (cur, new.credential(&target.name)) else {
+                continue;
             };
             let diff = Diff::between(cur, next);
             // An operator's reload also asks the refresher about secrets it may have given
             // up on; the answer is "current" when there is nothing to do.
             if diff.is_empty() && !explicit {
-                parts.push((target.name.clone(), None));
                 continue;
             }
-            // A credential's keys are reported under its name, except the top-level keys it
-            // inherits (already reported once).
+            let is_top = target.name.is_top();
             let named = |keys: &[&'static str]| -> Vec<String> {
                 keys.iter()
                     .filter(|k| is_top || !top_keys.contains(k))
-                    .map(|k| {
-                        if is_top {
-                            k.to_string()
-                        } else {
-                            config::credential::key_of(&target.name, k)
-                        }
-                    })
+                    .map(|k| target.name.key(k))
                     .collect()
             };
             let (applied, restart_required) = (named(&diff.applied), named(&diff.restart_required));
-            self.apply_live(target, &cur.live, &next.live, is_top);
+            self.apply_live(target, &cur.live, &next.live);
             cur.live = next.live.clone();
-            let new_secret = next.credentials.client_secret.fingerprint();
+            let new_secret = next.secrets.client_secret.fingerprint();
             let rotation = self
                 .apply_credentials(target, cur, next, &diff, explicit)
-                .await
-                .filter(|r| *r != RotationResult::Current);
-            if diff.is_empty() && rotation.is_none() {
-                parts.push((target.name.clone(), None));
-                continue;
-            }
-            parts.push((
-                target.name.clone(),
-                Some(Applied {
-                    applied,
-                    restart_required,
-                    rotation,
-                    new_secret,
-                }),
-            ));
+                .await;
+            parts.push(Part {
+                name: target.name.clone(),
+                applied,
+                restart_required,
+                changed: !diff.is_empty(),
+                rotation,
+                new_secret,
+            });
         }
-        // The set of credentials itself (the restart-only key `credential`) lives in the top
-        // level's config: keep the running one.
         parts
     }
 
@@ -408,12 +442,12 @@ impl Reloader {
     /// Swaps in the new live snapshot; the log level is the one live setting that must be
     /// pushed (into the tracing filter) rather than read, and it is process-wide: the top
     /// level's.
-    fn apply_live(&self, target: &ReloadTarget, old: &Live, new: &Live, is_top: bool) {
+    fn apply_live(&self, target: &ReloadTarget, old: &Live, new: &Live) {
         if old == new {
             return;
         }
         target.live.store(Arc::new(new.clone()));
-        if is_top && old.log.level != new.log.level {
+        if target.name.is_top() && old.log.level != new.log.level {
             if let Err(e) = crate::logging::set_level(&new.log.level) {
                 tracing::warn!(error = %e, "log level not changed");
             }
@@ -435,18 +469,18 @@ impl Reloader {
         *last = warnings.to_vec();
     }
 
-    /// Hands changed secrets to the credential's refresher; returns how the rotation stands.
+    /// Hands changed secrets to the credential's refresher; returns the rotation asked for.
     /// The running config records the secret as requested whatever the answer: the
     /// refresher owns the retries, so a later reload of the same file asks nothing again.
     async fn apply_credentials(
         &self,
         target: &ReloadTarget,
-        current: &mut Config,
-        new: &Config,
+        current: &mut Credential,
+        new: &Credential,
         diff: &Diff,
         explicit: bool,
-    ) -> Option<RotationResult> {
-        let (cur, next) = (&mut current.credentials, &new.credentials);
+    ) -> Option<Rotation> {
+        let (cur, next) = (&mut current.secrets, &new.secrets);
         if !diff.credentials && !explicit {
             if diff.previous_secret {
                 let previous = next.previous_client_secret.clone();
@@ -456,42 +490,18 @@ impl Reloader {
             }
             return None;
         }
-        let result = self.rotate(target, next).await;
-        *cur = next.clone();
-        Some(result)
-    }
-
-    /// Asks the refresher to rotate and waits (bounded) for its answer: the attempt's
-    /// outcome, or why and until when it waits.
-    async fn rotate(
-        &self,
-        target: &ReloadTarget,
-        next: &config::CredentialSettings,
-    ) -> RotationResult {
         let credentials = Credentials {
             client_id: next.client_id.clone(),
             secret: next.client_secret.clone(),
             previous: next.previous_client_secret.clone(),
         };
+        *cur = next.clone();
         let (reply, answer) = oneshot::channel();
         let command = Command::Rotate { credentials, reply };
-        let stopped = RotationResult::Failed {
-            error: "the refresher stopped".into(),
-            next_attempt: SystemTime::now(),
-            retry_until: SystemTime::now(),
-        };
-        if target.refresher.send(command).await.is_err() {
-            return stopped;
-        }
-        match tokio::time::timeout(ROTATION_ANSWER_TIMEOUT, answer).await {
-            Err(_) => RotationResult::Pending {
-                why: crate::token::refresher::PendingWhy::Backoff,
-                next_attempt: SystemTime::now(),
-                retry_until: SystemTime::now() + ROTATION_ANSWER_TIMEOUT,
-            },
-            Ok(Err(_)) => stopped,
-            Ok(Ok(result)) => result,
-        }
+        Some(match target.refresher.send(command).await {
+            Err(_) => Rotation::Answered(refresher_stopped()),
+            Ok(()) => Rotation::Asked(answer),
+        })
     }
 }
 

@@ -1,5 +1,7 @@
-//! The one place that wires the parts together: token store and refresher, DNS resolver, the
-//! pingora proxy on its worker threads, the admin listener, audit log, and graceful shutdown.
+//! The one place that wires the parts together: what the process owns once (worker threads
+//! accepting on every credential's listener under one connection cap, the Redis link, one DNS
+//! loop per API host, the admin listener, audit log, graceful shutdown) and each credential's
+//! unit (token store, refresher, budget).
 //!
 //! [`start`] reads like a script: build the shared parts, bind both listeners (port 0 works:
 //! tests read the bound addresses from [`Running`]), spawn each service, and return at once;
@@ -19,12 +21,12 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
 use crate::audit::{AuditEvent, AuditLog};
-use crate::config::{Config, DEFAULT_CREDENTIAL};
+use crate::config::{Config, CredentialName};
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::shutdown::{self, Trigger};
 use crate::token::store::TokenStore;
-use unit::{Bound, ProxyWorkers, Unit};
+use unit::{spawn_workers, Bound, ProxyWorkers, Resolver, Shared, Unit};
 
 /// A running `[[credential]]`: where its listener is and its token store.
 pub struct RunningCredential {
@@ -85,31 +87,68 @@ pub fn install_crypto_provider() {
 /// `config_path` is where reloads read the configuration from.
 pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Running> {
     install_crypto_provider();
+    let p = &config.process;
     // With [[credential]]s every metric sample and audit line names its credential; a
     // single-credential proxy renders exactly as before.
-    let top_metrics = Arc::new(if config.extra.is_empty() {
-        Metrics::new()
+    let several = config.several();
+    let top_metrics = Arc::new(if several {
+        Metrics::for_credential(CredentialName::DEFAULT)
     } else {
-        Metrics::for_credential(DEFAULT_CREDENTIAL)
+        Metrics::new()
     });
-    let r = &config.restart;
-    let target = &r.audit.target;
+    let target = &p.audit.target;
     let audit = Arc::new(
-        AuditLog::open(target, &config.credentials.client_id, top_metrics.clone())
+        AuditLog::open(target, &config.top().secrets.client_id, top_metrics.clone())
             .with_context(|| format!("audit.path: cannot open {target:?}"))?,
     );
     // Every listener is bound before anything starts: a clash fails start-up cleanly.
-    let mut bound = vec![Bound::bind(DEFAULT_CREDENTIAL, &config)?];
-    for extra in &config.extra {
-        bound.push(Bound::bind(&extra.name, &extra.config)?);
-    }
-    let admin_listener = TcpListener::bind(r.admin.listen)
+    let bound = config
+        .credentials
+        .iter()
+        .map(|c| Bound::bind(c, p.proxy.reuse_port))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let admin_listener = TcpListener::bind(p.admin.listen)
         .await
-        .with_context(|| format!("admin.listen: cannot bind {}", r.admin.listen))?;
+        .with_context(|| format!("admin.listen: cannot bind {}", p.admin.listen))?;
     let admin_addr = admin_listener.local_addr()?;
     let (trigger, shutdown) = shutdown::channel();
 
-    let units = start_units(bound, &audit, top_metrics.clone(), &shutdown)?;
+    // What the process owns once, whatever the number of credentials.
+    let redis = match &p.cluster.settings {
+        None => None,
+        Some(settings) => Some(
+            crate::cluster::Link::new(settings.clone(), top_metrics.clone(), audit.clone())
+                .map_err(anyhow::Error::msg)?,
+        ),
+    };
+    let mut resolver = Resolver::default();
+    let mut units = Vec::with_capacity(bound.len());
+    for b in bound {
+        let (metrics, audit) = if !several {
+            (top_metrics.clone(), audit.clone())
+        } else {
+            let name = &b.config.name;
+            let scoped = Arc::new(audit.scoped(name.as_str(), &b.config.secrets.client_id));
+            let metrics = if name.is_top() {
+                top_metrics.clone()
+            } else {
+                Arc::new(Metrics::for_credential(name.as_str()))
+            };
+            (metrics, scoped)
+        };
+        let shared = Shared {
+            audit,
+            redis: redis.as_ref(),
+            resolver: &mut resolver,
+            shutdown: shutdown.clone(),
+        };
+        units.push(Unit::start(b, metrics, shared)?);
+    }
+    let mut tasks: Vec<JoinHandle<()>> = resolver.spawn(p.proxy.dns_refresh, &shutdown);
+    if let Some(redis) = &redis {
+        tasks.push(tokio::spawn(redis.clone().run(shutdown.clone())));
+    }
+    let workers = spawn_workers(&mut units, p, shutdown.clone())?;
     let reloader = Arc::new(Reloader::new(
         config_path,
         config.clone(),
@@ -117,27 +156,23 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         audit.clone(),
         top_metrics.clone(),
     ));
-    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     let files = reloader.watched_files().await;
     tasks.extend(crate::watch::secret_files(
         reloader.clone(),
         files,
         shutdown.clone(),
     ));
-    let mut views = units.iter().map(Unit::view);
-    let top = views.next().context("the top-level credential")?;
     let admin_state = Arc::new(AdminState {
-        top,
-        others: views.collect(),
+        credentials: units.iter().map(Unit::view).collect(),
         audit: audit.clone(),
         draining: false.into(),
         reloader: reloader.clone(),
-        reload_token: r.admin.reload_token.clone(),
+        reload_token: p.admin.reload_token.clone(),
     });
     let limits = admin::Limits {
-        max_connections: r.admin.max_connections,
-        idle_timeout: r.admin.idle_timeout,
-        allowed_hosts: Arc::new(r.admin.allowed_hosts.clone()),
+        max_connections: p.admin.max_connections,
+        idle_timeout: p.admin.idle_timeout,
+        allowed_hosts: Arc::new(p.admin.allowed_hosts.clone()),
     };
     let admin = spawn_admin(admin_listener, admin_state.clone(), limits);
 
@@ -148,22 +183,23 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
     let credentials = units[1..]
         .iter()
         .map(|u| RunningCredential {
-            name: u.name.clone(),
+            name: u.name.to_string(),
             proxy_addr: u.addr,
             store: u.store.clone(),
         })
         .collect();
-    let (store, metrics) = (units[0].store.clone(), units[0].metrics.clone());
-    let units_addr = units[0].addr;
-    let mut workers = Vec::new();
+    let (store, metrics, proxy_addr) = (
+        units[0].store.clone(),
+        units[0].metrics.clone(),
+        units[0].addr,
+    );
     for u in units {
         tasks.extend(u.tasks);
-        workers.push(u.workers);
     }
     let done = tokio::spawn(drain(shutdown, admin_state, workers, admin, tasks));
     Ok(Running {
         reloader,
-        proxy_addr: units_addr,
+        proxy_addr,
         admin_addr,
         store,
         metrics,
@@ -174,45 +210,18 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
     })
 }
 
-/// Starts every bound credential. With several, each gets metrics labelled with its name and
-/// an audit handle naming it; a single credential keeps the unlabelled ones.
-fn start_units(
-    bound: Vec<Bound>,
-    audit: &Arc<AuditLog>,
-    top_metrics: Arc<Metrics>,
-    shutdown: &shutdown::Shutdown,
-) -> anyhow::Result<Vec<Unit>> {
-    let several = bound.len() > 1;
-    let mut units = Vec::with_capacity(bound.len());
-    for b in bound {
-        let (metrics, audit) = if !several {
-            (top_metrics.clone(), audit.clone())
-        } else {
-            let scoped = Arc::new(audit.scoped(&b.name, &b.config.credentials.client_id));
-            let metrics = if b.name == DEFAULT_CREDENTIAL {
-                top_metrics.clone()
-            } else {
-                Arc::new(Metrics::for_credential(&b.name))
-            };
-            (metrics, scoped)
-        };
-        units.push(Unit::start(b, metrics, audit, shutdown.clone())?);
-    }
-    Ok(units)
-}
-
 /// `PROXY_STARTED`, with every credential's listener when there are several.
 fn record_start(audit: &AuditLog, config: &Config, units: &[Unit], admin_addr: SocketAddr) {
     let mut details = serde_json::json!({
         "proxy_listen": units[0].addr.to_string(),
         "admin_listen": admin_addr.to_string(),
-        "api_host": config.restart.genesys.api.host,
+        "api_host": config.top().restart.genesys.api.host,
         "version": env!("CARGO_PKG_VERSION"),
     });
     if units.len() > 1 {
         let listeners: serde_json::Map<String, serde_json::Value> = units
             .iter()
-            .map(|u| (u.name.clone(), u.addr.to_string().into()))
+            .map(|u| (u.name.to_string(), u.addr.to_string().into()))
             .collect();
         details["credential_listeners"] = listeners.into();
     }
@@ -237,22 +246,18 @@ fn spawn_admin(
 async fn drain(
     mut shutdown: shutdown::Shutdown,
     admin_state: Arc<AdminState>,
-    proxies: Vec<ProxyWorkers>,
+    proxy: ProxyWorkers,
     admin: (Trigger, JoinHandle<()>),
     tasks: Vec<JoinHandle<()>>,
 ) {
     shutdown.wait().await;
     admin_state.draining.store(true, Ordering::Relaxed);
-    for proxy in &proxies {
-        proxy.pingora_shutdown.send_replace(true);
+    proxy.pingora_shutdown.send_replace(true);
+    for app in &proxy.apps {
+        app.cleanup().await;
     }
-    for proxy in proxies {
-        for app in &proxy.apps {
-            app.cleanup().await;
-        }
-        for done in proxy.done {
-            let _ = done.await;
-        }
+    for done in proxy.done {
+        let _ = done.await;
     }
     for task in tasks {
         let _ = task.await;

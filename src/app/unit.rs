@@ -1,8 +1,9 @@
 //! One credential's running parts: its token store, refresher, budget, anomaly monitor and
-//! JWKS cache, and its own proxy listener with worker threads. The top-level credential is one
-//! unit; each `[[credential]]` is another, sharing nothing with it but the audit log, the admin
-//! listener and the shutdown signal, so one credential's failures never touch another's
-//! requests.
+//! JWKS cache, and its listener. The top-level credential is one unit; each `[[credential]]`
+//! is another. What the process owns is shared, not repeated per unit: the worker threads
+//! (each accepts on every unit's listener), the connection cap, the Redis link, the DNS
+//! lookups of each API host, the audit log and admin listener. A unit's token lifecycle is
+//! its own, so one credential's failures never touch another's tokens.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -19,11 +20,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::CredentialView;
-use crate::admission::{self, Gate};
+use crate::admission::{self, Capacity, Gate};
 use crate::anomaly::AnomalyMonitor;
 use crate::audit::AuditLog;
 use crate::budget::Budget;
-use crate::config::{ApiTarget, Config, Live};
+use crate::config::{ApiTarget, Credential, CredentialName, Live, Process};
 use crate::metrics::Metrics;
 use crate::proxy::{GenesysProxy, ProxyState};
 use crate::reload::ReloadTarget;
@@ -33,29 +34,23 @@ use crate::token::refresher::{self, Credentials, RefreshInfo, Refresher};
 use crate::token::report::Reporter;
 use crate::token::shared::SharedLink;
 use crate::token::store::TokenStore;
-use crate::worker::{self, Worker};
+use crate::worker::{self, Listener, Worker};
 
 /// A credential whose listener is bound but whose tasks are not started yet: binding every
 /// listener first means a port clash fails start-up before anything runs.
 pub(super) struct Bound {
-    pub name: String,
-    pub config: Config,
+    pub config: Credential,
     pub listener: TcpListener,
     pub addr: SocketAddr,
 }
 
 impl Bound {
-    pub fn bind(name: &str, config: &Config) -> anyhow::Result<Bound> {
-        let r = &config.restart.proxy;
-        let key = if name == crate::config::DEFAULT_CREDENTIAL {
-            "proxy.listen".to_string()
-        } else {
-            format!("credential.{name}.listen")
-        };
-        let listener = worker::bind(r.listen, r.reuse_port)
-            .with_context(|| format!("{key}: cannot bind {}", r.listen))?;
+    pub fn bind(config: &Credential, reuse_port: bool) -> anyhow::Result<Bound> {
+        let listen = config.restart.proxy.listen;
+        let key = config.name.key("proxy.listen");
+        let listener = worker::bind(listen, reuse_port)
+            .with_context(|| format!("{key}: cannot bind {listen}"))?;
         Ok(Bound {
-            name: name.to_string(),
             config: config.clone(),
             addr: listener.local_addr()?,
             listener,
@@ -63,10 +58,21 @@ impl Bound {
     }
 }
 
+/// What a unit takes from the process.
+pub(super) struct Shared<'a> {
+    pub audit: Arc<AuditLog>,
+    pub redis: Option<&'a Arc<crate::cluster::Link>>,
+    pub resolver: &'a mut Resolver,
+    pub shutdown: Shutdown,
+}
+
 /// A running credential.
 pub(super) struct Unit {
-    pub name: String,
+    pub name: CredentialName,
     pub addr: SocketAddr,
+    /// The listener, handed to the process's worker threads.
+    pub listener: Option<TcpListener>,
+    pub state: Arc<ProxyState>,
     pub live: Arc<ArcSwap<Live>>,
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,
@@ -76,22 +82,21 @@ pub(super) struct Unit {
     pub refresh_info: Arc<Mutex<RefreshInfo>>,
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     pub commands: mpsc::Sender<refresher::Command>,
-    pub workers: ProxyWorkers,
     pub tasks: Vec<JoinHandle<()>>,
 }
 
 impl Unit {
-    /// Starts the credential's refresher, resolver, anomaly ticks, budget dispatcher and
-    /// proxy workers.
-    pub fn start(
-        bound: Bound,
-        metrics: Arc<Metrics>,
-        audit: Arc<AuditLog>,
-        shutdown: Shutdown,
-    ) -> anyhow::Result<Unit> {
+    /// Starts the credential's refresher, anomaly ticks and budget dispatcher.
+    pub fn start(bound: Bound, metrics: Arc<Metrics>, process: Shared) -> anyhow::Result<Unit> {
+        let Shared {
+            audit,
+            redis,
+            resolver,
+            shutdown,
+        } = process;
         let config = &bound.config;
         let live = Arc::new(ArcSwap::from_pointee(config.live.clone()));
-        let endpoint = TokenEndpoint::for_config(config).map_err(anyhow::Error::msg)?;
+        let endpoint = TokenEndpoint::for_credential(config).map_err(anyhow::Error::msg)?;
         let jwks = config.restart.token.jwks.as_ref().map(|settings| {
             let client = endpoint.http_client();
             Arc::new(crate::token::jwks::Jwks::new(
@@ -120,23 +125,18 @@ impl Unit {
                 info: refresh_info.clone(),
             },
         };
-        let c = &config.credentials;
+        let c = &config.secrets;
         let credentials = Credentials {
             client_id: c.client_id.clone(),
             secret: c.client_secret.clone(),
             previous: c.previous_client_secret.clone(),
         };
-        let (cluster, link) = match &config.restart.cluster.settings {
+        let (cluster, link) = match redis {
             None => (None, None),
-            Some(settings) => {
-                let (cluster, events) = crate::cluster::Cluster::new(
-                    settings.clone(),
-                    config.restart.genesys.token_url.as_str(),
-                    &c.client_id,
-                    metrics.clone(),
-                    shared.report.audit.clone(),
-                )
-                .map_err(anyhow::Error::msg)?;
+            Some(redis) => {
+                let token_url = config.restart.genesys.token_url.as_str();
+                let (cluster, events) =
+                    crate::cluster::Cluster::new(redis, token_url, &c.client_id);
                 let link = SharedLink::new(cluster.clone(), &c.client_secret, events)
                     .map_err(anyhow::Error::msg)?;
                 (Some(cluster), Some(link))
@@ -150,20 +150,14 @@ impl Unit {
             jwks.clone(),
             link,
         );
-        let state = proxy_state(config, &live, &store, &metrics, &anomaly, &budget)?;
+        let addrs = resolver.addresses(&config.restart.genesys.api);
+        let state = proxy_state(config, &live, addrs, &store, &metrics, &anomaly, &budget)?;
         let mut tasks = vec![
             tokio::spawn(refresher.run(shutdown.clone())),
-            tokio::spawn(resolve_loop(
-                config.restart.genesys.api.clone(),
-                state.clone(),
-                config.restart.proxy.dns_refresh,
-                shutdown.clone(),
-            )),
             spawn_anomaly_ticks(anomaly.clone(), shutdown.clone()),
             tokio::spawn(budget.clone().dispatch(shutdown.clone())),
         ];
         if let Some(cluster) = &cluster {
-            tasks.push(tokio::spawn(cluster.clone().run(shutdown.clone())));
             tasks.push(tokio::spawn(share_budget(
                 cluster.clone(),
                 budget.clone(),
@@ -171,10 +165,11 @@ impl Unit {
                 shutdown.clone(),
             )));
         }
-        let workers = spawn_workers(bound.listener, state, config, &bound.name, shutdown)?;
         Ok(Unit {
-            name: bound.name,
+            name: bound.config.name.clone(),
             addr: bound.addr,
+            listener: Some(bound.listener),
+            state,
             live,
             store,
             metrics,
@@ -184,7 +179,6 @@ impl Unit {
             refresh_info,
             cluster,
             commands,
-            workers,
             tasks,
         })
     }
@@ -214,8 +208,9 @@ impl Unit {
 }
 
 fn proxy_state(
-    config: &Config,
+    config: &Credential,
     live: &Arc<ArcSwap<Live>>,
+    upstream_addrs: Arc<ArcSwap<Vec<SocketAddr>>>,
     store: &Arc<TokenStore>,
     metrics: &Arc<Metrics>,
     anomaly: &Arc<AnomalyMonitor>,
@@ -227,7 +222,7 @@ fn proxy_state(
         host_header: HeaderValue::from_str(&upstream.api.host_header())
             .context("api_url: host is not a valid Host header")?,
         api: upstream.api.clone(),
-        upstream_addrs: ArcSwap::from_pointee(Vec::new()),
+        upstream_addrs,
         store: store.clone(),
         metrics: metrics.clone(),
         anomaly: anomaly.clone(),
@@ -284,68 +279,78 @@ fn spawn_anomaly_ticks(anomaly: Arc<AnomalyMonitor>, mut shutdown: Shutdown) -> 
     })
 }
 
-/// A credential's proxy worker threads, and how to stop them.
+/// The process's proxy worker threads, and how to stop them.
 pub(super) struct ProxyWorkers {
     pub apps: Vec<Arc<pingora::proxy::HttpProxy<GenesysProxy>>>,
     pub pingora_shutdown: watch::Sender<bool>,
     pub done: Vec<tokio::sync::oneshot::Receiver<()>>,
 }
 
-fn spawn_workers(
-    listener: TcpListener,
-    state: Arc<ProxyState>,
-    config: &Config,
-    name: &str,
+/// Starts `proxy.threads` worker threads, each accepting on every unit's listener under the
+/// process's one connection cap.
+pub(super) fn spawn_workers(
+    units: &mut [Unit],
+    process: &Process,
     shutdown: Shutdown,
 ) -> anyhow::Result<ProxyWorkers> {
     let server_conf = Arc::new(ServerConf::default());
     let (pingora_shutdown, pingora_rx) = watch::channel(false);
-    let threads = config.restart.proxy.threads;
-    let (limit, warning) = admission::connection_limit(config.restart.proxy.max_connections);
+    let threads = process.proxy.threads;
+    let (limit, warning) = admission::connection_limit(process.proxy.max_connections);
     if let Some(w) = warning {
         tracing::warn!("{w}");
     }
-    let gate = Arc::new(Gate::new(state.live.clone(), state.metrics.clone(), limit));
-    let std_listener = listener.into_std()?;
+    let capacity = Capacity::new(limit);
+    let mut listeners = Vec::with_capacity(units.len());
+    for u in units.iter_mut() {
+        let listener = u.listener.take().context("a unit's listener")?.into_std()?;
+        let gate = Arc::new(Gate::new(
+            u.state.live.clone(),
+            u.metrics.clone(),
+            capacity.clone(),
+        ));
+        listeners.push((listener, u.state.clone(), gate));
+    }
     let mut workers = ProxyWorkers {
-        apps: Vec::with_capacity(threads),
+        apps: Vec::with_capacity(threads * listeners.len()),
         pingora_shutdown,
         done: Vec::with_capacity(threads),
     };
     for i in 0..threads {
-        let listener = std_listener.try_clone()?;
-        let proxy = GenesysProxy {
-            state: state.clone(),
-        };
-        let mut app = pingora::proxy::http_proxy(&server_conf, proxy);
-        // CONNECT reaches our hooks, which refuse it in the Genesys error shape (pingora's own
-        // refusal is an empty 405).
-        let mut options = HttpServerOptions::default();
-        options.allow_connect_method_proxying = true;
-        app.server_options = Some(options);
-        let app = Arc::new(app);
-        workers.apps.push(app.clone());
+        let mut own = Vec::with_capacity(listeners.len());
+        for (socket, state, gate) in &listeners {
+            let proxy = GenesysProxy {
+                state: state.clone(),
+            };
+            let mut app = pingora::proxy::http_proxy(&server_conf, proxy);
+            // CONNECT reaches our hooks, which refuse it in the Genesys error shape (pingora's
+            // own refusal is an empty 405).
+            let mut options = HttpServerOptions::default();
+            options.allow_connect_method_proxying = true;
+            app.server_options = Some(options);
+            let app = Arc::new(app);
+            workers.apps.push(app.clone());
+            own.push(Listener {
+                socket: socket.try_clone()?,
+                app,
+                gate: gate.clone(),
+            });
+        }
         let worker = Worker {
-            app,
+            listeners: own,
             pingora_shutdown: pingora_rx.clone(),
             shutdown: shutdown.clone(),
-            grace: config.restart.proxy.shutdown_grace,
-            gate: gate.clone(),
+            grace: process.proxy.shutdown_grace,
         };
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread_name = if name == crate::config::DEFAULT_CREDENTIAL {
-            format!("proxy-worker-{i}")
-        } else {
-            format!("proxy-{name}-{i}")
-        };
         std::thread::Builder::new()
-            .name(thread_name)
+            .name(format!("proxy-worker-{i}"))
             .spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build();
                 match rt {
-                    Ok(rt) => rt.block_on(worker.run(listener)),
+                    Ok(rt) => rt.block_on(worker.run()),
                     Err(e) => tracing::error!(error = %e, "cannot start a proxy worker runtime"),
                 }
                 let _ = done_tx.send(());
@@ -356,11 +361,39 @@ fn spawn_workers(
     Ok(workers)
 }
 
+/// The DNS lookups of every API host the credentials call: one loop per distinct host and
+/// port, whose answers every credential calling it reads.
+#[derive(Default)]
+pub(super) struct Resolver {
+    targets: Vec<(ApiTarget, Arc<ArcSwap<Vec<SocketAddr>>>)>,
+}
+
+impl Resolver {
+    /// Where the addresses of `api` will be.
+    pub fn addresses(&mut self, api: &ApiTarget) -> Arc<ArcSwap<Vec<SocketAddr>>> {
+        let same = |t: &ApiTarget| t.host == api.host && t.port == api.port;
+        if let Some((_, addrs)) = self.targets.iter().find(|(t, _)| same(t)) {
+            return addrs.clone();
+        }
+        let addrs = Arc::new(ArcSwap::from_pointee(Vec::new()));
+        self.targets.push((api.clone(), addrs.clone()));
+        addrs
+    }
+
+    /// Starts one lookup loop per host.
+    pub fn spawn(self, every: Duration, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
+        self.targets
+            .into_iter()
+            .map(|(api, addrs)| tokio::spawn(resolve_loop(api, addrs, every, shutdown.clone())))
+            .collect()
+    }
+}
+
 /// Resolves the API host now and every `every`, off the request path. A failed lookup keeps
 /// the previous addresses.
 async fn resolve_loop(
     api: ApiTarget,
-    state: Arc<ProxyState>,
+    addrs_out: Arc<ArcSwap<Vec<SocketAddr>>>,
     every: Duration,
     mut shutdown: Shutdown,
 ) {
@@ -374,7 +407,7 @@ async fn resolve_loop(
             Ok(addrs) => {
                 let addrs: Vec<SocketAddr> = addrs.collect();
                 if !addrs.is_empty() {
-                    state.upstream_addrs.store(Arc::new(addrs));
+                    addrs_out.store(Arc::new(addrs));
                 }
                 delay = every;
             }

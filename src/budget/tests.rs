@@ -122,7 +122,7 @@ fn budget_with_token() -> (Budget, Arc<Token>) {
         secret.display().to_string()
     );
     let config = crate::config::parse(&text, std::path::Path::new("t.toml")).unwrap();
-    let live = Arc::new(ArcSwap::from_pointee(config.live));
+    let live = Arc::new(ArcSwap::from_pointee(config.top().live.clone()));
     let store = Arc::new(TokenStore::new());
     let secret = crate::token::secret::Secret::new("access-token");
     let life = Duration::from_secs(3600);

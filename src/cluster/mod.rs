@@ -1,4 +1,6 @@
-//! Cluster mode (`[cluster]`): replicas share one token lifecycle through Redis.
+//! Cluster mode (`[cluster]`): replicas share one token lifecycle through Redis. A process
+//! holds one [`Link`] (one connection, one subscription) whatever its number of credentials;
+//! each credential's [`Cluster`] handle derives its own keys on it.
 //!
 //! Each credential's tokens are stored sealed ([`seal`]) under
 //! `{key_prefix}:{kid}:token:{slot}` with their expiry. A replica that needs a token first
@@ -71,7 +73,7 @@ if redis.call('pttl', KEYS[1]) < 0 then redis.call('pexpire', KEYS[1], ARGV[2]) 
 return {total, redis.call('pttl', KEYS[1])}
 "#;
 
-/// Events waiting for the refresher, at most; more are dropped (see [`Cluster::new`]).
+/// Events waiting for a refresher, at most; more are dropped (see [`Cluster::new`]).
 const EVENT_QUEUE: usize = 64;
 
 /// Reconnect backoff: doubling from [`RECONNECT_FIRST`] to [`RECONNECT_MAX`].
@@ -86,13 +88,13 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 /// of Redis answering again.
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
 
-/// One credential's link to Redis.
-pub struct Cluster {
+/// The process's one link to Redis: one connection and one subscription, shared by every
+/// credential ([`Cluster`] is a credential's handle on it). Publications are routed to every
+/// credential's refresher, which keeps those of its own key id.
+pub struct Link {
     settings: ClusterSettings,
     client: redis::Client,
     conn: tokio::sync::Mutex<Option<ConnectionManager>>,
-    /// The credential's identity (token URL and client id): part of every key derivation.
-    context: String,
     /// This replica's lease owner id.
     owner: String,
     up: AtomicBool,
@@ -103,21 +105,64 @@ pub struct Cluster {
     last_implausible_log: Mutex<Option<std::time::Instant>>,
     published: Notify,
     last_error: Mutex<Option<String>>,
-    events: mpsc::Sender<SharedEvent>,
+    /// Each credential's refresher.
+    routes: Mutex<Vec<mpsc::Sender<SharedEvent>>>,
     metrics: Arc<Metrics>,
     audit: Arc<AuditLog>,
 }
 
+/// One credential's handle on the process's [`Link`]: its key derivation context.
+pub struct Cluster {
+    link: Arc<Link>,
+    /// The credential's identity (token URL and client id): part of every key derivation.
+    context: String,
+}
+
 impl Cluster {
-    /// A link for the credential `client_id` at `token_url`; events for its refresher go to
-    /// the returned receiver. Nothing is connected yet.
+    /// The handle of the credential `client_id` at `token_url`; events for its refresher go
+    /// to the returned receiver.
     pub fn new(
-        settings: ClusterSettings,
+        link: &Arc<Link>,
         token_url: &str,
         client_id: &str,
+    ) -> (Arc<Cluster>, mpsc::Receiver<SharedEvent>) {
+        // Bounded: the events are hints (a Sync comes every second), so a refresher that is busy
+        // minting loses nothing by missing some; an unbounded queue could grow without end.
+        let (events, receiver) = mpsc::channel(EVENT_QUEUE);
+        lock(&link.routes).push(events);
+        let cluster = Cluster {
+            link: link.clone(),
+            context: format!("{token_url} {client_id}"),
+        };
+        (Arc::new(cluster), receiver)
+    }
+
+    /// The sealing key of `secret` for this credential.
+    pub fn sealer(&self, secret: &Secret) -> Result<Sealer, String> {
+        Sealer::derive(secret, &self.context)
+    }
+
+    /// The process's link.
+    pub fn link(&self) -> &Arc<Link> {
+        &self.link
+    }
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = Link;
+
+    fn deref(&self) -> &Link {
+        &self.link
+    }
+}
+
+impl Link {
+    /// The link `[cluster]` describes. Nothing is connected yet.
+    pub fn new(
+        settings: ClusterSettings,
         metrics: Arc<Metrics>,
         audit: Arc<AuditLog>,
-    ) -> Result<(Arc<Cluster>, mpsc::Receiver<SharedEvent>), String> {
+    ) -> Result<Arc<Link>, String> {
         let mut info: redis::ConnectionInfo = settings
             .redis_url
             .as_str()
@@ -127,15 +172,11 @@ impl Cluster {
             info.redis.password = Some(p.expose().to_string());
         }
         let client = redis::Client::open(info).map_err(|e| format!("cluster.redis_url: {e}"))?;
-        // Bounded: the events are hints (a Sync comes every second), so a refresher that is busy
-        // minting loses nothing by missing some; an unbounded queue could grow without end.
-        let (events, receiver) = mpsc::channel(EVENT_QUEUE);
         metrics.cluster_redis_up.set(0);
-        let cluster = Cluster {
+        let link = Link {
             settings,
             client,
             conn: tokio::sync::Mutex::new(None),
-            context: format!("{token_url} {client_id}"),
             owner: crate::fingerprint::sha256_hex(
                 format!("{}{:?}", std::process::id(), SystemTime::now()).as_bytes(),
             )[..16]
@@ -146,16 +187,18 @@ impl Cluster {
             last_implausible_log: Mutex::new(None),
             published: Notify::new(),
             last_error: Mutex::new(None),
-            events,
+            routes: Mutex::new(Vec::new()),
             metrics,
             audit,
         };
-        Ok((Arc::new(cluster), receiver))
+        Ok(Arc::new(link))
     }
 
-    /// The sealing key of `secret` for this credential.
-    pub fn sealer(&self, secret: &Secret) -> Result<Sealer, String> {
-        Sealer::derive(secret, &self.context)
+    /// Tells every credential's refresher (a full queue drops the hint).
+    fn send(&self, event: SharedEvent) {
+        for route in lock(&self.routes).iter() {
+            let _ = route.try_send(event.clone());
+        }
     }
 
     /// Whether the last Redis call succeeded.
@@ -469,7 +512,7 @@ impl Cluster {
                 }
                 continue;
             };
-            let _ = self.events.try_send(SharedEvent::Sync);
+            self.send(SharedEvent::Sync);
             let mut messages = pubsub.on_message();
             loop {
                 tokio::select! {
@@ -492,7 +535,7 @@ impl Cluster {
     async fn ping_and_sync(&self) -> bool {
         let up = self.ping().await.is_ok();
         if up {
-            let _ = self.events.try_send(SharedEvent::Sync);
+            self.send(SharedEvent::Sync);
         }
         up
     }
@@ -522,7 +565,7 @@ impl Cluster {
         };
         let Ok(slot) = slot.parse() else { return };
         self.published.notify_waiters();
-        let _ = self.events.try_send(SharedEvent::Published {
+        self.send(SharedEvent::Published {
             kid: kid.to_string(),
             slot,
         });

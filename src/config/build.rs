@@ -15,19 +15,19 @@ use super::ConfigError;
 
 /// The file being built: names it in errors and collects warnings.
 pub(super) struct Builder<'a> {
-    file: &'a Path,
-    warnings: Vec<String>,
+    pub(super) file: &'a Path,
+    pub(super) warnings: Vec<String>,
     /// Building a `[[credential]]`: its name, which prefixes every key in errors.
-    credential: Option<&'a str>,
+    pub(super) credential: Option<CredentialName>,
 }
 
 pub(super) type Built<T> = Result<T, ConfigError>;
 
 impl Builder<'_> {
     pub(super) fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
-        let key = match self.credential {
+        let key = match &self.credential {
             None => key.to_string(),
-            Some(name) => super::credential::key_of(name, key),
+            Some(name) => name.key(key),
         };
         ConfigError::Invalid {
             file: self.file.to_path_buf(),
@@ -60,21 +60,26 @@ impl Builder<'_> {
 /// Applies defaults and validates. `file` names the source in error messages.
 pub fn config(mut raw: FileConfig, file: &Path) -> Built<Config> {
     let entries = raw.credential.take().unwrap_or_default();
-    let mut main = one(raw.clone(), file, None)?;
-    super::credential::add(&mut main, raw, entries, file)?;
-    Ok(main)
-}
-
-/// One credential's whole configuration (`credential` names a `[[credential]]` in errors).
-pub(super) fn one(raw: FileConfig, file: &Path, credential: Option<&str>) -> Built<Config> {
     let mut b = Builder {
         file,
         warnings: Vec::new(),
-        credential,
+        credential: None,
     };
-    // Genesys's API lives under /api/v2/; another issuer's API may be anywhere.
-    let default_prefix = if raw.oauth.is_some() { "/" } else { "/api/v2/" };
-    let (proxy_restart, proxy_live) = proxy(&b, raw.proxy, default_prefix)?;
+    let process = process(&mut b, &mut raw)?;
+    let source = CredentialSource::top(raw);
+    let top = credential(&mut b, CredentialName::top(), source.clone(), &process)?;
+    let mut config = Config {
+        process,
+        credentials: vec![top],
+        warnings: b.warnings,
+    };
+    super::credential::add(&mut config, &source, entries, file)?;
+    Ok(config)
+}
+
+/// What the process owns, read once: worker threads and connection cap, admin, audit, log
+/// format, and the Redis link (its password is read here, once).
+fn process(b: &mut Builder, raw: &mut FileConfig) -> Built<Process> {
     let admin =
         AdminSettings {
             listen: b.addr(
@@ -82,11 +87,11 @@ pub(super) fn one(raw: FileConfig, file: &Path, credential: Option<&str>) -> Bui
                 "127.0.0.1:9090",
                 "admin.listen",
             )?,
-            reload_token: match raw.admin.reload_token {
+            reload_token: match raw.admin.reload_token.take() {
                 None => None,
-                Some(r) => Some(secret(&mut b, r, "admin.reload_token")?.0),
+                Some(r) => Some(secret(b, r, "admin.reload_token")?.0),
             },
-            allowed_hosts: admin_hosts(&b, raw.admin.allowed_hosts)?,
+            allowed_hosts: admin_hosts(b, raw.admin.allowed_hosts.take())?,
             max_connections: match raw.admin.max_connections.unwrap_or(64) {
                 n @ 1..=100 => n,
                 _ => return Err(b.err(
@@ -96,48 +101,93 @@ pub(super) fn one(raw: FileConfig, file: &Path, credential: Option<&str>) -> Bui
             },
             idle_timeout: b.ms(raw.admin.idle_timeout_ms, 10_000, "admin.idle_timeout_ms")?,
         };
-    if admin.listen == proxy_restart.listen && admin.listen.port() != 0 {
+    Ok(Process {
+        proxy: proxy_process(b, &raw.proxy)?,
+        admin,
+        audit: audit(b, std::mem::take(&mut raw.audit))?,
+        log: log(b, raw.log.clone())?.0,
+        credentials: CredentialSet {
+            listeners: Vec::new(),
+        },
+        cluster: ClusterRestart {
+            settings: match raw.cluster.take() {
+                None => None,
+                Some(c) => Some(cluster(b, c)?),
+            },
+        },
+    })
+}
+
+/// The sections a credential is built from: the top level's, with a `[[credential]]`'s
+/// overrides put in by [`super::credential`].
+#[derive(Debug, Clone)]
+pub(super) struct CredentialSource {
+    pub proxy: ProxySection,
+    pub genesys: Option<super::file::GenesysSection>,
+    pub oauth: Option<super::file::OAuthSection>,
+    pub token: TokenSection,
+    pub log: LogSection,
+    pub anomaly: super::file::AnomalySection,
+    pub budget: super::file::BudgetSection,
+}
+
+impl CredentialSource {
+    fn top(raw: FileConfig) -> Self {
+        CredentialSource {
+            proxy: raw.proxy,
+            genesys: raw.genesys,
+            oauth: raw.oauth,
+            token: raw.token,
+            log: raw.log,
+            anomaly: raw.anomaly,
+            budget: raw.budget,
+        }
+    }
+}
+
+/// One credential: its listener, issuer, token settings and the live settings its requests
+/// read (errors name `credential.<name>.<key>` through the builder).
+pub(super) fn credential(
+    b: &mut Builder,
+    name: CredentialName,
+    raw: CredentialSource,
+    process: &Process,
+) -> Built<Credential> {
+    // Genesys's API lives under /api/v2/; another issuer's API may be anywhere.
+    let default_prefix = if raw.oauth.is_some() { "/" } else { "/api/v2/" };
+    let (listen, proxy_live) = proxy(b, raw.proxy, default_prefix)?;
+    let admin = &process.admin;
+    if admin.listen == listen.listen && admin.listen.port() != 0 {
         return Err(b.err("admin.listen", "must differ from proxy.listen"));
     }
-    b.warnings
-        .extend(exposure_warnings(&proxy_restart, &proxy_live, &admin));
-    let (upstream, credentials) = super::upstream::issuer(&mut b, raw.genesys, raw.oauth)?;
-    let (token_http, token_live) = token(&b, raw.token, upstream.grant.issuer)?;
-    let (log_restart, log_live) = log(&b, raw.log)?;
-    Ok(Config {
+    for w in exposure_warnings(&listen, &proxy_live, admin) {
+        if !b.warnings.contains(&w) {
+            b.warnings.push(w);
+        }
+    }
+    let (upstream, secrets) = super::upstream::issuer(b, raw.genesys, raw.oauth)?;
+    let (token_http, token_live) = token(b, raw.token, upstream.grant.issuer)?;
+    let (_, log_live) = log(b, raw.log)?;
+    Ok(Credential {
+        name,
         restart: Restart {
-            proxy: proxy_restart,
-            admin,
+            proxy: listen,
             genesys: upstream,
             token: token_http,
-            audit: audit(&b, raw.audit)?,
-            log: log_restart,
-            credentials: CredentialSet {
-                listeners: Vec::new(),
-            },
-            cluster: ClusterRestart {
-                settings: match raw.cluster {
-                    None => None,
-                    Some(c) => Some(cluster(&mut b, c)?),
-                },
-            },
         },
         live: Live {
             proxy: proxy_live,
             token: token_live,
             log: log_live,
-            anomaly: anomaly(&b, raw.anomaly)?,
-            budget: budget(&b, raw.budget)?,
+            anomaly: anomaly(b, raw.anomaly)?,
+            budget: budget(b, raw.budget)?,
         },
-        credentials,
-        warnings: b.warnings,
-        extra: Vec::new(),
+        secrets,
     })
 }
 
-fn proxy(b: &Builder, p: ProxySection, default_prefix: &str) -> Built<(ProxyRestart, ProxyLive)> {
-    let restart = ProxyRestart {
-        listen: b.addr(p.listen.as_deref(), "127.0.0.1:8080", "proxy.listen")?,
+fn proxy_process(b: &Builder, p: &ProxySection) -> Built<ProxyProcess> {
+    Ok(ProxyProcess {
         threads: match p.threads {
             None => std::thread::available_parallelism().map_or(2, |n| n.get()),
             Some(n) if (1..=256).contains(&n) => n,
@@ -150,6 +200,12 @@ fn proxy(b: &Builder, p: ProxySection, default_prefix: &str) -> Built<(ProxyRest
             n @ 1..=1_000_000 => n,
             _ => return Err(b.err("proxy.max_connections", "must be between 1 and 1000000")),
         },
+    })
+}
+
+fn proxy(b: &Builder, p: ProxySection, default_prefix: &str) -> Built<(ProxyListen, ProxyLive)> {
+    let listen = ProxyListen {
+        listen: b.addr(p.listen.as_deref(), "127.0.0.1:8080", "proxy.listen")?,
     };
     let replay_body_limit_bytes = p
         .replay_body_limit_bytes
@@ -192,7 +248,7 @@ fn proxy(b: &Builder, p: ProxySection, default_prefix: &str) -> Built<(ProxyRest
         allowed_methods: methods(b, p.allowed_methods)?,
         allow_non_ascii_paths: p.allow_non_ascii_paths.unwrap_or(false),
     };
-    Ok((restart, live))
+    Ok((listen, live))
 }
 
 fn cidrs(b: &Builder, raw: Option<Vec<String>>) -> Built<Vec<IpNet>> {

@@ -1,38 +1,29 @@
 //! `[[credential]]`: further OAuth clients behind one proxy, each on its own listener with its
-//! own token lifecycle. Each entry becomes a whole [`Config`]: the top-level file with the
-//! entry's listener, allowlists, issuer section and `[token]` overrides put in, built and
-//! checked like the top level, with errors naming `credential.<name>.<key>`.
+//! own token lifecycle. Each entry is built like the top-level credential from the top level's
+//! per-credential sections (`[proxy]`, `[token]`, `[log]`, `[anomaly]`, `[budget]`) with the
+//! entry's listener, allowlists, issuer section and `[token]` overrides put in; process-wide
+//! sections (`[admin]`, `[audit]`, `[cluster]`, the worker keys of `[proxy]`) are the
+//! process's and are not read again. Errors name `credential.<name>.<key>`.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use super::build::{one, Built};
-use super::file::{CredentialSection, FileConfig};
-use super::model::{Config, CredentialConfig, DEFAULT_CREDENTIAL};
+use super::build::{credential, Builder, Built, CredentialSource};
+use super::file::CredentialSection;
+use super::model::{Config, CredentialName};
 use super::value::parse_addr;
 use super::ConfigError;
 
-/// At most this many `[[credential]]` entries: each has its own listener, worker threads and
-/// refresher, and its name is a metric label value.
+/// At most this many `[[credential]]` entries: each has its own listener and refresher, and
+/// its name is a metric label value.
 pub const MAX_CREDENTIALS: usize = 32;
 
-/// The key a user wrote for `key` of credential `name`: its listener and allowlists sit in the
-/// entry itself, everything else under the entry's sections.
-pub fn key_of(name: &str, key: &str) -> String {
-    let own = key.strip_prefix("proxy.").filter(|k| {
-        matches!(
-            *k,
-            "listen" | "allowed_client_cidrs" | "allowed_path_prefixes"
-        )
-    });
-    format!("credential.{name}.{}", own.unwrap_or(key))
-}
-
-/// Builds every entry into `main.extra` and records the set in `main.restart.credentials`.
+/// Builds every entry into `config.credentials` and records the set in
+/// `config.process.credentials`.
 pub(super) fn add(
-    main: &mut Config,
-    top: FileConfig,
+    config: &mut Config,
+    top: &CredentialSource,
     entries: Vec<CredentialSection>,
     file: &Path,
 ) -> Built<()> {
@@ -48,13 +39,17 @@ pub(super) fn add(
         ));
     }
     let mut names = HashSet::new();
-    let mut listens: Vec<SocketAddr> = vec![main.restart.proxy.listen, main.restart.admin.listen];
+    let mut listens: Vec<SocketAddr> = vec![
+        config.top().restart.proxy.listen,
+        config.process.admin.listen,
+    ];
     for (i, entry) in entries.into_iter().enumerate() {
-        let name = entry
+        let raw_name = entry
             .name
             .clone()
             .ok_or_else(|| invalid(format!("credential[{i}].name"), "is required".into()))?;
-        check_name(&name).map_err(|m| invalid(format!("credential[{i}].name"), m))?;
+        let name = CredentialName::parse(&raw_name)
+            .map_err(|m| invalid(format!("credential[{i}].name"), m))?;
         if !names.insert(name.clone()) {
             return Err(invalid(
                 format!("credential.{name}.name"),
@@ -74,38 +69,25 @@ pub(super) fn add(
             ));
         }
         listens.push(addr);
-        let config = one(merged(&top, entry), file, Some(&name))?;
-        for w in &config.warnings {
-            if !main.warnings.contains(w) {
-                main.warnings.push(w.clone());
-            }
-        }
-        main.restart
+        let mut b = Builder {
+            file,
+            warnings: std::mem::take(&mut config.warnings),
+            credential: Some(name.clone()),
+        };
+        let built = credential(&mut b, name.clone(), merged(top, entry), &config.process)?;
+        config.warnings = b.warnings;
+        config
+            .process
             .credentials
             .listeners
-            .push((name.clone(), config.restart.proxy.listen));
-        main.extra.push(CredentialConfig { name, config });
+            .push((name, built.restart.proxy.listen));
+        config.credentials.push(built);
     }
     Ok(())
 }
 
-/// `[a-z0-9-]`, 1 to 32 characters, not the default credential's name.
-fn check_name(name: &str) -> Result<(), String> {
-    let ok = (1..=32).contains(&name.len())
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
-    if !ok {
-        return Err(format!("{name:?} must be 1 to 32 of [a-z0-9-]"));
-    }
-    if name == DEFAULT_CREDENTIAL {
-        return Err(format!("{name:?} is the name of the top-level credential"));
-    }
-    Ok(())
-}
-
-/// The top-level file as this credential sees it.
-fn merged(top: &FileConfig, entry: CredentialSection) -> FileConfig {
+/// The top level's per-credential sections as this credential sees them.
+fn merged(top: &CredentialSource, entry: CredentialSection) -> CredentialSource {
     let mut f = top.clone();
     f.proxy.listen = entry.listen;
     if entry.allowed_client_cidrs.is_some() {

@@ -25,9 +25,9 @@ use std::path::{Path, PathBuf};
 
 pub use keyed::Keyed;
 pub use model::{
-    AnomalyThresholds, ApiTarget, AppGroup, AuditTarget, BudgetSettings, Config, CredentialConfig,
-    CredentialSettings, Diff, Live, LogFormat, ProxyLive, Restart, TokenLive, Validation,
-    DEFAULT_CREDENTIAL,
+    AnomalyThresholds, ApiTarget, AppGroup, AuditTarget, BudgetSettings, Config, Credential,
+    CredentialName, CredentialSettings, Diff, Live, LogFormat, Process, ProxyLive, Restart,
+    TokenLive, Validation,
 };
 
 /// Why a config file was refused. The message always names the file, and the key when one is

@@ -1,9 +1,11 @@
 //! The validated configuration the rest of the program uses, built by `config::build`.
 //!
-//! It is split by how a reload treats it: [`Restart`] holds what is read once at start-up
-//! (listeners, threads, hosts, audit path, log format, HTTP client timeouts), [`Live`] what a
-//! reload swaps in place as one snapshot (`ArcSwap<Live>`), and [`CredentialSettings`] what the
-//! refresher must validate before it is used. Every field names its file key (see
+//! [`Config`] is the [`Process`] (what one process owns: worker threads, connection cap,
+//! admin, audit, log format, the Redis link) and its [`Credential`]s, each a symmetric entry.
+//! A credential is split by how a reload treats it: [`Restart`] holds what is read once at
+//! start-up (listener, hosts, HTTP client timeouts, pool size), [`Live`] what a reload swaps
+//! in place as one snapshot (`ArcSwap<Live>`), and [`CredentialSettings`] what the refresher
+//! must validate before it is used. Every field names its file key (see
 //! [`super::keyed`]).
 
 use std::net::SocketAddr;
@@ -19,41 +21,126 @@ use crate::token::secret::{Secret, SecretSource};
 /// pingora replays at most this much request body from its retry buffer.
 pub const PINGORA_RETRY_BUFFER_BYTES: u64 = 64 * 1024;
 
-/// A whole, validated configuration file.
+/// A whole, validated configuration file: what the process owns, and every credential as a
+/// symmetric entry (the top-level `[genesys]`/`[oauth]` is `credentials[0]`, named
+/// `default`; each `[[credential]]` follows in file order).
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub restart: Restart,
-    pub live: Live,
-    pub credentials: CredentialSettings,
+    pub process: Process,
+    /// Never empty.
+    pub credentials: Vec<Credential>,
     /// Non-fatal findings (e.g. a secret file readable by others), printed at start-up.
     pub warnings: Vec<String>,
-    /// `[[credential]]`: further OAuth clients, each a whole configuration of its own (the
-    /// top-level keys with the credential's overrides). Empty for a single-credential file.
-    pub extra: Vec<CredentialConfig>,
 }
 
-/// One `[[credential]]`: its name and its configuration.
+impl Config {
+    /// The top-level credential.
+    pub fn top(&self) -> &Credential {
+        &self.credentials[0]
+    }
+
+    /// More than one credential: metrics and audit lines then name theirs.
+    pub fn several(&self) -> bool {
+        self.credentials.len() > 1
+    }
+
+    /// The credential called `name`.
+    pub fn credential(&self, name: &CredentialName) -> Option<&Credential> {
+        self.credentials.iter().find(|c| &c.name == name)
+    }
+}
+
+/// One OAuth client: its listener, issuer, token lifecycle, and the live settings its
+/// requests read. Built from its own section, inheriting `[proxy]`/`[token]` and the other
+/// per-request sections from the top level where it does not say otherwise.
 #[derive(Debug, Clone)]
-pub struct CredentialConfig {
-    pub name: String,
-    pub config: Config,
+pub struct Credential {
+    pub name: CredentialName,
+    pub restart: Restart,
+    pub live: Live,
+    pub secrets: CredentialSettings,
 }
 
-/// The name the top-level credential (`[genesys]` or `[oauth]`) goes by in `/status`, metrics
-/// and the audit log once there are several.
-pub const DEFAULT_CREDENTIAL: &str = "default";
+/// A credential's name, and every rule derived from it: the metric label, the config key
+/// prefix in messages, the worker and audit scope names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CredentialName(String);
+
+impl CredentialName {
+    /// The name the top-level credential goes by in `/status`, metrics and the audit log
+    /// once there are several.
+    pub const DEFAULT: &'static str = "default";
+
+    pub fn top() -> Self {
+        CredentialName(Self::DEFAULT.to_string())
+    }
+
+    /// A `[[credential]]` name: `[a-z0-9-]`, 1 to 32 characters, not `default`.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        let ok = (1..=32).contains(&name.len())
+            && name
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
+        if !ok {
+            return Err(format!("{name:?} must be 1 to 32 of [a-z0-9-]"));
+        }
+        if name == Self::DEFAULT {
+            return Err(format!("{name:?} is the name of the top-level credential"));
+        }
+        Ok(CredentialName(name.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_top(&self) -> bool {
+        self.0 == Self::DEFAULT
+    }
+
+    /// The key a user wrote for the model key `key` of this credential: the top level's as
+    /// is; a `[[credential]]`'s listener and allowlists sit in the entry itself, everything
+    /// else under the entry's sections.
+    pub fn key(&self, key: &str) -> String {
+        if self.is_top() {
+            return key.to_string();
+        }
+        let own = key.strip_prefix("proxy.").filter(|k| {
+            matches!(
+                *k,
+                "listen" | "allowed_client_cidrs" | "allowed_path_prefixes"
+            )
+        });
+        format!("credential.{}.{}", self.0, own.unwrap_or(key))
+    }
+}
+
+impl std::fmt::Display for CredentialName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 keyed_sections! {
-    /// Settings read once at start-up; a reload that changes one reports "restart required".
-    pub struct Restart {
-        pub proxy: ProxyRestart,
+    /// Process-wide settings, read once at start-up (a reload that changes one reports
+    /// "restart required"): worker threads and the connection cap shared by every listener,
+    /// the admin listener, audit log, log format, the set of credentials and the Redis link.
+    pub struct Process {
+        pub proxy: ProxyProcess,
         pub admin: AdminSettings,
-        pub genesys: UpstreamSettings,
-        pub token: TokenRestart,
         pub audit: AuditSettings,
         pub log: LogRestart,
         pub credentials: CredentialSet,
         pub cluster: ClusterRestart,
+    }
+}
+
+keyed_sections! {
+    /// One credential's settings read once at start-up.
+    pub struct Restart {
+        pub proxy: ProxyListen,
+        pub genesys: UpstreamSettings,
+        pub token: TokenRestart,
     }
 }
 
@@ -83,7 +170,7 @@ keyed_struct! {
     /// The `[[credential]]` entries by name and listener: adding, removing or moving one needs
     /// a restart (their other keys reload like the top-level ones).
     pub struct CredentialSet {
-        pub listeners: Vec<(String, SocketAddr)> => "credential",
+        pub listeners: Vec<(CredentialName, SocketAddr)> => "credential",
     }
 }
 
@@ -100,16 +187,24 @@ keyed_sections! {
 }
 
 keyed_struct! {
-    /// `[proxy]` keys bound to the listener and worker threads.
-    pub struct ProxyRestart {
+    /// A credential's listener.
+    pub struct ProxyListen {
         pub listen: SocketAddr => "proxy.listen",
-        /// Proxy worker threads, each with its own single-threaded runtime.
+    }
+}
+
+keyed_struct! {
+    /// `[proxy]` keys of the worker threads every listener shares.
+    pub struct ProxyProcess {
+        /// Proxy worker threads, each with its own single-threaded runtime accepting on every
+        /// listener.
         pub threads: usize => "proxy.threads",
         /// SO_REUSEPORT on the proxy listener, for hand-over restarts.
         pub reuse_port: bool => "proxy.reuse_port",
         pub dns_refresh: Duration => "proxy.dns_refresh_seconds",
         pub shutdown_grace: Duration => "proxy.shutdown_grace_seconds",
-        /// Open client connections at most; more are answered 503 and closed at accept.
+        /// Open client connections at most, over every listener; more are answered 503 and
+        /// closed at accept.
         pub max_connections: usize => "proxy.max_connections",
     }
 }
@@ -399,8 +494,9 @@ pub struct Diff {
 }
 
 impl Diff {
-    pub fn between(old: &Config, new: &Config) -> Diff {
-        let (oc, nc) = (&old.credentials, &new.credentials);
+    /// What changed in one credential (`old` and `new` have the same name).
+    pub fn between(old: &Credential, new: &Credential) -> Diff {
+        let (oc, nc) = (&old.secrets, &new.secrets);
         Diff {
             applied: old.live.diff(&new.live),
             restart_required: old

@@ -9,7 +9,7 @@ use super::model::*;
 
 /// Listeners that face the network where the rest of the config does not expect it.
 pub(super) fn exposure_warnings(
-    restart: &ProxyRestart,
+    restart: &ProxyListen,
     live: &ProxyLive,
     admin: &AdminSettings,
 ) -> Vec<String> {

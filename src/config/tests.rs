@@ -38,23 +38,23 @@ pub(super) fn err_of(text: &str) -> String {
 #[test]
 fn minimal_config_gets_documented_defaults() {
     let c = parse(&base("", ""), Path::new("t.toml")).unwrap();
-    assert_eq!(c.restart.proxy.listen.to_string(), "127.0.0.1:8080");
-    assert_eq!(c.restart.admin.listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(c.top().restart.proxy.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.process.admin.listen.to_string(), "127.0.0.1:9090");
     assert_eq!(
-        c.live.proxy.allowed_path_prefixes,
+        c.top().live.proxy.allowed_path_prefixes,
         vec!["/api/v2/".to_string()]
     );
-    assert_eq!(c.live.proxy.replay_body_limit_bytes, 65536);
+    assert_eq!(c.top().live.proxy.replay_body_limit_bytes, 65536);
     assert_eq!(
-        c.restart.genesys.token_url.as_str(),
+        c.top().restart.genesys.token_url.as_str(),
         "https://login.mypurecloud.com/oauth/token"
     );
-    assert_eq!(c.restart.genesys.api.host, "api.mypurecloud.com");
-    assert!(c.restart.genesys.api.tls);
-    assert_eq!(c.credentials.client_secret.expose(), "s3cret");
-    assert_eq!(c.live.token.validation, Validation::TokensMe);
-    assert_eq!(c.live.token.refresh_before_expiry.as_secs(), 300);
-    assert_eq!(c.live.token.max_token_requests_per_minute, 20);
+    assert_eq!(c.top().restart.genesys.api.host, "api.mypurecloud.com");
+    assert!(c.top().restart.genesys.api.tls);
+    assert_eq!(c.top().secrets.client_secret.expose(), "s3cret");
+    assert_eq!(c.top().live.token.validation, Validation::TokensMe);
+    assert_eq!(c.top().live.token.refresh_before_expiry.as_secs(), 300);
+    assert_eq!(c.top().live.token.max_token_requests_per_minute, 20);
 }
 
 #[test]
@@ -154,7 +154,7 @@ fn bare_domain_region() {
         Path::new("t.toml"),
     )
     .unwrap();
-    assert_eq!(c.restart.genesys.api.host, "api.new9.pure.cloud");
+    assert_eq!(c.top().restart.genesys.api.host, "api.new9.pure.cloud");
 }
 
 #[test]
@@ -171,8 +171,8 @@ fn plain_http_refused_unless_loopback() {
         Path::new("t.toml"),
     )
     .unwrap();
-    assert!(!c.restart.genesys.api.tls);
-    assert_eq!(c.restart.genesys.api.host_header(), "127.0.0.1:9999");
+    assert!(!c.top().restart.genesys.api.tls);
+    assert_eq!(c.top().restart.genesys.api.host_header(), "127.0.0.1:9999");
 }
 
 #[test]
@@ -238,7 +238,7 @@ fn validation_values() {
         Path::new("t.toml"),
     )
     .unwrap();
-    assert_eq!(c.live.token.validation, Validation::None);
+    assert_eq!(c.top().live.token.validation, Validation::None);
 }
 
 #[test]
@@ -266,7 +266,7 @@ fn bad_log_settings() {
 fn empty_audit_path() {
     assert!(err_of(&base("", "[audit]\npath = \"\"")).contains("audit.path"));
     let c = parse(&base("", "[audit]\npath = \"-\""), Path::new("t.toml")).unwrap();
-    assert_eq!(c.restart.audit.target, AuditTarget::Stdout);
+    assert_eq!(c.process.audit.target, AuditTarget::Stdout);
 }
 
 #[test]
@@ -359,10 +359,10 @@ fn budget_and_pool_are_validated() {
         Path::new("t.toml"),
     )
     .unwrap();
-    assert_eq!(c.restart.token.pool_size, 4);
-    assert_eq!(c.live.budget.apps[0].name, "reporting");
-    assert_eq!(c.live.budget.apps[0].weight, 3);
-    assert_eq!(c.live.budget.requests_per_window, 300);
+    assert_eq!(c.top().restart.token.pool_size, 4);
+    assert_eq!(c.top().live.budget.apps[0].name, "reporting");
+    assert_eq!(c.top().live.budget.apps[0].weight, 3);
+    assert_eq!(c.top().live.budget.requests_per_window, 300);
     for (rest, key) in [
         ("[token]\npool_size = 51", "token.pool_size"),
         ("[token]\npool_size = 0", "token.pool_size"),
@@ -411,7 +411,7 @@ fn jwks_validation_needs_a_jwks_url_and_refuses_hmac() {
         Path::new("t.toml"),
     )
     .unwrap();
-    let jwks = ok.restart.token.jwks.unwrap();
+    let jwks = ok.top().restart.token.jwks.clone().unwrap();
     assert_eq!(jwks.algorithms.len(), 2);
     assert_eq!(jwks.cache.as_secs(), 86_400);
     assert_eq!(jwks.leeway.as_secs(), 30);
@@ -468,7 +468,7 @@ fn admin_limits_and_hosts_are_checked() {
         Path::new("t.toml"),
     )
     .unwrap();
-    assert_eq!(c.restart.admin.allowed_hosts, ["proxy.ns.svc"]);
-    assert_eq!(c.restart.admin.max_connections, 64);
-    assert!(!c.live.proxy.allow_non_ascii_paths);
+    assert_eq!(c.process.admin.allowed_hosts, ["proxy.ns.svc"]);
+    assert_eq!(c.process.admin.max_connections, 64);
+    assert!(!c.top().live.proxy.allow_non_ascii_paths);
 }

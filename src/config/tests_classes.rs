@@ -53,7 +53,10 @@ fn every_file_key_is_classified_exactly_once() {
     let mut file_keys = BTreeSet::new();
     walk(&registry, "FileConfig", "", &mut file_keys);
 
-    let restart: BTreeSet<_> = Restart::all_keys().into_iter().collect();
+    let restart: BTreeSet<_> = Restart::all_keys()
+        .into_iter()
+        .chain(Process::all_keys())
+        .collect();
     let live: BTreeSet<_> = Live::all_keys().into_iter().collect();
     let credentials: BTreeSet<_> = CredentialSettings::all_keys().into_iter().collect();
     for key in &file_keys {
@@ -82,7 +85,7 @@ fn live_and_restart_changes_are_told_apart_by_type() {
         Path::new("t.toml"),
     )
     .unwrap();
-    let d = Diff::between(&old, &new);
+    let d = Diff::between(old.top(), new.top());
     assert_eq!(
         d.applied,
         vec!["proxy.allowed_path_prefixes", "anomaly.quiet_ms"]
@@ -101,7 +104,10 @@ fn a_new_secret_is_a_credential_change_not_a_live_or_restart_one() {
         );
         parse(&text, Path::new("t.toml")).unwrap()
     };
-    let d = Diff::between(&with_secret("old-secret"), &with_secret("new-secret"));
+    let d = Diff::between(
+        with_secret("old-secret").top(),
+        with_secret("new-secret").top(),
+    );
     assert!(d.credentials && !d.previous_secret, "{d:?}");
     assert!(
         d.applied.is_empty() && d.restart_required.is_empty(),

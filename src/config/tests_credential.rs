@@ -33,30 +33,33 @@ fn an_entry_inherits_the_top_level_and_overrides_its_own_keys() {
         )
     );
     let c = parse(&text, Path::new("t.toml")).unwrap();
-    assert_eq!(c.extra.len(), 1);
-    let r = &c.extra[0];
-    assert_eq!(r.name, "reporting");
-    let rc = &r.config;
+    assert_eq!(c.credentials.len(), 2);
+    let rc = &c.credentials[1];
+    assert_eq!(rc.name.as_str(), "reporting");
     assert_eq!(rc.restart.proxy.listen.to_string(), "127.0.0.1:8081");
     assert_eq!(rc.live.proxy.allowed_path_prefixes, ["/api/v2/analytics/"]);
     assert_eq!(
-        rc.live.proxy.allowed_client_cidrs, c.live.proxy.allowed_client_cidrs,
+        rc.live.proxy.allowed_client_cidrs,
+        c.top().live.proxy.allowed_client_cidrs,
         "inherited from [proxy]"
     );
     assert_eq!(rc.restart.token.pool_size, 1, "its own [credential.token]");
-    assert_eq!(c.restart.token.pool_size, 3);
+    assert_eq!(c.top().restart.token.pool_size, 3);
     assert_eq!(
         rc.live.token.max_token_requests_per_minute, 7,
         "inherited from [token]"
     );
-    assert_eq!(rc.credentials.client_id, "other");
+    assert_eq!(rc.secrets.client_id, "other");
     assert_eq!(
         rc.restart.genesys.token_url.as_str(),
         "https://login.mypurecloud.com.au/oauth/token"
     );
     assert_eq!(
-        c.restart.credentials.listeners,
-        vec![("reporting".to_string(), "127.0.0.1:8081".parse().unwrap())]
+        c.process.credentials.listeners,
+        vec![(
+            CredentialName::parse("reporting").unwrap(),
+            "127.0.0.1:8081".parse().unwrap()
+        )]
     );
 }
 
@@ -74,10 +77,10 @@ fn an_oauth_entry_gets_the_oauth_defaults() {
         )
     );
     let c = parse(&text, Path::new("t.toml")).unwrap();
-    let p = &c.extra[0].config;
+    let p = &c.credentials[1];
     assert_eq!(p.restart.genesys.grant.issuer, IssuerKind::OAuth);
     assert_eq!(p.live.proxy.allowed_path_prefixes, ["/"]);
-    assert_eq!(c.live.proxy.allowed_path_prefixes, ["/api/v2/"]);
+    assert_eq!(c.top().live.proxy.allowed_path_prefixes, ["/api/v2/"]);
 }
 
 #[test]
@@ -157,7 +160,7 @@ fn adding_a_credential_is_a_restart_key() {
         Path::new("t.toml"),
     )
     .unwrap();
-    assert_eq!(Diff::between(&one, &two).restart_required, ["credential"]);
+    assert_eq!(one.process.diff(&two.process), ["credential"]);
 }
 
 #[test]
@@ -170,13 +173,13 @@ fn cluster_settings_are_checked() {
         Path::new("t.toml"),
     )
     .unwrap();
-    let c = ok.restart.cluster.settings.unwrap();
+    let c = ok.process.cluster.settings.unwrap();
     assert_eq!(c.key_prefix, "genesys-auth-proxy");
     assert_eq!(c.timeout.as_millis(), 250);
     assert_eq!(c.lease.as_millis(), 15_000);
     assert!(parse(&base("", ""), Path::new("t.toml"))
         .unwrap()
-        .restart
+        .process
         .cluster
         .settings
         .is_none());

@@ -20,15 +20,18 @@ const JWKS: &str = "jwks_url = \"https://idp.example.com/.well-known/jwks.json\"
 #[test]
 fn oauth_defaults_to_basic_auth_jwks_validation_and_any_path() {
     let c = parse(&oauth("", JWKS), Path::new("t.toml")).unwrap();
-    let up = &c.restart.genesys;
+    let up = &c.top().restart.genesys;
     assert_eq!(up.token_url.as_str(), "https://idp.example.com/oauth/token");
     assert_eq!(up.api.base_url(), "https://api.example.com");
     assert_eq!(up.grant.issuer, IssuerKind::OAuth);
     assert_eq!(up.grant.auth_method, AuthMethod::ClientSecretBasic);
     assert!(up.grant.params.is_empty());
-    assert_eq!(c.live.token.validation, Validation::Jwks);
-    assert_eq!(c.live.proxy.allowed_path_prefixes, vec!["/".to_string()]);
-    assert_eq!(c.credentials.client_id, "app");
+    assert_eq!(c.top().live.token.validation, Validation::Jwks);
+    assert_eq!(
+        c.top().live.proxy.allowed_path_prefixes,
+        vec!["/".to_string()]
+    );
+    assert_eq!(c.top().secrets.client_id, "app");
 }
 
 #[test]
@@ -41,7 +44,7 @@ fn scope_audience_and_extra_params_are_sent_in_order() {
         Path::new("t.toml"),
     )
     .unwrap();
-    let g = &c.restart.genesys.grant;
+    let g = &c.top().restart.genesys.grant;
     assert_eq!(g.auth_method, AuthMethod::ClientSecretPost);
     let params: Vec<(&str, &str)> = g
         .params
@@ -117,7 +120,7 @@ fn oauth_validation_needs_keys_and_refuses_tokens_me() {
         "{e}"
     );
     let none = parse(&oauth("", "validation = \"none\""), Path::new("t.toml")).unwrap();
-    assert_eq!(none.live.token.validation, Validation::None);
+    assert_eq!(none.top().live.token.validation, Validation::None);
 }
 
 #[test]
@@ -127,7 +130,7 @@ fn jwks_is_discovered_from_the_issuer_without_jwks_url() {
         Path::new("t.toml"),
     )
     .unwrap();
-    let jwks = c.restart.token.jwks.unwrap();
+    let jwks = c.top().restart.token.jwks.clone().unwrap();
     assert_eq!(
         jwks.keys,
         KeySource::Discover(
@@ -152,7 +155,7 @@ fn an_oauth_restart_key_is_reported_by_its_oauth_name() {
         Path::new("t.toml"),
     )
     .unwrap();
-    let d = Diff::between(&old, &new);
+    let d = Diff::between(old.top(), new.top());
     assert_eq!(
         d.restart_required,
         vec!["oauth.token_url", "oauth.auth_method"]

@@ -47,8 +47,9 @@ pub struct ProxyState {
     pub live: Arc<ArcSwap<Live>>,
     pub api: ApiTarget,
     pub host_header: HeaderValue,
-    /// Resolved API addresses; refreshed off the request path by a background task.
-    pub upstream_addrs: ArcSwap<Vec<SocketAddr>>,
+    /// The API host's addresses, resolved off the request path (shared by the credentials
+    /// that call the same host).
+    pub upstream_addrs: Arc<ArcSwap<Vec<SocketAddr>>>,
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,
     pub anomaly: Arc<AnomalyMonitor>,

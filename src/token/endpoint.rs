@@ -157,8 +157,8 @@ impl TokenEndpoint {
     }
 
     /// The endpoint a validated config describes (token URL, API base, timeouts, `ca_file`).
-    pub fn for_config(config: &crate::config::Config) -> Result<Self, String> {
-        let r = &config.restart;
+    pub fn for_credential(credential: &crate::config::Credential) -> Result<Self, String> {
+        let r = &credential.restart;
         let t = &r.token;
         Self::new(
             &r.genesys,

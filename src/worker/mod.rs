@@ -1,5 +1,6 @@
-//! The proxy's worker threads: each runs a single-threaded runtime with its own accept loop on a
-//! clone of the listener and its own pingora app (hence its own upstream connection pool), so a
+//! The proxy's worker threads: `proxy.threads` of them for the whole process, each running a
+//! single-threaded runtime with an accept loop on a clone of every credential's listener and
+//! its own pingora app per credential (hence its own upstream connection pools), so a
 //! connection and its pooled upstream connections live on one thread with no cross-thread
 //! wake-ups (pingora's own model). We run pingora's `HttpProxy` under this loop rather than
 //! under pingora's `Server` so tests can bind port 0 and drive shutdown in-process.
@@ -39,43 +40,39 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> 
     socket.listen(4096)
 }
 
-/// One proxy worker: its own runtime, accept loop and connections.
-pub struct Worker {
+/// One listener as a worker thread sees it: its socket (a clone per thread), and the app and
+/// admission of the credential it serves.
+pub struct Listener {
+    pub socket: std::net::TcpListener,
     pub app: Arc<pingora::proxy::HttpProxy<GenesysProxy>>,
+    /// Admission at accept (client address, the process's connection cap).
+    pub gate: Arc<Gate>,
+}
+
+/// One proxy worker: its own runtime, an accept loop on every listener, and its connections.
+pub struct Worker {
+    pub listeners: Vec<Listener>,
     /// Tells pingora's connection loops to finish their current request and stop.
     pub pingora_shutdown: watch::Receiver<bool>,
     /// Stops accepting.
     pub shutdown: Shutdown,
     pub grace: Duration,
-    /// Admission at accept (client address, connection cap), shared by every worker.
-    pub gate: Arc<Gate>,
 }
 
 impl Worker {
-    /// Accepts until shutdown, then waits up to the grace period for this worker's connections.
-    pub async fn run(mut self, listener: std::net::TcpListener) {
-        let listener = match TcpListener::from_std(listener) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "proxy worker cannot use the listener");
-                return;
-            }
-        };
+    /// Accepts on every listener until shutdown, then waits up to the grace period for this
+    /// worker's connections.
+    pub async fn run(self) {
         let tracker = TaskTracker::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, peer)) => self.accepted(tcp, peer, &tracker),
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off briefly, keep serving.
-                        tracing::error!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                _ = self.shutdown.wait() => break,
-            }
-        }
-        drop(listener);
+        let loops = self.listeners.into_iter().map(|l| {
+            accept_loop(
+                l,
+                self.pingora_shutdown.clone(),
+                self.shutdown.clone(),
+                tracker.clone(),
+            )
+        });
+        futures_util::future::join_all(loops).await;
         tracker.close();
         if tokio::time::timeout(self.grace, tracker.wait())
             .await
@@ -89,45 +86,78 @@ impl Worker {
     }
 }
 
-impl Worker {
-    /// Admits (or refuses) a new connection and serves it under its head clock.
-    fn accepted(&self, tcp: TcpStream, peer: SocketAddr, tracker: &TaskTracker) {
-        let gate = self.gate.clone();
-        let refused = |refusal: Refusal| {
-            let m = &gate.metrics.rejected_requests_total;
-            m.with_label_values(&[refusal.reason()]).inc();
-        };
-        let permit = match gate.admit(peer.ip()) {
-            Admit::Serve(permit) => permit,
-            Admit::Refuse(refusal, permit) => {
-                refused(refusal);
-                tracker.spawn(async move {
-                    admission::refuse(tcp, refusal).await;
-                    drop(permit);
-                });
-                return;
-            }
-            Admit::Drop(refusal) => return refused(refusal),
-        };
-        let _ = tcp.set_nodelay(true);
-        let stream = to_pingora_stream(tcp, peer);
-        let app = self.app.clone();
-        let watch = self.pingora_shutdown.clone();
-        let head_timeout = gate.live.load().proxy.request_header_timeout;
-        gate.metrics.client_connections.inc();
-        tracker.spawn(async move {
-            let serve = async move {
-                // pingora serves every keep-alive request of the connection in this call.
-                let _ = app.process_new(stream, &watch).await;
-            };
-            if !HeadClock::new(head_timeout).run(serve).await {
-                let m = &gate.metrics.rejected_requests_total;
-                m.with_label_values(&["request_header_timeout"]).inc();
-            }
-            gate.metrics.client_connections.dec();
-            drop(permit);
-        });
+async fn accept_loop(
+    l: Listener,
+    pingora_shutdown: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
+    tracker: TaskTracker,
+) {
+    let listener = match TcpListener::from_std(l.socket) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "proxy worker cannot use the listener");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => accepted_one(&l.app, &l.gate, &pingora_shutdown, tcp, peer, &tracker),
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly, keep serving.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.wait() => break,
+        }
     }
+}
+
+/// Admits (or refuses) a new connection and serves it under its head clock.
+fn accepted_one(
+    app: &Arc<pingora::proxy::HttpProxy<GenesysProxy>>,
+    gate: &Arc<Gate>,
+    pingora_shutdown: &watch::Receiver<bool>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tracker: &TaskTracker,
+) {
+    let gate = gate.clone();
+    let refused = |refusal: Refusal| {
+        let m = &gate.metrics.rejected_requests_total;
+        m.with_label_values(&[refusal.reason()]).inc();
+    };
+    let permit = match gate.admit(peer.ip()) {
+        Admit::Serve(permit) => permit,
+        Admit::Refuse(refusal, permit) => {
+            refused(refusal);
+            tracker.spawn(async move {
+                admission::refuse(tcp, refusal).await;
+                drop(permit);
+            });
+            return;
+        }
+        Admit::Drop(refusal) => return refused(refusal),
+    };
+    let _ = tcp.set_nodelay(true);
+    let stream = to_pingora_stream(tcp, peer);
+    let app = app.clone();
+    let watch = pingora_shutdown.clone();
+    let head_timeout = gate.live.load().proxy.request_header_timeout;
+    gate.metrics.client_connections.inc();
+    tracker.spawn(async move {
+        let serve = async move {
+            // pingora serves every keep-alive request of the connection in this call.
+            let _ = app.process_new(stream, &watch).await;
+        };
+        if !HeadClock::new(head_timeout).run(serve).await {
+            let m = &gate.metrics.rejected_requests_total;
+            m.with_label_values(&["request_header_timeout"]).inc();
+        }
+        gate.metrics.client_connections.dec();
+        drop(permit);
+    });
 }
 
 /// Wraps an accepted socket the way pingora's own listener does: `client_addr()` works and

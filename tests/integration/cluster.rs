@@ -356,3 +356,75 @@ async fn a_lease_left_behind_costs_a_token_request_not_a_request() {
         "{m}"
     );
 }
+
+/// One Redis link for the process: three credentials in one replica hold one connection and
+/// one subscription (before: one of each per credential, six in all), and each credential's
+/// token is still stored under its own key id and found by a second replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak tier: .ci/run runs it (cargo test -- --ignored)"]
+async fn three_credentials_share_one_redis_link() {
+    const OTHER: [(&str, &str); 2] = [("reporting-client", "rs-1"), ("partner-client", "ps-2")];
+    let sim = start_sim(genesys_auth_proxy::sim::SimConfig {
+        clients: vec![
+            (CLIENT_ID.into(), SECRET.into()),
+            (OTHER[0].0.into(), OTHER[0].1.into()),
+            (OTHER[1].0.into(), OTHER[1].1.into()),
+        ],
+        ..sim_config()
+    })
+    .await;
+    let redis = RedisServer::start();
+    let conf = |name: &str| {
+        let conf = replica_conf(&sim, &redis, SECRET, name);
+        let dir = conf.parent().unwrap().to_path_buf();
+        let mut toml = std::fs::read_to_string(&conf).unwrap();
+        for (i, (id, secret)) in OTHER.iter().enumerate() {
+            let file = dir.join(format!("secret-{i}"));
+            write_atomic(&file, &format!("{secret}\n"));
+            toml += &format!(
+                "\n[[credential]]\nname = \"c{i}\"\nlisten = \"127.0.0.1:0\"\n[credential.genesys]\nlogin_url = \"{u}\"\napi_url = \"{u}\"\nclient_id = \"{id}\"\nclient_secret = {{ file = {file:?} }}\n",
+                u = sim.url()
+            );
+        }
+        std::fs::write(&conf, toml).unwrap();
+        conf
+    };
+    let a = ProxyProcess::spawn(&conf("a"));
+    a.wait_ready().await;
+    let shared = |s: &Value| {
+        ["default", "c0", "c1"]
+            .iter()
+            .all(|c| s["credentials"][c]["cluster"]["state"] == "shared")
+    };
+    eventually(
+        Duration::from_secs(10),
+        "every credential shared",
+        || async { shared(&status(&a).await) },
+    )
+    .await;
+    eventually(Duration::from_secs(10), "three tokens stored", || async {
+        redis
+            .dump()
+            .iter()
+            .filter(|(k, _)| k.contains(":token:"))
+            .count()
+            == 3
+    })
+    .await;
+    assert_eq!(redis.clients(), 2, "one connection and one subscription");
+    // A second replica adopts all three stored tokens: no token request.
+    let before = token_requests(&stats(&sim).await);
+    let b = ProxyProcess::spawn(&conf("b"));
+    b.wait_ready().await;
+    eventually(Duration::from_secs(10), "b shared", || async {
+        shared(&status(&b).await)
+    })
+    .await;
+    assert_eq!(
+        token_requests(&stats(&sim).await),
+        before,
+        "b adopted every token"
+    );
+    assert_eq!(redis.clients(), 4, "two replicas, two connections each");
+    drop((a, b));
+}

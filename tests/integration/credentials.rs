@@ -455,3 +455,80 @@ async fn check_live_mints_for_every_credential() {
     );
     assert!(stderr.contains("invalid_client"), "{stderr}");
 }
+
+/// One process, not one per credential: three credentials on `proxy.threads = 2` run two
+/// worker threads (each accepting on all three listeners), and `proxy.max_connections` is one
+/// cap over every listener, so the credentials' caps cannot add up past the open-file limit.
+/// Before, each credential had its own 2 threads (6 in all) and its own cap of 6.
+#[tokio::test]
+async fn credentials_share_the_process_worker_threads_and_connection_cap() {
+    let (org, partner) = two_orgs().await;
+    let dir = temp_dir("one-process");
+    let mut toml = proxy_toml(
+        &org.url(),
+        SECRET,
+        "threads = 2\nmax_connections = 6",
+        "",
+        &dir,
+    )
+    .replace(
+        "format = \"text\"\nlevel = \"warn\"",
+        "format = \"json\"\nlevel = \"info\"",
+    );
+    toml += &credential(&dir, "reporting", &org, REPORTING_ID, REPORTING_SECRET, "");
+    toml += &credential(&dir, "partner", &partner, PARTNER_ID, PARTNER_SECRET, "");
+    let conf = dir.join("proxy.toml");
+    std::fs::write(&conf, toml).unwrap();
+    let mut proc = ProxyProcess::spawn(&conf);
+    proc.wait_ready().await;
+    let reporting = proc.listener_of("reporting");
+    let partner_addr = proc.listener_of("partner");
+    assert_eq!(
+        proc.threads_named("proxy-"),
+        2,
+        "worker threads for three credentials"
+    );
+
+    // Six idle connections on the default listener fill the process's cap ...
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let mut tcp = tokio::net::TcpStream::connect(&proc.proxy).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        tcp.write_all(b"GET /api/v2/echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        held.push(tcp);
+    }
+    // ... once each is served (it then idles on keep-alive).
+    for tcp in &mut held {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 12];
+        tcp.read_exact(&mut buf).await.unwrap();
+        assert_eq!(
+            &buf, b"HTTP/1.1 200",
+            "a connection under the cap is served"
+        );
+    }
+    // So another credential's listener has no room left either.
+    for addr in [&reporting, &partner_addr] {
+        let r = client()
+            .get(format!("http://{addr}/api/v2/echo"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "{addr}: the cap is the process's");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["code"], "proxy.too_many_connections", "{body}");
+    }
+    drop(held);
+    eventually(Duration::from_secs(5), "room again", || async {
+        client()
+            .get(format!("http://{reporting}/api/v2/echo"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let (status, _, _) = proc.stop();
+    assert!(status.success(), "{status}");
+}

@@ -433,6 +433,39 @@ impl ProxyProcess {
         send_signal(&self.child, sig);
     }
 
+    /// The proxy listener of the credential `name`, from its "listening" log line (bounded).
+    pub fn listener_of(&mut self, name: &str) -> String {
+        let of = |line: &str| {
+            let v: Value = serde_json::from_str(line).ok()?;
+            let ours = v["message"] == "genesys-auth-proxy listening" && v["credential"] == name;
+            ours.then(|| v["proxy"].as_str().unwrap_or_default().to_string())
+        };
+        if let Some(addr) = self.seen.lines().find_map(of) {
+            return addr;
+        }
+        loop {
+            let line = self
+                .logs
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("no listening line for {name}:\n{}", self.seen));
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+            if let Some(addr) = of(&line) {
+                return addr;
+            }
+        }
+    }
+
+    /// The process's threads whose names start with `prefix` (Linux `/proc`).
+    pub fn threads_named(&self, prefix: &str) -> usize {
+        let dir = format!("/proc/{}/task", self.child.id());
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.starts_with(prefix))
+            .count()
+    }
+
     pub async fn wait_ready(&self) {
         let c = client();
         let url = format!("http://{}/readyz", self.admin);
@@ -648,6 +681,14 @@ impl RedisServer {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Connected clients besides the one asking (`CLIENT LIST`).
+    pub fn clients(&self) -> usize {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut c = client.get_connection().unwrap();
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut c).unwrap();
+        list.lines().count().saturating_sub(1)
     }
 
     /// Every key and its value (for checks that no token is stored in the clear).
