@@ -33,6 +33,9 @@ pub enum Command {
         /// Also mint one token and validate it with GET /api/v2/tokens/me.
         #[arg(long)]
         live: bool,
+        /// Print every config key with its reload class and default (no file is read).
+        #[arg(long, conflicts_with = "live")]
+        keys: bool,
     },
     /// Start the built-in Genesys Cloud simulator and the proxy in front of it.
     #[cfg(feature = "sim")]

@@ -12,7 +12,11 @@ pub(crate) const EXIT_CONFIG: u8 = 2;
 pub fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Run { config } => run(&config),
-        Command::Check { config, live } => check(&config, live),
+        Command::Check { keys: true, .. } => {
+            print!("{}", crate::config::keys::render());
+            ExitCode::SUCCESS
+        }
+        Command::Check { config, live, .. } => check(&config, live),
         #[cfg(feature = "sim")]
         Command::Demo { config } => crate::demo::demo(&config),
         #[cfg(feature = "sim")]
@@ -168,7 +172,11 @@ async fn live_check(c: &config::Credential) -> Result<(String, std::time::Durati
                 endpoint.max_response_bytes(),
                 metrics,
             );
-            exp = Some(jwks.verify(minted.access_token.expose()).await?);
+            exp = Some(
+                jwks.verify(minted.access_token.expose())
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
         }
         (None, config::Validation::TokensMe) => endpoint
             .validate(&minted.access_token)

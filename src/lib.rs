@@ -9,10 +9,11 @@
 //!   [`worker`]: the proxy's worker threads and accept loops, with [`admission`] (client
 //!   address and connection cap at accept) and [`head_clock`] (the whole-request-head
 //!   deadline); [`shutdown`]: the shutdown trigger every task listens to.
-//! - [`config`]: the TOML file's serde mirror and the validated model, split by reload class:
-//!   `Restart` (read once), `Live` (swapped in place as one `ArcSwap` snapshot) and
-//!   `CredentialSettings` (validated by the refresher before use). Every model field names its
-//!   file key, so the reload diff follows from the types.
+//! - [`config`]: the TOML file's serde mirror and the validated model: the `Process` (what one
+//!   process owns) and its `Credential`s, each split by reload class: `Restart` (read once),
+//!   `Live` (swapped in place as one `ArcSwap` snapshot) and `CredentialSettings` (validated by
+//!   the refresher before use). Every model field names its file key, so the reload diff (and
+//!   `check --keys`) follows from the types.
 //! - [`region`]: the Genesys Cloud region table.
 //! - [`token`]: the token lifecycle. One [`token::refresher`] owns the token endpoint (through
 //!   a [`token::minter::Minter`]); [`token::schedule`] decides when, as pure functions; the
@@ -20,9 +21,11 @@
 //!   lock-free and ask for a replacement after a 401.
 //! - [`proxy`]: the pingora `ProxyHttp` implementation: thin hooks over the decisions in
 //!   `proxy::decide` (allowlists, header rewriting, replay rules, refusals).
-//! - [`budget`]: the per-token rate-limit budget: requests take a call before they are sent,
-//!   wait fairly in a bounded queue when it is spent, and a Genesys 429 is re-sent once budget
-//!   frees.
+//! - [`budget`]: the per-token rate-limit budget: requests take a call before they are sent
+//!   (lock-free while budget is plentiful), wait fairly in a bounded queue when it is spent,
+//!   and a Genesys 429 is re-sent once budget frees.
+//! - [`cluster`]: `[cluster]`, replicas sharing tokens and budget through one Redis link per
+//!   process.
 //! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`, `/reload` on their own listener.
 //! - [`reload`]: the one reload path (SIGHUP, `POST /reload`, [`watch`]ed secret files):
 //!   read → parse → validate → compare → apply.
@@ -77,3 +80,46 @@ pub mod sync;
 pub mod token;
 pub mod watch;
 pub mod worker;
+
+#[cfg(test)]
+mod module_map {
+    /// Every `pub mod` is named in its parent's `//!` map, so the maps cannot drift from the
+    /// code (a module added without a word in the map fails here).
+    #[test]
+    fn every_public_module_is_named_in_its_parents_map() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut missing = Vec::new();
+        let mut stack = vec![src];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                let doc: String = text
+                    .lines()
+                    .filter(|l| l.starts_with("//!"))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                for line in text.lines() {
+                    let Some(rest) = line
+                        .strip_prefix("pub mod ")
+                        .or_else(|| line.strip_prefix("pub(crate) mod "))
+                    else {
+                        continue;
+                    };
+                    let name = rest.trim_end_matches(';');
+                    let named = doc
+                        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                        .any(|w| w == name);
+                    if !named {
+                        missing.push(format!("{}: {name}", path.display()));
+                    }
+                }
+            }
+        }
+        assert!(missing.is_empty(), "not in their module's map: {missing:?}");
+    }
+}

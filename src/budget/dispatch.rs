@@ -5,19 +5,23 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Budget, ClientKey, Queue};
+use super::{Book, Budget, ClientKey, Queue};
 use crate::config::BudgetSettings;
 use crate::shutdown::Shutdown;
 use crate::sync::lock;
 
 impl Budget {
     /// Serves waiting requests whenever budget frees; runs until shutdown.
+    /// Every second it also sets the budget gauges (not on every answer).
     pub async fn dispatch(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut gauges = tokio::time::interval(Duration::from_secs(1));
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = self.grant_waiters(Instant::now());
             tokio::select! {
                 _ = sleep_until(next) => {}
                 _ = self.changed.notified() => {}
+                _ = gauges.tick() => self.tick(Instant::now()),
                 _ = shutdown.wait() => return,
             }
         }
@@ -27,11 +31,13 @@ impl Budget {
     fn grant_waiters(&self, now: Instant) -> Option<Instant> {
         let settings = self.live.load().budget.clone();
         let mut q = lock(&self.queue);
-        q.roll(now, settings.window);
+        if q.len == 0 {
+            return None;
+        }
         let tokens = self.store.usable(now);
         let mut windows = self.sync(&tokens);
         while q.len > 0 {
-            let Some(client) = next_client(&q, &settings, now) else {
+            let Some(client) = next_client(&q, &self.book, &settings, now) else {
                 break;
             };
             let Some(token) = Self::take_best(&mut windows, &tokens, now) else {
@@ -45,7 +51,7 @@ impl Budget {
             q.len -= 1;
             let slot = token.slot;
             if waiter.grant.send(token).is_ok() {
-                q.used(client, now);
+                self.book.used(&client, now);
             } else if let Some(w) = windows.get_mut(slot) {
                 w.give_back();
             }
@@ -70,7 +76,12 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// The waiting client that used least recently (decayed usage), weighted by its application
 /// group.
-pub(super) fn next_client(q: &Queue, settings: &BudgetSettings, now: Instant) -> Option<ClientKey> {
+pub(super) fn next_client(
+    q: &Queue,
+    book: &Book,
+    settings: &BudgetSettings,
+    now: Instant,
+) -> Option<ClientKey> {
     let weight = |k: &ClientKey| match k {
         ClientKey::App(i) => settings.apps.get(*i).map_or(1, |a| a.weight.max(1)),
         ClientKey::Address(_) => 1,
@@ -80,8 +91,8 @@ pub(super) fn next_client(q: &Queue, settings: &BudgetSettings, now: Instant) ->
         .filter(|(_, d)| !d.is_empty())
         .map(|(k, _)| k)
         .min_by(|a, b| {
-            let ua = q.usage_of(a, now) * weight(b) as f64;
-            let ub = q.usage_of(b, now) * weight(a) as f64;
+            let ua = book.usage_of(a, now) * weight(b) as f64;
+            let ub = book.usage_of(b, now) * weight(a) as f64;
             ua.total_cmp(&ub)
         })
         .cloned()

@@ -1,11 +1,18 @@
 //! Living within Genesys's per-token rate limit: every request takes one call from a token's
-//! [`window::Window`] before it is sent, choosing the pool's token with the most budget left. When the budget is spent, requests wait in a bounded
-//! queue instead of being sent to collect a 429; when budget frees (the window resets), the
-//! waiting applications are served fairly: the one that used least in the current period goes
-//! first (weighted per application group), so a bursting application waits while steady ones
-//! keep flowing. A request that cannot be served within `max_queue_wait_ms` gets the proxy's
-//! own 429 with an honest `Retry-After`.
+//! [`window::Window`] before it is sent, choosing the pool's token with the most budget left.
+//! When the budget is spent, requests wait in a bounded queue instead of being sent to collect
+//! a 429; when budget frees (the window resets), the waiting applications are served fairly:
+//! the one that used least recently goes first (weighted per application group), so a
+//! bursting application waits while steady ones keep flowing. A request that cannot be served
+//! within `max_queue_wait_ms` gets the proxy's own 429 with an honest `Retry-After`.
+//!
+//! The request path takes no lock while budget is plentiful and nobody waits: a call comes
+//! from the slot's [`atomic::Tickets`] (paced credit the window already counted), the
+//! client's use goes to its [`atomic::Meter`], and an answer's rate-limit headers to the
+//! slot's [`atomic::Reported`]. The windows' lock is taken only to refill tickets, to queue,
+//! by the dispatcher, and by the 1 s gauge tick, each time applying what was reported.
 
+mod atomic;
 mod dispatch;
 pub mod window;
 
@@ -22,6 +29,7 @@ use crate::config::{BudgetSettings, Live};
 use crate::metrics::Metrics;
 use crate::sync::lock;
 use crate::token::store::{Token, TokenStore};
+use atomic::{Clock, Meter, Reported, Tickets};
 use window::Window;
 
 /// Who a request is accounted to for fair sharing: a configured application group, or the
@@ -58,34 +66,26 @@ struct Waiter {
     grant: oneshot::Sender<Arc<Token>>,
 }
 
-/// Waiting requests by client, and what each client used recently.
+/// Waiting requests by client.
 #[derive(Default)]
 struct Queue {
     waiting: BTreeMap<ClientKey, VecDeque<Waiter>>,
     len: usize,
-    usage: HashMap<ClientKey, Usage>,
-    /// The fairness horizon in force (see [`horizon`]).
-    horizon: Duration,
-    /// When usage is next pruned of clients whose use has faded.
-    next_prune: Option<Instant>,
 }
 
-/// What a client used, decaying: each call counts 1 and fades with time constant `horizon`,
-/// so fairness weighs what a client used in the last few seconds, whatever happened before
-/// and whether or not anyone waited. A steady client with a long uncontended history keeps
-/// its share when a burster arrives: its usage is its rate times the horizon, not its
-/// history since the last contention (which was all that ever reset it before).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Usage {
-    value: f64,
-    at: Instant,
-}
-
-impl Usage {
-    fn at(&self, now: Instant, horizon: Duration) -> f64 {
-        let age = now.saturating_duration_since(self.at).as_secs_f64();
-        self.value * (-age / horizon.as_secs_f64().max(1e-3)).exp()
-    }
+/// What each client used recently, decaying ([`atomic::Meter`]): each call counts 1 and fades
+/// with time constant `horizon`, so fairness weighs what a client used in the last few
+/// seconds, whatever happened before and whether or not anyone waited. A steady client with a
+/// long uncontended history keeps its share when a burster arrives: its usage is its rate
+/// times the horizon, not its history since the last contention. Read and counted without a
+/// lock; a client seen for the first time is added by copying the map (rare), and faded ones
+/// are pruned once per horizon.
+struct Book {
+    meters: ArcSwap<HashMap<ClientKey, Arc<Meter>>>,
+    /// Serialises inserts and prunes; holds when the map is next pruned.
+    write: Mutex<Option<Instant>>,
+    horizon_ms: AtomicU64,
+    clock: Clock,
 }
 
 /// The fairness horizon for a budget window: a twentieth of it, within 1 to 10 s.
@@ -97,42 +97,82 @@ pub(crate) fn horizon(window: Duration) -> Duration {
 /// addresses is seen): past it, the faded ones are forgotten first, then all.
 const USAGE_CLIENTS_MAX: usize = 4096;
 
-impl Queue {
-    /// Keeps the horizon in step with the window and forgets clients whose use has faded
-    /// (checked once per horizon), whether or not requests wait.
-    fn roll(&mut self, now: Instant, window: Duration) {
-        self.horizon = horizon(window);
-        let due = self.next_prune.is_none_or(|t| now >= t);
-        if due || self.usage.len() > USAGE_CLIENTS_MAX {
-            let h = self.horizon;
-            self.usage.retain(|_, u| u.at(now, h) >= 0.01);
-            if self.usage.len() > USAGE_CLIENTS_MAX {
-                self.usage.clear();
-            }
-            self.next_prune = Some(now + h);
+impl Book {
+    fn new(clock: Clock, window: Duration) -> Self {
+        Book {
+            meters: ArcSwap::from_pointee(HashMap::new()),
+            write: Mutex::new(None),
+            horizon_ms: AtomicU64::new(horizon(window).as_millis() as u64),
+            clock,
         }
     }
 
+    fn horizon(&self) -> Duration {
+        Duration::from_millis(self.horizon_ms.load(Ordering::Relaxed))
+    }
+
+    /// Keeps the horizon in step with the window and forgets clients whose use has faded
+    /// (once per horizon), whether or not requests wait.
+    fn roll(&self, now: Instant, window: Duration) {
+        let h = horizon(window);
+        self.horizon_ms
+            .store(h.as_millis() as u64, Ordering::Relaxed);
+        let mut next = lock(&self.write);
+        if next.is_some_and(|t| now < t) {
+            return;
+        }
+        *next = Some(now + h);
+        let ms = self.clock.ms(now);
+        let map = self.meters.load();
+        if map.values().all(|m| m.at(ms, h) >= 0.01) {
+            return;
+        }
+        let kept: HashMap<_, _> = map
+            .iter()
+            .filter(|(_, m)| m.at(ms, h) >= 0.01)
+            .map(|(k, m)| (k.clone(), m.clone()))
+            .collect();
+        self.meters.store(Arc::new(kept));
+    }
+
     /// Counts one call for `client` at `now`.
-    fn used(&mut self, client: ClientKey, now: Instant) {
-        let h = self.horizon;
-        let u = self.usage.entry(client).or_insert(Usage {
-            value: 0.0,
-            at: now,
-        });
-        *u = Usage {
-            value: u.at(now, h) + 1.0,
-            at: now,
+    fn used(&self, client: &ClientKey, now: Instant) {
+        let (h, ms) = (self.horizon(), self.clock.ms(now));
+        if let Some(m) = self.meters.load().get(client) {
+            return m.add(ms, h);
+        }
+        let _write = lock(&self.write);
+        let map = self.meters.load();
+        if let Some(m) = map.get(client) {
+            return m.add(ms, h);
+        }
+        let mut grown: HashMap<_, _> = if map.len() >= USAGE_CLIENTS_MAX {
+            // Full of clients that have not faded yet: start again (bounded memory).
+            HashMap::new()
+        } else {
+            HashMap::clone(&map)
         };
+        let meter = Arc::new(Meter::default());
+        meter.add(ms, h);
+        grown.insert(client.clone(), meter);
+        self.meters.store(Arc::new(grown));
     }
 
     /// `client`'s usage now.
     pub(crate) fn usage_of(&self, client: &ClientKey, now: Instant) -> f64 {
-        self.usage
+        self.meters
+            .load()
             .get(client)
-            .map_or(0.0, |u| u.at(now, self.horizon))
+            .map_or(0.0, |m| m.at(self.clock.ms(now), self.horizon()))
     }
 
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.meters.load().len()
+    }
+}
+
+impl Queue {
     /// The client holding the most queue places for its weight, and that weighted count.
     fn heaviest(&self, weight: impl Fn(&ClientKey) -> u64) -> Option<(ClientKey, u64, u64)> {
         self.waiting
@@ -143,10 +183,20 @@ impl Queue {
     }
 }
 
+/// Tickets are issued only when at least this much paced credit is there: with plenty of
+/// budget requests pass without a lock; near a spent budget (and at small limits) every call
+/// is decided under the lock, where the fair queue sees it.
+const TICKETS_MIN: u64 = 8;
+
 /// The budget of the pool's tokens: one window per slot.
 pub struct Budget {
     store: Arc<TokenStore>,
     windows: Mutex<Vec<Window>>,
+    /// Per slot: calls taken without the lock, and what Genesys reported since.
+    tickets: Vec<Tickets>,
+    reported: Vec<Reported>,
+    clock: Clock,
+    book: Book,
     queue: Mutex<Queue>,
     /// Wakes the dispatcher: a waiter arrived, or the window changed while some wait.
     changed: Notify,
@@ -173,7 +223,12 @@ impl Budget {
                     .with_label_values(&[&slot.to_string()])
             })
             .collect();
+        let clock = Clock::new();
         Budget {
+            tickets: (0..store.slots()).map(|_| Tickets::default()).collect(),
+            reported: (0..store.slots()).map(|_| Reported::default()).collect(),
+            book: Book::new(clock, b.window),
+            clock,
             store,
             slot_gauges,
             windows: Mutex::new(windows),
@@ -186,8 +241,8 @@ impl Budget {
         }
     }
 
-    /// The windows, each matched to its slot's `token` first: a newer token starts a fresh
-    /// window.
+    /// The windows, each matched to its slot's `token` first (a newer token starts a fresh
+    /// window, and its slot's tickets are void), with what Genesys reported since applied.
     fn sync<'a>(&'a self, tokens: &[Arc<Token>]) -> std::sync::MutexGuard<'a, Vec<Window>> {
         let mut windows = lock(&self.windows);
         for t in tokens {
@@ -195,10 +250,101 @@ impl Budget {
                 if w.generation != t.generation {
                     let b = &self.live.load().budget;
                     *w = Window::new(t.generation, b.requests_per_window, b.window);
+                    self.tickets[t.slot].void();
                 }
             }
         }
+        self.apply_reports(&mut windows);
         windows
+    }
+
+    /// Applies what answers reported (lock held). A report whose window ended already
+    /// belongs to a window that is over: it says nothing of the current one. Tickets not taken
+    /// yet are counted as used in the window but not by Genesys, so they are added to its
+    /// count; when Genesys leaves less room than they promise, they are given back.
+    fn apply_reports(&self, windows: &mut [Window]) {
+        let now = Instant::now();
+        for (slot, w) in windows.iter_mut().enumerate() {
+            let Some(r) = self.reported[slot].take(&self.clock) else {
+                continue;
+            };
+            if r.ends_at.is_some_and(|t| t <= now) {
+                continue;
+            }
+            let tickets = &self.tickets[slot];
+            let unspent = tickets.live(w.generation, self.clock.ms(now));
+            // Rounded up, as Genesys rounds `inin-ratelimit-reset`: a window thought to end
+            // early would let calls out that Genesys still counts in the old one.
+            let reset = r.ends_at.map(|t| {
+                let ms = t.saturating_duration_since(now).as_millis() as u64;
+                ms.div_ceil(1000)
+            });
+            w.observe(r.count + unspent, r.allowed, reset, now);
+            if unspent > 0 && r.allowed.saturating_sub(r.count) < unspent {
+                w.give_back_many(tickets.void());
+            } else if let Some(end) = w.resets_at {
+                tickets.shorten(self.clock.ms(end));
+            }
+        }
+    }
+
+    /// The lock-free path: a ticket from the slot with the most left, if nobody waits and
+    /// that slot's token is still the one the tickets were issued for and usable.
+    fn take_ticket(&self, now: Instant) -> Option<Arc<Token>> {
+        if self.queued.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let mut best: Option<(usize, u64)> = None;
+        for (slot, t) in self.tickets.iter().enumerate() {
+            let n = t.count();
+            if n > best.map_or(0, |(_, m)| m) {
+                best = Some((slot, n));
+            }
+        }
+        let (slot, _) = best?;
+        let tickets = &self.tickets[slot];
+        if !tickets.take(self.clock.ms(now)) {
+            return None;
+        }
+        let token = self.store.slot(slot)?;
+        let fresh = token.generation == tickets.generation()
+            && token.is_valid_at(now)
+            && !self.store.is_refused(&token);
+        fresh.then_some(token)
+    }
+
+    /// Moves each slot's paced credit into its tickets (lock held, nobody waiting), so the
+    /// next requests need no lock. The window counts them as used at once.
+    fn refill_tickets(&self, windows: &mut [Window], tokens: &[Arc<Token>], now: Instant) {
+        for t in tokens {
+            let (Some(w), Some(tickets)) = (windows.get_mut(t.slot), self.tickets.get(t.slot))
+            else {
+                continue;
+            };
+            let now_ms = self.clock.ms(now);
+            if tickets.live(t.generation, now_ms) > 0 {
+                continue;
+            }
+            // Nothing good is left: what remains belongs to another token or to a window
+            // that is over, and is not given back.
+            let n = w.take_many(now, TICKETS_MIN);
+            let until = w.resets_at.map_or(0, |end| self.clock.ms(end));
+            tickets.refill(t.generation, n, until);
+        }
+    }
+
+    /// Gives every slot's tickets back to its window (lock held): requests are about to
+    /// wait, and the fair queue, not the first to come, decides who gets the budget.
+    fn void_tickets(&self, windows: &mut [Window]) {
+        let now_ms = self.clock.ms(Instant::now());
+        for (slot, w) in windows.iter_mut().enumerate() {
+            let t = &self.tickets[slot];
+            let good = t.live(w.generation, now_ms) > 0;
+            let voided = t.void();
+            if good {
+                w.give_back_many(voided);
+            }
+        }
     }
 
     /// Takes a call from the usable token with the most budget left.
@@ -266,19 +412,42 @@ impl Budget {
         wait: Duration,
     ) -> Admit {
         let now = Instant::now();
+        if let Some(token) = self.take_ticket(now) {
+            self.book.used(&client, now);
+            return Admit::Go {
+                queued: false,
+                token,
+            };
+        }
         let (id, rx) = {
             let mut q = lock(&self.queue);
-            q.roll(now, settings.window);
             let tokens = self.candidates(fallback, now);
             let mut windows = self.sync(&tokens);
             if q.len == 0 {
                 if let Some(token) = Self::take_best(&mut windows, &tokens, now) {
-                    q.used(client, now);
+                    self.refill_tickets(&mut windows, &tokens, now);
+                    drop(windows);
+                    drop(q);
+                    self.book.used(&client, now);
                     return Admit::Go {
                         queued: false,
                         token,
                     };
                 }
+            }
+            // Nobody takes budget past the queue from now on.
+            self.void_tickets(&mut windows);
+            if let Some(token) = (q.len == 0)
+                .then(|| Self::take_best(&mut windows, &tokens, now))
+                .flatten()
+            {
+                drop(windows);
+                drop(q);
+                self.book.used(&client, now);
+                return Admit::Go {
+                    queued: false,
+                    token,
+                };
             }
             let free_at = Self::free_at(&windows, &tokens, now);
             let retry_after = free_at
@@ -461,6 +630,7 @@ impl Budget {
     }
 
     /// What Genesys said about `token`'s window on an answer.
+    /// Recorded without a lock; the window hears of it from the next holder of its lock.
     pub fn observe(
         &self,
         token: &Arc<Token>,
@@ -468,14 +638,37 @@ impl Budget {
         allowed: u64,
         reset_seconds: Option<u64>,
     ) {
-        let now = Instant::now();
-        let mut windows = self.sync(std::slice::from_ref(token));
-        if let Some(w) = windows.get_mut(token.slot) {
-            w.observe(count, allowed, reset_seconds, now);
+        let Some(reported) = self.reported.get(token.slot) else {
+            return;
+        };
+        // An answer for a token its slot no longer holds says nothing of the slot's window.
+        if self
+            .store
+            .slot(token.slot)
+            .is_none_or(|t| t.generation != token.generation)
+        {
+            return;
         }
-        self.publish_remaining(&windows, now);
-        drop(windows);
+        let now = Instant::now();
+        let ends = reset_seconds.map(|r| now + Duration::from_secs(r));
+        reported.record(&self.clock, count, allowed, ends);
+        // Less room at Genesys than the tickets out promise: correct the window now, before
+        // they send requests to collect a 429 (rare: another user of the client, or a lower
+        // limit than configured).
+        let unspent = self.tickets[token.slot].live(token.generation, self.clock.ms(now));
+        if allowed.saturating_sub(count) < unspent {
+            drop(self.sync(std::slice::from_ref(token)));
+        }
         self.window_changed();
+    }
+
+    /// Sets the budget gauges and prunes faded clients; the dispatcher calls it every second
+    /// (not on every answer).
+    pub(crate) fn tick(&self, now: Instant) {
+        self.book.roll(now, self.live.load().budget.window);
+        let mut windows = lock(&self.windows);
+        self.apply_reports(&mut windows);
+        self.publish_remaining(&windows, now);
     }
 
     /// `[cluster]`: each held token with the calls taken with it since the last time (they
@@ -518,7 +711,10 @@ impl Budget {
         let now = Instant::now();
         let mut windows = self.sync(std::slice::from_ref(token));
         if let Some(w) = windows.get_mut(token.slot) {
-            w.exhaust(retry_after, now);
+            if w.generation == token.generation {
+                w.exhaust(retry_after, now);
+                self.tickets[token.slot].void();
+            }
         }
         self.publish_remaining(&windows, now);
         drop(windows);
@@ -526,11 +722,22 @@ impl Budget {
     }
 
     /// Budget left per pool slot, for `/status`.
+    /// Tickets handed out but not taken yet count as left.
     pub fn remaining(&self) -> Vec<u64> {
         let now = Instant::now();
-        lock(&self.windows)
+        let mut windows = lock(&self.windows);
+        self.apply_reports(&mut windows);
+        self.left_per_slot(&windows, now)
+    }
+
+    fn left_per_slot(&self, windows: &[Window], now: Instant) -> Vec<u64> {
+        windows
             .iter()
-            .map(|w| w.remaining(now))
+            .zip(&self.tickets)
+            .map(|(w, t)| {
+                let unspent = t.live(w.generation, self.clock.ms(now));
+                (w.remaining(now) + unspent).min(w.allowed)
+            })
             .collect()
     }
 
@@ -549,8 +756,11 @@ impl Budget {
 
     fn publish_remaining(&self, windows: &[Window], now: Instant) {
         let mut total = 0;
-        for (w, gauge) in windows.iter().zip(&self.slot_gauges) {
-            let left = w.remaining(now);
+        for (left, gauge) in self
+            .left_per_slot(windows, now)
+            .into_iter()
+            .zip(&self.slot_gauges)
+        {
             total += left;
             gauge.set(left as i64);
         }

@@ -57,18 +57,18 @@ fn the_least_used_client_by_weight_goes_first() {
     }
     // Reporting (weight 3) used 5, provisioning (weight 1) used 2: 5/3 < 2/1.
     let now = Instant::now();
-    q.horizon = Duration::from_secs(3);
+    let book = Book::new(Clock::new(), Duration::from_secs(60));
     for _ in 0..5 {
-        q.used(ClientKey::App(0), now);
+        book.used(&ClientKey::App(0), now);
     }
     for _ in 0..2 {
-        q.used(ClientKey::App(1), now);
+        book.used(&ClientKey::App(1), now);
     }
-    assert_eq!(next_client(&q, &s, now), Some(ClientKey::App(0)));
-    q.used(ClientKey::App(0), now);
-    q.used(ClientKey::App(0), now);
+    assert_eq!(next_client(&q, &book, &s, now), Some(ClientKey::App(0)));
+    book.used(&ClientKey::App(0), now);
+    book.used(&ClientKey::App(0), now);
     assert_eq!(
-        next_client(&q, &s, now),
+        next_client(&q, &book, &s, now),
         Some(ClientKey::App(1)),
         "7/3 > 2/1"
     );
@@ -78,42 +78,44 @@ fn the_least_used_client_by_weight_goes_first() {
         .entry(newcomer.clone())
         .or_default()
         .push_back(waiter());
-    assert_eq!(next_client(&q, &s, now), Some(newcomer));
+    assert_eq!(next_client(&q, &book, &s, now), Some(newcomer));
 }
 
 // Issue 22: usage fades with the horizon, whether or not anyone waits, and memory is bounded.
 #[test]
 fn usage_fades_and_is_forgotten() {
-    let mut q = Queue::default();
     let start = Instant::now();
-    q.roll(start, Duration::from_secs(60));
-    assert_eq!(q.horizon, Duration::from_secs(3));
+    let book = Book::new(Clock::new(), Duration::from_secs(60));
+    book.roll(start, Duration::from_secs(60));
+    assert_eq!(book.horizon(), Duration::from_secs(3));
     let steady = ClientKey::App(0);
     // Two calls a second for 100 s: usage settles near rate x horizon (6), not 200.
     for i in 0..200u64 {
-        q.used(steady.clone(), start + Duration::from_millis(500 * i));
+        book.used(&steady, start + Duration::from_millis(500 * i));
     }
     let now = start + Duration::from_millis(500 * 199);
-    let u = q.usage_of(&steady, now);
+    let u = book.usage_of(&steady, now);
     assert!((5.0..8.0).contains(&u), "{u}");
     // A minute later it is forgotten.
     let later = now + Duration::from_secs(60);
-    q.roll(later, Duration::from_secs(60));
-    assert!(q.usage.is_empty());
+    book.roll(later, Duration::from_secs(60));
+    assert_eq!(book.len(), 0);
     // However many addresses are seen, the map stays bounded.
     for i in 0..(USAGE_CLIENTS_MAX as u32 + 10) {
-        q.used(
-            ClientKey::Address(std::net::IpAddr::from(i.to_be_bytes())),
+        book.used(
+            &ClientKey::Address(std::net::IpAddr::from(i.to_be_bytes())),
             later,
         );
-        q.roll(later, Duration::from_secs(60));
     }
-    assert!(q.usage.len() <= USAGE_CLIENTS_MAX + 1);
+    assert!(book.len() <= USAGE_CLIENTS_MAX);
 }
 
 /// A budget over a one-slot pool holding a fresh token.
 fn budget_with_token() -> (Budget, Arc<Token>) {
-    let dir = std::env::temp_dir().join(format!("gap-budget-{}", std::process::id()));
+    // A file of its own: tests run in parallel.
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("gap-budget-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let secret = dir.join("secret");
     std::fs::write(&secret, "s3cret\n").unwrap();
@@ -145,4 +147,78 @@ fn an_answer_wakes_the_dispatcher_only_while_requests_wait() {
     budget.queued.store(1, Ordering::SeqCst);
     budget.observe(&token, 10, 300, Some(60));
     assert!(budget.changed.notified().now_or_never().is_some());
+}
+
+/// Admits without waiting: `Some(true)` sent, `Some(false)` refused, `None` it would wait.
+fn try_admit(budget: &Budget, fallback: &Arc<Token>) -> Option<bool> {
+    use futures_util::FutureExt;
+    let settings = budget.live.load().budget.clone();
+    let client = ClientKey::Address("127.0.0.1".parse().unwrap());
+    let admitted = budget
+        .admit(&settings, client, fallback, settings.max_queue_wait)
+        .now_or_never()?;
+    Some(matches!(admitted, Admit::Go { .. }))
+}
+
+// Issue 22: the lock-free tickets are the window's own paced credit, never more.
+#[tokio::test]
+async fn tickets_hand_out_exactly_the_windows_burst() {
+    let (budget, token) = budget_with_token();
+    // 300 a minute: a burst of 30, the first taken under the lock, the rest as tickets.
+    let sent = std::iter::from_fn(|| try_admit(&budget, &token).filter(|ok| *ok))
+        .take(100)
+        .count();
+    assert_eq!(sent, 30);
+    assert_eq!(budget.tickets[0].count(), 0);
+    assert_eq!(budget.remaining(), vec![270]);
+}
+
+#[tokio::test]
+async fn a_report_reaches_the_window_and_a_spent_token_voids_the_tickets() {
+    let (budget, token) = budget_with_token();
+    assert_eq!(try_admit(&budget, &token), Some(true));
+    let handed_out = budget.tickets[0].count();
+    assert_eq!(handed_out, 29);
+    // An ordinary report (plenty left) is recorded without a lock and applied by the next
+    // step that holds it; the tickets out stay good.
+    budget.observe(&token, 1, 300, Some(60));
+    assert_eq!(budget.tickets[0].count(), handed_out);
+    assert_eq!(budget.remaining(), vec![299]);
+    // Genesys says the token is spent (another user of the client): less room than the
+    // tickets promise, so they are given back at once and nothing more is sent to collect a
+    // 429.
+    budget.observe(&token, 300, 300, Some(60));
+    assert_eq!(budget.tickets[0].count(), 0);
+    assert_eq!(
+        try_admit(&budget, &token),
+        Some(false),
+        "refused: no budget for a minute"
+    );
+    assert_eq!(budget.remaining(), vec![0]);
+}
+
+#[tokio::test]
+async fn a_waiting_request_voids_the_tickets_so_nobody_passes_the_queue() {
+    use std::future::Future;
+    let (budget, token) = budget_with_token();
+    // Spend the burst, then wait: the next request queues (budget frees within its wait).
+    while try_admit(&budget, &token) == Some(true) {}
+    assert_eq!(
+        budget.queued.load(Ordering::SeqCst),
+        0,
+        "the last one was not queued"
+    );
+    let settings = budget.live.load().budget.clone();
+    let client = ClientKey::Address("127.0.0.2".parse().unwrap());
+    let mut waiting = Box::pin(budget.admit(&settings, client, &token, settings.max_queue_wait));
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(waiting.as_mut().poll(&mut cx).is_pending());
+    assert_eq!(budget.queued.load(Ordering::SeqCst), 1);
+    // Tickets issued now would let newcomers past the waiter; none are.
+    budget.tickets[0].refill(token.generation, 5, u64::MAX);
+    assert!(
+        budget.take_ticket(Instant::now()).is_none(),
+        "nobody passes a waiter"
+    );
 }

@@ -106,6 +106,32 @@ impl Window {
         true
     }
 
+    /// Counts every call the window has room and paced credit for, at once, if that is at
+    /// least `min`: what the budget hands out as tickets.
+    pub fn take_many(&mut self, now: Instant, min: u64) -> u64 {
+        self.roll(now);
+        self.refill(now);
+        let n = (self.credit.max(0.0).floor() as u64).min(self.allowed.saturating_sub(self.used));
+        if n == 0 || n < min {
+            return 0;
+        }
+        self.used += n;
+        self.unshared += n;
+        self.credit -= n as f64;
+        self.resets_at.get_or_insert(now + self.length);
+        n
+    }
+
+    /// Gives back `n` calls counted but never sent (tickets voided).
+    pub fn give_back_many(&mut self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.used = self.used.saturating_sub(n);
+        self.unshared = self.unshared.saturating_sub(n);
+        self.credit = (self.credit + n as f64).min(self.burst());
+    }
+
     /// Gives back a call that was counted but never sent.
     pub fn give_back(&mut self) {
         self.used = self.used.saturating_sub(1);

@@ -29,7 +29,37 @@ use crate::config::model::ClusterSettings;
 use crate::metrics::Metrics;
 use crate::sync::lock;
 use crate::token::secret::Secret;
-pub use seal::Sealer;
+pub use seal::{SealError, Sealer};
+
+/// Why a Redis step failed. Every failure leaves the replica working standalone; the message
+/// is what `/status` and the audit log show (never a secret or a token).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster.redis_url: {0}")]
+    Url(String),
+    #[error("redis: {0}")]
+    Redis(String),
+    #[error("redis: no answer within {0} ms")]
+    Timeout(u128),
+    #[error("redis: cannot connect in time")]
+    ConnectTimeout,
+    #[error("redis: cannot subscribe in time")]
+    SubscribeTimeout,
+    #[error("redis: reconnecting after a broken link")]
+    Reconnecting,
+    #[error("stored token is not text")]
+    NotText,
+    #[error("cannot encode the stored record: {0}")]
+    Encode(String),
+    #[error(transparent)]
+    Seal(#[from] seal::SealError),
+}
+
+impl From<redis::RedisError> for ClusterError {
+    fn from(e: redis::RedisError) -> Self {
+        ClusterError::Redis(e.to_string())
+    }
+}
 
 /// A token read back from Redis.
 pub struct Stored {
@@ -138,8 +168,8 @@ impl Cluster {
     }
 
     /// The sealing key of `secret` for this credential.
-    pub fn sealer(&self, secret: &Secret) -> Result<Sealer, String> {
-        Sealer::derive(secret, &self.context)
+    pub fn sealer(&self, secret: &Secret) -> Result<Sealer, ClusterError> {
+        Ok(Sealer::derive(secret, &self.context)?)
     }
 
     /// The process's link.
@@ -162,16 +192,17 @@ impl Link {
         settings: ClusterSettings,
         metrics: Arc<Metrics>,
         audit: Arc<AuditLog>,
-    ) -> Result<Arc<Link>, String> {
+    ) -> Result<Arc<Link>, ClusterError> {
         let mut info: redis::ConnectionInfo = settings
             .redis_url
             .as_str()
             .parse()
-            .map_err(|e| format!("cluster.redis_url: {e}"))?;
+            .map_err(|e: redis::RedisError| ClusterError::Url(e.to_string()))?;
         if let Some(p) = &settings.password {
             info.redis.password = Some(p.expose().to_string());
         }
-        let client = redis::Client::open(info).map_err(|e| format!("cluster.redis_url: {e}"))?;
+        let client = redis::Client::open(info)
+            .map_err(|e: redis::RedisError| ClusterError::Url(e.to_string()))?;
         metrics.cluster_redis_up.set(0);
         let link = Link {
             settings,
@@ -222,7 +253,7 @@ impl Link {
     }
 
     /// The stored token of `slot`, if there is one this secret can open.
-    pub async fn load(&self, s: &Sealer, slot: usize) -> Result<Option<Stored>, String> {
+    pub async fn load(&self, s: &Sealer, slot: usize) -> Result<Option<Stored>, ClusterError> {
         let key = self.key(s, "token", slot);
         let value: Option<String> = self
             .call(|mut c| {
@@ -237,7 +268,7 @@ impl Link {
         let Some(plain) = s.open(aad.as_bytes(), &record.sealed) else {
             return Ok(None);
         };
-        let token = String::from_utf8(plain).map_err(|_| "stored token is not text")?;
+        let token = String::from_utf8(plain).map_err(|_| ClusterError::NotText)?;
         Ok(Some(Stored {
             token: Secret::new(token),
             expires_at_wall: UNIX_EPOCH + Duration::from_millis(record.exp_ms),
@@ -251,7 +282,7 @@ impl Link {
         slot: usize,
         token: &Secret,
         expires_at_wall: SystemTime,
-    ) -> Result<(), String> {
+    ) -> Result<(), ClusterError> {
         let key = self.key(s, "token", slot);
         let exp_ms = expires_at_wall
             .duration_since(UNIX_EPOCH)
@@ -264,7 +295,8 @@ impl Link {
             .max(1) as u64;
         let aad = format!("{key}|{exp_ms}");
         let sealed = s.seal(aad.as_bytes(), token.expose().as_bytes())?;
-        let value = serde_json::to_string(&Record { exp_ms, sealed }).map_err(|e| e.to_string())?;
+        let value = serde_json::to_string(&Record { exp_ms, sealed })
+            .map_err(|e| ClusterError::Encode(e.to_string()))?;
         let (channel, message) = (self.channel(), format!("{}:{slot}", s.kid));
         self.call(|mut c| async move {
             redis::pipe()
@@ -287,7 +319,7 @@ impl Link {
 
     /// Takes the right to mint for `slot` (`SET NX PX lease_ms`): true when this replica has
     /// it.
-    pub async fn take_lease(&self, s: &Sealer, slot: usize) -> Result<bool, String> {
+    pub async fn take_lease(&self, s: &Sealer, slot: usize) -> Result<bool, ClusterError> {
         let key = self.key(s, "lease", slot);
         let (owner, ttl) = (self.owner.clone(), self.settings.lease.as_millis() as u64);
         let set: Option<String> = self
@@ -332,7 +364,7 @@ impl Link {
         fingerprint: &str,
         delta: u64,
         window: Duration,
-    ) -> Result<Option<(i64, Duration)>, String> {
+    ) -> Result<Option<(i64, Duration)>, ClusterError> {
         let key = format!("{}:budget:{fingerprint}", self.settings.key_prefix);
         let ms = window.as_millis() as u64;
         let (total, ttl): (i64, i64) = self
@@ -354,7 +386,7 @@ impl Link {
     }
 
     /// One bounded Redis call; its outcome moves the link up or down.
-    async fn call<T, F, Fut>(&self, op: F) -> Result<T, String>
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, ClusterError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
@@ -370,14 +402,11 @@ impl Link {
                         && !e.is_connection_dropped()
                         && !e.is_unrecoverable_error() =>
                 {
-                    Err((format!("redis: {e}"), false))
+                    Err((ClusterError::from(e), false))
                 }
-                Ok(Err(e)) => Err((format!("redis: {e}"), true)),
+                Ok(Err(e)) => Err((ClusterError::from(e), true)),
                 Err(_) => Err((
-                    format!(
-                        "redis: no answer within {} ms",
-                        self.settings.timeout.as_millis()
-                    ),
+                    ClusterError::Timeout(self.settings.timeout.as_millis()),
                     true,
                 )),
             }
@@ -422,14 +451,14 @@ impl Link {
     }
 
     /// The shared connection, connecting (bounded) when there is none yet.
-    async fn connection(&self) -> Result<ConnectionManager, String> {
+    async fn connection(&self) -> Result<ConnectionManager, ClusterError> {
         let mut conn = self.conn.lock().await;
         if let Some(c) = conn.as_ref() {
             return Ok(c.clone());
         }
         if let Some(t) = lock(&self.reconnect).not_before {
             if std::time::Instant::now() < t {
-                return Err("redis: reconnecting after a broken link".into());
+                return Err(ClusterError::Reconnecting);
             }
         }
         let config = ConnectionManagerConfig::new()
@@ -438,8 +467,8 @@ impl Link {
             .set_number_of_retries(1);
         let connect = self.client.get_connection_manager_with_config(config);
         let connected = match tokio::time::timeout(self.settings.timeout, connect).await {
-            Err(_) => Err("redis: cannot connect in time".to_string()),
-            Ok(Err(e)) => Err(format!("redis: {e}")),
+            Err(_) => Err(ClusterError::ConnectTimeout),
+            Ok(Err(e)) => Err(ClusterError::from(e)),
             Ok(Ok(c)) => Ok(c),
         };
         let mut r = lock(&self.reconnect);
@@ -473,13 +502,13 @@ impl Link {
         }
     }
 
-    fn mark_down(&self, error: &str) {
+    fn mark_down(&self, error: &ClusterError) {
         *lock(&self.last_error) = Some(error.to_string());
         if self.up.swap(false, Ordering::Relaxed) {
             self.metrics.cluster_redis_up.set(0);
             self.audit.record(
                 AuditEvent::ClusterStandalone,
-                json!({"redis": self.settings.redis_url, "error": error}),
+                json!({"redis": self.settings.redis_url, "error": error.to_string()}),
                 None,
             );
             tracing::warn!(redis = %self.settings.redis_url, %error, "cluster: Redis unavailable; minting standalone until it answers");
@@ -540,7 +569,7 @@ impl Link {
         up
     }
 
-    async fn subscribe(&self) -> Result<redis::aio::PubSub, String> {
+    async fn subscribe(&self) -> Result<redis::aio::PubSub, ClusterError> {
         let connect = async {
             let mut pubsub = self.client.get_async_pubsub().await?;
             pubsub.subscribe(self.channel()).await?;
@@ -548,12 +577,12 @@ impl Link {
         };
         match tokio::time::timeout(self.settings.timeout, connect).await {
             Ok(Ok(p)) => Ok(p),
-            Ok(Err(e)) => Err(format!("redis: {e}")),
-            Err(_) => Err("redis: cannot subscribe in time".into()),
+            Ok(Err(e)) => Err(ClusterError::from(e)),
+            Err(_) => Err(ClusterError::SubscribeTimeout),
         }
     }
 
-    async fn ping(&self) -> Result<(), String> {
+    async fn ping(&self) -> Result<(), ClusterError> {
         self.call(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
             .await
             .map(|_| ())

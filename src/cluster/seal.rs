@@ -13,6 +13,17 @@ use crate::token::secret::Secret;
 
 const SALT: &[u8] = b"genesys-auth-proxy cluster v1";
 
+/// Why sealing failed (ring gives no detail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    #[error("HKDF expansion failed")]
+    Derive,
+    #[error("no randomness for a nonce")]
+    Random,
+    #[error("sealing failed")]
+    Seal,
+}
+
 /// The sealing key of one credential and secret.
 pub struct Sealer {
     key: LessSafeKey,
@@ -31,9 +42,9 @@ impl hkdf::KeyType for Len16 {
 
 impl Sealer {
     /// The key for `secret` within `context` (token URL and client id).
-    pub fn derive(secret: &Secret, context: &str) -> Result<Sealer, String> {
+    pub fn derive(secret: &Secret, context: &str) -> Result<Sealer, SealError> {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, SALT).extract(secret.expose().as_bytes());
-        let fail = |_| "HKDF expansion failed".to_string();
+        let fail = |_| SealError::Derive;
         let key_info: [&[u8]; 2] = [b"token key", context.as_bytes()];
         let okm = prk.expand(&key_info, &AES_256_GCM).map_err(fail)?;
         let key = LessSafeKey::new(UnboundKey::from(okm));
@@ -49,11 +60,11 @@ impl Sealer {
     }
 
     /// `nonce ‖ ciphertext ‖ tag`, base64url; `aad` is bound to it (the Redis key and expiry).
-    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<String, String> {
+    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<String, SealError> {
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
             .fill(&mut nonce)
-            .map_err(|_| "no randomness for a nonce")?;
+            .map_err(|_| SealError::Random)?;
         let mut out = plaintext.to_vec();
         self.key
             .seal_in_place_append_tag(
@@ -61,7 +72,7 @@ impl Sealer {
                 Aad::from(aad),
                 &mut out,
             )
-            .map_err(|_| "sealing failed")?;
+            .map_err(|_| SealError::Seal)?;
         let mut sealed = nonce.to_vec();
         sealed.extend(out);
         Ok(URL_SAFE_NO_PAD.encode(sealed))

@@ -12,6 +12,8 @@ pub trait Keyed {
     fn keys(out: &mut Vec<&'static str>);
     /// The file key of every field that differs between `self` and `other`.
     fn changed(&self, other: &Self, out: &mut Vec<&'static str>);
+    /// Each field's first file key and its value as `Debug` shows it (`check --keys`).
+    fn values(&self, out: &mut Vec<(&'static str, String)>);
 
     /// [`Keyed::changed`] as a fresh list.
     fn diff(&self, other: &Self) -> Vec<&'static str> {
@@ -53,6 +55,9 @@ macro_rules! keyed_struct {
             fn changed(&self, other: &Self, out: &mut Vec<&'static str>) {
                 $( if self.$field != other.$field { out.push($key); } )*
             }
+            fn values(&self, out: &mut Vec<(&'static str, String)>) {
+                $( out.push(($key, format!("{:?}", self.$field))); )*
+            }
         }
     };
 }
@@ -77,6 +82,9 @@ macro_rules! keyed_sections {
             }
             fn changed(&self, other: &Self, out: &mut Vec<&'static str>) {
                 $( self.$field.changed(&other.$field, out); )*
+            }
+            fn values(&self, out: &mut Vec<(&'static str, String)>) {
+                $( self.$field.values(out); )*
             }
         }
     };

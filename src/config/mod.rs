@@ -1,12 +1,14 @@
 //! Configuration: [`file`](mod@file) is the serde mirror of the TOML file (the stable external
 //! format), [`model`] the validated types the program uses, `build` the step between them
 //! (defaults and checks, one builder per section, on `value` parsers). [`keyed`] ties each
-//! model field to its file key and its reload class. Only this module knows TOML.
+//! model field to its file key and its reload class; [`keys`] lists them (`check --keys`). [`credential`]: `[[credential]]`
+//! entries. Only this module knows TOML.
 
 mod build;
 pub mod credential;
 pub mod file;
 pub mod keyed;
+pub mod keys;
 pub mod model;
 mod policy;
 mod upstream;

@@ -4,7 +4,8 @@
 //! 400), plus a loopback-only control API under `/__sim/` for tests and demos.
 //!
 //! One listener serves both hosts' paths. Start it in-process with [`start`] on a listener you
-//! bound (port 0 in tests), or from the command line with `genesys-auth-proxy sim`.
+//! bound (port 0 in tests), or from the command line with `genesys-auth-proxy sim`. [`jwt`]:
+//! signed tokens of the generic-issuer mode and its JWKS; [`tls`]: its HTTPS listener.
 
 mod api;
 mod control;

@@ -29,6 +29,30 @@ const LATEST_EXP: u64 = 253_402_300_799;
 /// An unknown `kid` refetches the JWKS at most this often.
 const REFETCH_EVERY: Duration = Duration::from_secs(30);
 
+/// Why a token failed JWKS verification, or the keys could not be had. Never holds token
+/// material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwksError {
+    #[error("not a JWT with a supported algorithm: {0}")]
+    NotAJwt(String),
+    #[error("{0:?} is refused: HMAC tokens cannot be verified with a public key")]
+    Hmac(Algorithm),
+    #[error("{0:?} is not in token.algorithms")]
+    AlgorithmNotAllowed(Algorithm),
+    #[error("no key {0:?} in the JWKS")]
+    NoKey(Option<String>),
+    #[error("unusable JWKS key: {0}")]
+    UnusableKey(String),
+    /// The signature or a claim (exp, nbf, iss, aud) did not check.
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("no numeric exp")]
+    NoExp,
+    /// The JWKS or discovery document could not be fetched or read (what and why).
+    #[error("{0}")]
+    Keys(String),
+}
+
 /// Where the signing keys are published.
 #[derive(Debug, Clone, PartialEq)]
 pub enum KeySource {
@@ -95,30 +119,28 @@ impl Jwks {
 
     /// Verifies `token`; returns its expiry (`exp`) or why it was refused (never token
     /// material).
-    pub async fn verify(&self, token: &str) -> Result<SystemTime, String> {
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| format!("not a JWT with a supported algorithm: {e}"))?;
+    pub async fn verify(&self, token: &str) -> Result<SystemTime, JwksError> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| JwksError::NotAJwt(e.to_string()))?;
         let alg = header.alg;
         if alg.family() == jsonwebtoken::AlgorithmFamily::Hmac {
-            return Err(format!(
-                "{alg:?} is refused: HMAC tokens cannot be verified with a public key"
-            ));
+            return Err(JwksError::Hmac(alg));
         }
         if !self.settings.algorithms.contains(&alg) {
-            return Err(format!("{alg:?} is not in token.algorithms"));
+            return Err(JwksError::AlgorithmNotAllowed(alg));
         }
         let jwk = match self.key(header.kid.as_deref(), false).await? {
             Some(jwk) => jwk,
             None => self
                 .key(header.kid.as_deref(), true)
                 .await?
-                .ok_or_else(|| format!("no key {:?} in the JWKS", header.kid))?,
+                .ok_or_else(|| JwksError::NoKey(header.kid.clone()))?,
         };
-        let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("unusable JWKS key: {e}"))?;
+        let key = DecodingKey::from_jwk(&jwk).map_err(|e| JwksError::UnusableKey(e.to_string()))?;
         let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &self.validation(alg))
-            .map_err(|e| format!("refused: {e}"))?
+            .map_err(|e| JwksError::Refused(e.to_string()))?
             .claims;
-        let exp = claims["exp"].as_u64().ok_or("no numeric exp")?;
+        let exp = claims["exp"].as_u64().ok_or(JwksError::NoExp)?;
         // Far-future values are taken as the latest time the clock can hold; the minter cuts
         // the lifetime to token.max_lifetime_seconds (an exp past year 9999 once panicked).
         Ok(UNIX_EPOCH
@@ -157,7 +179,7 @@ impl Jwks {
         &self,
         kid: Option<&str>,
         refetch: bool,
-    ) -> Result<Option<jsonwebtoken::jwk::Jwk>, String> {
+    ) -> Result<Option<jsonwebtoken::jwk::Jwk>, JwksError> {
         let stale = lock(&self.cached)
             .as_ref()
             .is_none_or(|c| c.fetched_at.elapsed() >= self.settings.cache);
@@ -168,7 +190,7 @@ impl Jwks {
             if refetch {
                 *lock(&self.last_fetch) = Some(Instant::now());
             }
-            self.fetch().await?;
+            self.fetch().await.map_err(JwksError::Keys)?;
         }
         let cached = lock(&self.cached);
         let Some(c) = cached.as_ref() else {

@@ -143,7 +143,7 @@ impl Minter {
                 .verify(minted.access_token.expose())
                 .await
                 .map(Some)
-                .map_err(MintError::ValidationFailed),
+                .map_err(|e| MintError::ValidationFailed(e.to_string())),
             (Validation::Jwks, None) => Err(MintError::ValidationFailed(
                 "validation = \"jwks\" needs token.jwks_url, which only applies after a restart"
                     .into(),

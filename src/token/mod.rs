@@ -7,7 +7,9 @@
 //! - [`minter`]: one validated token from one secret, under the per-minute cap.
 //! - [`store`]: the current token in an `ArcSwap`, and the 401 → replacement hand-off.
 //! - [`refresher`]: the one task that mints tokens (refresh and secret rotation); [`report`]
-//!   records its outcomes (metrics, audit, `/status`, anomalies).
+//!   records its outcomes (metrics, audit, `/status`, anomalies); [`shared`]: its `[cluster]`
+//!   side (adopt a stored token, take the lease, publish).
+//! - [`jwks`]: `validation = "jwks"`, verifying JWTs against the issuer's keys.
 
 pub mod endpoint;
 pub mod jwks;

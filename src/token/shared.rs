@@ -12,7 +12,7 @@ use super::refresher::Refresher;
 use super::schedule::Reason;
 use super::secret::Secret;
 use super::store::{Token, TokenSource};
-use crate::cluster::{Cluster, Sealer, SharedEvent};
+use crate::cluster::{Cluster, ClusterError, Sealer, SharedEvent};
 
 /// A stored token with less left than this is not worth adopting.
 const MIN_LEFT: Duration = Duration::from_secs(2);
@@ -32,7 +32,7 @@ impl SharedLink {
         cluster: Arc<Cluster>,
         secret: &Secret,
         events: mpsc::Receiver<SharedEvent>,
-    ) -> Result<SharedLink, String> {
+    ) -> Result<SharedLink, ClusterError> {
         let sealer = cluster.sealer(secret)?;
         Ok(SharedLink {
             cluster,
@@ -99,7 +99,7 @@ impl Refresher {
         slot: usize,
         reason: Reason,
         started: Instant,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, ClusterError> {
         let Some(link) = &self.link else {
             return Ok(false);
         };

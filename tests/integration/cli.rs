@@ -48,6 +48,29 @@ fn check_accepts_the_shipped_configs_and_names_the_bad_key() {
     );
 }
 
+/// `check --keys`: every key with its class and default, from the code, reading no file.
+#[test]
+fn check_keys_lists_every_key_with_its_class_and_default() {
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--keys"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let row = |key: &str| -> Vec<String> {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(key))
+            .unwrap_or_else(|| panic!("{key} missing:\n{text}"));
+        line.split_whitespace().map(String::from).collect()
+    };
+    assert_eq!(row("proxy.listen")[1..], ["restart", "127.0.0.1:8080"]);
+    assert_eq!(row("proxy.max_connections")[1..], ["restart", "4096"]);
+    assert_eq!(row("budget.max_queue_wait_ms")[1..], ["live", "5s"]);
+    assert_eq!(row("genesys.client_secret")[1..], ["secret", "-"]);
+    assert!(!text.contains("placeholder"), "no secret value is printed");
+}
+
 #[test]
 fn audit_verify_exit_codes() {
     let dir = temp_dir("verify");
