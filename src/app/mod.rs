@@ -122,28 +122,13 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         ),
     };
     let mut resolver = Resolver::default();
-    let mut units = Vec::with_capacity(bound.len());
-    for b in bound {
-        let (metrics, audit) = if !several {
-            (top_metrics.clone(), audit.clone())
-        } else {
-            let name = &b.config.name;
-            let scoped = Arc::new(audit.scoped(name.as_str(), &b.config.secrets.client_id));
-            let metrics = if name.is_top() {
-                top_metrics.clone()
-            } else {
-                Arc::new(Metrics::for_credential(name.as_str()))
-            };
-            (metrics, scoped)
-        };
-        let shared = Shared {
-            audit,
-            redis: redis.as_ref(),
-            resolver: &mut resolver,
-            shutdown: shutdown.clone(),
-        };
-        units.push(Unit::start(b, metrics, shared)?);
-    }
+    let process = Process {
+        audit: &audit,
+        top_metrics: &top_metrics,
+        redis: redis.as_ref(),
+        shutdown: &shutdown,
+    };
+    let mut units = start_units(bound, &process, &mut resolver)?;
     let mut tasks: Vec<JoinHandle<()>> = resolver.spawn(p.proxy.dns_refresh, &shutdown);
     if let Some(redis) = &redis {
         tasks.push(tokio::spawn(redis.clone().run(shutdown.clone())));
@@ -208,6 +193,47 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         trigger,
         done,
     })
+}
+
+/// What every unit takes from the process.
+struct Process<'a> {
+    audit: &'a Arc<AuditLog>,
+    top_metrics: &'a Arc<Metrics>,
+    redis: Option<&'a Arc<crate::cluster::Link>>,
+    shutdown: &'a shutdown::Shutdown,
+}
+
+/// Starts every bound credential. With several, each gets metrics labelled with its name and
+/// an audit handle naming it; a single credential keeps the unlabelled ones.
+fn start_units(
+    bound: Vec<Bound>,
+    p: &Process,
+    resolver: &mut Resolver,
+) -> anyhow::Result<Vec<Unit>> {
+    let several = bound.len() > 1;
+    let mut units = Vec::with_capacity(bound.len());
+    for b in bound {
+        let (metrics, audit) = if !several {
+            (p.top_metrics.clone(), p.audit.clone())
+        } else {
+            let name = &b.config.name;
+            let scoped = Arc::new(p.audit.scoped(name.as_str(), &b.config.secrets.client_id));
+            let metrics = if name.is_top() {
+                p.top_metrics.clone()
+            } else {
+                Arc::new(Metrics::for_credential(name.as_str()))
+            };
+            (metrics, scoped)
+        };
+        let shared = Shared {
+            audit,
+            redis: p.redis,
+            resolver,
+            shutdown: p.shutdown.clone(),
+        };
+        units.push(Unit::start(b, metrics, shared)?);
+    }
+    Ok(units)
 }
 
 /// `PROXY_STARTED`, with every credential's listener when there are several.

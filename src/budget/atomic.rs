@@ -20,6 +20,8 @@ pub(super) struct Tickets {
     /// When the window that counted them resets (milliseconds on the budget's [`Clock`]): a
     /// ticket is good only within the window that counted it.
     until: AtomicU64,
+    /// Tickets taken since `[cluster]` last added them to the shared count.
+    taken: AtomicU64,
 }
 
 const COUNT: u64 = u32::MAX as u64;
@@ -52,11 +54,21 @@ impl Tickets {
         if now_ms >= self.until.load(Ordering::Acquire) {
             return false;
         }
-        self.state
+        let taken = self
+            .state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
                 (s & COUNT > 0).then(|| s - 1)
             })
-            .is_ok()
+            .is_ok();
+        if taken {
+            self.taken.fetch_add(1, Ordering::Relaxed);
+        }
+        taken
+    }
+
+    /// Tickets taken since the last call (`[cluster]` adds them to the shared count).
+    pub fn take_taken(&self) -> u64 {
+        self.taken.swap(0, Ordering::Relaxed)
     }
 
     /// Voids what is left (under the budget's lock) and returns how many that was.

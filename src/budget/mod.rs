@@ -13,10 +13,11 @@
 //! by the dispatcher, and by the 1 s gauge tick, each time applying what was reported.
 
 mod atomic;
+mod book;
 mod dispatch;
 pub mod window;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,7 +30,8 @@ use crate::config::{BudgetSettings, Live};
 use crate::metrics::Metrics;
 use crate::sync::lock;
 use crate::token::store::{Token, TokenStore};
-use atomic::{Clock, Meter, Reported, Tickets};
+use atomic::{Clock, Reported, Tickets};
+use book::Book;
 use window::Window;
 
 /// Who a request is accounted to for fair sharing: a configured application group, or the
@@ -73,21 +75,6 @@ struct Queue {
     len: usize,
 }
 
-/// What each client used recently, decaying ([`atomic::Meter`]): each call counts 1 and fades
-/// with time constant `horizon`, so fairness weighs what a client used in the last few
-/// seconds, whatever happened before and whether or not anyone waited. A steady client with a
-/// long uncontended history keeps its share when a burster arrives: its usage is its rate
-/// times the horizon, not its history since the last contention. Read and counted without a
-/// lock; a client seen for the first time is added by copying the map (rare), and faded ones
-/// are pruned once per horizon.
-struct Book {
-    meters: ArcSwap<HashMap<ClientKey, Arc<Meter>>>,
-    /// Serialises inserts and prunes; holds when the map is next pruned.
-    write: Mutex<Option<Instant>>,
-    horizon_ms: AtomicU64,
-    clock: Clock,
-}
-
 /// The fairness horizon for a budget window: a twentieth of it, within 1 to 10 s.
 pub(crate) fn horizon(window: Duration) -> Duration {
     (window / 20).clamp(Duration::from_secs(1), Duration::from_secs(10))
@@ -96,81 +83,6 @@ pub(crate) fn horizon(window: Duration) -> Duration {
 /// Clients whose usage is remembered at most (memory stays bounded whatever number of
 /// addresses is seen): past it, the faded ones are forgotten first, then all.
 const USAGE_CLIENTS_MAX: usize = 4096;
-
-impl Book {
-    fn new(clock: Clock, window: Duration) -> Self {
-        Book {
-            meters: ArcSwap::from_pointee(HashMap::new()),
-            write: Mutex::new(None),
-            horizon_ms: AtomicU64::new(horizon(window).as_millis() as u64),
-            clock,
-        }
-    }
-
-    fn horizon(&self) -> Duration {
-        Duration::from_millis(self.horizon_ms.load(Ordering::Relaxed))
-    }
-
-    /// Keeps the horizon in step with the window and forgets clients whose use has faded
-    /// (once per horizon), whether or not requests wait.
-    fn roll(&self, now: Instant, window: Duration) {
-        let h = horizon(window);
-        self.horizon_ms
-            .store(h.as_millis() as u64, Ordering::Relaxed);
-        let mut next = lock(&self.write);
-        if next.is_some_and(|t| now < t) {
-            return;
-        }
-        *next = Some(now + h);
-        let ms = self.clock.ms(now);
-        let map = self.meters.load();
-        if map.values().all(|m| m.at(ms, h) >= 0.01) {
-            return;
-        }
-        let kept: HashMap<_, _> = map
-            .iter()
-            .filter(|(_, m)| m.at(ms, h) >= 0.01)
-            .map(|(k, m)| (k.clone(), m.clone()))
-            .collect();
-        self.meters.store(Arc::new(kept));
-    }
-
-    /// Counts one call for `client` at `now`.
-    fn used(&self, client: &ClientKey, now: Instant) {
-        let (h, ms) = (self.horizon(), self.clock.ms(now));
-        if let Some(m) = self.meters.load().get(client) {
-            return m.add(ms, h);
-        }
-        let _write = lock(&self.write);
-        let map = self.meters.load();
-        if let Some(m) = map.get(client) {
-            return m.add(ms, h);
-        }
-        let mut grown: HashMap<_, _> = if map.len() >= USAGE_CLIENTS_MAX {
-            // Full of clients that have not faded yet: start again (bounded memory).
-            HashMap::new()
-        } else {
-            HashMap::clone(&map)
-        };
-        let meter = Arc::new(Meter::default());
-        meter.add(ms, h);
-        grown.insert(client.clone(), meter);
-        self.meters.store(Arc::new(grown));
-    }
-
-    /// `client`'s usage now.
-    pub(crate) fn usage_of(&self, client: &ClientKey, now: Instant) -> f64 {
-        self.meters
-            .load()
-            .get(client)
-            .map_or(0.0, |m| m.at(self.clock.ms(now), self.horizon()))
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.meters.load().len()
-    }
-}
 
 impl Queue {
     /// The client holding the most queue places for its weight, and that weighted count.
@@ -419,61 +331,14 @@ impl Budget {
                 token,
             };
         }
-        let (id, rx) = {
-            let mut q = lock(&self.queue);
-            let tokens = self.candidates(fallback, now);
-            let mut windows = self.sync(&tokens);
-            if q.len == 0 {
-                if let Some(token) = Self::take_best(&mut windows, &tokens, now) {
-                    self.refill_tickets(&mut windows, &tokens, now);
-                    drop(windows);
-                    drop(q);
+        let (id, rx) = match self.take_or_enqueue(settings, &client, fallback, wait, now) {
+            Ok(place) => place,
+            Err(admit) => {
+                if matches!(admit, Admit::Go { .. }) {
                     self.book.used(&client, now);
-                    return Admit::Go {
-                        queued: false,
-                        token,
-                    };
                 }
+                return admit;
             }
-            // Nobody takes budget past the queue from now on.
-            self.void_tickets(&mut windows);
-            if let Some(token) = (q.len == 0)
-                .then(|| Self::take_best(&mut windows, &tokens, now))
-                .flatten()
-            {
-                drop(windows);
-                drop(q);
-                self.book.used(&client, now);
-                return Admit::Go {
-                    queued: false,
-                    token,
-                };
-            }
-            let free_at = Self::free_at(&windows, &tokens, now);
-            let retry_after = free_at
-                .saturating_duration_since(now)
-                .max(Duration::from_secs(1));
-            if q.len >= settings.max_queue_length && !Self::make_room(&mut q, settings, &client) {
-                return Admit::Refused {
-                    why: Refused::QueueFull,
-                    retry_after,
-                };
-            }
-            if free_at > now + wait {
-                return Admit::Refused {
-                    why: Refused::QueueTimeout,
-                    retry_after,
-                };
-            }
-            let (tx, rx) = oneshot::channel();
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            q.waiting
-                .entry(client.clone())
-                .or_default()
-                .push_back(Waiter { id, grant: tx });
-            q.len += 1;
-            self.set_depth(&q);
-            (id, rx)
         };
         self.changed.notify_one();
         let started = Instant::now();
@@ -507,6 +372,62 @@ impl Budget {
             },
             Err(_) => self.timed_out(client, id, rx, fallback),
         }
+    }
+
+    /// The locked path: a call from the window (refilling the tickets) when nobody waits, or
+    /// a place in the queue (`Ok`), or the refusal. Tickets are voided before anyone queues:
+    /// nobody takes budget past the queue.
+    fn take_or_enqueue(
+        &self,
+        settings: &BudgetSettings,
+        client: &ClientKey,
+        fallback: &Arc<Token>,
+        wait: Duration,
+        now: Instant,
+    ) -> Result<(u64, oneshot::Receiver<Arc<Token>>), Admit> {
+        let go = |token| Admit::Go {
+            queued: false,
+            token,
+        };
+        let mut q = lock(&self.queue);
+        let tokens = self.candidates(fallback, now);
+        let mut windows = self.sync(&tokens);
+        if q.len == 0 {
+            if let Some(token) = Self::take_best(&mut windows, &tokens, now) {
+                self.refill_tickets(&mut windows, &tokens, now);
+                return Err(go(token));
+            }
+            // Tickets given back may be just what is missing.
+            self.void_tickets(&mut windows);
+            if let Some(token) = Self::take_best(&mut windows, &tokens, now) {
+                return Err(go(token));
+            }
+        }
+        let free_at = Self::free_at(&windows, &tokens, now);
+        let retry_after = free_at
+            .saturating_duration_since(now)
+            .max(Duration::from_secs(1));
+        if q.len >= settings.max_queue_length && !Self::make_room(&mut q, settings, client) {
+            return Err(Admit::Refused {
+                why: Refused::QueueFull,
+                retry_after,
+            });
+        }
+        if free_at > now + wait {
+            return Err(Admit::Refused {
+                why: Refused::QueueTimeout,
+                retry_after,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        q.waiting
+            .entry(client.clone())
+            .or_default()
+            .push_back(Waiter { id, grant: tx });
+        q.len += 1;
+        self.set_depth(&q);
+        Ok((id, rx))
     }
 
     /// When budget frees next, at least a second from now (a 429's `Retry-After`).
@@ -682,7 +603,8 @@ impl Budget {
             .into_iter()
             .map(|t| {
                 let n = windows.get_mut(t.slot).map_or(0, Window::take_unshared);
-                (t, n)
+                let tickets = self.tickets.get(t.slot).map_or(0, Tickets::take_taken);
+                (t, n + tickets)
             })
             .collect()
     }

@@ -115,8 +115,8 @@ impl Window {
         if n == 0 || n < min {
             return 0;
         }
+        // Not `unshared`: a ticket is shared when it is taken (see `Tickets::take_taken`).
         self.used += n;
-        self.unshared += n;
         self.credit -= n as f64;
         self.resets_at.get_or_insert(now + self.length);
         n
@@ -128,7 +128,6 @@ impl Window {
             return;
         }
         self.used = self.used.saturating_sub(n);
-        self.unshared = self.unshared.saturating_sub(n);
         self.credit = (self.credit + n as f64).min(self.burst());
     }
 
