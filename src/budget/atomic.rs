@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 /// the lock) moves the window's paced credit here, counting it as used at once; a request takes
 /// one with a compare-and-swap. The epoch in the upper half changes whenever the slow path
 /// voids or refills them, so a stale compare-and-swap never succeeds (no ABA).
+///
+/// Aligned to a cache line: two slots' tickets taken by two threads never share one.
 #[derive(Debug, Default)]
+#[repr(align(64))]
 pub(super) struct Tickets {
     /// `epoch << 32 | count`.
     state: AtomicU64,
@@ -20,8 +23,12 @@ pub(super) struct Tickets {
     /// When the window that counted them resets (milliseconds on the budget's [`Clock`]): a
     /// ticket is good only within the window that counted it.
     until: AtomicU64,
-    /// Tickets taken since `[cluster]` last added them to the shared count.
-    taken: AtomicU64,
+    /// For `[cluster]`'s shared count, kept by the holder of the budget's lock only (the
+    /// request path pays one compare-and-swap, nothing more): the last batch's size, how
+    /// many of it were reported taken, and what voided batches had taken, not reported yet.
+    issued: AtomicU64,
+    shared: AtomicU64,
+    pending: AtomicU64,
 }
 
 const COUNT: u64 = u32::MAX as u64;
@@ -54,21 +61,22 @@ impl Tickets {
         if now_ms >= self.until.load(Ordering::Acquire) {
             return false;
         }
-        let taken = self
-            .state
+        self.state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
                 (s & COUNT > 0).then(|| s - 1)
             })
-            .is_ok();
-        if taken {
-            self.taken.fetch_add(1, Ordering::Relaxed);
-        }
-        taken
+            .is_ok()
     }
 
-    /// Tickets taken since the last call (`[cluster]` adds them to the shared count).
+    /// Tickets taken since the last call (under the budget's lock; `[cluster]` adds them to
+    /// the shared count).
     pub fn take_taken(&self) -> u64 {
-        self.taken.swap(0, Ordering::Relaxed)
+        let taken = self
+            .issued
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.count());
+        let new = taken.saturating_sub(self.shared.swap(taken, Ordering::Relaxed));
+        new + self.pending.swap(0, Ordering::Relaxed)
     }
 
     /// Voids what is left (under the budget's lock) and returns how many that was.
@@ -80,6 +88,9 @@ impl Tickets {
                 left = s & COUNT;
                 Some(next_epoch(s))
             });
+        let taken = self.issued.swap(0, Ordering::Relaxed).saturating_sub(left);
+        let unreported = taken.saturating_sub(self.shared.swap(0, Ordering::Relaxed));
+        self.pending.fetch_add(unreported, Ordering::Relaxed);
         left
     }
 
@@ -90,6 +101,7 @@ impl Tickets {
         self.generation.store(generation, Ordering::Release);
         self.until.store(until_ms, Ordering::Release);
         let n = n.min(COUNT);
+        self.issued.store(n, Ordering::Relaxed);
         let _ = self
             .state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
@@ -265,6 +277,9 @@ mod tests {
         assert!(t.take(10) && t.take(10) && !t.take(10));
         t.refill(8, 2, 1_000);
         assert!(!t.take(1_000), "not past the window that counted it");
+        // [cluster] hears of the two taken from the first batch, once.
+        assert_eq!(t.take_taken(), 2);
+        assert_eq!(t.take_taken(), 0);
         // A compare-and-swap from before the refill finds another epoch: it fails even though
         // the count is the same again.
         assert!(t

@@ -99,18 +99,7 @@ async fn metric_values_move_as_requests_flow() {
     );
     // The simulator's rate-limit headers feed the remaining-budget gauge: 300 allowed, 8 used
     // (7 requests + the validation call, which preserves idle time but counts).
-    // (The gauge is set every second, not on every answer.)
-    eventually(
-        Duration::from_secs(5),
-        "the remaining-budget gauge",
-        || async {
-            metric(
-                &metrics_text(&p).await,
-                "genesys_proxy_upstream_ratelimit_remaining",
-            ) == 292.0
-        },
-    )
-    .await;
+    wait_for_metric(&p, "genesys_proxy_upstream_ratelimit_remaining", 292.0).await;
     assert_eq!(
         metric(
             &m,

@@ -360,6 +360,15 @@ where
     }
 }
 
+/// Waits (5 s at most) until the sample `name` reads `value`: gauges set by a periodic tick
+/// (the budget's, every second) are not updated on every answer.
+pub async fn wait_for_metric(p: &Proxy, name: &str, value: f64) {
+    eventually(Duration::from_secs(5), name, || async {
+        metric(&metrics_text(p).await, name) == value
+    })
+    .await;
+}
+
 pub async fn metrics_text(p: &Proxy) -> String {
     client()
         .get(p.admin("/metrics"))
