@@ -16,7 +16,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use futures_util::FutureExt;
 use genesys_auth_proxy::budget::{Admit, Budget};
 use genesys_auth_proxy::metrics::Metrics;
-use genesys_auth_proxy::token::secret::Secret;
+use genesys_auth_proxy::secret::Secret;
 use genesys_auth_proxy::token::store::{Token, TokenSource, TokenStore};
 
 /// Settings with two application groups and a budget the loop never spends.

@@ -22,9 +22,9 @@ use crate::anomaly::AnomalyMonitor;
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::reload::{ReloadOutcome, Reloader};
+use crate::secret::Secret;
 use crate::sync::lock;
 use crate::token::refresher::RefreshInfo;
-use crate::token::secret::Secret;
 use crate::token::store::{TokenSource, TokenStore};
 
 /// One credential's running parts, as the admin listener reports them.

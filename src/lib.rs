@@ -3,8 +3,8 @@
 //!
 //! # The map
 //!
-//! - [`cli`]: command-line definitions; [`commands`]: what each command does; [`demo`] (with the
-//!   `sim` feature): the `demo` and `sim` commands.
+//! - [`cli`]: command-line definitions; [`commands`]: what each command does (with the `sim`
+//!   feature, `commands::demo`: the `demo` and `sim` commands).
 //! - [`app`]: the one place that wires services and listeners for `run` and `demo`;
 //!   [`worker`]: the proxy's worker threads and accept loops, with [`admission`] (client
 //!   address and connection cap at accept) and [`head_clock`] (the whole-request-head
@@ -35,7 +35,8 @@
 //! - [`audit`]: the hash-chained JSON-lines audit log (one writer thread) and its verifier.
 //! - [`sim`] (with the `sim` feature, on by default): the Genesys Cloud simulator used by tests,
 //!   benchmarks and `demo`.
-//! - [`fingerprint`]: how secrets may be shown; [`files`]: bounded, non-blocking reads of
+//! - [`secret`]: secrets and tokens that cannot be printed; [`fingerprint`]: how secrets may
+//!   be shown; [`files`]: bounded, non-blocking reads of
 //!   operator-supplied files; [`sync`]: the poison-tolerant lock helper.
 //!
 //! # The life of a request
@@ -63,8 +64,6 @@ pub mod cli;
 pub mod cluster;
 pub mod commands;
 pub mod config;
-#[cfg(feature = "sim")]
-pub mod demo;
 pub mod files;
 pub mod fingerprint;
 pub mod head_clock;
@@ -73,6 +72,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod region;
 pub mod reload;
+pub mod secret;
 pub mod shutdown;
 #[cfg(feature = "sim")]
 pub mod sim;

@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::config::{self, Config, Credential, CredentialName, Diff, Keyed, Live};
 use crate::metrics::Metrics;
+use crate::secret::SecretSource;
 use crate::token::refresher::{Command, Credentials, RotationResult};
-use crate::token::secret::SecretSource;
 
 /// What started a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

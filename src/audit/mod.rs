@@ -25,12 +25,18 @@ mod writer;
 
 use writer::{Message, Writer};
 
-use crate::config::AuditTarget;
 use crate::metrics::Metrics;
 use crate::sync::lock;
 
 pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 pub(crate) const HASH_KEY: &str = ",\"hash\":\"";
+
+/// Where the audit log goes (`audit.path`: a file, or `-` for standard output).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditTarget {
+    File(std::path::PathBuf),
+    Stdout,
+}
 
 /// Every event the audit log knows; [`AuditEvent::as_str`] is both the `event` field and the
 /// `audit_events_total{event}` label.

@@ -11,8 +11,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use super::AuditTarget;
 use super::{AuditEvent, GENESIS, HASH_KEY};
-use crate::config::AuditTarget;
 use crate::metrics::Metrics;
 
 #[derive(Serialize)]

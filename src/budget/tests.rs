@@ -126,7 +126,7 @@ fn budget_with_token() -> (Budget, Arc<Token>) {
     let config = crate::config::parse(&text, std::path::Path::new("t.toml")).unwrap();
     let live = Arc::new(ArcSwap::from_pointee(config.top().live.clone()));
     let store = Arc::new(TokenStore::new());
-    let secret = crate::token::secret::Secret::new("access-token");
+    let secret = crate::secret::Secret::new("access-token");
     let life = Duration::from_secs(3600);
     let source = crate::token::store::TokenSource::Current;
     store.publish(Token::from_secret(&secret, life, 1, 0, Instant::now(), source).unwrap());

@@ -27,8 +27,8 @@ use tokio::sync::{mpsc, Notify};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::config::model::ClusterSettings;
 use crate::metrics::Metrics;
+use crate::secret::Secret;
 use crate::sync::lock;
-use crate::token::secret::Secret;
 pub use seal::{SealError, Sealer};
 
 /// Why a Redis step failed. Every failure leaves the replica working standalone; the message

@@ -9,7 +9,7 @@ use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_L
 use ring::hkdf;
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::token::secret::Secret;
+use crate::secret::Secret;
 
 const SALT: &[u8] = b"genesys-auth-proxy cluster v1";
 

@@ -1,61 +1,17 @@
 //! From the file mirror to the validated model: one builder per section, each applying its
 //! defaults and returning an error that names the key on the first bad value.
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
 
+use super::builder::{parse_cidrs, secret, Builder, Built};
+use super::credential::CredentialSource;
 use super::file::{AuditSection, FileConfig, LogSection, ProxySection, TokenSection};
 use super::model::*;
 use super::policy::{anomaly, budget, exposure_warnings};
-use super::value::{parse_addr, parse_url, secret_source};
-use super::ConfigError;
-
-/// The file being built: names it in errors and collects warnings.
-pub(super) struct Builder<'a> {
-    pub(super) file: &'a Path,
-    pub(super) warnings: Vec<String>,
-    /// Building a `[[credential]]`: its name, which prefixes every key in errors.
-    pub(super) credential: Option<CredentialName>,
-}
-
-pub(super) type Built<T> = Result<T, ConfigError>;
-
-impl Builder<'_> {
-    pub(super) fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
-        let key = match &self.credential {
-            None => key.to_string(),
-            Some(name) => name.key(key),
-        };
-        ConfigError::Invalid {
-            file: self.file.to_path_buf(),
-            key,
-            message: message.into(),
-        }
-    }
-
-    /// A millisecond setting with its default; zero is refused (it would disable a timeout).
-    pub(super) fn ms(&self, value: Option<u64>, default: u64, key: &str) -> Built<Duration> {
-        match value.unwrap_or(default) {
-            0 => Err(self.err(key, "must be greater than 0")),
-            v => Ok(Duration::from_millis(v)),
-        }
-    }
-
-    /// An event-count threshold with its default; zero is refused (it would never raise).
-    pub(super) fn count(&self, value: Option<u32>, default: u32, key: &str) -> Built<u32> {
-        match value.unwrap_or(default) {
-            0 => Err(self.err(key, "must be at least 1")),
-            n => Ok(n),
-        }
-    }
-
-    fn addr(&self, value: Option<&str>, default: &str, key: &str) -> Built<SocketAddr> {
-        parse_addr(value.unwrap_or(default)).map_err(|m| self.err(key, m))
-    }
-}
+use super::value::parse_url;
 
 /// Applies defaults and validates. `file` names the source in error messages.
 pub fn config(mut raw: FileConfig, file: &Path) -> Built<Config> {
@@ -73,7 +29,18 @@ pub fn config(mut raw: FileConfig, file: &Path) -> Built<Config> {
         credentials: vec![top],
         warnings: b.warnings,
     };
-    super::credential::add(&mut config, &source, entries, file)?;
+    for (name, source) in super::credential::entries(&config, &source, entries, file)? {
+        let mut b = Builder {
+            file,
+            warnings: std::mem::take(&mut config.warnings),
+            credential: Some(name.clone()),
+        };
+        let built = credential(&mut b, name.clone(), source, &config.process)?;
+        config.warnings = b.warnings;
+        let listen = built.restart.proxy.listen;
+        config.process.credentials.listeners.push((name, listen));
+        config.credentials.push(built);
+    }
     Ok(config)
 }
 
@@ -116,33 +83,6 @@ fn process(b: &mut Builder, raw: &mut FileConfig) -> Built<Process> {
             },
         },
     })
-}
-
-/// The sections a credential is built from: the top level's, with a `[[credential]]`'s
-/// overrides put in by [`super::credential`].
-#[derive(Debug, Clone)]
-pub(super) struct CredentialSource {
-    pub proxy: ProxySection,
-    pub genesys: Option<super::file::GenesysSection>,
-    pub oauth: Option<super::file::OAuthSection>,
-    pub token: TokenSection,
-    pub log: LogSection,
-    pub anomaly: super::file::AnomalySection,
-    pub budget: super::file::BudgetSection,
-}
-
-impl CredentialSource {
-    fn top(raw: FileConfig) -> Self {
-        CredentialSource {
-            proxy: raw.proxy,
-            genesys: raw.genesys,
-            oauth: raw.oauth,
-            token: raw.token,
-            log: raw.log,
-            anomaly: raw.anomaly,
-            budget: raw.budget,
-        }
-    }
 }
 
 /// One credential: its listener, issuer, token settings and the live settings its requests
@@ -256,19 +196,6 @@ fn cidrs(b: &Builder, raw: Option<Vec<String>>) -> Built<Vec<IpNet>> {
     parse_cidrs(b, &raw, "proxy.allowed_client_cidrs")
 }
 
-pub(super) fn parse_cidrs(b: &Builder, raw: &[String], key: &str) -> Built<Vec<IpNet>> {
-    if raw.is_empty() {
-        return Err(b.err(key, "must list at least one CIDR"));
-    }
-    raw.iter()
-        .map(|c| {
-            c.parse::<IpNet>()
-                .or_else(|_| c.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| b.err(key, format!("{c:?} is not a CIDR or IP address")))
-        })
-        .collect()
-}
-
 fn path_prefixes(b: &Builder, raw: Option<Vec<String>>, default: &str) -> Built<Vec<String>> {
     const KEY: &str = "proxy.allowed_path_prefixes";
     let prefixes = raw.unwrap_or_else(|| vec![default.into()]);
@@ -309,20 +236,6 @@ fn methods(b: &Builder, raw: Option<Vec<String>>) -> Built<Vec<http::Method>> {
                 .map_err(|_| b.err(KEY, format!("{m:?} is not an HTTP method"))),
         })
         .collect()
-}
-
-pub(super) fn secret(
-    b: &mut Builder,
-    r: super::file::SecretRef,
-    key: &str,
-) -> Built<(
-    crate::token::secret::Secret,
-    crate::token::secret::SecretSource,
-)> {
-    let source = secret_source(r).map_err(|m| b.err(key, m))?;
-    let secret = source.read().map_err(|e| b.err(key, e.to_string()))?;
-    b.warnings.extend(source.permission_warning());
-    Ok((secret, source))
 }
 
 fn token(b: &Builder, t: TokenSection, issuer: IssuerKind) -> Built<(TokenRestart, TokenLive)> {
@@ -402,25 +315,19 @@ fn token(b: &Builder, t: TokenSection, issuer: IssuerKind) -> Built<(TokenRestar
 }
 
 /// The JWKS keys, required with `validation = "jwks"` (Genesys tokens are opaque: `tokens_me`).
-fn jwks(
-    b: &Builder,
-    t: &TokenSection,
-    validation: Validation,
-) -> Built<Option<crate::token::jwks::JwksSettings>> {
+fn jwks(b: &Builder, t: &TokenSection, validation: Validation) -> Built<Option<JwksSettings>> {
     use jsonwebtoken::{Algorithm, AlgorithmFamily};
     if validation != Validation::Jwks {
         return Ok(None);
     }
     // Without jwks_url the keys are found through {issuer}/.well-known/openid-configuration.
     let url = match (&t.jwks_url, &t.issuer) {
-        (Some(url), _) => crate::token::jwks::KeySource::Url(
-            parse_url(url).map_err(|m| b.err("token.jwks_url", m))?,
-        ),
+        (Some(url), _) => KeySource::Url(parse_url(url).map_err(|m| b.err("token.jwks_url", m))?),
         (None, Some(issuer)) => {
-            let discovery = crate::token::jwks::discovery_url(issuer)
+            let discovery = super::value::discovery_url(issuer)
                 .and_then(|u| parse_url(u.as_str()))
                 .map_err(|m| b.err("token.issuer", format!("cannot discover the JWKS: {m}")))?;
-            crate::token::jwks::KeySource::Discover(discovery)
+            KeySource::Discover(discovery)
         }
         (None, None) => {
             return Err(b.err(
@@ -449,7 +356,7 @@ fn jwks(
         }
         algorithms.push(alg);
     }
-    Ok(Some(crate::token::jwks::JwksSettings {
+    Ok(Some(JwksSettings {
         keys: url,
         issuer: t.issuer.clone(),
         audience: t.audience.clone(),

@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use super::build::{credential, Builder, Built, CredentialSource};
-use super::file::CredentialSection;
+use super::builder::Built;
+use super::file::{CredentialSection, FileConfig, LogSection, ProxySection, TokenSection};
 use super::model::{Config, CredentialName};
 use super::value::parse_addr;
 use super::ConfigError;
@@ -19,14 +19,40 @@ use super::ConfigError;
 /// its name is a metric label value.
 pub const MAX_CREDENTIALS: usize = 32;
 
-/// Builds every entry into `config.credentials` and records the set in
-/// `config.process.credentials`.
-pub(super) fn add(
-    config: &mut Config,
+/// The sections a credential is built from: the top level's, with a `[[credential]]`'s
+/// overrides put in by [`super::credential`].
+#[derive(Debug, Clone)]
+pub(super) struct CredentialSource {
+    pub proxy: ProxySection,
+    pub genesys: Option<super::file::GenesysSection>,
+    pub oauth: Option<super::file::OAuthSection>,
+    pub token: TokenSection,
+    pub log: LogSection,
+    pub anomaly: super::file::AnomalySection,
+    pub budget: super::file::BudgetSection,
+}
+
+impl CredentialSource {
+    pub(super) fn top(raw: FileConfig) -> Self {
+        CredentialSource {
+            proxy: raw.proxy,
+            genesys: raw.genesys,
+            oauth: raw.oauth,
+            token: raw.token,
+            log: raw.log,
+            anomaly: raw.anomaly,
+            budget: raw.budget,
+        }
+    }
+}
+
+/// Checks every entry's name and listener and returns what each is built from, in file order.
+pub(super) fn entries(
+    config: &Config,
     top: &CredentialSource,
     entries: Vec<CredentialSection>,
     file: &Path,
-) -> Built<()> {
+) -> Built<Vec<(CredentialName, CredentialSource)>> {
     let invalid = |key: String, message: String| ConfigError::Invalid {
         file: file.to_path_buf(),
         key,
@@ -38,6 +64,7 @@ pub(super) fn add(
             format!("at most {MAX_CREDENTIALS} entries"),
         ));
     }
+    let mut out = Vec::with_capacity(entries.len());
     let mut names = HashSet::new();
     let mut listens: Vec<SocketAddr> = vec![
         config.top().restart.proxy.listen,
@@ -69,21 +96,9 @@ pub(super) fn add(
             ));
         }
         listens.push(addr);
-        let mut b = Builder {
-            file,
-            warnings: std::mem::take(&mut config.warnings),
-            credential: Some(name.clone()),
-        };
-        let built = credential(&mut b, name.clone(), merged(top, entry), &config.process)?;
-        config.warnings = b.warnings;
-        config
-            .process
-            .credentials
-            .listeners
-            .push((name, built.restart.proxy.listen));
-        config.credentials.push(built);
+        out.push((name, merged(top, entry)));
     }
-    Ok(())
+    Ok(out)
 }
 
 /// The top level's per-credential sections as this credential sees them.

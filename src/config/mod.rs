@@ -5,6 +5,7 @@
 //! entries. Only this module knows TOML.
 
 mod build;
+mod builder;
 pub mod credential;
 pub mod file;
 pub mod keyed;

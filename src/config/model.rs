@@ -9,14 +9,16 @@
 //! [`super::keyed`]).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use reqwest::Url;
 
 use super::keyed::{keyed_sections, keyed_struct, Keyed};
-use crate::token::secret::{Secret, SecretSource};
+use jsonwebtoken::Algorithm;
+
+pub use crate::audit::AuditTarget;
+use crate::secret::{Secret, SecretSource};
 
 /// pingora replays at most this much request body from its retry buffer.
 pub const PINGORA_RETRY_BUFFER_BYTES: u64 = 64 * 1024;
@@ -330,7 +332,7 @@ keyed_struct! {
         /// Tokens held at once (each has its own rate-limit budget at Genesys).
         pub pool_size: usize => "token.pool_size",
         /// With `validation = "jwks"`: where the keys are and what the tokens must say.
-        pub jwks: Option<crate::token::jwks::JwksSettings> => "token.jwks_url" | "token.issuer" | "token.audience" | "token.algorithms" | "token.jwks_cache_seconds" | "token.leeway_seconds",
+        pub jwks: Option<JwksSettings> => "token.jwks_url" | "token.issuer" | "token.audience" | "token.algorithms" | "token.jwks_cache_seconds" | "token.leeway_seconds",
     }
 }
 
@@ -467,12 +469,6 @@ pub enum Validation {
     None,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuditTarget {
-    File(PathBuf),
-    Stdout,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
@@ -531,4 +527,24 @@ fn in_section(issuer: IssuerKind, key: &'static str) -> &'static str {
         "genesys.ca_file" => "oauth.ca_file",
         other => other,
     }
+}
+
+/// Where the signing keys are published.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeySource {
+    /// `token.jwks_url`.
+    Url(Url),
+    /// The discovery document of `token.issuer`, whose `jwks_uri` names the JWKS.
+    Discover(Url),
+}
+
+/// What `validation = "jwks"` checks (the `[token]` JWKS keys).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwksSettings {
+    pub keys: KeySource,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub cache: Duration,
+    pub leeway: Duration,
 }

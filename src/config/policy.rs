@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::build::{parse_cidrs, Builder, Built};
+use super::builder::{parse_cidrs, Builder, Built};
 use super::file::{AnomalySection, BudgetSection};
 use super::model::*;
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use super::model::{AuthMethod, IssuerKind};
 use super::tests::{err_of, secret_file};
 use super::*;
-use crate::token::jwks::KeySource;
+use crate::config::model::KeySource;
 
 fn oauth(extra: &str, token: &str) -> String {
     let f = secret_file("oauth", "s3cret\n");

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use super::build::{secret, Builder, Built};
+use super::builder::{secret, Builder, Built};
 use super::file::{GenesysSection, OAuthSection, SecretRef};
 use super::model::*;
 use super::value::{load_ca_file, parse_url};

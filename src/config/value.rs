@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use reqwest::Url;
 
 use super::file::SecretRef;
-use crate::token::secret::SecretSource;
+use crate::secret::SecretSource;
 
 /// Reads a PEM bundle; at least one certificate is required.
 pub(super) fn load_ca_file(path: &Path) -> Result<Vec<Vec<u8>>, String> {
@@ -79,4 +79,11 @@ pub(super) fn secret_source(r: SecretRef) -> Result<SecretSource, String> {
         }
         _ => Err("give exactly one of { env = \"NAME\" } or { file = \"/path\" }".into()),
     }
+}
+
+/// `{issuer}/.well-known/openid-configuration` (a trailing `/` of the issuer is dropped).
+pub fn discovery_url(issuer: &str) -> Result<reqwest::Url, String> {
+    let base = issuer.trim_end_matches('/');
+    reqwest::Url::parse(&format!("{base}/.well-known/openid-configuration"))
+        .map_err(|e| format!("{issuer:?} is not a URL: {e}"))
 }

@@ -14,8 +14,8 @@ use base64::Engine;
 use reqwest::{header, StatusCode, Url};
 use serde::Deserialize;
 
-use super::secret::Secret;
 use crate::config::model::{AuthMethod, Grant, IssuerKind, UpstreamSettings};
+use crate::secret::Secret;
 
 /// What a token call can come to. The names are the `outcome` label values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -20,6 +20,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use reqwest::Url;
 
 use super::endpoint::read_capped;
+pub use crate::config::model::{JwksSettings, KeySource};
 use crate::metrics::Metrics;
 use crate::sync::lock;
 
@@ -51,33 +52,6 @@ pub enum JwksError {
     /// The JWKS or discovery document could not be fetched or read (what and why).
     #[error("{0}")]
     Keys(String),
-}
-
-/// Where the signing keys are published.
-#[derive(Debug, Clone, PartialEq)]
-pub enum KeySource {
-    /// `token.jwks_url`.
-    Url(Url),
-    /// The discovery document of `token.issuer`, whose `jwks_uri` names the JWKS.
-    Discover(Url),
-}
-
-/// `{issuer}/.well-known/openid-configuration` (a trailing `/` of the issuer is dropped).
-pub fn discovery_url(issuer: &str) -> Result<Url, String> {
-    let base = issuer.trim_end_matches('/');
-    Url::parse(&format!("{base}/.well-known/openid-configuration"))
-        .map_err(|e| format!("{issuer:?} is not a URL: {e}"))
-}
-
-/// What `validation = "jwks"` checks (the `[token]` JWKS keys).
-#[derive(Debug, Clone, PartialEq)]
-pub struct JwksSettings {
-    pub keys: KeySource,
-    pub issuer: Option<String>,
-    pub audience: Option<String>,
-    pub algorithms: Vec<Algorithm>,
-    pub cache: Duration,
-    pub leeway: Duration,
 }
 
 struct Cached {

@@ -10,11 +10,11 @@ use arc_swap::ArcSwap;
 use serde_json::json;
 
 use super::endpoint::{MintError, Minted, TokenEndpoint};
-use super::secret::Secret;
 use super::store::{Token, TokenSource};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::config::{Live, Validation};
 use crate::metrics::Metrics;
+use crate::secret::Secret;
 
 const MINUTE: Duration = Duration::from_secs(60);
 

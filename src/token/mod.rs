@@ -1,6 +1,5 @@
 //! The token lifecycle.
 //!
-//! - [`secret`]: secrets and tokens that cannot be printed.
 //! - [`endpoint`]: the token endpoint client and the failure classes.
 //! - [`schedule`]: when to refresh, how long to back off, what the refresher does next (pure
 //!   functions).
@@ -17,6 +16,5 @@ pub mod minter;
 pub mod refresher;
 pub mod report;
 pub mod schedule;
-pub mod secret;
 pub mod shared;
 pub mod store;

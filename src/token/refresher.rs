@@ -28,10 +28,10 @@ use super::schedule::{
     self, backoff, refresh_delay, rotation_backoff, Facts, FailureClass, HeldToken, Reason,
     RetryWindow, SlotFacts, Step, STAGGER, STARVING_PACE,
 };
-use super::secret::Secret;
 use super::shared::{Plan, SharedLink};
 use super::store::{Token, TokenSource, TokenStore};
 use crate::config::Live;
+use crate::secret::Secret;
 
 /// Credentials the refresher mints with.
 #[derive(Debug, Clone, PartialEq)]

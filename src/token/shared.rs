@@ -10,9 +10,9 @@ use tokio::sync::mpsc;
 
 use super::refresher::Refresher;
 use super::schedule::Reason;
-use super::secret::Secret;
 use super::store::{Token, TokenSource};
 use crate::cluster::{Cluster, ClusterError, Sealer, SharedEvent};
+use crate::secret::Secret;
 
 /// A stored token with less left than this is not worth adopting.
 const MIN_LEFT: Duration = Duration::from_secs(2);

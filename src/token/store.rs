@@ -74,7 +74,7 @@ const LONGEST: Duration = Duration::from_secs(366 * 86_400);
 impl Token {
     /// A token from its value: the bearer header built once and marked sensitive.
     pub fn from_secret(
-        access_token: &super::secret::Secret,
+        access_token: &crate::secret::Secret,
         lifetime: std::time::Duration,
         generation: u64,
         slot: usize,
@@ -106,9 +106,9 @@ impl Token {
     }
 
     /// The token's value (for `[cluster]`, which stores it sealed).
-    pub fn access_token(&self) -> Option<super::secret::Secret> {
+    pub fn access_token(&self) -> Option<crate::secret::Secret> {
         let value = self.header.to_str().ok()?.strip_prefix("Bearer ")?;
-        Some(super::secret::Secret::new(value))
+        Some(crate::secret::Secret::new(value))
     }
 
     pub fn is_valid_at(&self, now: Instant) -> bool {

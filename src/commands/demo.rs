@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use super::{exit_code, load_or_exit, runtime, EXIT_CONFIG};
 use crate::cli::SimArgs;
-use crate::commands::{exit_code, load_or_exit, runtime, EXIT_CONFIG};
 use crate::config::LogFormat;
 use crate::sim::{self, SimConfig};
 

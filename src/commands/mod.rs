@@ -1,4 +1,8 @@
 //! The commands behind the CLI. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or config.
+//! With the `sim` feature, [`demo`] holds the `demo` and `sim` commands.
+
+#[cfg(feature = "sim")]
+pub mod demo;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -18,9 +22,9 @@ pub fn dispatch(command: Command) -> ExitCode {
         }
         Command::Check { config, live, .. } => check(&config, live),
         #[cfg(feature = "sim")]
-        Command::Demo { config } => crate::demo::demo(&config),
+        Command::Demo { config } => demo::demo(&config),
         #[cfg(feature = "sim")]
-        Command::Sim(args) => crate::demo::run_sim(args),
+        Command::Sim(args) => demo::run_sim(args),
         Command::AuditVerify { file, open } => audit_verify(&file, open),
     }
 }
