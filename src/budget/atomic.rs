@@ -121,7 +121,10 @@ fn next_epoch(s: u64) -> u64 {
 /// a new window, whose report replaces the old one; a late answer from an older window is
 /// dropped. Written by every answer without a lock (one compare-and-swap); taken by the
 /// holder of the budget's lock.
+///
+/// Aligned to a cache line, like [`Tickets`].
 #[derive(Debug)]
+#[repr(align(64))]
 pub(super) struct Reported {
     /// `ends_ms << 24 | count` (count saturating at 2^24 - 1); 0 when nothing is reported.
     /// `ends_ms` is milliseconds after the budget's start, [`NO_END`] when not said.

@@ -219,8 +219,9 @@ impl Budget {
     }
 
     /// The slot a request takes a ticket from: the first, from this thread's own starting
-    /// slot, with at least half of the most any slot holds. Threads keep to slots of their
-    /// own while the pool's tickets are balanced, so two workers rarely contend for one.
+    /// slot, with at least half of the most any slot holds. Requests still spread over the
+    /// pool by budget left (within a factor of two), and two workers keep to different slots
+    /// while the tickets are balanced, so they rarely contend for one.
     fn ticket_slot(&self) -> Option<usize> {
         thread_local! {
             static START: usize = {

@@ -98,27 +98,6 @@ pub fn replayable(
     !buffer_truncated && content_length.unwrap_or(0) <= limit && body_bytes_read <= limit
 }
 
-/// Replays after 401s, at most: the first may use the pre-rotation token, the second a token
-/// minted after the first 401.
-pub const MAX_REPLAYS: u8 = 2;
-
-/// Should a request whose token `used_generation` was just refused be replayed again?
-///
-/// The rule: a 401 reaches the client only if Genesys refused a token minted *after* the
-/// request saw its first 401 (`newest_at_first_401` is the newest generation published at
-/// that moment; `None` means this is the first 401), or the replays are spent.
-pub fn replay_after_401(
-    replays: u8,
-    used_generation: u64,
-    newest_at_first_401: Option<u64>,
-) -> bool {
-    match newest_at_first_401 {
-        None => true,
-        Some(_) if replays >= MAX_REPLAYS => false,
-        Some(newest) => used_generation <= newest,
-    }
-}
-
 /// Which refusal an upstream error becomes.
 pub fn refusal_for(etype: &ErrorType) -> Refusal {
     match etype {
@@ -186,20 +165,6 @@ mod tests {
         assert!(replayable(None, 0, false, 65_536));
         assert!(!replayable(Some(102_400), 65_536, true, 65_536));
         assert!(!replayable(Some(2_000), 2_000, false, 1_000));
-    }
-
-    #[test]
-    fn a_401_reaches_the_client_only_for_a_token_minted_after_the_first_401() {
-        // First 401: always replay.
-        assert!(replay_after_401(0, 5, None));
-        // The replay used the pre-rotation token (4) or one that existed at the first 401 (5):
-        // replay again with a fresh one.
-        assert!(replay_after_401(1, 4, Some(5)));
-        assert!(replay_after_401(1, 5, Some(5)));
-        // A token minted after the first 401 was refused: the 401 is real.
-        assert!(!replay_after_401(1, 6, Some(5)));
-        // Bounded whatever happens.
-        assert!(!replay_after_401(MAX_REPLAYS, 4, Some(5)));
     }
 
     #[test]

@@ -13,8 +13,7 @@ mod upstream;
 
 pub use crate::metrics::status_label;
 pub use decide::{
-    client_allowed, header_u64, refusal_for, replay_after_401, replayable,
-    rewrite_upstream_request, Refusal, MAX_REPLAYS,
+    client_allowed, header_u64, refusal_for, replayable, rewrite_upstream_request, Refusal,
 };
 pub use sanitize::{normalise_content_length, path_allowed, strip_upgrade};
 
@@ -36,7 +35,8 @@ use crate::anomaly::AnomalyMonitor;
 use crate::budget::{Budget, ClientKey};
 use crate::config::{ApiTarget, Live};
 use crate::metrics::{Code, Metrics, ReplayOutcome};
-use crate::token::store::{Token, TokenStore};
+use crate::token::lease::{Lease, PassReason, Verdict};
+use crate::token::store::TokenStore;
 
 /// The error that tells pingora to run the request again after a 401.
 const REPLAY: ErrorType = ErrorType::Custom("replay_after_401");
@@ -63,18 +63,6 @@ pub struct GenesysProxy {
     pub state: Arc<ProxyState>,
 }
 
-/// What a request's first 401 fixed.
-#[derive(Debug, Clone, Copy)]
-struct FirstRefusal {
-    /// The newest generation when the token was found refused: a 401 on a token newer than
-    /// this reaches the client (see [`replay_after_401`]).
-    newest: u64,
-    /// A replacement must be newer than this.
-    floor: u64,
-    /// When replays must be under way by (`refresh_wait_timeout_ms` after the 401).
-    deadline: Instant,
-}
-
 /// Per-request state.
 pub struct RequestCtx {
     started: Instant,
@@ -84,13 +72,8 @@ pub struct RequestCtx {
     upstream_status: u16,
     /// `ININ-Correlation-Id` of the upstream answer, kept only for the access log.
     correlation_id: Option<String>,
-    token: Option<Arc<Token>>,
-    /// Replays after 401s so far (at most [`MAX_REPLAYS`]).
-    replays: u8,
-    /// Set at the request's first 401.
-    first_401: Option<FirstRefusal>,
-    /// The newest token generation when the request was given its token.
-    newest_at_send: u64,
+    /// The token the request goes with, and what the 401 replay rule needs of its history.
+    lease: Option<Lease>,
     tries: u8,
     /// Conflicting `Content-Length` values: refused, never forwarded.
     ambiguous_framing: bool,
@@ -128,10 +111,7 @@ impl ProxyHttp for GenesysProxy {
             live: self.state.live.load_full(),
             upstream_status: 0,
             correlation_id: None,
-            token: None,
-            replays: 0,
-            first_401: None,
-            newest_at_send: 0,
+            lease: None,
             tries: 0,
             ambiguous_framing: false,
             client: None,
@@ -248,7 +228,7 @@ impl ProxyHttp for GenesysProxy {
             upstream,
             path_and_query,
             &self.state.host_header,
-            ctx.token.as_deref().map(|t| &t.header),
+            ctx.lease.as_ref().map(|l| &l.token().header),
         )
     }
 
@@ -262,42 +242,26 @@ impl ProxyHttp for GenesysProxy {
         if upstream.status == 429 {
             return self.absorb_429(session, ctx).await;
         }
-        let Some(used) = ctx.token.clone().filter(|_| upstream.status == 401) else {
+        if upstream.status != 401 {
+            return Ok(());
+        }
+        let Some(mut lease) = ctx.lease.take() else {
             return Ok(());
         };
         let store = &self.state.store;
-        let earlier = ctx.first_401.map(|f| f.newest);
-        let newest_at_send = ctx.newest_at_send;
-        let first = *ctx.first_401.get_or_insert_with(|| {
-            let newest = store.newest_when_refused(&used);
-            FirstRefusal {
-                newest,
-                // A replacement is any token newer than what the request could have been sent
-                // with: one published after it was sent (e.g. adopted from another replica)
-                // or after its token was refused.
-                floor: newest.min(newest_at_send),
-                deadline: Instant::now() + ctx.live.proxy.refresh_wait_timeout,
-            }
-        });
-        if !replay_after_401(ctx.replays, used.generation, earlier)
-            || !self.may_replay(session, ctx)
-        {
-            // Tell the refresher anyway: the token is dead for the next request.
-            store.reject(&used);
-            return Ok(());
-        }
-        let wait = first.deadline.saturating_duration_since(Instant::now());
-        match store.replacement_for(&used, first.floor, wait).await {
-            Some(replacement) => {
-                ctx.token = Some(replacement);
-                ctx.replays += 1;
-                Err(replay_error())
-            }
-            None => {
+        let wait = ctx.live.proxy.refresh_wait_timeout;
+        let verdict = lease
+            .refused(store, wait, || self.may_replay(session, ctx))
+            .await;
+        ctx.lease = Some(lease);
+        match verdict {
+            Verdict::Replay(_) => Err(replay_error()),
+            Verdict::PassThrough(PassReason::NoNewToken) => {
                 let m = &self.state.metrics;
                 m.replays.inc(ReplayOutcome::NoNewToken);
                 Ok(())
             }
+            Verdict::PassThrough(_) => Ok(()),
         }
     }
 
@@ -379,7 +343,8 @@ impl ProxyHttp for GenesysProxy {
         metrics
             .request_duration_seconds
             .observe(ctx.started.elapsed().as_secs_f64());
-        if ctx.replays > 0 {
+        let replays = ctx.lease.as_ref().map_or(0, Lease::replays);
+        if replays > 0 {
             let outcome = if status == 401 {
                 ReplayOutcome::RejectedAgain
             } else {
@@ -401,8 +366,8 @@ impl ProxyHttp for GenesysProxy {
                 status,
                 upstream_status = ctx.upstream_status,
                 duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
-                replayed = ctx.replays > 0,
-                replays = ctx.replays,
+                replayed = replays > 0,
+                replays,
                 client = %client,
                 correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
                 "request"

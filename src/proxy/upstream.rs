@@ -16,6 +16,7 @@ use super::{header_u64, replay_error, replayable, GenesysProxy, RequestCtx, MAX_
 use crate::anomaly::Kind;
 use crate::budget::{Admit, Budget, Refused};
 use crate::metrics::{Admission, RateLimitOutcome, ReplayOutcome};
+use crate::token::lease::Lease;
 use crate::token::store::Token;
 
 impl GenesysProxy {
@@ -57,8 +58,7 @@ impl GenesysProxy {
                     Admission::Served
                 };
                 m.budget_requests.inc(app, outcome);
-                ctx.token = Some(token);
-                ctx.newest_at_send = self.state.store.generation();
+                ctx.lease = Some(Lease::new(token, &self.state.store));
                 ctx.client = Some(client);
                 Ok(false)
             }
@@ -88,7 +88,7 @@ impl GenesysProxy {
         }
         let budget = &self.state.budget;
         if let (Some(token), Some(count), Some(allowed)) = (
-            ctx.token.as_ref(),
+            ctx.lease.as_ref().map(Lease::token),
             header_u64(upstream, &RATELIMIT_COUNT),
             header_u64(upstream, &RATELIMIT_ALLOWED),
         ) {
@@ -103,7 +103,7 @@ impl GenesysProxy {
             429 => {
                 metrics.upstream_rate_limited_total.inc();
                 self.state.anomaly.observe(Kind::RateLimitStorm);
-                if let Some(token) = ctx.token.as_ref() {
+                if let Some(token) = ctx.lease.as_ref().map(Lease::token) {
                     let retry_after = header_u64(upstream, &header::RETRY_AFTER)
                         .map_or(ctx.live.budget.window, Duration::from_secs);
                     budget.exhausted(token, retry_after);
@@ -119,7 +119,8 @@ impl GenesysProxy {
     pub(super) async fn absorb_429(&self, session: &Session, ctx: &mut RequestCtx) -> Result<()> {
         let metrics = &self.state.metrics;
         let passed = || metrics.rate_limited.inc(RateLimitOutcome::PassedThrough);
-        let (Some(token), Some(client)) = (ctx.token.clone(), ctx.client.clone()) else {
+        let token = ctx.lease.as_ref().map(|l| l.token().clone());
+        let (Some(token), Some(client)) = (token, ctx.client.clone()) else {
             passed();
             return Ok(());
         };
@@ -132,7 +133,9 @@ impl GenesysProxy {
         let budget = &self.state.budget;
         match budget.admit(&ctx.live.budget, client, &token, wait).await {
             Admit::Go { token, .. } => {
-                ctx.token = Some(token);
+                if let Some(lease) = ctx.lease.as_mut() {
+                    lease.reissue(token);
+                }
                 ctx.rate_retries += 1;
                 metrics.rate_limited.inc(RateLimitOutcome::Absorbed);
                 Err(replay_error())
@@ -161,7 +164,7 @@ impl GenesysProxy {
             ctx.live.proxy.replay_body_limit_bytes,
         );
         // A refused further replay is counted in `logging`; here only the too-large case.
-        if !ok && ctx.replays == 0 {
+        if !ok && ctx.lease.as_ref().map_or(0, Lease::replays) == 0 {
             self.state.metrics.replays.inc(ReplayOutcome::BodyTooLarge);
         }
         ok

@@ -4,7 +4,8 @@
 //! - [`schedule`]: when to refresh, how long to back off, what the refresher does next (pure
 //!   functions).
 //! - [`minter`]: one validated token from one secret, under the per-minute cap.
-//! - [`store`]: the current token in an `ArcSwap`, and the 401 → replacement hand-off.
+//! - [`store`]: the current token in an `ArcSwap`, and the 401 → replacement hand-off;
+//!   [`lease`]: a request's hold on a token and the 401 replay rule.
 //! - [`refresher`]: the one task that mints tokens (refresh and secret rotation); [`report`]
 //!   records its outcomes (metrics, audit, `/status`, anomalies); [`shared`]: its `[cluster]`
 //!   side (adopt a stored token, take the lease, publish).
@@ -12,6 +13,7 @@
 
 pub mod endpoint;
 pub mod jwks;
+pub mod lease;
 pub mod minter;
 pub mod refresher;
 pub mod report;
