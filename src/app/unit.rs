@@ -155,7 +155,7 @@ impl Unit {
         let mut tasks = vec![
             tokio::spawn(refresher.run(shutdown.clone())),
             spawn_anomaly_ticks(anomaly.clone(), shutdown.clone()),
-            tokio::spawn(budget.clone().dispatch(shutdown.clone())),
+            tokio::spawn(crate::budget::dispatch(budget.clone(), shutdown.clone())),
         ];
         if let Some(cluster) = &cluster {
             tasks.push(tokio::spawn(share_budget(

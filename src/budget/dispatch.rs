@@ -10,61 +10,59 @@ use crate::config::BudgetSettings;
 use crate::shutdown::Shutdown;
 use crate::sync::lock;
 
-impl Budget {
-    /// Serves waiting requests whenever budget frees; runs until shutdown.
-    /// Every second it also sets the budget gauges (not on every answer).
-    pub async fn dispatch(self: Arc<Self>, mut shutdown: Shutdown) {
-        let mut gauges = tokio::time::interval(Duration::from_secs(1));
-        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let next = self.grant_waiters(Instant::now());
-            tokio::select! {
-                _ = sleep_until(next) => {}
-                _ = self.changed.notified() => {}
-                _ = gauges.tick() => self.tick(Instant::now()),
-                _ = shutdown.wait() => return,
-            }
+/// Serves waiting requests whenever budget frees; runs until shutdown.
+/// Every second it also sets the budget gauges (not on every answer).
+pub async fn dispatch(budget: Arc<Budget>, mut shutdown: Shutdown) {
+    let mut gauges = tokio::time::interval(Duration::from_secs(1));
+    gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let next = grant_waiters(&budget, Instant::now());
+        tokio::select! {
+            _ = sleep_until(next) => {}
+            _ = budget.changed.notified() => {}
+            _ = gauges.tick() => budget.tick(Instant::now()),
+            _ = shutdown.wait() => return,
         }
     }
+}
 
-    /// Grants budget to waiters, least-used client first; returns when to look again.
-    fn grant_waiters(&self, now: Instant) -> Option<Instant> {
-        let settings = self.live.load().budget.clone();
-        let mut q = lock(&self.queue);
-        if q.len == 0 {
-            return None;
-        }
-        let tokens = self.store.usable(now);
-        let mut windows = self.sync(&tokens);
-        while q.len > 0 {
-            let Some(client) = next_client(&q, &self.book, &settings, now) else {
-                break;
-            };
-            let Some(token) = Self::take_best(&mut windows, &tokens, now) else {
-                break;
-            };
-            let waiter = q.waiting.get_mut(&client).and_then(VecDeque::pop_front);
-            if q.waiting.get(&client).is_some_and(VecDeque::is_empty) {
-                q.waiting.remove(&client);
-            }
-            let Some(waiter) = waiter else { continue };
-            q.len -= 1;
-            let slot = token.slot;
-            if waiter.grant.send(token).is_ok() {
-                self.book.used(&client, now);
-            } else if let Some(w) = windows.get_mut(slot) {
-                w.give_back();
-            }
-        }
-        self.set_depth(&q);
-        let retry = if tokens.is_empty() {
-            // No usable token: look again soon (the refresher is minting one).
-            now + Duration::from_millis(50)
-        } else {
-            Self::free_at(&windows, &tokens, now)
-        };
-        (q.len > 0).then(|| retry.max(now + Duration::from_millis(1)))
+/// Grants budget to waiters, least-used client first; returns when to look again.
+fn grant_waiters(b: &Budget, now: Instant) -> Option<Instant> {
+    let settings = b.live.load().budget.clone();
+    let mut q = lock(&b.queue);
+    if q.len == 0 {
+        return None;
     }
+    let tokens = b.store.usable(now);
+    let mut windows = b.sync(&tokens);
+    while q.len > 0 {
+        let Some(client) = next_client(&q, &b.book, &settings, now) else {
+            break;
+        };
+        let Some(token) = Budget::take_best(&mut windows, &tokens, now) else {
+            break;
+        };
+        let waiter = q.waiting.get_mut(&client).and_then(VecDeque::pop_front);
+        if q.waiting.get(&client).is_some_and(VecDeque::is_empty) {
+            q.waiting.remove(&client);
+        }
+        let Some(waiter) = waiter else { continue };
+        q.len -= 1;
+        let slot = token.slot;
+        if waiter.grant.send(token).is_ok() {
+            b.book.used(&client, now);
+        } else if let Some(w) = windows.get_mut(slot) {
+            w.give_back();
+        }
+    }
+    b.set_depth(&q);
+    let retry = if tokens.is_empty() {
+        // No usable token: look again soon (the refresher is minting one).
+        now + Duration::from_millis(50)
+    } else {
+        Budget::free_at(&windows, &tokens, now)
+    };
+    (q.len > 0).then(|| retry.max(now + Duration::from_millis(1)))
 }
 
 async fn sleep_until(at: Option<Instant>) {

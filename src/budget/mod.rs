@@ -15,6 +15,7 @@
 mod atomic;
 mod book;
 mod dispatch;
+pub use dispatch::dispatch;
 pub mod window;
 
 use std::collections::{BTreeMap, VecDeque};

@@ -137,14 +137,13 @@ impl ProxyHttp for GenesysProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let settings = &ctx.live.proxy;
         if ctx.ambiguous_framing {
-            return self.refuse(session, Refusal::BadRequest, &ctx.live).await;
+            return respond::refuse(&self.state, session, Refusal::BadRequest, &ctx.live).await;
         }
         if !settings
             .allowed_methods
             .contains(&session.req_header().method)
         {
-            return self
-                .refuse(session, Refusal::MethodNotAllowed, &ctx.live)
+            return respond::refuse(&self.state, session, Refusal::MethodNotAllowed, &ctx.live)
                 .await;
         }
         let ip = session
@@ -152,8 +151,7 @@ impl ProxyHttp for GenesysProxy {
             .and_then(PingoraAddr::as_inet)
             .map(|a| a.ip());
         if !ip.is_some_and(|ip| client_allowed(ip, &settings.allowed_client_cidrs)) {
-            return self
-                .refuse(session, Refusal::ClientNotAllowed, &ctx.live)
+            return respond::refuse(&self.state, session, Refusal::ClientNotAllowed, &ctx.live)
                 .await;
         }
         if !path_allowed(
@@ -161,24 +159,23 @@ impl ProxyHttp for GenesysProxy {
             &settings.allowed_path_prefixes,
             settings.allow_non_ascii_paths,
         ) {
-            return self
-                .refuse(session, Refusal::PathNotAllowed, &ctx.live)
-                .await;
+            return respond::refuse(&self.state, session, Refusal::PathNotAllowed, &ctx.live).await;
         }
         let wait = settings.token_wait_timeout;
         let token = match self.state.store.valid(Instant::now()) {
             Some(t) => t,
             None => match self.state.store.wait_valid(wait).await {
                 Some(t) => t,
-                None => return self.refuse(session, Refusal::NoToken, &ctx.live).await,
+                None => {
+                    return respond::refuse(&self.state, session, Refusal::NoToken, &ctx.live).await
+                }
             },
         };
         let Some(ip) = ip else {
-            return self
-                .refuse(session, Refusal::ClientNotAllowed, &ctx.live)
+            return respond::refuse(&self.state, session, Refusal::ClientNotAllowed, &ctx.live)
                 .await;
         };
-        self.admit(session, ctx, token, ip).await
+        upstream::admit(&self.state, session, ctx, token, ip).await
     }
 
     async fn upstream_peer(
@@ -238,9 +235,9 @@ impl ProxyHttp for GenesysProxy {
         upstream: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        self.observe_upstream(upstream, ctx);
+        upstream::observe_upstream(&self.state, upstream, ctx);
         if upstream.status == 429 {
-            return self.absorb_429(session, ctx).await;
+            return upstream::absorb_429(&self.state, session, ctx).await;
         }
         if upstream.status != 401 {
             return Ok(());
@@ -251,7 +248,9 @@ impl ProxyHttp for GenesysProxy {
         let store = &self.state.store;
         let wait = ctx.live.proxy.refresh_wait_timeout;
         let verdict = lease
-            .refused(store, wait, || self.may_replay(session, ctx))
+            .refused(store, wait, || {
+                upstream::may_replay(&self.state, session, ctx)
+            })
             .await;
         ctx.lease = Some(lease);
         match verdict {
@@ -323,7 +322,13 @@ impl ProxyHttp for GenesysProxy {
             (_, etype) => Some(refusal_for(etype)),
         };
         let code = match refusal {
-            Some(r) if self.refuse(session, r, &ctx.live).await.is_ok() => r.status(),
+            Some(r)
+                if respond::refuse(&self.state, session, r, &ctx.live)
+                    .await
+                    .is_ok() =>
+            {
+                r.status()
+            }
             _ => 0,
         };
         FailToProxy {

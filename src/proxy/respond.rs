@@ -7,7 +7,7 @@ use http::header;
 use pingora::prelude::*;
 use pingora::proxy::Session;
 
-use super::{GenesysProxy, Refusal};
+use super::{ProxyState, Refusal};
 use crate::config::Live;
 
 /// The proxy's own 429 when no budget frees within the request's wait: Genesys's shape and
@@ -52,19 +52,18 @@ pub(super) async fn respond(session: &mut Session, refusal: Refusal, live: &Live
     session.write_response_body(Some(body), true).await
 }
 
-impl GenesysProxy {
-    pub(super) async fn refuse(
-        &self,
-        session: &mut Session,
-        refusal: Refusal,
-        live: &Live,
-    ) -> Result<bool> {
-        self.state
-            .metrics
-            .rejected_requests_total
-            .with_label_values(&[refusal.reason()])
-            .inc();
-        respond(session, refusal, live).await?;
-        Ok(true)
-    }
+/// Answers `refusal` and counts it; `Ok(true)`: the request is done.
+pub(super) async fn refuse(
+    state: &ProxyState,
+    session: &mut Session,
+    refusal: Refusal,
+    live: &Live,
+) -> Result<bool> {
+    state
+        .metrics
+        .rejected_requests_total
+        .with_label_values(&[refusal.reason()])
+        .inc();
+    respond(session, refusal, live).await?;
+    Ok(true)
 }

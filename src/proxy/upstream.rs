@@ -12,163 +12,168 @@ use pingora::proxy::Session;
 
 use super::decide::{CORRELATION_ID, RATELIMIT_ALLOWED, RATELIMIT_COUNT, RATELIMIT_RESET};
 use super::respond::respond_rate_limited;
-use super::{header_u64, replay_error, replayable, GenesysProxy, RequestCtx, MAX_RATE_RETRIES};
+use super::{header_u64, replay_error, replayable, ProxyState, RequestCtx, MAX_RATE_RETRIES};
 use crate::anomaly::Kind;
 use crate::budget::{Admit, Budget, Refused};
 use crate::metrics::{Admission, RateLimitOutcome, ReplayOutcome};
 use crate::token::lease::Lease;
 use crate::token::store::Token;
 
-impl GenesysProxy {
-    /// Takes a call of the rate-limit budget for the request (waiting fairly if it is spent),
-    /// or answers the proxy's own 429. `token` is used if no pool token is usable right now.
-    pub(super) async fn admit(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        token: Arc<Token>,
-        ip: IpAddr,
-    ) -> Result<bool> {
-        let settings = &ctx.live.budget;
-        let client = Budget::client_key(settings, ip);
-        let admit =
-            self.state
-                .budget
-                .admit(settings, client.clone(), &token, settings.max_queue_wait);
-        // A request without a body can notice its client leaving while it waits (a FIN on the
-        // idle connection): it then gives its place back instead of being sent for nobody.
-        let admitted = if has_no_body(session.req_header()) {
-            tokio::select! {
-                biased;
-                admitted = admit => admitted,
-                () = client_left(session) => {
-                    return Error::e_explain(ErrorType::ConnectionClosed, "client left while queued for rate-limit budget");
-                }
+/// Takes a call of the rate-limit budget for the request (waiting fairly if it is spent),
+/// or answers the proxy's own 429. `token` is used if no pool token is usable right now.
+pub(super) async fn admit(
+    state: &ProxyState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    token: Arc<Token>,
+    ip: IpAddr,
+) -> Result<bool> {
+    let settings = &ctx.live.budget;
+    let client = Budget::client_key(settings, ip);
+    let admit = state
+        .budget
+        .admit(settings, client.clone(), &token, settings.max_queue_wait);
+    // A request without a body can notice its client leaving while it waits (a FIN on the
+    // idle connection): it then gives its place back instead of being sent for nobody.
+    let admitted = if has_no_body(session.req_header()) {
+        tokio::select! {
+            biased;
+            admitted = admit => admitted,
+            () = client_left(session) => {
+                return Error::e_explain(ErrorType::ConnectionClosed, "client left while queued for rate-limit budget");
             }
-        } else {
-            admit.await
-        };
-        let app = Budget::app_label(settings, &client);
-        let m = &self.state.metrics;
-        match admitted {
-            Admit::Go { queued, token } => {
-                let outcome = if queued {
-                    Admission::Queued
-                } else {
-                    Admission::Served
-                };
-                m.budget_requests.inc(app, outcome);
-                ctx.lease = Some(Lease::new(token, &self.state.store));
-                ctx.client = Some(client);
-                Ok(false)
-            }
-            Admit::Refused { why, retry_after } => {
-                m.budget_requests.inc(app, Admission::Refused);
-                m.rate_limited.inc(match why {
-                    Refused::QueueFull => RateLimitOutcome::QueueFull,
-                    Refused::QueueTimeout => RateLimitOutcome::QueueTimeout,
-                });
-                respond_rate_limited(session, retry_after).await?;
-                Ok(true)
-            }
+        }
+    } else {
+        admit.await
+    };
+    let app = Budget::app_label(settings, &client);
+    let m = &state.metrics;
+    match admitted {
+        Admit::Go { queued, token } => {
+            let outcome = if queued {
+                Admission::Queued
+            } else {
+                Admission::Served
+            };
+            m.budget_requests.inc(app, outcome);
+            ctx.lease = Some(Lease::new(token, &state.store));
+            ctx.client = Some(client);
+            Ok(false)
+        }
+        Admit::Refused { why, retry_after } => {
+            m.budget_requests.inc(app, Admission::Refused);
+            m.rate_limited.inc(match why {
+                Refused::QueueFull => RateLimitOutcome::QueueFull,
+                Refused::QueueTimeout => RateLimitOutcome::QueueTimeout,
+            });
+            respond_rate_limited(session, retry_after).await?;
+            Ok(true)
         }
     }
+}
 
-    /// Records what every upstream answer tells: status, correlation id (for the access log),
-    /// the rate-limit headers, and 401/429 counts for metrics and the anomaly detector.
-    pub(super) fn observe_upstream(&self, upstream: &ResponseHeader, ctx: &mut RequestCtx) {
-        let metrics = &self.state.metrics;
-        ctx.upstream_status = upstream.status.as_u16();
-        if ctx.live.log.access_log {
-            ctx.correlation_id = upstream
-                .headers
-                .get(&CORRELATION_ID)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-        }
-        let budget = &self.state.budget;
-        if let (Some(token), Some(count), Some(allowed)) = (
-            ctx.lease.as_ref().map(Lease::token),
-            header_u64(upstream, &RATELIMIT_COUNT),
-            header_u64(upstream, &RATELIMIT_ALLOWED),
-        ) {
-            let reset = header_u64(upstream, &RATELIMIT_RESET);
-            budget.observe(token, count, allowed, reset);
-        }
-        match ctx.upstream_status {
-            401 => {
-                metrics.upstream_unauthorized_total.inc();
-                self.state.anomaly.observe(Kind::UnauthorizedSpike);
-            }
-            429 => {
-                metrics.upstream_rate_limited_total.inc();
-                self.state.anomaly.observe(Kind::RateLimitStorm);
-                if let Some(token) = ctx.lease.as_ref().map(Lease::token) {
-                    let retry_after = header_u64(upstream, &header::RETRY_AFTER)
-                        .map_or(ctx.live.budget.window, Duration::from_secs);
-                    budget.exhausted(token, retry_after);
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// Genesys answered 429 (the limit is lower than the budget thought, or another user of
-    /// the client spent it): the request was not processed, so it is re-sent once budget frees,
-    /// if that fits in what is left of its `max_queue_wait_ms`. Otherwise the 429 passes through.
-    pub(super) async fn absorb_429(&self, session: &Session, ctx: &mut RequestCtx) -> Result<()> {
-        let metrics = &self.state.metrics;
-        let passed = || metrics.rate_limited.inc(RateLimitOutcome::PassedThrough);
-        let token = ctx.lease.as_ref().map(|l| l.token().clone());
-        let (Some(token), Some(client)) = (token, ctx.client.clone()) else {
-            passed();
-            return Ok(());
-        };
-        if ctx.rate_retries >= MAX_RATE_RETRIES || !self.may_replay(session, ctx) {
-            passed();
-            return Ok(());
-        }
-        let deadline = ctx.started + ctx.live.budget.max_queue_wait;
-        let wait = deadline.saturating_duration_since(Instant::now());
-        let budget = &self.state.budget;
-        match budget.admit(&ctx.live.budget, client, &token, wait).await {
-            Admit::Go { token, .. } => {
-                if let Some(lease) = ctx.lease.as_mut() {
-                    lease.reissue(token);
-                }
-                ctx.rate_retries += 1;
-                metrics.rate_limited.inc(RateLimitOutcome::Absorbed);
-                Err(replay_error())
-            }
-            Admit::Refused { .. } => {
-                passed();
-                Ok(())
-            }
-        }
-    }
-
-    /// Whether a request that got a 401 can be replayed (see [`replayable`]); counts a body
-    /// too large to replay.
-    pub(super) fn may_replay(&self, session: &Session, ctx: &RequestCtx) -> bool {
-        let content_length = session
-            .req_header()
+/// Records what every upstream answer tells: status, correlation id (for the access log),
+/// the rate-limit headers, and 401/429 counts for metrics and the anomaly detector.
+pub(super) fn observe_upstream(
+    state: &ProxyState,
+    upstream: &ResponseHeader,
+    ctx: &mut RequestCtx,
+) {
+    let metrics = &state.metrics;
+    ctx.upstream_status = upstream.status.as_u16();
+    if ctx.live.log.access_log {
+        ctx.correlation_id = upstream
             .headers
-            .get(header::CONTENT_LENGTH)
+            .get(&CORRELATION_ID)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        let downstream = session.as_downstream();
-        let ok = replayable(
-            content_length,
-            downstream.body_bytes_read() as u64,
-            downstream.retry_buffer_truncated(),
-            ctx.live.proxy.replay_body_limit_bytes,
-        );
-        // A refused further replay is counted in `logging`; here only the too-large case.
-        if !ok && ctx.lease.as_ref().map_or(0, Lease::replays) == 0 {
-            self.state.metrics.replays.inc(ReplayOutcome::BodyTooLarge);
-        }
-        ok
+            .map(str::to_string);
     }
+    let budget = &state.budget;
+    if let (Some(token), Some(count), Some(allowed)) = (
+        ctx.lease.as_ref().map(Lease::token),
+        header_u64(upstream, &RATELIMIT_COUNT),
+        header_u64(upstream, &RATELIMIT_ALLOWED),
+    ) {
+        let reset = header_u64(upstream, &RATELIMIT_RESET);
+        budget.observe(token, count, allowed, reset);
+    }
+    match ctx.upstream_status {
+        401 => {
+            metrics.upstream_unauthorized_total.inc();
+            state.anomaly.observe(Kind::UnauthorizedSpike);
+        }
+        429 => {
+            metrics.upstream_rate_limited_total.inc();
+            state.anomaly.observe(Kind::RateLimitStorm);
+            if let Some(token) = ctx.lease.as_ref().map(Lease::token) {
+                let retry_after = header_u64(upstream, &header::RETRY_AFTER)
+                    .map_or(ctx.live.budget.window, Duration::from_secs);
+                budget.exhausted(token, retry_after);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Genesys answered 429 (the limit is lower than the budget thought, or another user of
+/// the client spent it): the request was not processed, so it is re-sent once budget frees,
+/// if that fits in what is left of its `max_queue_wait_ms`. Otherwise the 429 passes through.
+pub(super) async fn absorb_429(
+    state: &ProxyState,
+    session: &Session,
+    ctx: &mut RequestCtx,
+) -> Result<()> {
+    let metrics = &state.metrics;
+    let passed = || metrics.rate_limited.inc(RateLimitOutcome::PassedThrough);
+    let token = ctx.lease.as_ref().map(|l| l.token().clone());
+    let (Some(token), Some(client)) = (token, ctx.client.clone()) else {
+        passed();
+        return Ok(());
+    };
+    if ctx.rate_retries >= MAX_RATE_RETRIES || !may_replay(state, session, ctx) {
+        passed();
+        return Ok(());
+    }
+    let deadline = ctx.started + ctx.live.budget.max_queue_wait;
+    let wait = deadline.saturating_duration_since(Instant::now());
+    let budget = &state.budget;
+    match budget.admit(&ctx.live.budget, client, &token, wait).await {
+        Admit::Go { token, .. } => {
+            if let Some(lease) = ctx.lease.as_mut() {
+                lease.reissue(token);
+            }
+            ctx.rate_retries += 1;
+            metrics.rate_limited.inc(RateLimitOutcome::Absorbed);
+            Err(replay_error())
+        }
+        Admit::Refused { .. } => {
+            passed();
+            Ok(())
+        }
+    }
+}
+
+/// Whether a request that got a 401 or 429 can be sent again (see [`replayable`]); counts a
+/// body too large to replay.
+pub(super) fn may_replay(state: &ProxyState, session: &Session, ctx: &RequestCtx) -> bool {
+    let content_length = session
+        .req_header()
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let downstream = session.as_downstream();
+    let ok = replayable(
+        content_length,
+        downstream.body_bytes_read() as u64,
+        downstream.retry_buffer_truncated(),
+        ctx.live.proxy.replay_body_limit_bytes,
+    );
+    // A refused further replay is counted in `logging`; here only the too-large case.
+    if !ok && ctx.lease.as_ref().map_or(0, Lease::replays) == 0 {
+        state.metrics.replays.inc(ReplayOutcome::BodyTooLarge);
+    }
+    ok
 }
 
 /// No `Content-Length` above 0 and no `Transfer-Encoding`: nothing to read after the head.
