@@ -52,6 +52,23 @@ label_set! {
 }
 
 label_set! {
+    /// `jwks_fetches_total{outcome}`.
+    JwksFetch {
+        Success => "success",
+        Failed => "failed",
+    }
+}
+
+label_set! {
+    /// `cluster_tokens_total{how}`: how a replica came by a token.
+    ClusterTake {
+        Adopted => "adopted",
+        MintedShared => "minted_shared",
+        MintedStandalone => "minted_standalone",
+    }
+}
+
+label_set! {
     /// `budget_requests_total{outcome}`: how a request was admitted to the budget.
     Admission {
         Served => "served",

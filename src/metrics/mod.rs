@@ -10,7 +10,8 @@ use prometheus::{
 mod handles;
 
 pub use handles::{
-    status_label, Admission, AppCounters, Code, Handles, RateLimitOutcome, ReplayOutcome,
+    status_label, Admission, AppCounters, ClusterTake, Code, Handles, JwksFetch, RateLimitOutcome,
+    ReplayOutcome,
 };
 
 use handles::LabelSet;
@@ -43,10 +44,10 @@ pub struct Metrics {
     pub budget_queue_wait_seconds: Histogram,
     pub budget_queue_abandoned_total: IntCounter,
     pub token_pool_budget_remaining: IntGaugeVec,
-    pub jwks_fetches_total: IntCounterVec,
+    pub jwks_fetches_total: Handles<JwksFetch>,
     pub jwks_keys: IntGauge,
     pub cluster_redis_up: IntGauge,
-    pub cluster_tokens_total: IntCounterVec,
+    pub cluster_tokens_total: Handles<ClusterTake>,
     /// Handles to the request path's labelled counters (see [`handles`]).
     pub requests: Handles<Code>,
     pub replays: Handles<ReplayOutcome>,
@@ -208,10 +209,10 @@ impl Metrics {
             budget_queue_wait_seconds: m.hist("budget_queue_wait_seconds", "Time requests waited for rate-limit budget, in seconds."),
             budget_queue_abandoned_total: m.counter("budget_queue_abandoned_total", "Queued requests whose client left before budget freed: they left the queue unsent."),
             token_pool_budget_remaining: m.int_gauge_vec("token_pool_budget_remaining", "Rate-limit budget left in the current window, per token pool slot (0 .. pool_size-1).", "slot"),
-            jwks_fetches_total: m.counter_vec("jwks_fetches_total", "JWKS fetches (validation = \"jwks\") by outcome.", "outcome", &["success", "failed"]),
+            jwks_fetches_total: Handles::new(m.counter_vec("jwks_fetches_total", "JWKS fetches (validation = \"jwks\") by outcome.", "outcome", JwksFetch::LABELS), &[]),
             jwks_keys: m.int_gauge("jwks_keys", "Keys in the cached JWKS (validation = \"jwks\")."),
             cluster_redis_up: m.int_gauge("cluster_redis_up", "[cluster]: 1 while Redis answers and tokens are shared, 0 while this replica works standalone."),
-            cluster_tokens_total: m.counter_vec("cluster_tokens_total", "[cluster]: tokens this replica took, by how: adopted (stored by another replica), minted_shared (minted under the lease and stored), minted_standalone (minted alone while Redis failed).", "how", &["adopted", "minted_shared", "minted_standalone"]),
+            cluster_tokens_total: Handles::new(m.counter_vec("cluster_tokens_total", "[cluster]: tokens this replica took, by how: adopted (stored by another replica), minted_shared (minted under the lease and stored), minted_standalone (minted alone while Redis failed).", "how", ClusterTake::LABELS), &[]),
             requests: Handles::new(requests_total, &[]),
             replays: Handles::new(replays_total, &[]),
             rate_limited: Handles::new(rate_limited_total, &[]),

@@ -21,7 +21,7 @@ use reqwest::Url;
 
 use super::endpoint::read_capped;
 pub use crate::config::model::{JwksSettings, KeySource};
-use crate::metrics::Metrics;
+use crate::metrics::{JwksFetch, Metrics};
 use crate::sync::lock;
 
 /// 9999-12-31T23:59:59Z: a later `exp` is read as this.
@@ -201,11 +201,12 @@ impl Jwks {
                 .map_err(|e| format!("the JWKS is not a JWK set: {e}"))
         }
         .await;
-        let outcome = if fetched.is_ok() { "success" } else { "failed" };
-        self.metrics
-            .jwks_fetches_total
-            .with_label_values(&[outcome])
-            .inc();
+        let outcome = if fetched.is_ok() {
+            JwksFetch::Success
+        } else {
+            JwksFetch::Failed
+        };
+        self.metrics.jwks_fetches_total.inc(outcome);
         match fetched {
             Ok(keys) => {
                 self.metrics.jwks_keys.set(keys.keys.len() as i64);

@@ -336,7 +336,9 @@ impl Refresher {
             Ok(token) => {
                 match leased {
                     Some(leased) => self.share(&token, leased).await,
-                    None if self.link.is_some() => self.count("minted_standalone"),
+                    None if self.link.is_some() => {
+                        self.count(crate::metrics::ClusterTake::MintedStandalone)
+                    }
                     None => {}
                 }
                 self.accept(token, reason, started);

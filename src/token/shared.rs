@@ -12,6 +12,7 @@ use super::refresher::Refresher;
 use super::schedule::Reason;
 use super::store::{Token, TokenSource};
 use crate::cluster::{Cluster, ClusterError, Sealer, SharedEvent};
+use crate::metrics::ClusterTake;
 use crate::secret::Secret;
 
 /// A stored token with less left than this is not worth adopting.
@@ -126,7 +127,7 @@ impl Refresher {
         ) else {
             return Ok(false);
         };
-        self.count("adopted");
+        self.count(ClusterTake::Adopted);
         self.accept(token, reason, started);
         Ok(true)
     }
@@ -140,9 +141,9 @@ impl Refresher {
                 .save(&link.sealer, token.slot, &value, token.expires_at_wall)
                 .await;
             self.count(if saved.is_ok() {
-                "minted_shared"
+                ClusterTake::MintedShared
             } else {
-                "minted_standalone"
+                ClusterTake::MintedStandalone
             });
         }
         if leased {
@@ -156,13 +157,8 @@ impl Refresher {
         }
     }
 
-    pub(super) fn count(&self, how: &str) {
-        self.shared
-            .report
-            .metrics
-            .cluster_tokens_total
-            .with_label_values(&[how])
-            .inc();
+    pub(super) fn count(&self, how: ClusterTake) {
+        self.shared.report.metrics.cluster_tokens_total.inc(how);
     }
 
     /// A message from the cluster task.
@@ -228,7 +224,7 @@ impl Refresher {
             TokenSource::Shared,
         )
         .ok()?;
-        self.count("adopted");
+        self.count(ClusterTake::Adopted);
         Some(token)
     }
 
