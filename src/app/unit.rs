@@ -32,7 +32,7 @@ use crate::shutdown::Shutdown;
 use crate::token::endpoint::TokenEndpoint;
 use crate::token::refresher::{self, Credentials, RefreshInfo, Refresher};
 use crate::token::report::Reporter;
-use crate::token::shared::SharedLink;
+use crate::token::shared::{self, Peers, Standalone};
 use crate::token::store::TokenStore;
 use crate::worker::{self, Listener, Worker};
 
@@ -131,15 +131,16 @@ impl Unit {
             secret: c.client_secret.clone(),
             previous: c.previous_client_secret.clone(),
         };
-        let (cluster, link) = match redis {
-            None => (None, None),
+        let (cluster, peers): (_, Box<dyn Peers>) = match redis {
+            None => (None, Box::new(Standalone)),
             Some(redis) => {
                 let token_url = config.restart.genesys.token_url.as_str();
                 let (cluster, events) =
                     crate::cluster::Cluster::new(redis, token_url, &c.client_id);
-                let link = SharedLink::new(cluster.clone(), &c.client_secret, events)
-                    .map_err(anyhow::Error::msg)?;
-                (Some(cluster), Some(link))
+                let peers =
+                    shared::Redis::new(cluster.clone(), &c.client_secret, events, metrics.clone())
+                        .map_err(anyhow::Error::msg)?;
+                (Some(cluster), Box::new(peers))
             }
         };
         let refresher = Refresher::new(
@@ -148,7 +149,7 @@ impl Unit {
             credentials,
             commands_rx,
             jwks.clone(),
-            link,
+            peers,
         );
         let addrs = resolver.addresses(&config.restart.genesys.api);
         let state = proxy_state(config, &live, addrs, &store, &metrics, &anomaly, &budget)?;

@@ -28,8 +28,9 @@ use super::schedule::{
     self, backoff, refresh_delay, rotation_backoff, Facts, FailureClass, HeldToken, Reason,
     RetryWindow, SlotFacts, Step, STAGGER, STARVING_PACE,
 };
-use super::shared::{Plan, SharedLink};
+use super::shared::{Peers, Plan};
 use super::store::{Token, TokenSource, TokenStore};
+use crate::cluster::SharedEvent;
 use crate::config::Live;
 use crate::secret::Secret;
 
@@ -126,8 +127,8 @@ struct PendingRotation {
 
 pub struct Refresher {
     pub(super) shared: Shared,
-    /// `[cluster]`: the link to the other replicas through Redis.
-    pub(super) link: Option<SharedLink>,
+    /// The other holders of the credential's tokens: none, or the replicas of `[cluster]`.
+    peers: Box<dyn Peers>,
     minter: Minter,
     credentials: Credentials,
     commands: mpsc::Receiver<Command>,
@@ -149,7 +150,7 @@ impl Refresher {
         credentials: Credentials,
         commands: mpsc::Receiver<Command>,
         jwks: Option<Arc<super::jwks::Jwks>>,
-        link: Option<SharedLink>,
+        peers: Box<dyn Peers>,
     ) -> Self {
         let slots = shared.store.slots();
         let minter = Minter::new(
@@ -161,7 +162,7 @@ impl Refresher {
         );
         Refresher {
             shared,
-            link,
+            peers,
             minter,
             credentials,
             commands,
@@ -224,7 +225,7 @@ impl Refresher {
                     _ = tokio::time::sleep_until(until.into()) => {}
                     _ = self.shared.store.woken() => {}
                     cmd = self.commands.recv() => if let Some(cmd) = cmd { self.handle(cmd) },
-                    event = next_shared(&mut self.link) => self.on_shared(event).await,
+                    event = self.peers.next_event() => self.on_shared(event).await,
                     _ = shutdown.wait() => return,
                 },
             }
@@ -303,8 +304,9 @@ impl Refresher {
     /// A normal refresh of one pool slot: current secret, then previous on `invalid_client`.
     async fn refresh(&mut self, slot: usize, reason: Reason) {
         let started = Instant::now();
-        let leased = match self.plan(slot, reason, started).await {
-            Plan::Adopted => return,
+        let store = self.shared.store.clone();
+        let leased = match self.peers.plan(&store, slot).await {
+            Plan::Adopted(token) => return self.accept(token, reason, started),
             Plan::MintShared { leased } => Some(leased),
             Plan::MintAlone => None,
         };
@@ -335,23 +337,42 @@ impl Refresher {
         match result {
             Ok(token) => {
                 match leased {
-                    Some(leased) => self.share(&token, leased).await,
-                    None if self.link.is_some() => {
-                        self.count(crate::metrics::ClusterTake::MintedStandalone)
-                    }
-                    None => {}
+                    Some(leased) => self.peers.share(&token, leased).await,
+                    None => self.peers.minted_alone(),
                 }
                 self.accept(token, reason, started);
             }
             Err(e) => {
                 if leased == Some(true) {
-                    self.release(slot).await;
+                    self.peers.release(slot).await;
                 }
                 self.failures = self.failures.saturating_add(1);
                 let delay = self.backoff_after(self.failures, &e);
                 self.backoff_until = Some(Instant::now() + delay);
                 let report = &self.shared.report;
                 report.refresh_failed(&e, self.failures, delay, held.as_deref());
+            }
+        }
+    }
+
+    /// A message from the other replicas: adopt what one published for this credential; on
+    /// a sync (Redis answers again), take what is stored, or store ours if nothing is (after
+    /// an outage the first replica to do so wins, the others adopt its token).
+    async fn on_shared(&mut self, event: SharedEvent) {
+        let now = Instant::now();
+        let store = self.shared.store.clone();
+        let (slots, sync) = match event {
+            SharedEvent::Published { kid, slot } if self.peers.ours(&kid) => {
+                (slot..slot + 1, false)
+            }
+            SharedEvent::Published { .. } => return,
+            SharedEvent::Sync => (0..store.slots(), true),
+        };
+        for slot in slots.filter(|s| *s < store.slots()) {
+            match self.peers.adopt(&store, slot).await {
+                Some(token) => self.accept(token, Reason::Shared, now),
+                None if sync => self.peers.offer(&store, slot).await,
+                None => {}
             }
         }
     }
@@ -497,9 +518,10 @@ impl Refresher {
     async fn rotate(&mut self, new: Credentials) -> RotationResult {
         let started = Instant::now();
         // [cluster]: a replica that rotated first already stored a token for the new secret.
-        if let Some(token) = self.adopt_rotated(&new.secret).await {
+        let store = self.shared.store.clone();
+        if let Some(token) = self.peers.adopt_rotated(&store, &new.secret).await {
             let generation = token.generation;
-            self.rekey(&new.secret);
+            self.peers.rekey(&new.secret);
             self.rotated(new, token, started);
             return RotationResult::Rotated { generation };
         }
@@ -512,8 +534,8 @@ impl Refresher {
             .await;
         match result {
             Ok(token) => {
-                self.rekey(&new.secret);
-                self.share(&token, false).await;
+                self.peers.rekey(&new.secret);
+                self.peers.share(&token, false).await;
                 self.rotated(new, token, started);
                 RotationResult::Rotated { generation }
             }
@@ -598,17 +620,6 @@ const ANSWER_AFTER: Duration = Duration::from_secs(1);
 /// The wall-clock time of `at`, read at `now`.
 fn wall(at: Instant, now: Instant) -> SystemTime {
     SystemTime::now() + at.saturating_duration_since(now)
-}
-
-/// The next message from the cluster task; never resolves without `[cluster]`.
-async fn next_shared(link: &mut Option<SharedLink>) -> crate::cluster::SharedEvent {
-    match link {
-        Some(l) => match l.events.recv().await {
-            Some(event) => event,
-            None => std::future::pending().await,
-        },
-        None => std::future::pending().await,
-    }
 }
 
 fn failure_class(e: &MintError) -> FailureClass {
