@@ -62,6 +62,8 @@ pub enum Admit {
         /// When budget is expected back: the honest `Retry-After`.
         retry_after: Duration,
     },
+    /// No token became valid within the token wait (the proxy's 503 `proxy.no_token`).
+    NoToken,
 }
 
 struct Waiter {
@@ -325,6 +327,34 @@ impl Budget {
             .iter()
             .position(|app| app.cidrs.iter().any(|net| net.contains(&ip)))
             .map_or(ClientKey::Address(ip), ClientKey::App)
+    }
+
+    /// The one place a request gets its token: a ticket (no lock) if there is one, else the
+    /// locked path of [`Budget::admit`], after waiting up to `token_wait` for a valid token
+    /// when the pool holds none yet (start-up, or every token refused).
+    pub async fn checkout(
+        &self,
+        settings: &BudgetSettings,
+        client: ClientKey,
+        wait: Duration,
+        token_wait: Duration,
+    ) -> Admit {
+        let now = Instant::now();
+        if let Some(token) = self.take_ticket(now) {
+            self.book.used(&client, now);
+            return Admit::Go {
+                queued: false,
+                token,
+            };
+        }
+        let fallback = match self.store.valid(now) {
+            Some(t) => t,
+            None => match self.store.wait_valid(token_wait).await {
+                Some(t) => t,
+                None => return Admit::NoToken,
+            },
+        };
+        self.admit(settings, client, &fallback, wait).await
     }
 
     /// Takes one call for `client` from the pool's token with the most budget left, waiting

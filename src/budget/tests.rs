@@ -222,3 +222,39 @@ async fn a_waiting_request_voids_the_tickets_so_nobody_passes_the_queue() {
         "nobody passes a waiter"
     );
 }
+
+// Issue 22: one checkout for every request: the ticket, the cold-start wait for a token, the
+// locked path.
+#[tokio::test]
+async fn checkout_waits_for_a_first_token_and_says_when_none_comes() {
+    let (budget, token) = budget_with_token();
+    let settings = budget.live.load().budget.clone();
+    let client = || ClientKey::Address("127.0.0.1".parse().unwrap());
+    let wait = settings.max_queue_wait;
+    let got = budget
+        .checkout(&settings, client(), wait, Duration::from_millis(10))
+        .await;
+    assert!(matches!(got, Admit::Go { ref token, .. } if token.generation == 1));
+    // Every token refused (or none yet): the checkout waits for the refresher's next one ...
+    budget.store.reject(&token);
+    let store = budget.store.clone();
+    let publish = async {
+        store.woken().await;
+        let secret = crate::secret::Secret::new("access-token-2");
+        let life = Duration::from_secs(3600);
+        let source = crate::token::store::TokenSource::Current;
+        store.publish(Token::from_secret(&secret, life, 2, 0, Instant::now(), source).unwrap());
+    };
+    let (got, ()) = tokio::join!(
+        budget.checkout(&settings, client(), wait, Duration::from_secs(5)),
+        publish
+    );
+    assert!(matches!(got, Admit::Go { ref token, .. } if token.generation == 2));
+    // ... and says so when none comes in time.
+    let (budget, token) = budget_with_token();
+    budget.store.reject(&token);
+    let got = budget
+        .checkout(&settings, client(), wait, Duration::from_millis(20))
+        .await;
+    assert!(matches!(got, Admit::NoToken), "{got:?}");
+}

@@ -161,21 +161,11 @@ impl ProxyHttp for GenesysProxy {
         ) {
             return respond::refuse(&self.state, session, Refusal::PathNotAllowed, &ctx.live).await;
         }
-        let wait = settings.token_wait_timeout;
-        let token = match self.state.store.valid(Instant::now()) {
-            Some(t) => t,
-            None => match self.state.store.wait_valid(wait).await {
-                Some(t) => t,
-                None => {
-                    return respond::refuse(&self.state, session, Refusal::NoToken, &ctx.live).await
-                }
-            },
-        };
         let Some(ip) = ip else {
             return respond::refuse(&self.state, session, Refusal::ClientNotAllowed, &ctx.live)
                 .await;
         };
-        upstream::admit(&self.state, session, ctx, token, ip).await
+        upstream::admit(&self.state, session, ctx, ip).await
     }
 
     async fn upstream_peer(

@@ -3,7 +3,6 @@
 //! answer, a 429 re-sent once budget frees, and whether a request may be sent again at all.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header;
@@ -11,28 +10,32 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 
 use super::decide::{CORRELATION_ID, RATELIMIT_ALLOWED, RATELIMIT_COUNT, RATELIMIT_RESET};
-use super::respond::respond_rate_limited;
-use super::{header_u64, replay_error, replayable, ProxyState, RequestCtx, MAX_RATE_RETRIES};
+use super::respond::{self, respond_rate_limited};
+use super::{
+    header_u64, replay_error, replayable, ProxyState, Refusal, RequestCtx, MAX_RATE_RETRIES,
+};
 use crate::anomaly::Kind;
 use crate::budget::{Admit, Budget, Refused};
 use crate::metrics::{Admission, RateLimitOutcome, ReplayOutcome};
 use crate::token::lease::Lease;
-use crate::token::store::Token;
 
-/// Takes a call of the rate-limit budget for the request (waiting fairly if it is spent),
-/// or answers the proxy's own 429. `token` is used if no pool token is usable right now.
+/// Checks out the request's token and a call of the rate-limit budget (waiting for a token at
+/// start-up, and fairly if the budget is spent), or answers the proxy's own 429 or 503.
 pub(super) async fn admit(
     state: &ProxyState,
     session: &mut Session,
     ctx: &mut RequestCtx,
-    token: Arc<Token>,
     ip: IpAddr,
 ) -> Result<bool> {
     let settings = &ctx.live.budget;
     let client = Budget::client_key(settings, ip);
-    let admit = state
-        .budget
-        .admit(settings, client.clone(), &token, settings.max_queue_wait);
+    let token_wait = ctx.live.proxy.token_wait_timeout;
+    let admit = state.budget.checkout(
+        settings,
+        client.clone(),
+        settings.max_queue_wait,
+        token_wait,
+    );
     // A request without a body can notice its client leaving while it waits (a FIN on the
     // idle connection): it then gives its place back instead of being sent for nobody.
     let admitted = if has_no_body(session.req_header()) {
@@ -69,6 +72,7 @@ pub(super) async fn admit(
             respond_rate_limited(session, retry_after).await?;
             Ok(true)
         }
+        Admit::NoToken => respond::refuse(state, session, Refusal::NoToken, &ctx.live).await,
     }
 }
 
@@ -146,7 +150,7 @@ pub(super) async fn absorb_429(
             metrics.rate_limited.inc(RateLimitOutcome::Absorbed);
             Err(replay_error())
         }
-        Admit::Refused { .. } => {
+        Admit::Refused { .. } | Admit::NoToken => {
             passed();
             Ok(())
         }
