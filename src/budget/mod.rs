@@ -329,6 +329,16 @@ impl Budget {
             .map_or(ClientKey::Address(ip), ClientKey::App)
     }
 
+    /// A call taken from a ticket, without a lock, counted for `client`.
+    fn ticketed(&self, client: &ClientKey, now: Instant) -> Option<Admit> {
+        let token = self.take_ticket(now)?;
+        self.book.used(client, now);
+        Some(Admit::Go {
+            queued: false,
+            token,
+        })
+    }
+
     /// The one place a request gets its token: a ticket (no lock) if there is one, else the
     /// locked path of [`Budget::admit`], after waiting up to `token_wait` for a valid token
     /// when the pool holds none yet (start-up, or every token refused).
@@ -340,12 +350,8 @@ impl Budget {
         token_wait: Duration,
     ) -> Admit {
         let now = Instant::now();
-        if let Some(token) = self.take_ticket(now) {
-            self.book.used(&client, now);
-            return Admit::Go {
-                queued: false,
-                token,
-            };
+        if let Some(go) = self.ticketed(&client, now) {
+            return go;
         }
         let fallback = match self.store.valid(now) {
             Some(t) => t,
@@ -370,12 +376,8 @@ impl Budget {
         wait: Duration,
     ) -> Admit {
         let now = Instant::now();
-        if let Some(token) = self.take_ticket(now) {
-            self.book.used(&client, now);
-            return Admit::Go {
-                queued: false,
-                token,
-            };
+        if let Some(go) = self.ticketed(&client, now) {
+            return go;
         }
         let (id, rx) = match self.take_or_enqueue(settings, &client, fallback, wait, now) {
             Ok(place) => place,
