@@ -136,7 +136,7 @@ impl Unit {
             Some(redis) => {
                 let token_url = config.restart.genesys.token_url.as_str();
                 let (cluster, events) =
-                    crate::cluster::Cluster::new(redis, token_url, &c.client_id);
+                    crate::cluster::Cluster::new(redis, token_url, &c.client_id, &metrics);
                 let peers =
                     shared::Redis::new(cluster.clone(), &c.client_secret, events, metrics.clone())
                         .map_err(anyhow::Error::msg)?;

@@ -137,7 +137,8 @@ pub struct Link {
     last_error: Mutex<Option<String>>,
     /// Each credential's refresher.
     routes: Mutex<Vec<mpsc::Sender<SharedEvent>>>,
-    metrics: Arc<Metrics>,
+    /// Each credential's `cluster_redis_up` (with several credentials every one renders it).
+    up_gauges: Mutex<Vec<prometheus::IntGauge>>,
     audit: Arc<AuditLog>,
 }
 
@@ -155,11 +156,15 @@ impl Cluster {
         link: &Arc<Link>,
         token_url: &str,
         client_id: &str,
+        metrics: &Metrics,
     ) -> (Arc<Cluster>, mpsc::Receiver<SharedEvent>) {
         // Bounded: the events are hints (a Sync comes every second), so a refresher that is busy
         // minting loses nothing by missing some; an unbounded queue could grow without end.
         let (events, receiver) = mpsc::channel(EVENT_QUEUE);
         lock(&link.routes).push(events);
+        let gauge = metrics.cluster_redis_up.clone();
+        gauge.set(i64::from(link.is_up()));
+        lock(&link.up_gauges).push(gauge);
         let cluster = Cluster {
             link: link.clone(),
             context: format!("{token_url} {client_id}"),
@@ -219,7 +224,7 @@ impl Link {
             published: Notify::new(),
             last_error: Mutex::new(None),
             routes: Mutex::new(Vec::new()),
-            metrics,
+            up_gauges: Mutex::new(vec![metrics.cluster_redis_up.clone()]),
             audit,
         };
         Ok(Arc::new(link))
@@ -489,9 +494,15 @@ impl Link {
         }
     }
 
+    fn set_up_gauges(&self, value: i64) {
+        for gauge in lock(&self.up_gauges).iter() {
+            gauge.set(value);
+        }
+    }
+
     fn mark_up(&self) {
         if !self.up.swap(true, Ordering::Relaxed) {
-            self.metrics.cluster_redis_up.set(1);
+            self.set_up_gauges(1);
             *lock(&self.last_error) = None;
             self.audit.record(
                 AuditEvent::ClusterJoined,
@@ -505,7 +516,7 @@ impl Link {
     fn mark_down(&self, error: &ClusterError) {
         *lock(&self.last_error) = Some(error.to_string());
         if self.up.swap(false, Ordering::Relaxed) {
-            self.metrics.cluster_redis_up.set(0);
+            self.set_up_gauges(0);
             self.audit.record(
                 AuditEvent::ClusterStandalone,
                 json!({"redis": self.settings.redis_url, "error": error.to_string()}),

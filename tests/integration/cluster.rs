@@ -412,6 +412,12 @@ async fn three_credentials_share_one_redis_link() {
     })
     .await;
     assert_eq!(redis.clients(), 2, "one connection and one subscription");
+    // The one link's state is every credential's: none renders "Redis down".
+    let m = get_text(&format!("http://{}/metrics", a.admin)).await;
+    for c in ["default", "c0", "c1"] {
+        let sample = format!("genesys_proxy_cluster_redis_up{{credential=\"{c}\"}}");
+        assert_eq!(metric(&m, &sample), 1.0, "{sample} in\n{m}");
+    }
     // A second replica adopts all three stored tokens: no token request.
     let before = token_requests(&stats(&sim).await);
     let b = ProxyProcess::spawn(&conf("b"));
