@@ -532,3 +532,65 @@ async fn credentials_share_the_process_worker_threads_and_connection_cap() {
     let (status, _, _) = proc.stop();
     assert!(status.success(), "{status}");
 }
+
+/// A rotation stuck at one credential's issuer holds only the reload that asked for it: the
+/// config lock is released before the refreshers' answers are awaited, so the next reload
+/// (a secret-file event here) is not queued behind it. Decided by order, not by time: the
+/// second reload must finish while the first is still waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_stuck_at_one_issuer_does_not_hold_the_next_reload() {
+    use genesys_auth_proxy::reload::{ReloadOutcome, Trigger};
+    let (org, partner) = two_orgs().await;
+    let dir = temp_dir("stuck-rotation");
+    let mut toml = proxy_toml(&org.url(), SECRET, "", "", &dir);
+    let slow = "[credential.token]\nrequest_timeout_ms = 3000";
+    toml += &credential(&dir, "partner", &partner, PARTNER_ID, PARTNER_SECRET, slow);
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    p.running.credentials[0]
+        .store
+        .wait_valid(Duration::from_secs(10))
+        .await
+        .expect("the partner credential's token");
+    // The partner's next token request never answers (until its 3 s request timeout).
+    let new = "partner-secret-rotated-31c2";
+    let secrets = format!("/__sim/clients/{PARTNER_ID}/secrets");
+    sim_post(&partner, &secrets, json!({"secret": new})).await;
+    sim_post(
+        &partner,
+        "/__sim/faults",
+        json!({"kind": "timeout", "count": 1}),
+    )
+    .await;
+    write_atomic(&p.dir.join("partner-secret"), &format!("{new}\n"));
+    let reloader = p.running.reloader.clone();
+    let first = tokio::spawn(async move { reloader.reload(Trigger::AdminApi).await });
+    eventually(
+        Duration::from_secs(5),
+        "the stuck token request",
+        || async { stats(&partner).await["token_requests"]["by_outcome"]["timeout"] == 1 },
+    )
+    .await;
+    // The first reload now waits for the partner's refresher; a second one (nothing changed
+    // since) gets the config at once.
+    let second = p.running.reloader.reload(Trigger::SecretFileChanged).await;
+    assert_eq!(second.outcome, ReloadOutcome::Unchanged, "{}", second.body);
+    assert!(
+        !first.is_finished(),
+        "the second reload waited for the first's rotation"
+    );
+    let first = first.await.unwrap();
+    // The stuck attempt timed out: the current secret keeps serving, the new one is retried.
+    assert!(
+        matches!(
+            first.outcome,
+            ReloadOutcome::RotationFailed | ReloadOutcome::RotationPending
+        ),
+        "{}",
+        first.body
+    );
+    assert_eq!(
+        echo(&url_of(&p, "partner", "/api/v2/x")).await["client_id"],
+        PARTNER_ID
+    );
+}
