@@ -154,12 +154,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         reloader: reloader.clone(),
         reload_token: p.admin.reload_token.clone(),
     });
-    let limits = admin::Limits {
-        max_connections: p.admin.max_connections,
-        idle_timeout: p.admin.idle_timeout,
-        allowed_hosts: Arc::new(p.admin.allowed_hosts.clone()),
-    };
-    let admin = spawn_admin(admin_listener, admin_state.clone(), limits);
+    let admin = spawn_admin(admin_listener, admin_state.clone(), &p.admin);
 
     record_start(&audit, &config, &units, admin_addr);
     for u in &units {
@@ -259,8 +254,13 @@ fn record_start(audit: &AuditLog, config: &Config, units: &[Unit], admin_addr: S
 fn spawn_admin(
     listener: TcpListener,
     state: Arc<AdminState>,
-    limits: admin::Limits,
+    settings: &crate::config::model::AdminSettings,
 ) -> (Trigger, JoinHandle<()>) {
+    let limits = admin::Limits {
+        max_connections: settings.max_connections,
+        idle_timeout: settings.idle_timeout,
+        allowed_hosts: Arc::new(settings.allowed_hosts.clone()),
+    };
     let (stop, stopped) = shutdown::channel();
     let router = admin::router(state);
     let task = tokio::spawn(admin::serve(listener, router, limits, stopped));

@@ -360,7 +360,7 @@ impl Budget {
                 None => return Admit::NoToken,
             },
         };
-        self.admit(settings, client, &fallback, wait).await
+        self.admit_locked(settings, client, &fallback, wait).await
     }
 
     /// Takes one call for `client` from the pool's token with the most budget left, waiting
@@ -375,10 +375,21 @@ impl Budget {
         fallback: &Arc<Token>,
         wait: Duration,
     ) -> Admit {
-        let now = Instant::now();
-        if let Some(go) = self.ticketed(&client, now) {
-            return go;
+        match self.ticketed(&client, Instant::now()) {
+            Some(go) => go,
+            None => self.admit_locked(settings, client, fallback, wait).await,
         }
+    }
+
+    /// [`Budget::admit`] past the tickets: the locked path, and the wait in the queue.
+    async fn admit_locked(
+        &self,
+        settings: &BudgetSettings,
+        client: ClientKey,
+        fallback: &Arc<Token>,
+        wait: Duration,
+    ) -> Admit {
+        let now = Instant::now();
         let (id, rx) = match self.take_or_enqueue(settings, &client, fallback, wait, now) {
             Ok(place) => place,
             Err(admit) => {
