@@ -45,6 +45,8 @@ pub struct CredentialView {
 pub struct AdminState {
     /// Every credential: the top-level one first, then each `[[credential]]` in file order.
     pub credentials: Vec<CredentialView>,
+    /// `[[app]]`: the current apps (for `/status`) and their metrics.
+    pub apps: Arc<crate::apps::Gatekeeper>,
     pub audit: Arc<AuditLog>,
     /// True once shutdown began: `/readyz` answers 503 so balancers drain first.
     pub draining: AtomicBool,
@@ -202,12 +204,52 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
         .map(|c| (c.name.to_string(), credential_status(c, &state.audit, now)))
         .collect::<serde_json::Map<_, _>>()
         .into();
+    body["apps"] = apps_status(&state.apps);
     body["now"] = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()
         .into();
     Json(body).into_response()
+}
+
+/// `apps` in `/status`: each app's credential, weight and proofs (never a secret, key or
+/// token: counts only), and the addresses the failure guard tracks.
+fn apps_status(gate: &crate::apps::Gatekeeper) -> serde_json::Value {
+    let registry = gate.current();
+    let apps: Vec<serde_json::Value> = registry
+        .apps()
+        .iter()
+        .map(|a| {
+            let mut proofs = Vec::new();
+            if a.client_id.is_some() {
+                proofs.push("client_credentials");
+            }
+            if a.api_keys > 0 {
+                proofs.push("api_key");
+            }
+            serde_json::json!({
+                "name": &*a.name,
+                "credential": registry.settings.apps[a.index].credential.as_str(),
+                "weight": a.key.weight,
+                "client_id": a.client_id,
+                "api_keys": a.api_keys,
+                "proofs": proofs,
+                "allowed_methods": a.allowed_methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+                "allowed_path_prefixes": a.allowed_path_prefixes,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "enabled": registry.enabled(),
+        "anonymous": match registry.settings.anonymous {
+            crate::config::apps::Anonymous::Cidr => "cidr",
+            crate::config::apps::Anonymous::Unset => if registry.enabled() { "refused" } else { "cidr" },
+        },
+        "token_lifetime_seconds": registry.settings.token_lifetime.as_secs(),
+        "apps": apps,
+        "auth_failure_sources": gate.guard.sources(),
+    })
 }
 
 /// One credential's part of `/status`: token, refreshes, anomalies, rotation, pool, JWKS and
@@ -289,7 +331,10 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render_all(state.credentials().map(|c| &*c.metrics)),
+        crate::metrics::render_with(
+            state.credentials().map(|c| &*c.metrics),
+            Some(&state.apps.metrics),
+        ),
     )
         .into_response()
 }

@@ -14,6 +14,9 @@
 //!   `Live` (swapped in place as one `ArcSwap` snapshot) and `CredentialSettings` (validated by
 //!   the refresher before use). Every model field names its file key, so the reload diff (and
 //!   `check --keys`) follows from the types.
+//! - [`apps`]: caller identity (`[[app]]`): the SDKs' login against the proxy and its own
+//!   sealed tokens, API keys, per-app methods, paths, credential and budget weight, and the
+//!   failed-proof guard.
 //! - [`region`]: the Genesys Cloud region table.
 //! - [`token`]: the token lifecycle. One [`token::refresher`] owns the token endpoint (through
 //!   a [`token::minter::Minter`]); [`token::schedule`] decides when, as pure functions; the
@@ -42,8 +45,9 @@
 //! # The life of a request
 //!
 //! 1. A [`worker`] thread accepts a connection on the proxy listener and hands it to pingora.
-//! 2. [`proxy`] loads the live settings once for the request, checks the method, client
-//!    address and path, takes a call of the rate-limit [`budget`] from the pool token with the
+//! 2. [`proxy`] loads the live settings once for the request, checks the client address,
+//!    answers an app's login itself, identifies the calling app (with `[[app]]`: its proof,
+//!    which picks the credential), checks the method and path, takes a call of the rate-limit [`budget`] from the pool token with the
 //!    most left (waiting fairly, bounded, if all are spent), strips any client
 //!    `Authorization`, injects the bearer and forwards to the configured API host only.
 //! 3. On an upstream 401 it asks the store for a replacement for the token it used (the
@@ -58,6 +62,7 @@ pub mod admin;
 pub mod admission;
 pub mod anomaly;
 pub mod app;
+pub mod apps;
 pub mod audit;
 pub mod budget;
 pub mod cli;

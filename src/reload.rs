@@ -119,6 +119,8 @@ pub struct Reloader {
     current: tokio::sync::Mutex<Config>,
     /// The top-level credential first, then each `[[credential]]` in file order.
     targets: Vec<ReloadTarget>,
+    /// `[apps]`/`[[app]]`, swapped in place.
+    apps: Arc<crate::apps::Gatekeeper>,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     info: ArcSwap<ConfigInfo>,
@@ -179,6 +181,7 @@ impl Reloader {
         path: PathBuf,
         config: Config,
         targets: Vec<ReloadTarget>,
+        apps: Arc<crate::apps::Gatekeeper>,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -193,6 +196,7 @@ impl Reloader {
             path,
             current: tokio::sync::Mutex::new(config),
             targets,
+            apps,
             audit,
             metrics,
             info: ArcSwap::from_pointee(ConfigInfo {
@@ -242,7 +246,14 @@ impl Reloader {
     /// credential that asks for it.
     pub async fn watched_files(&self) -> Vec<PathBuf> {
         let c = self.current.lock().await;
-        let mut files = Vec::new();
+        let mut files: Vec<PathBuf> = Vec::new();
+        if c.top().restart.genesys.watch_secret_files {
+            for p in c.apps.secret_files() {
+                if !files.contains(p) {
+                    files.push(p.clone());
+                }
+            }
+        }
         for c in c
             .credentials
             .iter()
@@ -292,6 +303,12 @@ impl Reloader {
             .into_iter()
             .map(String::from)
             .collect();
+        let mut apps_changed = current.apps.diff(&new.apps);
+        apps_changed.dedup();
+        if !apps_changed.is_empty() {
+            self.apps.replace(&new.apps);
+            current.apps = new.apps.clone();
+        }
         let parts = self.apply_all(&mut current, &new, explicit).await;
         drop(current);
         let answers = futures_util::future::join_all(parts.into_iter().map(|mut p| async {
@@ -302,8 +319,9 @@ impl Reloader {
             (p, rotation)
         }))
         .await;
-        let changed =
-            !restart_required.is_empty() || answers.iter().any(|(p, r)| p.changed || r.is_some());
+        let changed = !restart_required.is_empty()
+            || !apps_changed.is_empty()
+            || answers.iter().any(|(p, r)| p.changed || r.is_some());
         self.log_warnings(&new.warnings, changed);
         if !changed {
             tracing::debug!(trigger, "reload: nothing changed");
@@ -315,7 +333,8 @@ impl Reloader {
             generation: i.generation + 1,
         });
         let generation = before.generation + 1;
-        let (mut applied, mut rotations) = (vec![], json!({}));
+        let (mut applied, mut rotations) = (Vec::<String>::new(), json!({}));
+        applied.extend(apps_changed.iter().map(|k| k.to_string()));
         let mut rotation = Value::Null;
         let (mut failed, mut pending) = (false, false);
         for (part, result) in answers {

@@ -133,11 +133,13 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
     if let Some(redis) = &redis {
         tasks.push(tokio::spawn(redis.clone().run(shutdown.clone())));
     }
-    let workers = spawn_workers(&mut units, p, shutdown.clone())?;
+    let gate = Arc::new(crate::apps::Gatekeeper::new(&config.apps, audit.clone()));
+    let workers = spawn_workers(&mut units, p, &gate, shutdown.clone())?;
     let reloader = Arc::new(Reloader::new(
         config_path,
         config.clone(),
         units.iter().map(Unit::reload_target).collect(),
+        gate.clone(),
         audit.clone(),
         top_metrics.clone(),
     ));
@@ -149,6 +151,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
     ));
     let admin_state = Arc::new(AdminState {
         credentials: units.iter().map(Unit::view).collect(),
+        apps: gate.clone(),
         audit: audit.clone(),
         draining: false.into(),
         reloader: reloader.clone(),

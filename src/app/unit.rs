@@ -292,6 +292,7 @@ pub(super) struct ProxyWorkers {
 pub(super) fn spawn_workers(
     units: &mut [Unit],
     process: &Process,
+    gate: &Arc<crate::apps::Gatekeeper>,
     shutdown: Shutdown,
 ) -> anyhow::Result<ProxyWorkers> {
     let server_conf = Arc::new(ServerConf::default());
@@ -302,6 +303,8 @@ pub(super) fn spawn_workers(
         tracing::warn!("{w}");
     }
     let capacity = Capacity::new(limit);
+    // Every listener can reach every credential: an app's credential picks the route.
+    let routes: Arc<[Arc<ProxyState>]> = units.iter().map(|u| u.state.clone()).collect();
     let mut listeners = Vec::with_capacity(units.len());
     for u in units.iter_mut() {
         let listener = u.listener.take().context("a unit's listener")?.into_std()?;
@@ -310,7 +313,7 @@ pub(super) fn spawn_workers(
             u.metrics.clone(),
             capacity.clone(),
         ));
-        listeners.push((listener, u.state.clone(), gate));
+        listeners.push((listener, gate));
     }
     let mut workers = ProxyWorkers {
         apps: Vec::with_capacity(threads * listeners.len()),
@@ -318,10 +321,12 @@ pub(super) fn spawn_workers(
         done: Vec::with_capacity(threads),
     };
     for i in 0..threads {
-        let mut own = Vec::with_capacity(listeners.len());
-        for (socket, state, gate) in &listeners {
+        let mut mine = Vec::with_capacity(listeners.len());
+        for (own, (socket, accept_gate)) in listeners.iter().enumerate() {
             let proxy = GenesysProxy {
-                state: state.clone(),
+                routes: routes.clone(),
+                own,
+                gate: gate.clone(),
             };
             let mut app = pingora::proxy::http_proxy(&server_conf, proxy);
             // CONNECT reaches our hooks, which refuse it in the Genesys error shape (pingora's
@@ -331,14 +336,14 @@ pub(super) fn spawn_workers(
             app.server_options = Some(options);
             let app = Arc::new(app);
             workers.apps.push(app.clone());
-            own.push(Listener {
+            mine.push(Listener {
                 socket: socket.try_clone()?,
                 app,
-                gate: gate.clone(),
+                gate: accept_gate.clone(),
             });
         }
         let worker = Worker {
-            listeners: own,
+            listeners: mine,
             pingora_shutdown: pingora_rx.clone(),
             shutdown: shutdown.clone(),
             grace: process.proxy.shutdown_grace,

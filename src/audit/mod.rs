@@ -62,10 +62,15 @@ pub enum AuditEvent {
     ClusterJoined,
     /// `[cluster]`: Redis failed; this replica mints for itself until it answers again.
     ClusterStandalone,
+    /// An `[[app]]` logged in and got a proxy token (its fingerprint only).
+    AppTokenIssued,
+    /// App proofs failed from one source address: at most one line per source per minute,
+    /// with the count since its last line.
+    AppAuthFailed,
 }
 
 impl AuditEvent {
-    pub const ALL: [AuditEvent; 17] = [
+    pub const ALL: [AuditEvent; 19] = [
         AuditEvent::ProxyStarted,
         AuditEvent::ProxyStopped,
         AuditEvent::TokenAcquired,
@@ -83,6 +88,8 @@ impl AuditEvent {
         AuditEvent::AuditLogReopened,
         AuditEvent::ClusterJoined,
         AuditEvent::ClusterStandalone,
+        AuditEvent::AppTokenIssued,
+        AuditEvent::AppAuthFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +111,8 @@ impl AuditEvent {
             AuditEvent::AuditLogReopened => "AUDIT_LOG_REOPENED",
             AuditEvent::ClusterJoined => "CLUSTER_JOINED",
             AuditEvent::ClusterStandalone => "CLUSTER_STANDALONE",
+            AuditEvent::AppTokenIssued => "APP_TOKEN_ISSUED",
+            AuditEvent::AppAuthFailed => "APP_AUTH_FAILED",
         }
     }
 }

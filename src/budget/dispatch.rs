@@ -80,10 +80,7 @@ pub(super) fn next_client(
     settings: &BudgetSettings,
     now: Instant,
 ) -> Option<ClientKey> {
-    let weight = |k: &ClientKey| match k {
-        ClientKey::App(i) => settings.apps.get(*i).map_or(1, |a| a.weight.max(1)),
-        ClientKey::Address(_) => 1,
-    };
+    let weight = |k: &ClientKey| k.weight(settings);
     q.waiting
         .iter()
         .filter(|(_, d)| !d.is_empty())

@@ -35,12 +35,24 @@ use atomic::{Clock, Reported, Tickets};
 use book::Book;
 use window::Window;
 
-/// Who a request is accounted to for fair sharing: a configured application group, or the
-/// client address.
+/// Who a request is accounted to for fair sharing: an authenticated `[[app]]`, a configured
+/// application group (`[[budget.app]]`, by address), or the client address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ClientKey {
+    Caller(crate::apps::CallerKey),
     App(usize),
     Address(IpAddr),
+}
+
+impl ClientKey {
+    /// Its share relative to others when they contend.
+    pub fn weight(&self, settings: &BudgetSettings) -> u64 {
+        match self {
+            ClientKey::Caller(c) => u64::from(c.weight.max(1)),
+            ClientKey::App(i) => settings.apps.get(*i).map_or(1, |a| a.weight.max(1)),
+            ClientKey::Address(_) => 1,
+        }
+    }
 }
 
 /// Why a request was not admitted.
@@ -503,10 +515,7 @@ impl Budget {
     /// `queue_full`), so one client's burst cannot hold every place while a steady client is
     /// refused at the door. False when `client` is the heaviest itself (it gets the 429).
     fn make_room(q: &mut Queue, settings: &BudgetSettings, client: &ClientKey) -> bool {
-        let weight = |k: &ClientKey| match k {
-            ClientKey::App(i) => settings.apps.get(*i).map_or(1, |a| a.weight.max(1)),
-            ClientKey::Address(_) => 1,
-        };
+        let weight = |k: &ClientKey| k.weight(settings);
         let Some((heavy, held, heavy_weight)) = q.heaviest(weight) else {
             return false;
         };
@@ -602,8 +611,9 @@ impl Budget {
     }
 
     /// The `app` label of a client: its group's name, or `other`.
-    pub fn app_label<'a>(settings: &'a BudgetSettings, key: &ClientKey) -> &'a str {
+    pub fn app_label<'a>(settings: &'a BudgetSettings, key: &'a ClientKey) -> &'a str {
         match key {
+            ClientKey::Caller(c) => &c.name,
             ClientKey::App(i) => settings.apps.get(*i).map_or("other", |a| a.name.as_str()),
             ClientKey::Address(_) => "other",
         }

@@ -16,6 +16,7 @@ use super::value::parse_url;
 /// Applies defaults and validates. `file` names the source in error messages.
 pub fn config(mut raw: FileConfig, file: &Path) -> Built<Config> {
     let entries = raw.credential.take().unwrap_or_default();
+    let (apps_section, app_entries) = (raw.apps.take(), raw.app.take().unwrap_or_default());
     let mut b = Builder {
         file,
         warnings: Vec::new(),
@@ -26,6 +27,7 @@ pub fn config(mut raw: FileConfig, file: &Path) -> Built<Config> {
     let top = credential(&mut b, CredentialName::top(), source.clone(), &process)?;
     let mut config = Config {
         process,
+        apps: super::apps::AppsSettings::default(),
         credentials: vec![top],
         warnings: b.warnings,
     };
@@ -41,6 +43,13 @@ pub fn config(mut raw: FileConfig, file: &Path) -> Built<Config> {
         config.process.credentials.listeners.push((name, listen));
         config.credentials.push(built);
     }
+    let mut b = Builder {
+        file,
+        warnings: std::mem::take(&mut config.warnings),
+        credential: None,
+    };
+    config.apps = super::apps::apps(&mut b, apps_section, app_entries, &config)?;
+    config.warnings = b.warnings;
     Ok(config)
 }
 
@@ -158,7 +167,12 @@ fn proxy(b: &Builder, p: ProxySection, default_prefix: &str) -> Built<(ProxyList
     }
     let live = ProxyLive {
         allowed_client_cidrs: cidrs(b, p.allowed_client_cidrs)?,
-        allowed_path_prefixes: path_prefixes(b, p.allowed_path_prefixes, default_prefix)?,
+        allowed_path_prefixes: path_prefixes(
+            b,
+            p.allowed_path_prefixes,
+            default_prefix,
+            "proxy.allowed_path_prefixes",
+        )?,
         replay_body_limit_bytes,
         token_wait_timeout: b.ms(
             p.token_wait_timeout_ms,
@@ -185,7 +199,7 @@ fn proxy(b: &Builder, p: ProxySection, default_prefix: &str) -> Built<(ProxyList
             10_000,
             "proxy.request_header_timeout_ms",
         )?,
-        allowed_methods: methods(b, p.allowed_methods)?,
+        allowed_methods: methods(b, p.allowed_methods, "proxy.allowed_methods")?,
         allow_non_ascii_paths: p.allow_non_ascii_paths.unwrap_or(false),
     };
     Ok((listen, live))
@@ -196,18 +210,22 @@ fn cidrs(b: &Builder, raw: Option<Vec<String>>) -> Built<Vec<IpNet>> {
     parse_cidrs(b, &raw, "proxy.allowed_client_cidrs")
 }
 
-fn path_prefixes(b: &Builder, raw: Option<Vec<String>>, default: &str) -> Built<Vec<String>> {
-    const KEY: &str = "proxy.allowed_path_prefixes";
+pub(super) fn path_prefixes(
+    b: &Builder,
+    raw: Option<Vec<String>>,
+    default: &str,
+    key: &str,
+) -> Built<Vec<String>> {
     let prefixes = raw.unwrap_or_else(|| vec![default.into()]);
     if prefixes.is_empty() {
-        return Err(b.err(KEY, "must list at least one prefix"));
+        return Err(b.err(key, "must list at least one prefix"));
     }
     if let Some(bad) = prefixes
         .iter()
         .find(|p| !p.starts_with('/') || p.contains(".."))
     {
         return Err(b.err(
-            KEY,
+            key,
             format!("{bad:?} must start with '/' and contain no '..'"),
         ));
     }
@@ -217,23 +235,26 @@ fn path_prefixes(b: &Builder, raw: Option<Vec<String>>, default: &str) -> Built<
 /// The methods the Genesys Platform API uses, forwarded by default.
 const DEFAULT_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 
-fn methods(b: &Builder, raw: Option<Vec<String>>) -> Built<Vec<http::Method>> {
-    const KEY: &str = "proxy.allowed_methods";
+pub(super) fn methods(
+    b: &Builder,
+    raw: Option<Vec<String>>,
+    key: &str,
+) -> Built<Vec<http::Method>> {
     let raw = raw.unwrap_or_else(|| DEFAULT_METHODS.map(String::from).to_vec());
     if raw.is_empty() {
-        return Err(b.err(KEY, "must list at least one method"));
+        return Err(b.err(key, "must list at least one method"));
     }
     raw.iter()
         .map(|m| match m.as_str() {
             "CONNECT" | "TRACE" => Err(b.err(
-                KEY,
+                key,
                 format!("{m:?} is never forwarded (tunnels and request echo are refused)"),
             )),
             _ if m.is_empty() || !m.bytes().all(|c| c.is_ascii_uppercase()) => {
-                Err(b.err(KEY, format!("{m:?} is not an upper-case HTTP method name")))
+                Err(b.err(key, format!("{m:?} is not an upper-case HTTP method name")))
             }
             _ => http::Method::from_bytes(m.as_bytes())
-                .map_err(|_| b.err(KEY, format!("{m:?} is not an HTTP method"))),
+                .map_err(|_| b.err(key, format!("{m:?} is not an HTTP method"))),
         })
         .collect()
 }

@@ -27,6 +27,36 @@ pub struct FileConfig {
     pub credential: Option<Vec<CredentialSection>>,
     /// `[cluster]`: replicas share tokens through Redis.
     pub cluster: Option<ClusterSection>,
+    /// `[apps]`: how callers prove who they are.
+    pub apps: Option<AppsSection>,
+    /// `[[app]]`: the callers, each with its proofs, its credential and its share.
+    pub app: Option<Vec<AppEntry>>,
+}
+
+/// `[apps]`: settings every `[[app]]` shares.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppsSection {
+    pub token_key: Option<SecretRef>,
+    pub token_lifetime_seconds: Option<u64>,
+    pub anonymous: Option<String>,
+    pub login_path_prefix: Option<String>,
+    pub max_auth_failures_per_minute: Option<u32>,
+}
+
+/// `[[app]]`: one caller.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppEntry {
+    pub name: Option<String>,
+    pub credential: Option<String>,
+    pub allowed_methods: Option<Vec<String>>,
+    pub allowed_path_prefixes: Option<Vec<String>>,
+    pub weight: Option<u64>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<SecretRef>,
+    pub client_secret_sha256: Option<String>,
+    pub api_key_sha256: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

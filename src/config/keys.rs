@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use super::apps::AppsSettings;
 use super::keyed::Keyed;
 use super::model::{CredentialSettings, Live, Process, Restart};
 
@@ -41,10 +42,11 @@ pub struct KeyRow {
 /// then the secrets.
 pub fn table() -> Vec<KeyRow> {
     let defaults = defaults();
-    let classes: [(KeyClass, Vec<&'static str>); 4] = [
+    let classes: [(KeyClass, Vec<&'static str>); 5] = [
         (KeyClass::Restart, Process::all_keys()),
         (KeyClass::Restart, Restart::all_keys()),
         (KeyClass::Live, Live::all_keys()),
+        (KeyClass::Live, AppsSettings::all_keys()),
         (KeyClass::Secret, CredentialSettings::all_keys()),
     ];
     let mut rows: Vec<KeyRow> = Vec::new();
@@ -87,6 +89,7 @@ fn defaults() -> Vec<(&'static str, String)> {
     let top = config.top();
     top.restart.values(&mut out);
     top.live.values(&mut out);
+    config.apps.values(&mut out);
     // Secrets have no default, and their values are never printed. A few values read better
     // than their `Debug` form.
     for (key, value) in &mut out {

@@ -2,8 +2,10 @@
 //! format), [`model`] the validated types the program uses, `build` the step between them
 //! (defaults and checks, one builder per section, on `value` parsers). [`keyed`] ties each
 //! model field to its file key and its reload class; [`keys`] lists them (`check --keys`). [`credential`]: `[[credential]]`
-//! entries. Only this module knows TOML.
+//! entries; [`apps`]: `[apps]` and `[[app]]` (callers and their proofs). Only this module
+//! knows TOML.
 
+pub mod apps;
 mod build;
 mod builder;
 pub mod credential;
@@ -17,6 +19,8 @@ pub(crate) mod value;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_apps;
 #[cfg(test)]
 mod tests_classes;
 #[cfg(test)]

@@ -29,6 +29,8 @@ pub const PINGORA_RETRY_BUFFER_BYTES: u64 = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub process: Process,
+    /// `[apps]` and `[[app]]`: who may call (live).
+    pub apps: super::apps::AppsSettings,
     /// Never empty.
     pub credentials: Vec<Credential>,
     /// Non-fatal findings (e.g. a secret file readable by others), printed at start-up.

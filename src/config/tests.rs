@@ -318,7 +318,7 @@ fn exposed_listeners_are_warned_about() {
     let c = parse(
         &base(
             "",
-            "[proxy]\nlisten = \"0.0.0.0:8080\"\n[admin]\nlisten = \"0.0.0.0:9090\"",
+            "[proxy]\nlisten = \"0.0.0.0:8080\"\n[admin]\nlisten = \"0.0.0.0:9090\"\n[apps]\nanonymous = \"cidr\"",
         ),
         Path::new("t.toml"),
     )
@@ -335,7 +335,7 @@ fn exposed_listeners_are_warned_about() {
     let c = parse(
         &base(
             "",
-            "[proxy]\nlisten = \"0.0.0.0:8080\"\nallowed_client_cidrs = [\"0.0.0.0/0\"]",
+            "[proxy]\nlisten = \"0.0.0.0:8080\"\nallowed_client_cidrs = [\"0.0.0.0/0\"]\n[apps]\nanonymous = \"cidr\"",
         ),
         Path::new("t.toml"),
     )

@@ -57,7 +57,10 @@ fn every_file_key_is_classified_exactly_once() {
         .into_iter()
         .chain(Process::all_keys())
         .collect();
-    let live: BTreeSet<_> = Live::all_keys().into_iter().collect();
+    let live: BTreeSet<_> = Live::all_keys()
+        .into_iter()
+        .chain(apps::AppsSettings::all_keys())
+        .collect();
     let credentials: BTreeSet<_> = CredentialSettings::all_keys().into_iter().collect();
     for key in &file_keys {
         let classes = [&restart, &live, &credentials]

@@ -28,6 +28,13 @@ macro_rules! label_set {
                 self as usize
             }
         }
+
+        impl $name {
+            /// The label value.
+            pub fn label(self) -> &'static str {
+                <Self as LabelSet>::LABELS[self as usize]
+            }
+        }
     };
 }
 
@@ -65,6 +72,28 @@ label_set! {
         Adopted => "adopted",
         MintedShared => "minted_shared",
         MintedStandalone => "minted_standalone",
+    }
+}
+
+label_set! {
+    /// `app_requests_total{outcome}`: what became of an app's request at the proxy's door.
+    AppOutcome {
+        Allowed => "allowed",
+        NotAllowed => "not_allowed",
+        Unauthenticated => "unauthenticated",
+        RateLimited => "rate_limited",
+    }
+}
+
+label_set! {
+    /// `app_auth_failures_total{proof}`: which proof failed.
+    AuthFailure {
+        Login => "login",
+        ApiKey => "api_key",
+        AppToken => "app_token",
+        Missing => "missing",
+        Malformed => "malformed",
+        Throttled => "throttled",
     }
 }
 
@@ -162,42 +191,78 @@ impl<E: LabelSet> Handles<E> {
     }
 }
 
-/// `budget_requests_total{app, outcome}`: handles per application group name. App names come
-/// from the configuration, so the list is short and grows only when a reload adds a name.
-pub struct AppCounters {
+/// `{app, outcome}` counters (`budget_requests_total`, `app_requests_total`): handles per app
+/// name. Names come from the configuration, so the list is short and grows only when a
+/// reload adds a name; [`AppCounters::forget`] drops the series of names no longer configured.
+pub struct AppCounters<E: LabelSet = Admission> {
     family: IntCounterVec,
-    other: Handles<Admission>,
-    apps: ArcSwap<Vec<AppHandles>>,
+    /// The name of unattributed requests (`other`, `unknown`), always present.
+    fallback: (&'static str, Arc<Handles<E>>),
+    apps: ArcSwap<Vec<AppHandles<E>>>,
 }
 
-/// One application group's name and its counters.
-type AppHandles = (Box<str>, Arc<Handles<Admission>>);
+/// One app's name and its counters.
+type AppHandles<E> = (Box<str>, Arc<Handles<E>>);
 
-impl AppCounters {
-    pub fn new(family: IntCounterVec) -> Self {
+impl<E: LabelSet> AppCounters<E> {
+    pub fn new(family: IntCounterVec, fallback: &'static str) -> Self {
         AppCounters {
-            other: Handles::new(family.clone(), &["other"]),
+            fallback: (
+                fallback,
+                Arc::new(Handles::new(family.clone(), &[fallback])),
+            ),
             family,
             apps: ArcSwap::from_pointee(Vec::new()),
         }
     }
 
-    pub fn inc(&self, app: &str, outcome: Admission) {
-        if app == "other" {
-            return self.other.inc(outcome);
+    pub fn inc(&self, app: &str, outcome: E) {
+        self.handles(app).inc(outcome);
+    }
+
+    /// The counters of `app`, made on first use; look them up once and keep them.
+    pub fn handles(&self, app: &str) -> Arc<Handles<E>> {
+        if app == self.fallback.0 {
+            return self.fallback.1.clone();
         }
         if let Some((_, h)) = self.apps.load().iter().find(|(name, _)| &**name == app) {
-            return h.inc(outcome);
+            return h.clone();
         }
         let handles = Arc::new(Handles::new(self.family.clone(), &[app]));
-        handles.inc(outcome);
+        let mut kept = handles.clone();
         self.apps.rcu(|apps| {
             let mut apps = Vec::clone(apps);
-            if !apps.iter().any(|(name, _)| &**name == app) {
-                apps.push((app.into(), handles.clone()));
+            match apps.iter().find(|(name, _)| &**name == app) {
+                Some((_, h)) => kept = h.clone(),
+                None => apps.push((app.into(), handles.clone())),
             }
             apps
         });
+        kept
+    }
+
+    /// Drops the series of every name not in `keep` (apps a reload removed).
+    pub fn forget(&self, keep: &[&str]) {
+        let gone: Vec<Box<str>> = self
+            .apps
+            .load()
+            .iter()
+            .filter(|(name, _)| !keep.contains(&&**name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        self.apps.rcu(|apps| {
+            let mut apps = Vec::clone(apps);
+            apps.retain(|(name, _)| !gone.contains(name));
+            apps
+        });
+        for name in &gone {
+            for label in E::LABELS {
+                let _ = self.family.remove_label_values(&[&**name, *label]);
+            }
+        }
     }
 }
 
@@ -238,7 +303,7 @@ mod tests {
     #[test]
     fn app_counters_keep_apps_apart() {
         let family = IntCounterVec::new(Opts::new("t", "t"), &["app", "outcome"]).unwrap();
-        let apps = AppCounters::new(family.clone());
+        let apps: AppCounters = AppCounters::new(family.clone(), "other");
         apps.inc("reporting", Admission::Served);
         apps.inc("reporting", Admission::Served);
         apps.inc("other", Admission::Refused);

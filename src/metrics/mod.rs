@@ -10,8 +10,8 @@ use prometheus::{
 mod handles;
 
 pub use handles::{
-    status_label, Admission, AppCounters, ClusterTake, Code, Handles, JwksFetch, RateLimitOutcome,
-    ReplayOutcome,
+    status_label, Admission, AppCounters, AppOutcome, AuthFailure, ClusterTake, Code, Handles,
+    JwksFetch, RateLimitOutcome, ReplayOutcome,
 };
 
 use handles::LabelSet;
@@ -61,12 +61,54 @@ impl Default for Metrics {
     }
 }
 
+/// The process's `[[app]]` metrics: one set whatever the number of credentials, so they carry
+/// no `credential` label.
+pub struct AppMetrics {
+    registry: Registry,
+    /// `app_requests_total{app, outcome}`: configured names, and `unknown` for requests
+    /// without a valid proof.
+    pub requests: AppCounters<AppOutcome>,
+    pub auth_failures: Handles<AuthFailure>,
+}
+
+impl Default for AppMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AppMetrics {
+    #[rustfmt::skip]
+    pub fn new() -> Self {
+        let m = Maker(Registry::new());
+        let requests = m.labelled_counter("app_requests_total", "Requests by [[app]] (configured names, else unknown) and outcome: allowed, not_allowed (outside its methods or paths), unauthenticated (no valid proof), rate_limited (over its share: the proxy's own 429).", &["app", "outcome"]);
+        let failures = m.counter_vec("app_auth_failures_total", "Failed app proofs by kind: login (client id or secret), api_key, app_token (forged, expired or revoked), missing, malformed, throttled (refused unchecked: too many failures from the address).", "proof", AuthFailure::LABELS);
+        AppMetrics {
+            requests: AppCounters::new(requests, "unknown"),
+            auth_failures: Handles::new(failures, &[]),
+            registry: m.0,
+        }
+    }
+}
+
 /// The Prometheus text exposition of several credentials' metrics: families of the same name
 /// are merged (each sample carries its `credential` label), so every family appears once.
 pub fn render_all<'a>(all: impl IntoIterator<Item = &'a Metrics>) -> String {
+    render_with(all, None)
+}
+
+/// [`render_all`], plus the process's app metrics.
+pub fn render_with<'a>(
+    all: impl IntoIterator<Item = &'a Metrics>,
+    apps: Option<&AppMetrics>,
+) -> String {
     let mut families: Vec<prometheus::proto::MetricFamily> = Vec::new();
-    for m in all {
-        for mut family in m.registry.gather() {
+    let registries = all
+        .into_iter()
+        .map(|m| &m.registry)
+        .chain(apps.map(|a| &a.registry));
+    for registry in registries {
+        for mut family in registry.gather() {
             match families.iter_mut().find(|f| f.name() == family.name()) {
                 Some(f) => f.mut_metric().extend(family.take_metric()),
                 None => families.push(family),
@@ -161,6 +203,9 @@ const REJECT_REASONS: &[&str] = &[
     "no_token",
     "upstream_unreachable",
     "upstream_timeout",
+    "unauthenticated",
+    "app_not_allowed",
+    "auth_throttled",
 ];
 
 impl Metrics {
@@ -216,7 +261,7 @@ impl Metrics {
             requests: Handles::new(requests_total, &[]),
             replays: Handles::new(replays_total, &[]),
             rate_limited: Handles::new(rate_limited_total, &[]),
-            budget_requests: AppCounters::new(budget_requests_total),
+            budget_requests: AppCounters::new(budget_requests_total, "other"),
             registry: m.0,
         }
     }

@@ -21,12 +21,20 @@ pub enum Refusal {
     NoToken,
     UpstreamUnreachable,
     UpstreamTimeout,
+    /// With `[[app]]`: no valid app proof.
+    Unauthenticated,
+    /// A known app outside its methods or paths.
+    AppNotAllowed,
+    /// Too many failed proofs from this address this minute.
+    AuthThrottled,
 }
 
 impl Refusal {
     pub fn status(self) -> u16 {
         match self {
-            Refusal::ClientNotAllowed | Refusal::PathNotAllowed => 403,
+            Refusal::ClientNotAllowed | Refusal::PathNotAllowed | Refusal::AppNotAllowed => 403,
+            Refusal::Unauthenticated => 401,
+            Refusal::AuthThrottled => 429,
             Refusal::MethodNotAllowed => 405,
             Refusal::BadRequest => 400,
             Refusal::NoToken | Refusal::TooManyConnections => 503,
@@ -46,6 +54,9 @@ impl Refusal {
             Refusal::NoToken => "no_token",
             Refusal::UpstreamUnreachable => "upstream_unreachable",
             Refusal::UpstreamTimeout => "upstream_timeout",
+            Refusal::Unauthenticated => "unauthenticated",
+            Refusal::AppNotAllowed => "app_not_allowed",
+            Refusal::AuthThrottled => "auth_throttled",
         }
     }
 
@@ -65,6 +76,15 @@ impl Refusal {
             Refusal::NoToken => "The proxy holds no valid Genesys Cloud token yet; retry shortly.",
             Refusal::UpstreamUnreachable => "The Genesys Cloud API could not be reached.",
             Refusal::UpstreamTimeout => "The Genesys Cloud API did not answer in time.",
+            Refusal::Unauthenticated => {
+                "This proxy requires an app proof: log in at /oauth/token with the app's client id and secret, or send Authorization: Bearer <api key>."
+            }
+            Refusal::AppNotAllowed => {
+                "This app is not allowed this method or path (its allowed_methods and allowed_path_prefixes)."
+            }
+            Refusal::AuthThrottled => {
+                "Too many failed app proofs from this address; retry after the minute ends."
+            }
         }
     }
 

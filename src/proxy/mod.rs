@@ -7,6 +7,8 @@
 //! `upstream_response_filter` (401 → refresh → replay once) → `logging` (metrics).
 
 mod decide;
+mod gateway;
+mod identify;
 mod respond;
 mod sanitize;
 mod upstream;
@@ -59,8 +61,34 @@ pub struct ProxyState {
     pub upstream_ca: Option<Arc<pingora::protocols::tls::CaType>>,
 }
 
+/// One listener's proxy. It serves its own credential, and with `[[app]]` any credential an
+/// authenticated app is routed to.
 pub struct GenesysProxy {
-    pub state: Arc<ProxyState>,
+    /// Every credential's state, in config order; a request uses `routes[ctx.route]`.
+    pub routes: Arc<[Arc<ProxyState>]>,
+    /// This listener's credential.
+    pub own: usize,
+    /// Caller identity: the current `[[app]]`s, the failed-proof guard.
+    pub gate: Arc<crate::apps::Gatekeeper>,
+}
+
+impl GenesysProxy {
+    /// The credential a request goes with.
+    fn state(&self, ctx: &RequestCtx) -> &ProxyState {
+        &self.routes[ctx.route]
+    }
+}
+
+/// The app a request was attributed to: the registry it was found in, and its place there.
+pub(crate) struct Called {
+    registry: Arc<crate::apps::Registry>,
+    index: usize,
+}
+
+impl Called {
+    pub(crate) fn app(&self) -> &crate::apps::App {
+        &self.registry.apps()[self.index]
+    }
 }
 
 /// Per-request state.
@@ -81,6 +109,25 @@ pub struct RequestCtx {
     client: Option<ClientKey>,
     /// Re-sends after a Genesys 429 so far (at most [`MAX_RATE_RETRIES`]).
     rate_retries: u8,
+    /// Index into [`GenesysProxy::routes`]: the listener's own, or the app's credential.
+    route: usize,
+    /// The authenticated app, with `[[app]]`.
+    caller: Option<Called>,
+}
+
+/// Why a request without an app proof is refused, if it is: the listener's methods and paths.
+fn anonymous_refusal(req: &RequestHeader, settings: &crate::config::ProxyLive) -> Option<Refusal> {
+    if !settings.allowed_methods.contains(&req.method) {
+        return Some(Refusal::MethodNotAllowed);
+    }
+    if !path_allowed(
+        req.uri.path(),
+        &settings.allowed_path_prefixes,
+        settings.allow_non_ascii_paths,
+    ) {
+        return Some(Refusal::PathNotAllowed);
+    }
+    None
 }
 
 /// Re-sends of one request after Genesys answered 429, at most.
@@ -108,7 +155,7 @@ impl ProxyHttp for GenesysProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
-            live: self.state.live.load_full(),
+            live: self.routes[self.own].live.load_full(),
             upstream_status: 0,
             correlation_id: None,
             lease: None,
@@ -116,6 +163,8 @@ impl ProxyHttp for GenesysProxy {
             ambiguous_framing: false,
             client: None,
             rate_retries: 0,
+            route: self.own,
+            caller: None,
         }
     }
 
@@ -135,37 +184,37 @@ impl ProxyHttp for GenesysProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let settings = &ctx.live.proxy;
+        let own = &self.routes[self.own];
         if ctx.ambiguous_framing {
-            return respond::refuse(&self.state, session, Refusal::BadRequest, &ctx.live).await;
-        }
-        if !settings
-            .allowed_methods
-            .contains(&session.req_header().method)
-        {
-            return respond::refuse(&self.state, session, Refusal::MethodNotAllowed, &ctx.live)
-                .await;
+            return respond::refuse(own, session, Refusal::BadRequest, &ctx.live).await;
         }
         let ip = session
             .client_addr()
             .and_then(PingoraAddr::as_inet)
-            .map(|a| a.ip());
-        if !ip.is_some_and(|ip| client_allowed(ip, &settings.allowed_client_cidrs)) {
-            return respond::refuse(&self.state, session, Refusal::ClientNotAllowed, &ctx.live)
-                .await;
-        }
-        if !path_allowed(
-            session.req_header().uri.path(),
-            &settings.allowed_path_prefixes,
-            settings.allow_non_ascii_paths,
-        ) {
-            return respond::refuse(&self.state, session, Refusal::PathNotAllowed, &ctx.live).await;
-        }
+            .map(|a| a.ip())
+            .filter(|ip| client_allowed(*ip, &ctx.live.proxy.allowed_client_cidrs));
         let Some(ip) = ip else {
-            return respond::refuse(&self.state, session, Refusal::ClientNotAllowed, &ctx.live)
-                .await;
+            return respond::refuse(own, session, Refusal::ClientNotAllowed, &ctx.live).await;
         };
-        upstream::admit(&self.state, session, ctx, ip).await
+        let registry = self.gate.current();
+        if registry.enabled() {
+            if registry.is_login_path(session.req_header().uri.path()) {
+                return gateway::login(&self.gate, &registry, session, ip).await;
+            }
+            if let Some(done) = identify::caller(self, registry, session, ctx, ip).await? {
+                return Ok(done);
+            }
+        }
+        let client = match &ctx.caller {
+            Some(called) => ClientKey::Caller(called.app().key.clone()),
+            None => {
+                if let Some(refusal) = anonymous_refusal(session.req_header(), &ctx.live.proxy) {
+                    return respond::refuse(own, session, refusal, &ctx.live).await;
+                }
+                Budget::client_key(&ctx.live.budget, ip)
+            }
+        };
+        upstream::admit(self.state(ctx), session, ctx, client).await
     }
 
     async fn upstream_peer(
@@ -174,7 +223,8 @@ impl ProxyHttp for GenesysProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         ctx.tries += 1;
-        let addrs = self.state.upstream_addrs.load();
+        let state = self.state(ctx);
+        let addrs = state.upstream_addrs.load();
         let Some(addr) = addrs
             .get(usize::from(ctx.tries) % addrs.len().max(1))
             .copied()
@@ -186,7 +236,7 @@ impl ProxyHttp for GenesysProxy {
         };
         let settings = &ctx.live.proxy;
         // SNI is always the API host: an empty SNI would disable certificate checks.
-        let mut peer = HttpPeer::new(addr, self.state.api.tls, self.state.api.host.clone());
+        let mut peer = HttpPeer::new(addr, state.api.tls, state.api.host.clone());
         peer.options.connection_timeout = Some(settings.upstream_connect_timeout);
         peer.options.total_connection_timeout = Some(settings.upstream_connect_timeout);
         peer.options.read_timeout = Some(settings.upstream_read_timeout);
@@ -195,7 +245,7 @@ impl ProxyHttp for GenesysProxy {
         // pooled connection is checked when it is taken, which saves a task, a timer and a
         // wake-up per request.
         peer.options.idle_watch = false;
-        peer.options.ca = self.state.upstream_ca.clone();
+        peer.options.ca = state.upstream_ca.clone();
         Ok(Box::new(peer))
     }
 
@@ -214,7 +264,7 @@ impl ProxyHttp for GenesysProxy {
         rewrite_upstream_request(
             upstream,
             path_and_query,
-            &self.state.host_header,
+            &self.state(ctx).host_header,
             ctx.lease.as_ref().map(|l| &l.token().header),
         )
     }
@@ -225,9 +275,10 @@ impl ProxyHttp for GenesysProxy {
         upstream: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        upstream::observe_upstream(&self.state, upstream, ctx);
+        let state = &self.routes[ctx.route];
+        upstream::observe_upstream(state, upstream, ctx);
         if upstream.status == 429 {
-            return upstream::absorb_429(&self.state, session, ctx).await;
+            return upstream::absorb_429(state, session, ctx).await;
         }
         if upstream.status != 401 {
             return Ok(());
@@ -235,19 +286,16 @@ impl ProxyHttp for GenesysProxy {
         let Some(mut lease) = ctx.lease.take() else {
             return Ok(());
         };
-        let store = &self.state.store;
+        let store = &state.store;
         let wait = ctx.live.proxy.refresh_wait_timeout;
         let verdict = lease
-            .refused(store, wait, || {
-                upstream::may_replay(&self.state, session, ctx)
-            })
+            .refused(store, wait, || upstream::may_replay(state, session, ctx))
             .await;
         ctx.lease = Some(lease);
         match verdict {
             Verdict::Replay(_) => Err(replay_error()),
             Verdict::PassThrough(PassReason::NoNewToken) => {
-                let m = &self.state.metrics;
-                m.replays.inc(ReplayOutcome::NoNewToken);
+                state.metrics.replays.inc(ReplayOutcome::NoNewToken);
                 Ok(())
             }
             Verdict::PassThrough(_) => Ok(()),
@@ -313,7 +361,7 @@ impl ProxyHttp for GenesysProxy {
         };
         let code = match refusal {
             Some(r)
-                if respond::refuse(&self.state, session, r, &ctx.live)
+                if respond::refuse(&self.routes[ctx.route], session, r, &ctx.live)
                     .await
                     .is_ok() =>
             {
@@ -333,7 +381,7 @@ impl ProxyHttp for GenesysProxy {
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
-        let metrics = &self.state.metrics;
+        let metrics = &self.state(ctx).metrics;
         metrics.requests.inc(Code(status));
         metrics
             .request_duration_seconds
@@ -364,6 +412,7 @@ impl ProxyHttp for GenesysProxy {
                 replayed = replays > 0,
                 replays,
                 client = %client,
+                app = ctx.caller.as_ref().map_or("", |c| &*c.app().name),
                 correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
                 "request"
             );

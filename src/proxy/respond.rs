@@ -11,15 +11,20 @@ use super::{ProxyState, Refusal};
 use crate::config::Live;
 
 /// The proxy's own 429 when no budget frees within the request's wait: Genesys's shape and
-/// message, with an honest `Retry-After`, so SDK retry policies behave as with Genesys.
+/// message, with an honest `Retry-After`, so SDK retry policies behave as with Genesys. With
+/// `[[app]]`, the message names the app that is over its share.
 pub(super) async fn respond_rate_limited(
     session: &mut Session,
     retry_after: Duration,
+    app: Option<&str>,
 ) -> Result<()> {
     let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let whose = app.map_or(String::new(), |a| {
+        format!(" for app {a} (over its share of the token's budget)")
+    });
     let body = Bytes::from(
         serde_json::json!({
-            "message": format!("Rate limit exceeded the maximum. Retry the request in [{seconds}] seconds"),
+            "message": format!("Rate limit exceeded the maximum{whose}. Retry the request in [{seconds}] seconds"),
             "code": "too.many.requests.retry.after",
             "status": 429,
         })
@@ -47,6 +52,17 @@ pub(super) async fn respond(session: &mut Session, refusal: Refusal, live: &Live
             .map(|m| m.as_str())
             .collect();
         resp.insert_header(header::ALLOW, allow.join(", "))?;
+    }
+    match refusal {
+        Refusal::Unauthenticated => resp.insert_header(
+            header::WWW_AUTHENTICATE,
+            "Bearer realm=\"genesys-auth-proxy\"",
+        )?,
+        Refusal::AuthThrottled => resp.insert_header(
+            header::RETRY_AFTER,
+            crate::apps::guard::WINDOW.as_secs().to_string(),
+        )?,
+        _ => {}
     }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await

@@ -2,7 +2,6 @@
 //! admission before a request is sent, the rate-limit headers and 401/429 counts on every
 //! answer, a 429 re-sent once budget frees, and whether a request may be sent again at all.
 
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use http::header;
@@ -15,8 +14,8 @@ use super::{
     header_u64, replay_error, replayable, ProxyState, Refusal, RequestCtx, MAX_RATE_RETRIES,
 };
 use crate::anomaly::Kind;
-use crate::budget::{Admit, Budget, Refused};
-use crate::metrics::{Admission, RateLimitOutcome, ReplayOutcome};
+use crate::budget::{Admit, Budget, ClientKey, Refused};
+use crate::metrics::{Admission, AppOutcome, RateLimitOutcome, ReplayOutcome};
 use crate::token::lease::Lease;
 
 /// Checks out the request's token and a call of the rate-limit budget (waiting for a token at
@@ -25,10 +24,9 @@ pub(super) async fn admit(
     state: &ProxyState,
     session: &mut Session,
     ctx: &mut RequestCtx,
-    ip: IpAddr,
+    client: ClientKey,
 ) -> Result<bool> {
     let settings = &ctx.live.budget;
-    let client = Budget::client_key(settings, ip);
     let token_wait = ctx.live.proxy.token_wait_timeout;
     let admit = state.budget.checkout(
         settings,
@@ -51,6 +49,13 @@ pub(super) async fn admit(
     };
     let app = Budget::app_label(settings, &client);
     let m = &state.metrics;
+    if let Some(called) = &ctx.caller {
+        let outcome = match admitted {
+            Admit::Refused { .. } => AppOutcome::RateLimited,
+            _ => AppOutcome::Allowed,
+        };
+        called.app().counters.inc(outcome);
+    }
     match admitted {
         Admit::Go { queued, token } => {
             let outcome = if queued {
@@ -69,7 +74,8 @@ pub(super) async fn admit(
                 Refused::QueueFull => RateLimitOutcome::QueueFull,
                 Refused::QueueTimeout => RateLimitOutcome::QueueTimeout,
             });
-            respond_rate_limited(session, retry_after).await?;
+            let over = ctx.caller.as_ref().map(|c| &*c.app().name);
+            respond_rate_limited(session, retry_after, over).await?;
             Ok(true)
         }
         Admit::NoToken => respond::refuse(state, session, Refusal::NoToken, &ctx.live).await,

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod apps;
 mod budget;
 mod chaos;
 mod cli;

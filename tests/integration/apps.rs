@@ -1,0 +1,548 @@
+//! `[[app]]`: callers prove who they are (their own client-credentials login against the
+//! proxy, or an API key), are held to their methods and paths, are routed to their credential,
+//! share the budget by weight, and a reload changes them in place. Independent clients (the
+//! official Python and JS SDKs) are in `sdk.rs`.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+pub const TOKEN_KEY: &str = "app-token-key-0123456789abcdef-0123456789abcdef";
+pub const BILLING_SECRET: &str = "billing-secret-7f3a9c2e41d8";
+pub const OPS_KEY: &str = "ops-api-key-5b8e2d7c91f4a6";
+pub const OPS_KEY_2: &str = "ops-api-key-second-3c7d9e1a";
+
+pub fn sha_hex(s: &str) -> String {
+    genesys_auth_proxy::fingerprint::sha256_hex(s.as_bytes())
+}
+
+/// Writes a 0600 file in `dir`.
+pub fn secret_file(dir: &std::path::Path, name: &str, contents: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    write_atomic(&path, &format!("{contents}\n"));
+    path
+}
+
+/// `[apps]` with the token key, and two apps: `billing` logs in (analytics and users, GET and
+/// POST) and `ops` uses API keys (everything under /api/v2/).
+pub fn apps_section(dir: &std::path::Path, extra_apps: &str, lifetime: u64) -> String {
+    let key = secret_file(dir, "app-token-key", TOKEN_KEY);
+    let billing = secret_file(dir, "billing-secret", BILLING_SECRET);
+    format!(
+        r#"
+[apps]
+token_key = {{ file = {key:?} }}
+token_lifetime_seconds = {lifetime}
+max_auth_failures_per_minute = 20
+
+[[app]]
+name = "billing"
+client_id = "billing-app"
+client_secret = {{ file = {billing:?} }}
+allowed_methods = ["GET", "POST"]
+allowed_path_prefixes = ["/api/v2/analytics/", "/api/v2/users", "/api/v2/organizations/"]
+weight = 2
+
+[[app]]
+name = "ops"
+api_key_sha256 = ["{ops}", "{ops2}"]
+{extra_apps}
+"#,
+        ops = sha_hex(OPS_KEY),
+        ops2 = sha_hex(OPS_KEY_2),
+    )
+}
+
+async fn apps_proxy(sim: &genesys_auth_proxy::sim::SimHandle, extra: &str) -> Proxy {
+    let dir = temp_dir("apps");
+    let toml = proxy_toml(&sim.url(), SECRET, "", "", &dir) + &apps_section(&dir, extra, 3600);
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    p
+}
+
+/// The SDKs' login: Basic auth and the form, at the proxy.
+pub async fn login(base: &str, id: &str, secret: &str) -> reqwest::Response {
+    client()
+        .post(format!("{base}/oauth/token"))
+        .basic_auth(id, Some(secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn call(
+    p: &Proxy,
+    method: reqwest::Method,
+    path: &str,
+    bearer: Option<&str>,
+) -> reqwest::Response {
+    let mut r = client().request(method, p.url(path));
+    if let Some(b) = bearer {
+        r = r.bearer_auth(b);
+    }
+    r.send().await.unwrap()
+}
+
+async fn code_of(r: reqwest::Response) -> (u16, String) {
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    (status, v["code"].as_str().unwrap_or("").to_string())
+}
+
+fn api_total(s: &Value) -> u64 {
+    s["api_requests"]["total"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_app_logs_in_at_the_proxy_and_is_held_to_its_methods_and_paths() {
+    let sim = start_sim(sim_config()).await;
+    let p = apps_proxy(&sim, "").await;
+    let before = api_total(&stats(&sim).await);
+
+    // Without a proof: 401, and Genesys sees nothing.
+    let r = call(&p, reqwest::Method::GET, "/api/v2/users", None).await;
+    assert_eq!(
+        r.headers()["www-authenticate"].to_str().unwrap(),
+        "Bearer realm=\"genesys-auth-proxy\""
+    );
+    assert_eq!(code_of(r).await, (401, "proxy.unauthenticated".into()));
+
+    // A wrong secret gets Genesys's invalid_client.
+    let r = login(
+        &format!("http://{}", p.running.proxy_addr),
+        "billing-app",
+        "wrong",
+    )
+    .await;
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "invalid_client");
+
+    // The right one: a proxy token in Genesys's shape.
+    let r = login(
+        &format!("http://{}", p.running.proxy_addr),
+        "billing-app",
+        BILLING_SECRET,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["token_type"], "bearer");
+    assert_eq!(v["expires_in"], 3600);
+    let token = v["access_token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("gap1."), "{token}");
+    assert_eq!(
+        api_total(&stats(&sim).await),
+        before,
+        "no login reaches Genesys"
+    );
+
+    // Within its paths: forwarded with the Genesys token, never with the app's.
+    let r = call(
+        &p,
+        reqwest::Method::GET,
+        "/api/v2/analytics/reports",
+        Some(&token),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(
+        echo["client_id"], CLIENT_ID,
+        "the Genesys token was injected"
+    );
+    let s = stats(&sim).await;
+    let by_token = s["api_requests"]["by_token"].as_object().unwrap();
+    let app_fp = genesys_auth_proxy::fingerprint::fingerprint(token.as_bytes());
+    assert!(
+        !by_token.contains_key(&app_fp),
+        "the proxy token reached Genesys"
+    );
+
+    // Outside them: 403, not forwarded.
+    let before = api_total(&stats(&sim).await);
+    for (method, path) in [
+        (reqwest::Method::GET, "/api/v2/routing/queues"),
+        (reqwest::Method::DELETE, "/api/v2/analytics/reports"),
+    ] {
+        let r = call(&p, method, path, Some(&token)).await;
+        assert_eq!(code_of(r).await, (403, "proxy.app_not_allowed".into()));
+    }
+    assert_eq!(api_total(&stats(&sim).await), before);
+
+    // An API-key app: both keys work, a guessed key and malformed headers do not.
+    for key in [OPS_KEY, OPS_KEY_2] {
+        let r = call(
+            &p,
+            reqwest::Method::GET,
+            "/api/v2/routing/queues",
+            Some(key),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+    }
+    for bad in [
+        "Bearer not-a-key",
+        "Bearer",
+        "Token abc",
+        "Bearer a b",
+        "Basic b3BzOng=",
+    ] {
+        let r = client()
+            .get(p.url("/api/v2/routing/queues"))
+            .header("authorization", bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            code_of(r).await,
+            (401, "proxy.unauthenticated".into()),
+            "{bad}"
+        );
+    }
+
+    let m = metrics_text(&p).await;
+    assert!(
+        metric(
+            &m,
+            "genesys_proxy_app_requests_total{app=\"billing\",outcome=\"allowed\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "genesys_proxy_app_requests_total{app=\"billing\",outcome=\"not_allowed\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "genesys_proxy_app_requests_total{app=\"ops\",outcome=\"allowed\"}"
+        ),
+        2.0
+    );
+    assert!(
+        metric(
+            &m,
+            "genesys_proxy_app_requests_total{app=\"unknown\",outcome=\"unauthenticated\"}"
+        ) >= 6.0
+    );
+    assert_eq!(
+        metric(&m, "genesys_proxy_app_auth_failures_total{proof=\"login\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "genesys_proxy_app_auth_failures_total{proof=\"missing\"}"
+        ),
+        1.0
+    );
+
+    let status = get_json(&p.admin("/status")).await;
+    let apps = &status["apps"]["apps"];
+    assert_eq!(apps[0]["name"], "billing");
+    assert_eq!(apps[0]["proofs"][0], "client_credentials");
+    assert_eq!(apps[1]["api_keys"], 2);
+
+    // The audit log has the login (fingerprint only) and the failures, aggregated.
+    let events = audit_events(&p).await;
+    let issued: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "APP_TOKEN_ISSUED")
+        .collect();
+    assert_eq!(issued.len(), 1);
+    assert_eq!(issued[0]["token"], app_fp.as_str());
+    assert_eq!(issued[0]["details"]["app"], "billing");
+    let failed: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "APP_AUTH_FAILED")
+        .collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "one line per source per minute: {failed:?}"
+    );
+    assert_eq!(failed[0]["details"]["source"], "127.0.0.1");
+
+    // Nothing an app proves itself with appears anywhere the proxy writes.
+    let audit = std::fs::read_to_string(p.audit_path()).unwrap();
+    let status = get_text(&p.admin("/status")).await;
+    for (what, text) in [("audit", &audit), ("metrics", &m), ("status", &status)] {
+        for secret in [
+            BILLING_SECRET,
+            OPS_KEY,
+            OPS_KEY_2,
+            TOKEN_KEY,
+            token.as_str(),
+        ] {
+            assert!(!text.contains(secret), "{what} contains a secret");
+        }
+    }
+    p.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn failed_proofs_from_one_address_are_throttled_and_cost_nothing_upstream() {
+    let sim = start_sim(sim_config()).await;
+    let dir = temp_dir("apps-throttle");
+    let toml = proxy_toml(&sim.url(), SECRET, "", "", &dir)
+        + &apps_section(&dir, "", 3600)
+            .replace("failures_per_minute = 20", "failures_per_minute = 5");
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    let before = api_total(&stats(&sim).await);
+    for i in 0..5 {
+        let r = call(
+            &p,
+            reqwest::Method::GET,
+            "/api/v2/x",
+            Some(&format!("guess-{i}")),
+        )
+        .await;
+        assert_eq!(r.status(), 401);
+    }
+    // The limit (5 a minute) is reached: even a valid key is refused unchecked, and so is a
+    // login.
+    let r = call(&p, reqwest::Method::GET, "/api/v2/x", Some(OPS_KEY)).await;
+    assert_eq!(r.headers()["retry-after"], "60");
+    assert_eq!(code_of(r).await, (429, "proxy.auth_throttled".into()));
+    let r = login(
+        &format!("http://{}", p.running.proxy_addr),
+        "billing-app",
+        BILLING_SECRET,
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("rate limit exceeded"),
+        "{v}"
+    );
+    assert_eq!(api_total(&stats(&sim).await), before);
+    let m = metrics_text(&p).await;
+    assert_eq!(
+        metric(
+            &m,
+            "genesys_proxy_app_auth_failures_total{proof=\"api_key\"}"
+        ),
+        5.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "genesys_proxy_app_auth_failures_total{proof=\"throttled\"}"
+        ),
+        2.0
+    );
+    let events = audit_events(&p).await;
+    let failed: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "APP_AUTH_FAILED")
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    p.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_app_is_routed_to_its_credential_from_any_listener() {
+    let sim = start_sim(genesys_auth_proxy::sim::SimConfig {
+        clients: vec![
+            (CLIENT_ID.into(), SECRET.into()),
+            ("partner-client".into(), "partner-secret".into()),
+        ],
+        ..sim_config()
+    })
+    .await;
+    let dir = temp_dir("apps-route");
+    let partner = secret_file(&dir, "partner-secret", "partner-secret");
+    let toml = proxy_toml(&sim.url(), SECRET, "", "", &dir)
+        + &format!(
+            r#"
+[[credential]]
+name = "partner"
+listen = "127.0.0.1:0"
+[credential.genesys]
+login_url = "{url}"
+api_url = "{url}"
+client_id = "partner-client"
+client_secret = {{ file = {partner:?} }}
+"#,
+            url = sim.url()
+        )
+        + &apps_section(
+            &dir,
+            &format!(
+                "\n[[app]]\nname = \"partner-app\"\ncredential = \"partner\"\napi_key_sha256 = [\"{}\"]\n",
+                sha_hex("partner-key")
+            ),
+            3600,
+        );
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    p.running.credentials[0]
+        .store
+        .wait_valid(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let partner_listener = format!("http://{}", p.running.credentials[0].proxy_addr);
+    for base in [
+        format!("http://{}", p.running.proxy_addr),
+        partner_listener.clone(),
+    ] {
+        for (key, client_id) in [("partner-key", "partner-client"), (OPS_KEY, CLIENT_ID)] {
+            let r = client()
+                .get(format!("{base}/api/v2/echo"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let echo: Value = r.json().await.unwrap();
+            assert_eq!(echo["client_id"], client_id, "{key} through {base}");
+        }
+    }
+    // The partner listener asks for a proof too.
+    let r = get(&format!("{partner_listener}/api/v2/echo")).await;
+    assert_eq!(r.status(), 401);
+    p.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_adds_removes_and_rotates_apps_in_place() {
+    let sim = start_sim(sim_config()).await;
+    let dir = temp_dir("apps-reload");
+    let base_toml = proxy_toml(&sim.url(), SECRET, "", "", &dir);
+    let toml = base_toml.clone() + &apps_section(&dir, "", 3600);
+    let p = start_from_toml(&toml, dir.clone()).await;
+    p.ready().await;
+    let proxy = format!("http://{}", p.running.proxy_addr);
+    let v: Value = login(&proxy, "billing-app", BILLING_SECRET)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let token = v["access_token"].as_str().unwrap().to_string();
+    assert_eq!(
+        call(&p, reqwest::Method::GET, "/api/v2/users", Some(&token))
+            .await
+            .status(),
+        200
+    );
+
+    // The secret file is rotated: the watcher reloads, the old token is revoked at once, the
+    // new secret logs in.
+    write_atomic(&dir.join("billing-secret"), "billing-secret-rotated\n");
+    eventually(
+        Duration::from_secs(10),
+        "the old token is refused",
+        || async {
+            call(&p, reqwest::Method::GET, "/api/v2/users", Some(&token))
+                .await
+                .status()
+                == 401
+        },
+    )
+    .await;
+    assert_eq!(
+        login(&proxy, "billing-app", BILLING_SECRET).await.status(),
+        401
+    );
+    let v: Value = login(&proxy, "billing-app", "billing-secret-rotated")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let token2 = v["access_token"].as_str().unwrap().to_string();
+    assert_eq!(
+        call(&p, reqwest::Method::GET, "/api/v2/users", Some(&token2))
+            .await
+            .status(),
+        200
+    );
+
+    // `ops` loses its first key and a new app appears.
+    let new_app = format!(
+        "\n[[app]]\nname = \"reports\"\napi_key_sha256 = [\"{}\"]\nallowed_methods = [\"GET\"]\n",
+        sha_hex("reports-key")
+    );
+    let section = apps_section(&dir, &new_app, 3600)
+        .replace("billing-secret-7f3a9c2e41d8", "unused")
+        .replace(&format!("\"{}\", ", sha_hex(OPS_KEY)), "");
+    write_atomic(&dir.join("billing-secret"), "billing-secret-rotated\n");
+    write_atomic(&dir.join("proxy.toml"), &(base_toml.clone() + &section));
+    let (status, body) = post_reload(&p).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["applied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k == "app"),
+        "{body}"
+    );
+    assert_eq!(
+        call(&p, reqwest::Method::GET, "/api/v2/x", Some(OPS_KEY))
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        call(&p, reqwest::Method::GET, "/api/v2/x", Some(OPS_KEY_2))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        call(&p, reqwest::Method::GET, "/api/v2/x", Some("reports-key"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        call(&p, reqwest::Method::GET, "/api/v2/users", Some(&token2))
+            .await
+            .status(),
+        200
+    );
+
+    // Removing billing refuses its live token on the next request.
+    let only_ops = section
+        .split("[[app]]\nname = \"billing\"")
+        .next()
+        .unwrap()
+        .to_string()
+        + "[[app]]"
+        + section.split("[[app]]").nth(2).unwrap();
+    write_atomic(&dir.join("proxy.toml"), &(base_toml + &only_ops));
+    let (status, body) = post_reload(&p).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        call(&p, reqwest::Method::GET, "/api/v2/users", Some(&token2))
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        call(&p, reqwest::Method::GET, "/api/v2/x", Some(OPS_KEY_2))
+            .await
+            .status(),
+        200
+    );
+    let m = metrics_text(&p).await;
+    assert!(
+        !m.contains("app_requests_total{app=\"billing\""),
+        "a removed app's series go"
+    );
+    p.running.shutdown().await;
+}
