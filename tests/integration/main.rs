@@ -19,6 +19,7 @@ mod redis_faults;
 mod replay;
 mod rotation;
 mod rotation_load;
+mod sdk;
 mod settle;
 mod sim;
 mod tls;
