@@ -546,3 +546,201 @@ async fn a_reload_adds_removes_and_rotates_apps_in_place() {
     );
     p.running.shutdown().await;
 }
+
+/// What one app saw while flooding.
+async fn flood(
+    base: String,
+    key: &'static str,
+    loops: usize,
+    until: std::time::Instant,
+) -> (u64, u64) {
+    let c = client();
+    let tasks: Vec<_> = (0..loops)
+        .map(|_| {
+            let (c, base) = (c.clone(), base.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut refused) = (0, 0);
+                while std::time::Instant::now() < until {
+                    match c
+                        .get(format!("{base}/api/v2/share"))
+                        .bearer_auth(key)
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status() == 200 => ok += 1,
+                        Ok(r) if r.status() == 429 => {
+                            let body: Value = r.json().await.unwrap_or(Value::Null);
+                            assert!(
+                                body["message"].as_str().unwrap_or("").contains("for app"),
+                                "the proxy's 429 names the app: {body}"
+                            );
+                            refused += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        _ => {}
+                    }
+                }
+                (ok, refused)
+            })
+        })
+        .collect();
+    let mut total = (0, 0);
+    for t in tasks {
+        let (ok, refused) = t.await.unwrap();
+        total = (total.0 + ok, total.1 + refused);
+    }
+    total
+}
+
+/// Two apps flood one token's budget (L calls per 2 s window): they are served in the ratio
+/// of their weights (3:1), and an unauthenticated client costs none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_apps_contending_for_one_token_are_served_by_weight() {
+    const L: u64 = 40;
+    let sim = start_sim(genesys_auth_proxy::sim::SimConfig {
+        api_rate_limit_per_minute: L,
+        api_rate_limit_window: Duration::from_secs(2),
+        ..sim_config()
+    })
+    .await;
+    let dir = temp_dir("apps-weight");
+    let apps = format!(
+        "\n[[app]]\nname = \"heavy\"\nweight = 3\napi_key_sha256 = [\"{}\"]\n[[app]]\nname = \"light\"\nweight = 1\napi_key_sha256 = [\"{}\"]\n",
+        sha_hex("heavy-key"),
+        sha_hex("light-key")
+    );
+    let toml = proxy_toml(&sim.url(), SECRET, "", "validation = \"none\"", &dir).replace(
+        "[audit]",
+        &format!("[budget]\nrequests_per_window = {L}\nwindow_seconds = 2\nmax_queue_wait_ms = 4000\n\n[audit]"),
+    ) + &apps_section(&dir, &apps, 3600);
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    let base = format!("http://{}", p.running.proxy_addr);
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    let heavy = tokio::spawn(flood(base.clone(), "heavy-key", 8, until));
+    let light = tokio::spawn(flood(base.clone(), "light-key", 8, until));
+    // Meanwhile, an unauthenticated client is refused and spends nothing.
+    for _ in 0..20 {
+        assert_eq!(get(&p.url("/api/v2/share")).await.status(), 401);
+    }
+    let (heavy, light) = (heavy.await.unwrap(), light.await.unwrap());
+    let s = stats(&sim).await;
+    let served = s["api_requests"]["by_status"]["200"].as_u64().unwrap_or(0);
+    let ratio = heavy.0 as f64 / light.0.max(1) as f64;
+    println!("weights 3:1 → served heavy {} light {} (ratio {ratio:.2}); refused {} / {}; Genesys served {served}", heavy.0, light.0, heavy.1, light.1);
+    assert_eq!(
+        served,
+        heavy.0 + light.0,
+        "every call Genesys served was an app's"
+    );
+    assert!(
+        (2.0..=4.5).contains(&ratio),
+        "shares follow the weights: {heavy:?} {light:?}"
+    );
+    let m = metrics_text(&p).await;
+    assert!(
+        metric(
+            &m,
+            "genesys_proxy_budget_requests_total{app=\"heavy\",outcome=\"queued\"}"
+        ) > 0.0,
+        "{m}"
+    );
+    p.running.shutdown().await;
+}
+
+/// Two replicas (processes, `[cluster]` on a real Redis) with the same `apps.token_key`: a
+/// token one issues is accepted by the other with no lookup; removing the app on both refuses
+/// it; nothing an app proves itself with is stored in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak tier: .ci/run runs it (cargo test -- --ignored)"]
+async fn a_proxy_token_issued_by_one_replica_is_accepted_by_the_other() {
+    let sim = start_sim(sim_config()).await;
+    let redis = RedisServer::start();
+    let mut confs = Vec::new();
+    let mut replicas = Vec::new();
+    for name in ["a", "b"] {
+        let dir = temp_dir(&format!("apps-replica-{name}"));
+        let toml = proxy_toml(&sim.url(), SECRET, "", "", &dir)
+            .replace("format = \"text\"", "format = \"json\"")
+            .replace("level = \"warn\"", "level = \"info\"")
+            + &format!(
+                "\n[cluster]\nredis_url = \"{}\"\ntimeout_ms = 200\n",
+                redis.url()
+            )
+            + &apps_section(&dir, "", 3600);
+        let conf = dir.join("proxy.toml");
+        std::fs::write(&conf, &toml).unwrap();
+        replicas.push(ProxyProcess::spawn(&conf));
+        confs.push((conf, toml));
+    }
+    for r in &replicas {
+        r.wait_ready().await;
+    }
+    let (a, b) = (
+        format!("http://{}", replicas[0].proxy),
+        format!("http://{}", replicas[1].proxy),
+    );
+    let v: Value = login(&a, "billing-app", BILLING_SECRET)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let token = v["access_token"].as_str().unwrap().to_string();
+    let on = |base: &str| {
+        let (url, token) = (format!("{base}/api/v2/users"), token.clone());
+        async move {
+            client()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(on(&a).await, 200);
+    assert_eq!(on(&b).await, 200, "replica b accepts a's token");
+    // Remove billing on both and reload them.
+    for ((conf, toml), r) in confs.iter().zip(&replicas) {
+        let without = toml
+            .replace(
+                "[[app]]\nname = \"billing\"",
+                "[[app]]\nname = \"billing-gone\"",
+            )
+            .replace(
+                "client_id = \"billing-app\"",
+                "client_id = \"billing-app-gone\"",
+            );
+        std::fs::write(conf, without).unwrap();
+        let (status, body) = {
+            let r = client()
+                .post(format!("http://{}/reload", r.admin))
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        };
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(on(&a).await, 401);
+    assert_eq!(on(&b).await, 401);
+    let stored = format!("{:?}", redis.dump());
+    for secret in [BILLING_SECRET, OPS_KEY, TOKEN_KEY, token.as_str()] {
+        assert!(
+            !stored.contains(secret),
+            "Redis holds an app secret or token"
+        );
+    }
+    for r in replicas {
+        let (_, stdout, stderr) = r.stop();
+        for secret in [BILLING_SECRET, TOKEN_KEY, token.as_str()] {
+            assert!(
+                !stdout.contains(secret) && !stderr.contains(secret),
+                "a log holds an app secret"
+            );
+        }
+    }
+}
