@@ -134,6 +134,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
         tasks.push(tokio::spawn(redis.clone().run(shutdown.clone())));
     }
     let gate = Arc::new(crate::apps::Gatekeeper::new(&config.apps, audit.clone()));
+    tasks.push(tokio::spawn(gate.clone().run_sweeper(shutdown.clone())));
     let workers = spawn_workers(&mut units, p, &gate, shutdown.clone())?;
     let reloader = Arc::new(Reloader::new(
         config_path,

@@ -147,6 +147,35 @@ impl Guard {
         self.throttled.fetch_sub(freed_throttled, Ordering::Relaxed);
     }
 
+    /// The lines due for sources whose failures since their last line are not reported yet:
+    /// those whose last line is a minute old, or every one with `all` (at shutdown). Entries
+    /// with nothing left to report and their minute over are dropped.
+    pub fn sweep(&self, now: Instant, all: bool) -> Vec<FailureLine> {
+        let mut table = lock(&self.table);
+        let mut lines = Vec::new();
+        let mut freed_throttled = 0;
+        table.retain(|source, e| {
+            let line_due = e.last_line.is_none_or(|t| now.duration_since(t) >= WINDOW);
+            if e.unreported > 0 && (all || line_due) {
+                lines.push(FailureLine {
+                    source: *source,
+                    failures: std::mem::take(&mut e.unreported),
+                    proof: e.proof,
+                    throttled: e.throttled,
+                });
+                e.last_line = Some(now);
+                return true;
+            }
+            let idle = now.duration_since(e.window_start) >= WINDOW && line_due;
+            if idle && e.throttled {
+                freed_throttled += 1;
+            }
+            !idle
+        });
+        self.throttled.fetch_sub(freed_throttled, Ordering::Relaxed);
+        lines
+    }
+
     /// Addresses tracked now.
     pub fn sources(&self) -> usize {
         lock(&self.table).len()
@@ -192,6 +221,29 @@ mod tests {
             .failed(ip(1), AuthFailure::AppToken, t0 + WINDOW, 100)
             .unwrap();
         assert_eq!((next.failures, next.proof), (30, AuthFailure::AppToken));
+    }
+
+    #[test]
+    fn failures_after_a_sources_last_line_are_reported_by_the_sweep() {
+        let g = Guard::default();
+        let t0 = Instant::now();
+        assert!(g.failed(ip(1), AuthFailure::ApiKey, t0, 100).is_some());
+        for _ in 0..4 {
+            assert!(g.failed(ip(1), AuthFailure::ApiKey, t0, 100).is_none());
+        }
+        // Not due yet within the minute, unless everything is flushed.
+        assert!(g.sweep(t0 + Duration::from_secs(30), false).is_empty());
+        let lines = g.sweep(t0 + WINDOW, false);
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].failures, 4);
+        assert!(g
+            .failed(ip(1), AuthFailure::Login, t0 + WINDOW, 100)
+            .is_none());
+        let last = g.sweep(t0 + WINDOW, true);
+        assert_eq!((last[0].failures, last[0].proof), (1, AuthFailure::Login));
+        // Nothing left to report and the minute over: the entry goes.
+        assert!(g.sweep(t0 + WINDOW * 3, false).is_empty());
+        assert_eq!(g.sources(), 0);
     }
 
     #[test]

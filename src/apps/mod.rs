@@ -278,9 +278,10 @@ impl Gatekeeper {
         }
     }
 
-    /// The registry as it is now: load once per request.
-    pub fn current(&self) -> Arc<Registry> {
-        self.registry.load_full()
+    /// The registry as it is now: load once per request (no reference count is taken until
+    /// a request is attributed and keeps it: [`arc_swap::Guard::into_inner`]).
+    pub fn current(&self) -> arc_swap::Guard<Arc<Registry>> {
+        self.registry.load()
     }
 
     /// A reload's new `[apps]`/`[[app]]`: the next request uses them.
@@ -296,18 +297,43 @@ impl Gatekeeper {
             .guard
             .failed(source, proof, Instant::now(), max_per_minute)
         {
-            self.audit.record(
-                AuditEvent::AppAuthFailed,
-                serde_json::json!({
-                    "source": line.source.to_string(),
-                    "proof": line.proof.label(),
-                    "failures": line.failures,
-                    "throttled": line.throttled,
-                    "window_seconds": guard::WINDOW.as_secs(),
-                }),
-                None,
-            );
+            self.record_failures(&line);
         }
+    }
+
+    /// Writes the `APP_AUTH_FAILED` lines the guard owes (every one with `all`, at shutdown),
+    /// so failures after a source's last line are not lost when it stops failing.
+    pub fn sweep(&self, all: bool) {
+        for line in self.guard.sweep(Instant::now(), all) {
+            self.record_failures(&line);
+        }
+    }
+
+    fn record_failures(&self, line: &guard::FailureLine) {
+        self.audit.record(
+            AuditEvent::AppAuthFailed,
+            serde_json::json!({
+                "source": line.source.to_string(),
+                "proof": line.proof.label(),
+                "failures": line.failures,
+                "throttled": line.throttled,
+                "window_seconds": guard::WINDOW.as_secs(),
+            }),
+            None,
+        );
+    }
+
+    /// Sweeps every 10 s until shutdown, then once more for everything left.
+    pub async fn run_sweeper(self: Arc<Self>, mut shutdown: crate::shutdown::Shutdown) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.sweep(false),
+                () = shutdown.wait() => break,
+            }
+        }
+        self.sweep(true);
     }
 
     /// `APP_TOKEN_ISSUED`, with the token's fingerprint only.

@@ -196,8 +196,15 @@ impl ProxyHttp for GenesysProxy {
         let Some(ip) = ip else {
             return respond::refuse(own, session, Refusal::ClientNotAllowed, &ctx.live).await;
         };
-        let registry = self.gate.current();
-        if registry.enabled() {
+        // The registry is kept (an `Arc`) only when apps are configured: a guard must not be
+        // held across an await.
+        let registry = {
+            let current = self.gate.current();
+            current
+                .enabled()
+                .then(|| arc_swap::Guard::into_inner(current))
+        };
+        if let Some(registry) = registry {
             if registry.is_login_path(session.req_header().uri.path()) {
                 return gateway::login(&self.gate, &registry, session, ip).await;
             }

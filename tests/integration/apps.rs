@@ -351,7 +351,21 @@ async fn failed_proofs_from_one_address_are_throttled_and_cost_nothing_upstream(
         .filter(|e| e["event"] == "APP_AUTH_FAILED")
         .collect();
     assert_eq!(failed.len(), 1, "{failed:?}");
+    // The failures after that line are written at shutdown, not lost.
+    let audit = p.audit_path();
     p.running.shutdown().await;
+    let lines: Vec<Value> = std::fs::read_to_string(audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &Value| e["event"] == "APP_AUTH_FAILED")
+        .collect();
+    let total: u64 = lines
+        .iter()
+        .map(|e| e["details"]["failures"].as_u64().unwrap())
+        .sum();
+    assert_eq!((lines.len(), total), (2, 5), "{lines:?}");
+    assert_eq!(lines[1]["details"]["throttled"], true);
 }
 
 #[tokio::test]
