@@ -93,6 +93,20 @@ async fn code_of(r: reqwest::Response) -> (u16, String) {
     (status, v["code"].as_str().unwrap_or("").to_string())
 }
 
+/// The status of a GET with `bearer`.
+async fn status_of(p: &Proxy, path: &str, bearer: &str) -> u16 {
+    call(p, reqwest::Method::GET, path, Some(bearer))
+        .await
+        .status()
+        .as_u16()
+}
+
+/// Logs in and returns the proxy token.
+pub async fn token_of(base: &str, id: &str, secret: &str) -> String {
+    let v: Value = login(base, id, secret).await.json().await.unwrap();
+    v["access_token"].as_str().unwrap().to_string()
+}
+
 fn api_total(s: &Value) -> u64 {
     s["api_requests"]["total"].as_u64().unwrap_or(0)
 }
@@ -441,18 +455,8 @@ async fn a_reload_adds_removes_and_rotates_apps_in_place() {
     let p = start_from_toml(&toml, dir.clone()).await;
     p.ready().await;
     let proxy = format!("http://{}", p.running.proxy_addr);
-    let v: Value = login(&proxy, "billing-app", BILLING_SECRET)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let token = v["access_token"].as_str().unwrap().to_string();
-    assert_eq!(
-        call(&p, reqwest::Method::GET, "/api/v2/users", Some(&token))
-            .await
-            .status(),
-        200
-    );
+    let token = token_of(&proxy, "billing-app", BILLING_SECRET).await;
+    assert_eq!(status_of(&p, "/api/v2/users", &token).await, 200);
 
     // The secret file is rotated: the watcher reloads, the old token is revoked at once, the
     // new secret logs in.
@@ -460,30 +464,15 @@ async fn a_reload_adds_removes_and_rotates_apps_in_place() {
     eventually(
         Duration::from_secs(10),
         "the old token is refused",
-        || async {
-            call(&p, reqwest::Method::GET, "/api/v2/users", Some(&token))
-                .await
-                .status()
-                == 401
-        },
+        || async { status_of(&p, "/api/v2/users", &token).await == 401 },
     )
     .await;
     assert_eq!(
         login(&proxy, "billing-app", BILLING_SECRET).await.status(),
         401
     );
-    let v: Value = login(&proxy, "billing-app", "billing-secret-rotated")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let token2 = v["access_token"].as_str().unwrap().to_string();
-    assert_eq!(
-        call(&p, reqwest::Method::GET, "/api/v2/users", Some(&token2))
-            .await
-            .status(),
-        200
-    );
+    let token2 = token_of(&proxy, "billing-app", "billing-secret-rotated").await;
+    assert_eq!(status_of(&p, "/api/v2/users", &token2).await, 200);
 
     // `ops` loses its first key and a new app appears.
     let new_app = format!(
@@ -505,30 +494,10 @@ async fn a_reload_adds_removes_and_rotates_apps_in_place() {
             .any(|k| k == "app"),
         "{body}"
     );
-    assert_eq!(
-        call(&p, reqwest::Method::GET, "/api/v2/x", Some(OPS_KEY))
-            .await
-            .status(),
-        401
-    );
-    assert_eq!(
-        call(&p, reqwest::Method::GET, "/api/v2/x", Some(OPS_KEY_2))
-            .await
-            .status(),
-        200
-    );
-    assert_eq!(
-        call(&p, reqwest::Method::GET, "/api/v2/x", Some("reports-key"))
-            .await
-            .status(),
-        200
-    );
-    assert_eq!(
-        call(&p, reqwest::Method::GET, "/api/v2/users", Some(&token2))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(status_of(&p, "/api/v2/x", OPS_KEY).await, 401);
+    assert_eq!(status_of(&p, "/api/v2/x", OPS_KEY_2).await, 200);
+    assert_eq!(status_of(&p, "/api/v2/x", "reports-key").await, 200);
+    assert_eq!(status_of(&p, "/api/v2/users", &token2).await, 200);
 
     // Removing billing refuses its live token on the next request.
     let only_ops = section
@@ -541,18 +510,8 @@ async fn a_reload_adds_removes_and_rotates_apps_in_place() {
     write_atomic(&dir.join("proxy.toml"), &(base_toml + &only_ops));
     let (status, body) = post_reload(&p).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        call(&p, reqwest::Method::GET, "/api/v2/users", Some(&token2))
-            .await
-            .status(),
-        401
-    );
-    assert_eq!(
-        call(&p, reqwest::Method::GET, "/api/v2/x", Some(OPS_KEY_2))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(status_of(&p, "/api/v2/users", &token2).await, 401);
+    assert_eq!(status_of(&p, "/api/v2/x", OPS_KEY_2).await, 200);
     let m = metrics_text(&p).await;
     assert!(
         !m.contains("app_requests_total{app=\"billing\""),
@@ -694,12 +653,7 @@ async fn a_proxy_token_issued_by_one_replica_is_accepted_by_the_other() {
         format!("http://{}", replicas[0].proxy),
         format!("http://{}", replicas[1].proxy),
     );
-    let v: Value = login(&a, "billing-app", BILLING_SECRET)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let token = v["access_token"].as_str().unwrap().to_string();
+    let token = token_of(&a, "billing-app", BILLING_SECRET).await;
     let on = |base: &str| {
         let (url, token) = (format!("{base}/api/v2/users"), token.clone());
         async move {
