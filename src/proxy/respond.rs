@@ -19,23 +19,28 @@ pub(super) async fn respond_rate_limited(
     app: Option<&str>,
 ) -> Result<()> {
     let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-    let whose = app.map_or(String::new(), |a| {
-        format!(" for app {a} (over its share of the token's budget)")
-    });
-    let body = Bytes::from(
-        serde_json::json!({
-            "message": format!("Rate limit exceeded the maximum{whose}. Retry the request in [{seconds}] seconds"),
-            "code": "too.many.requests.retry.after",
-            "status": 429,
-        })
-        .to_string(),
-    );
+    let body = rate_limited_body(seconds, app);
     let mut resp = ResponseHeader::build(429, Some(4))?;
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     resp.insert_header(header::RETRY_AFTER, seconds.to_string())?;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
+}
+
+/// The body of the proxy's own 429: Genesys's code and message, naming the app over its share.
+fn rate_limited_body(seconds: u64, app: Option<&str>) -> Bytes {
+    let whose = app.map_or(String::new(), |a| {
+        format!(" for app {a} (over its share of the token's budget)")
+    });
+    Bytes::from(
+        serde_json::json!({
+            "message": format!("Rate limit exceeded the maximum{whose}. Retry the request in [{seconds}] seconds"),
+            "code": "too.many.requests.retry.after",
+            "status": 429,
+        })
+        .to_string(),
+    )
 }
 
 /// Answers a refusal in the Genesys error shape; a 405 lists the allowed methods.
@@ -82,4 +87,24 @@ pub(super) async fn refuse(
         .inc();
     respond(session, refusal, live).await?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_proxys_429_names_the_app_over_its_share() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&rate_limited_body(3, Some("billing"))).unwrap();
+        assert_eq!(v["code"], "too.many.requests.retry.after");
+        let message = v["message"].as_str().unwrap();
+        assert!(message.contains("for app billing"), "{message}");
+        assert!(
+            message.ends_with("Retry the request in [3] seconds"),
+            "{message}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&rate_limited_body(3, None)).unwrap();
+        assert!(!v["message"].as_str().unwrap().contains("app"));
+    }
 }

@@ -712,3 +712,29 @@ async fn a_proxy_token_issued_by_one_replica_is_accepted_by_the_other() {
         }
     }
 }
+
+/// `anonymous = "cidr"`: callers without a proof keep the listener's credential, methods and
+/// paths (a loopback sidecar beside authenticated apps); a wrong proof is still refused.
+#[tokio::test]
+async fn anonymous_cidr_serves_callers_without_a_proof_and_refuses_wrong_ones() {
+    let sim = start_sim(sim_config()).await;
+    let dir = temp_dir("apps-anonymous");
+    let toml = proxy_toml(&sim.url(), SECRET, "", "", &dir)
+        + &apps_section(&dir, "", 3600).replace("[apps]\n", "[apps]\nanonymous = \"cidr\"\n");
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    let r = get(&p.url("/api/v2/routing/queues")).await;
+    assert_eq!(r.status(), 200);
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(echo["client_id"], CLIENT_ID);
+    assert_eq!(
+        get(&p.url("/elsewhere")).await.status(),
+        403,
+        "[proxy] paths"
+    );
+    assert_eq!(status_of(&p, "/api/v2/x", "wrong-key").await, 401);
+    assert_eq!(status_of(&p, "/api/v2/x", OPS_KEY).await, 200);
+    let status = get_json(&p.admin("/status")).await;
+    assert_eq!(status["apps"]["anonymous"], "cidr");
+    p.running.shutdown().await;
+}
