@@ -70,6 +70,8 @@ async fn issue(
         }
     };
     let Some(body) = read_body(session).await? else {
+        // The rest of an oversized body is not read: the connection cannot be reused.
+        session.set_keepalive(None);
         return Ok(Err(LoginError::InvalidRequest));
     };
     if let Err(e) = login::check_grant(&body) {

@@ -738,3 +738,42 @@ async fn anonymous_cidr_serves_callers_without_a_proof_and_refuses_wrong_ones() 
     assert_eq!(status["apps"]["anonymous"], "cidr");
     p.running.shutdown().await;
 }
+
+/// A login the proxy will not read (too large, not a form, another grant) is refused in
+/// Genesys's shape, and the connection stays usable or is closed, never desynchronised.
+#[tokio::test]
+async fn malformed_logins_are_refused_in_genesys_shape() {
+    let sim = start_sim(sim_config()).await;
+    let p = apps_proxy(&sim, "").await;
+    let c = client();
+    let url = p.url("/oauth/token");
+    let big = format!("grant_type=client_credentials&pad={}", "x".repeat(10_000));
+    for (body, error) in [
+        (big, "invalid_request"),
+        ("grant_type=password".to_string(), "unsupported_grant_type"),
+        ("{}".to_string(), "invalid_request"),
+    ] {
+        let r = c
+            .post(&url)
+            .basic_auth("billing-app", Some(BILLING_SECRET))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], error);
+    }
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 400, "a login is a POST");
+    // The same client goes on working.
+    let token = token_of(
+        &format!("http://{}", p.running.proxy_addr),
+        "billing-app",
+        BILLING_SECRET,
+    )
+    .await;
+    assert_eq!(status_of(&p, "/api/v2/users", &token).await, 200);
+    p.running.shutdown().await;
+}
