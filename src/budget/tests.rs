@@ -258,3 +258,42 @@ async fn checkout_waits_for_a_first_token_and_says_when_none_comes() {
         .await;
     assert!(matches!(got, Admit::NoToken), "{got:?}");
 }
+
+/// Issue 23: two apps always waiting are granted in the ratio of their weights.
+#[test]
+fn backlogged_apps_are_served_in_the_ratio_of_their_weights() {
+    let s = settings();
+    let app = |name: &str, weight: u32| {
+        ClientKey::Caller(crate::apps::CallerKey {
+            name: name.into(),
+            weight,
+        })
+    };
+    let (heavy, light) = (app("heavy", 3), app("light", 1));
+    let mut q = Queue::default();
+    for k in [&heavy, &light] {
+        for _ in 0..2 {
+            let (tx, _rx) = oneshot::channel();
+            q.waiting
+                .entry(k.clone())
+                .or_default()
+                .push_back(Waiter { id: 0, grant: tx });
+        }
+    }
+    let start = Instant::now();
+    let book = Book::new(Clock::new(), Duration::from_secs(2));
+    let mut served = (0u32, 0u32);
+    // 20 grants a second for 8 s, as a 40-per-2-s window paces them.
+    for i in 0..160u64 {
+        let now = start + Duration::from_millis(50 * i);
+        let next = next_client(&q, &book, &s, now).unwrap();
+        book.used(&next, now);
+        if next == heavy {
+            served.0 += 1;
+        } else {
+            served.1 += 1;
+        }
+    }
+    let ratio = f64::from(served.0) / f64::from(served.1);
+    assert!((2.7..=3.3).contains(&ratio), "{served:?}");
+}

@@ -520,7 +520,8 @@ async fn a_reload_adds_removes_and_rotates_apps_in_place() {
     p.running.shutdown().await;
 }
 
-/// What one app saw while flooding.
+/// What one app saw while flooding: answers that came back before `until` (the queue's
+/// drain after it, served in whatever order is left, is not a share).
 async fn flood(
     base: String,
     key: &'static str,
@@ -534,13 +535,14 @@ async fn flood(
             tokio::spawn(async move {
                 let (mut ok, mut refused) = (0, 0);
                 while std::time::Instant::now() < until {
-                    match c
+                    let answer = c
                         .get(format!("{base}/api/v2/share"))
                         .bearer_auth(key)
                         .send()
-                        .await
-                    {
-                        Ok(r) if r.status() == 200 => ok += 1,
+                        .await;
+                    let in_time = std::time::Instant::now() < until;
+                    match answer {
+                        Ok(r) if r.status() == 200 => ok += u64::from(in_time),
                         Ok(r) if r.status() == 429 => {
                             let body: Value = r.json().await.unwrap_or(Value::Null);
                             assert!(
@@ -566,7 +568,9 @@ async fn flood(
 }
 
 /// Two apps flood one token's budget (L calls per 2 s window): they are served in the ratio
-/// of their weights (3:1), and an unauthenticated client costs none of it.
+/// of their weights (3:1; measured 2.8-2.9, the shortfall is the start, when neither has used
+/// anything), and an unauthenticated client costs none of it. `SHARE_SECONDS` (8) and
+/// `SHARE_LOOPS` (senders per app, 8) size a run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_apps_contending_for_one_token_are_served_by_weight() {
     const L: u64 = 40;
@@ -589,9 +593,16 @@ async fn two_apps_contending_for_one_token_are_served_by_weight() {
     let p = start_from_toml(&toml, dir).await;
     p.ready().await;
     let base = format!("http://{}", p.running.proxy_addr);
-    let until = std::time::Instant::now() + Duration::from_secs(8);
-    let heavy = tokio::spawn(flood(base.clone(), "heavy-key", 8, until));
-    let light = tokio::spawn(flood(base.clone(), "light-key", 8, until));
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (seconds, loops) = (env("SHARE_SECONDS", 8), env("SHARE_LOOPS", 8) as usize);
+    let until = std::time::Instant::now() + Duration::from_secs(seconds);
+    let heavy = tokio::spawn(flood(base.clone(), "heavy-key", loops, until));
+    let light = tokio::spawn(flood(base.clone(), "light-key", loops, until));
     // Meanwhile, an unauthenticated client is refused and spends nothing.
     for _ in 0..20 {
         assert_eq!(get(&p.url("/api/v2/share")).await.status(), 401);
@@ -601,23 +612,29 @@ async fn two_apps_contending_for_one_token_are_served_by_weight() {
     let served = s["api_requests"]["by_status"]["200"].as_u64().unwrap_or(0);
     let ratio = heavy.0 as f64 / light.0.max(1) as f64;
     println!("weights 3:1 → served heavy {} light {} (ratio {ratio:.2}); refused {} / {}; Genesys served {served}", heavy.0, light.0, heavy.1, light.1);
-    assert_eq!(
-        served,
-        heavy.0 + light.0,
+    assert!(
+        served >= heavy.0 + light.0,
         "every call Genesys served was an app's"
     );
     assert!(
-        (2.0..=4.5).contains(&ratio),
+        (2.5..=3.5).contains(&ratio),
         "shares follow the weights: {heavy:?} {light:?}"
     );
     let m = metrics_text(&p).await;
-    assert!(
+    let admitted = |app: &str, how: &str| {
         metric(
             &m,
-            "genesys_proxy_budget_requests_total{app=\"heavy\",outcome=\"queued\"}"
-        ) > 0.0,
-        "{m}"
+            &format!("genesys_proxy_budget_requests_total{{app=\"{app}\",outcome=\"{how}\"}}"),
+        )
+    };
+    println!(
+        "admitted at once / after queueing: heavy {} / {}, light {} / {}",
+        admitted("heavy", "served"),
+        admitted("heavy", "queued"),
+        admitted("light", "served"),
+        admitted("light", "queued")
     );
+    assert!(admitted("heavy", "queued") > 0.0, "{m}");
     p.running.shutdown().await;
 }
 
