@@ -794,3 +794,69 @@ async fn malformed_logins_are_refused_in_genesys_shape() {
     assert_eq!(status_of(&p, "/api/v2/users", &token).await, 200);
     p.running.shutdown().await;
 }
+
+/// curl, a client we did not write: an API key works, another app's key gets that app's
+/// rights (not more), a revoked or malformed one is refused; curl's own login (`-u` with a
+/// form) gets a proxy token it can use.
+#[tokio::test]
+async fn curl_with_an_api_key_or_its_own_login() {
+    let sim = start_sim(sim_config()).await;
+    let p = apps_proxy(&sim, "").await;
+    let base = format!("http://{}", p.running.proxy_addr);
+    let curl = |args: Vec<String>| async move {
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args(["-s", "-o", "/dev/stderr", "-w", "%{http_code}"])
+                .args(args)
+                .output()
+                .expect("curl is installed")
+        })
+        .await
+        .unwrap();
+        let code: u16 = String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0);
+        (code, String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let get = |path: &str, header: &str| {
+        vec![
+            "-H".to_string(),
+            header.to_string(),
+            format!("{base}{path}"),
+        ]
+    };
+    let bearer = |k: &str| format!("Authorization: Bearer {k}");
+    assert_eq!(
+        curl(get("/api/v2/routing/queues", &bearer(OPS_KEY)))
+            .await
+            .0,
+        200
+    );
+    for bad in [
+        bearer("revoked-key"),
+        "Authorization: Bearer".into(),
+        "Authorization: Digest x".into(),
+    ] {
+        let (code, body) = curl(get("/api/v2/routing/queues", &bad)).await;
+        assert_eq!(code, 401, "{bad}: {body}");
+        assert!(body.contains("proxy.unauthenticated"), "{body}");
+    }
+    let (code, body) = curl(vec![
+        "-u".into(),
+        format!("billing-app:{BILLING_SECRET}"),
+        "-d".into(),
+        "grant_type=client_credentials".into(),
+        format!("{base}/oauth/token"),
+    ])
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let token = serde_json::from_str::<Value>(&body).unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(curl(get("/api/v2/users", &bearer(&token))).await.0, 200);
+    // billing's token gets billing's rights, not ops's.
+    assert_eq!(
+        curl(get("/api/v2/routing/queues", &bearer(&token))).await.0,
+        403
+    );
+    p.running.shutdown().await;
+}
