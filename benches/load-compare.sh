@@ -11,6 +11,9 @@
 #   RUNS=3 DURATION=20s CONNECTIONS=128 bash benches/load-compare.sh
 #   PERF=1 bash benches/load-compare.sh     # also the perf top 10 of the proxy (first run)
 #   ONLY=nginx bash benches/load-compare.sh # only the targets whose name matches
+#   APPS=1 bash benches/load-compare.sh    # also the proxy with [[app]]: callers proving
+#                                           # themselves with an API key, and with a proxy
+#                                           # token from their own login
 #   BASELINE=/path/to/older/genesys-auth-proxy bash benches/load-compare.sh
 #                                           # also an older build, same config: before/after
 #                                           # ratios within each run
@@ -74,6 +77,37 @@ write_bench_proxy_toml "$WORK/proxy.toml" "$PROXY_PORT" "$ADMIN_PORT" "$SIM_PORT
 PROXY_PID=$!
 PIDS+=($PROXY_PID)
 for _ in $(seq 1 200); do [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$ADMIN_PORT/readyz")" = 200 ] && break; sleep 0.05; done
+
+if [ -n "${APPS:-}" ]; then
+  APPS_PORT=$(free_port); APPS_ADMIN=$(free_port)
+  APP_KEY="bench-key-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  APP_SECRET="bench-app-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  head -c 48 /dev/urandom | base64 >"$WORK/app-token-key"; chmod 600 "$WORK/app-token-key"
+  printf '%s\n' "$APP_SECRET" >"$WORK/app-secret"; chmod 600 "$WORK/app-secret"
+  sed -e "s/127.0.0.1:$PROXY_PORT/127.0.0.1:$APPS_PORT/" -e "s/127.0.0.1:$ADMIN_PORT/127.0.0.1:$APPS_ADMIN/" \
+    -e "s|$WORK/audit.jsonl|$WORK/audit-apps.jsonl|" "$WORK/proxy.toml" >"$WORK/apps.toml"
+  cat >>"$WORK/apps.toml" <<TOML
+[apps]
+token_key = { file = "$WORK/app-token-key" }
+[[app]]
+name = "bench-key"
+api_key_sha256 = ["$(printf %s "$APP_KEY" | sha256sum | cut -d' ' -f1)"]
+[[app]]
+name = "bench-login"
+client_id = "bench-app"
+client_secret = { file = "$WORK/app-secret" }
+TOML
+  "$BIN" run -c "$WORK/apps.toml" >"$WORK/apps.log" 2>&1 &
+  APPS_PID=$!
+  PIDS+=($APPS_PID)
+  for _ in $(seq 1 200); do [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$APPS_ADMIN/readyz")" = 200 ] && break; sleep 0.05; done
+  APP_TOKEN=$(curl -s -u "bench-app:$APP_SECRET" -d grant_type=client_credentials "http://127.0.0.1:$APPS_PORT/oauth/token" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+  for h in "$APP_KEY" "$APP_TOKEN"; do
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $h" "http://127.0.0.1:$APPS_PORT$PATH_UNDER_TEST")
+    [ "$code" = 200 ] || { echo "the [[app]] proxy answered $code" >&2; exit 1; }
+  done
+fi
 
 if [ -n "${BASELINE:-}" ]; then
   BASE_PORT=$(free_port); BASE_ADMIN=$(free_port)
@@ -211,6 +245,10 @@ for RUN in $(seq "$RUNS"); do
   if [ -n "${BASE_PID:-}" ]; then
     run_wrk "baseline build" "$BASE_PID" "http://127.0.0.1:$BASE_PORT$PATH_UNDER_TEST"
   fi
+  if [ -n "${APPS_PID:-}" ]; then
+    run_wrk "proxy, app api key" "$APPS_PID" "http://127.0.0.1:$APPS_PORT$PATH_UNDER_TEST" -H "Authorization: Bearer $APP_KEY"
+    run_wrk "proxy, app token" "$APPS_PID" "http://127.0.0.1:$APPS_PORT$PATH_UNDER_TEST" -H "Authorization: Bearer $APP_TOKEN"
+  fi
   run_wrk "nginx (static header)" "$NGINX_PIDS" "http://127.0.0.1:$NGINX_PORT$PATH_UNDER_TEST"
   run_wrk "haproxy (static header)" "$HAPROXY_PID" "http://127.0.0.1:$HAPROXY_PORT$PATH_UNDER_TEST"
 done
@@ -230,16 +268,19 @@ def ratio(a, b, run):
     x, y = runs[run][a], runs[run][b]
     return (f"cpu/req {x[3] / y[3]:.2f}x, throughput {x[0] / y[0]:.2f}x, "
             f"p50 {x[1] / y[1]:.2f}x, p99 {x[2] / y[2]:.2f}x")
+def show(label, a, b, run):
+    # Only the pairs both of which ran (ONLY= may leave some out).
+    if a in runs[run] and b in runs[run]:
+        print(f"run {run}: {label} {ratio(a, b, run)}")
 for run in sorted(runs):
-    if len(runs[run]) < 5:
-        continue
-    print(f"run {run}: proxy/nginx   {ratio('genesys-auth-proxy', 'nginx (static header)', run)}")
-    print(f"run {run}: proxy/haproxy {ratio('genesys-auth-proxy', 'haproxy (static header)', run)}")
-    print(f"run {run}: proxy/bare    {ratio('genesys-auth-proxy', 'bare pingora', run)}")
-    print(f"run {run}: bare/nginx    {ratio('bare pingora', 'nginx (static header)', run)}")
-    if "baseline build" in runs[run]:
-        print(f"run {run}: proxy/baseline {ratio('genesys-auth-proxy', 'baseline build', run)}")
-        print(f"run {run}: baseline/nginx {ratio('baseline build', 'nginx (static header)', run)}")
+    show("proxy/nginx  ", "genesys-auth-proxy", "nginx (static header)", run)
+    show("proxy/haproxy", "genesys-auth-proxy", "haproxy (static header)", run)
+    show("proxy/bare   ", "genesys-auth-proxy", "bare pingora", run)
+    show("bare/nginx   ", "bare pingora", "nginx (static header)", run)
+    for app in ("proxy, app api key", "proxy, app token"):
+        show(f"{app} / proxy", app, "genesys-auth-proxy", run)
+    show("proxy/baseline", "genesys-auth-proxy", "baseline build", run)
+    show("baseline/nginx", "baseline build", "nginx (static header)", run)
 EOF
 echo "proxy errors logged: $(grep -c -i '"level":"ERROR"' "$WORK/proxy.log" || true)"
 if [ -f "$WORK/perf.data" ]; then
