@@ -228,12 +228,16 @@ fn apps_status(gate: &crate::apps::Gatekeeper) -> serde_json::Value {
             if a.api_keys > 0 {
                 proofs.push("api_key");
             }
+            if !a.mtls_subjects.is_empty() {
+                proofs.push("client_certificate");
+            }
             serde_json::json!({
                 "name": &*a.name,
                 "credential": registry.settings.apps[a.index].credential.as_str(),
                 "weight": a.key.weight,
                 "client_id": a.client_id,
                 "api_keys": a.api_keys,
+                "mtls_subjects": a.mtls_subjects,
                 "proofs": proofs,
                 "allowed_methods": a.allowed_methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
                 "allowed_path_prefixes": a.allowed_path_prefixes,

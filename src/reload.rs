@@ -106,6 +106,14 @@ pub struct ReloadReport {
 /// How long a reload waits for the refresher to try the new secret.
 const ROTATION_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The process-wide parts a reload swaps in place.
+pub struct Swaps {
+    /// `[apps]`/`[[app]]`.
+    pub apps: Arc<crate::apps::Gatekeeper>,
+    /// `[proxy.tls]`, when the listeners speak TLS.
+    pub tls: Option<Arc<crate::worker::tls::ServerTls>>,
+}
+
 /// What a reload can change in one running credential.
 pub struct ReloadTarget {
     /// `default` for the top-level credential, else its `[[credential]]` name.
@@ -119,8 +127,8 @@ pub struct Reloader {
     current: tokio::sync::Mutex<Config>,
     /// The top-level credential first, then each `[[credential]]` in file order.
     targets: Vec<ReloadTarget>,
-    /// `[apps]`/`[[app]]`, swapped in place.
-    apps: Arc<crate::apps::Gatekeeper>,
+    /// What a reload swaps besides the credentials: `[apps]`, `[proxy.tls]`.
+    swaps: Swaps,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     info: ArcSwap<ConfigInfo>,
@@ -181,7 +189,7 @@ impl Reloader {
         path: PathBuf,
         config: Config,
         targets: Vec<ReloadTarget>,
-        apps: Arc<crate::apps::Gatekeeper>,
+        swaps: Swaps,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -196,7 +204,7 @@ impl Reloader {
             path,
             current: tokio::sync::Mutex::new(config),
             targets,
-            apps,
+            swaps,
             audit,
             metrics,
             info: ArcSwap::from_pointee(ConfigInfo {
@@ -248,9 +256,9 @@ impl Reloader {
         let c = self.current.lock().await;
         let mut files: Vec<PathBuf> = Vec::new();
         if c.top().restart.genesys.watch_secret_files {
-            for p in c.apps.secret_files() {
-                if !files.contains(p) {
-                    files.push(p.clone());
+            for p in c.apps.secret_files().cloned().chain(c.tls.files()) {
+                if !files.contains(&p) {
+                    files.push(p);
                 }
             }
         }
@@ -306,8 +314,13 @@ impl Reloader {
         let mut apps_changed = current.apps.diff(&new.apps);
         apps_changed.dedup();
         if !apps_changed.is_empty() {
-            self.apps.replace(&new.apps);
+            self.swaps.apps.replace(&new.apps);
             current.apps = new.apps.clone();
+        }
+        match self.apply_tls(&mut current, &new) {
+            TlsChange::None => {}
+            TlsChange::Applied => apps_changed.push("proxy.tls"),
+            TlsChange::RestartRequired => restart_required.push("proxy.tls".to_string()),
         }
         let parts = self.apply_all(&mut current, &new, explicit).await;
         drop(current);
@@ -436,6 +449,29 @@ impl Reloader {
         parts
     }
 
+    /// New certificate material goes to the listeners' acceptor for new handshakes; turning
+    /// TLS on or off needs a restart (reported, not applied).
+    fn apply_tls(&self, current: &mut Config, new: &Config) -> TlsChange {
+        if current.tls == new.tls {
+            return TlsChange::None;
+        }
+        match (&self.swaps.tls, &new.tls.listener) {
+            (Some(tls), Some(material)) => match tls.replace(material) {
+                Ok(()) => {
+                    current.tls = new.tls.clone();
+                    tracing::info!(cert_file = %material.cert_file.display(), "proxy.tls: new certificate for new connections");
+                    TlsChange::Applied
+                }
+                // Checked when the config was built; kept for a pair rustls still refuses.
+                Err(e) => {
+                    tracing::error!(error = %e, "proxy.tls: the new certificate is refused; the old one keeps serving");
+                    TlsChange::None
+                }
+            },
+            _ => TlsChange::RestartRequired,
+        }
+    }
+
     async fn rejected(&self, trigger: &str, reason: String) -> ReloadReport {
         self.audit.record(
             AuditEvent::ConfigReloadRejected,
@@ -522,6 +558,13 @@ impl Reloader {
             Ok(()) => Rotation::Asked(answer),
         })
     }
+}
+
+/// What a reload did with `[proxy.tls]`.
+enum TlsChange {
+    None,
+    Applied,
+    RestartRequired,
 }
 
 /// A rotation's state as the reload answer and the audit line show it.

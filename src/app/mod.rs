@@ -135,12 +135,21 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
     }
     let gate = Arc::new(crate::apps::Gatekeeper::new(&config.apps, audit.clone()));
     tasks.push(tokio::spawn(gate.clone().run_sweeper(shutdown.clone())));
-    let workers = spawn_workers(&mut units, p, &gate, shutdown.clone())?;
+    let tls = match &config.tls.listener {
+        None => None,
+        Some(t) => Some(Arc::new(
+            crate::worker::tls::ServerTls::new(t).map_err(anyhow::Error::msg)?,
+        )),
+    };
+    let workers = spawn_workers(&mut units, p, &gate, tls.clone(), shutdown.clone())?;
     let reloader = Arc::new(Reloader::new(
         config_path,
         config.clone(),
         units.iter().map(Unit::reload_target).collect(),
-        gate.clone(),
+        crate::reload::Swaps {
+            apps: gate.clone(),
+            tls,
+        },
         audit.clone(),
         top_metrics.clone(),
     ));

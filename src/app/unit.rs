@@ -293,6 +293,7 @@ pub(super) fn spawn_workers(
     units: &mut [Unit],
     process: &Process,
     gate: &Arc<crate::apps::Gatekeeper>,
+    tls: Option<Arc<crate::worker::tls::ServerTls>>,
     shutdown: Shutdown,
 ) -> anyhow::Result<ProxyWorkers> {
     let server_conf = Arc::new(ServerConf::default());
@@ -340,6 +341,8 @@ pub(super) fn spawn_workers(
                 socket: socket.try_clone()?,
                 app,
                 gate: accept_gate.clone(),
+                tls: tls.clone(),
+                peers: gate.clone(),
             });
         }
         let worker = Worker {

@@ -51,6 +51,7 @@ pub struct App {
     pub counters: Arc<Handles<AppOutcome>>,
     /// `/status`: which proofs it can use.
     pub api_keys: usize,
+    pub mtls_subjects: Vec<String>,
 }
 
 /// Who a request is from.
@@ -66,6 +67,8 @@ pub struct Registry {
     by_name: HashMap<Arc<str>, usize>,
     by_client_id: HashMap<String, usize>,
     by_key: HashMap<Digest32, usize>,
+    /// `mtls_subjects`: client-certificate names.
+    by_subject: HashMap<String, usize>,
     token_key: Option<TokenKey>,
     pub settings: AppsSettings,
 }
@@ -99,10 +102,17 @@ impl Registry {
             .enumerate()
             .flat_map(|(i, a)| a.api_keys.iter().map(move |k| (*k, i)))
             .collect();
+        let by_subject = settings
+            .apps
+            .iter()
+            .enumerate()
+            .flat_map(|(i, a)| a.mtls_subjects.iter().map(move |s| (s.clone(), i)))
+            .collect();
         let names: Vec<&str> = apps.iter().map(|a| &*a.name).collect();
         metrics.requests.forget(&names);
         Registry {
             by_name,
+            by_subject,
             by_client_id,
             by_key,
             token_key: settings
@@ -123,17 +133,31 @@ impl Registry {
         &self.apps
     }
 
+    /// Does any app prove itself with a client certificate?
+    pub fn wants_certificates(&self) -> bool {
+        !self.by_subject.is_empty()
+    }
+
     /// Who sent a request with this `Authorization` value (the proof), at `now` (Unix
-    /// seconds).
+    /// seconds). Without one, the connection's verified client-certificate names (`peer`)
+    /// may prove an app; a certificate that proves none is refused.
     pub fn identify(
         &self,
         authorization: Option<&[u8]>,
+        peer: Option<&[String]>,
         now: u64,
     ) -> Result<Caller<'_>, AuthFailure> {
         if !self.enabled() {
             return Ok(Caller::Anonymous);
         }
         let Some(value) = authorization else {
+            if let Some(names) = peer.filter(|n| !n.is_empty()) {
+                return names
+                    .iter()
+                    .find_map(|n| self.by_subject.get(n))
+                    .map(|&i| Caller::App(&self.apps[i]))
+                    .ok_or(AuthFailure::Certificate);
+            }
             return match self.settings.anonymous {
                 Anonymous::Cidr => Ok(Caller::Anonymous),
                 Anonymous::Unset => Err(AuthFailure::Missing),
@@ -220,6 +244,7 @@ fn app(index: usize, a: &AppSettings, metrics: &AppMetrics) -> App {
         binding: binding(a),
         counters: metrics.requests.handles(&name),
         api_keys: a.api_keys.len(),
+        mtls_subjects: a.mtls_subjects.clone(),
         name,
     }
 }
@@ -263,6 +288,8 @@ pub fn unix_now() -> u64 {
 pub struct Gatekeeper {
     registry: ArcSwap<Registry>,
     pub guard: guard::Guard,
+    /// Verified client-certificate names of open TLS connections.
+    pub peers: crate::worker::tls::Peers,
     pub metrics: Arc<AppMetrics>,
     audit: Arc<AuditLog>,
 }
@@ -273,6 +300,7 @@ impl Gatekeeper {
         Gatekeeper {
             registry: ArcSwap::from_pointee(Registry::new(settings, &metrics)),
             guard: guard::Guard::default(),
+            peers: crate::worker::tls::Peers::default(),
             metrics,
             audit,
         }

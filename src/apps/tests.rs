@@ -19,6 +19,7 @@ fn app(name: &str, client_id: Option<&str>, secret: Option<&str>, keys: &[&str])
         client_secret: secret.map(|s| Digest32::of(s.as_bytes())),
         client_secret_source: None,
         api_keys: keys.iter().map(|k| Digest32::of(k.as_bytes())).collect(),
+        mtls_subjects: Vec::new(),
     }
 }
 
@@ -42,31 +43,34 @@ fn name_of(r: &Result<Caller<'_>, AuthFailure>) -> Result<Option<String>, AuthFa
 fn without_apps_everyone_is_anonymous_and_with_apps_a_proof_is_required() {
     let m = AppMetrics::new();
     let none = Registry::new(&AppsSettings::default(), &m);
-    assert_eq!(name_of(&none.identify(None, 1)), Ok(None));
+    assert_eq!(name_of(&none.identify(None, None, 1)), Ok(None));
     let r = Registry::new(&settings(vec![app("billing", None, None, &["k1"])]), &m);
-    assert_eq!(name_of(&r.identify(None, 1)), Err(AuthFailure::Missing));
     assert_eq!(
-        name_of(&r.identify(Some(b"Basic abc"), 1)),
+        name_of(&r.identify(None, None, 1)),
+        Err(AuthFailure::Missing)
+    );
+    assert_eq!(
+        name_of(&r.identify(Some(b"Basic abc"), None, 1)),
         Err(AuthFailure::Malformed)
     );
     assert_eq!(
-        name_of(&r.identify(Some(b"Bearer k1"), 1)),
+        name_of(&r.identify(Some(b"Bearer k1"), None, 1)),
         Ok(Some("billing".into()))
     );
     assert_eq!(
-        name_of(&r.identify(Some(b"bearer k1"), 1)),
+        name_of(&r.identify(Some(b"bearer k1"), None, 1)),
         Ok(Some("billing".into()))
     );
     assert_eq!(
-        name_of(&r.identify(Some(b"Bearer k2"), 1)),
+        name_of(&r.identify(Some(b"Bearer k2"), None, 1)),
         Err(AuthFailure::ApiKey)
     );
     let mut open = settings(vec![app("billing", None, None, &["k1"])]);
     open.anonymous = Anonymous::Cidr;
     let r = Registry::new(&open, &m);
-    assert_eq!(name_of(&r.identify(None, 1)), Ok(None));
+    assert_eq!(name_of(&r.identify(None, None, 1)), Ok(None));
     assert_eq!(
-        name_of(&r.identify(Some(b"Bearer wrong"), 1)),
+        name_of(&r.identify(Some(b"Bearer wrong"), None, 1)),
         Err(AuthFailure::ApiKey),
         "a wrong proof is refused even where anonymous callers are served"
     );
@@ -90,17 +94,19 @@ fn a_login_token_is_bound_to_the_apps_current_secret() {
     assert_eq!(lifetime, 3600);
     let header = format!("Bearer {token}");
     assert_eq!(
-        name_of(&r.identify(Some(header.as_bytes()), 1_001)),
+        name_of(&r.identify(Some(header.as_bytes()), None, 1_001)),
         Ok(Some("billing".into()))
     );
     assert_eq!(
-        name_of(&r.identify(Some(header.as_bytes()), 1_000 + 3600)),
+        name_of(&r.identify(Some(header.as_bytes()), None, 1_000 + 3600)),
         Err(AuthFailure::AppToken),
         "expired"
     );
     // Another replica with the same key accepts it.
     let replica = Registry::new(&before, &m);
-    assert!(replica.identify(Some(header.as_bytes()), 1_001).is_ok());
+    assert!(replica
+        .identify(Some(header.as_bytes()), None, 1_001)
+        .is_ok());
     // A rotated secret revokes it; so does removing the app, or another key.
     let rotated = settings(vec![app(
         "billing",
@@ -110,20 +116,20 @@ fn a_login_token_is_bound_to_the_apps_current_secret() {
     )]);
     let r2 = Registry::new(&rotated, &m);
     assert_eq!(
-        name_of(&r2.identify(Some(header.as_bytes()), 1_001)),
+        name_of(&r2.identify(Some(header.as_bytes()), None, 1_001)),
         Err(AuthFailure::AppToken)
     );
     let removed = settings(vec![app("crm", Some("crm-app"), Some("s2"), &[])]);
     let r3 = Registry::new(&removed, &m);
     assert_eq!(
-        name_of(&r3.identify(Some(header.as_bytes()), 1_001)),
+        name_of(&r3.identify(Some(header.as_bytes()), None, 1_001)),
         Err(AuthFailure::AppToken)
     );
     let mut rekeyed = before.clone();
     rekeyed.token_key = Some(Secret::new("another-key-another-key-another-key!!"));
     let r4 = Registry::new(&rekeyed, &m);
     assert_eq!(
-        name_of(&r4.identify(Some(header.as_bytes()), 1_001)),
+        name_of(&r4.identify(Some(header.as_bytes()), None, 1_001)),
         Err(AuthFailure::AppToken)
     );
 }

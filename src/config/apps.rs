@@ -124,6 +124,9 @@ pub struct AppSettings {
     pub client_secret_source: Option<SecretSource>,
     /// SHA-256 of each accepted API key.
     pub api_keys: Vec<Digest32>,
+    /// Client-certificate names that prove this app: a URI SAN as written (`spiffe://…`), or
+    /// `dns:<name>` for a DNS SAN (lower case).
+    pub mtls_subjects: Vec<String>,
 }
 
 /// Builds `[apps]` and `[[app]]` once every credential is known.
@@ -343,10 +346,28 @@ fn app(b: &mut Builder, i: usize, e: AppEntry, config: &Config) -> Built<AppSett
         .iter()
         .map(|h| parse_digest(b, h, &key("api_key_sha256")))
         .collect::<Built<Vec<_>>>()?;
-    if client_id.is_none() && api_keys.is_empty() {
+    let mtls_subjects = e
+        .mtls_subjects
+        .unwrap_or_default()
+        .iter()
+        .map(|s| subject(s).map_err(|m| b.err(&key("mtls_subjects"), m)))
+        .collect::<Built<Vec<_>>>()?;
+    if !mtls_subjects.is_empty()
+        && config
+            .tls
+            .listener
+            .as_ref()
+            .is_none_or(|t| t.client_roots.is_none())
+    {
+        return Err(b.err(
+            &key("mtls_subjects"),
+            "needs [proxy.tls] with client_ca_file (the CA whose client certificates are verified)",
+        ));
+    }
+    if client_id.is_none() && api_keys.is_empty() && mtls_subjects.is_empty() {
         return Err(b.err(
             &format!("app.{name}"),
-            "has no proof: set client_id + client_secret, or api_key_sha256",
+            "has no proof: set client_id + client_secret, api_key_sha256, or mtls_subjects",
         ));
     }
     Ok(AppSettings {
@@ -360,7 +381,38 @@ fn app(b: &mut Builder, i: usize, e: AppEntry, config: &Config) -> Built<AppSett
         client_secret,
         client_secret_source,
         api_keys,
+        mtls_subjects,
     })
+}
+
+/// An `mtls_subjects` entry: a URI (`scheme://…`, as a SPIFFE ID is) or `dns:<name>`.
+fn subject(s: &str) -> Result<String, String> {
+    if let Some(name) = s.strip_prefix("dns:") {
+        let ok = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"-.*".contains(&c));
+        return if ok {
+            Ok(format!("dns:{}", name.to_ascii_lowercase()))
+        } else {
+            Err(format!("{s:?} is not a DNS name"))
+        };
+    }
+    match s.split_once("://") {
+        Some((scheme, rest))
+            if !scheme.is_empty()
+                && !rest.is_empty()
+                && scheme
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"+-.".contains(&c)) =>
+        {
+            Ok(s.to_string())
+        }
+        _ => Err(format!(
+            "{s:?} is neither a URI SAN (spiffe://trust-domain/path) nor dns:<name>"
+        )),
+    }
 }
 
 /// Names, client ids and keys belong to one app each, and app names do not collide with
@@ -382,6 +434,14 @@ fn check_unique(
     if let Some(id) = &new.client_id {
         if apps.iter().any(|a| a.client_id.as_ref() == Some(id)) {
             return Err(b.err(&key("client_id"), "is used by another [[app]]"));
+        }
+    }
+    for s in &new.mtls_subjects {
+        if apps.iter().any(|a| a.mtls_subjects.contains(s)) {
+            return Err(b.err(
+                &key("mtls_subjects"),
+                format!("{s:?} proves another app already"),
+            ));
         }
     }
     for (i, k) in new.api_keys.iter().enumerate() {

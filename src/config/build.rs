@@ -17,17 +17,20 @@ use super::value::parse_url;
 pub fn config(mut raw: FileConfig, file: &Path) -> Built<Config> {
     let entries = raw.credential.take().unwrap_or_default();
     let (apps_section, app_entries) = (raw.apps.take(), raw.app.take().unwrap_or_default());
+    let tls_section = raw.proxy.tls.take();
     let mut b = Builder {
         file,
         warnings: Vec::new(),
         credential: None,
     };
     let process = process(&mut b, &mut raw)?;
+    let tls = super::tls::tls(&b, tls_section)?;
     let source = CredentialSource::top(raw);
     let top = credential(&mut b, CredentialName::top(), source.clone(), &process)?;
     let mut config = Config {
         process,
         apps: super::apps::AppsSettings::default(),
+        tls,
         credentials: vec![top],
         warnings: b.warnings,
     };

@@ -57,6 +57,7 @@ pub struct AppEntry {
     pub client_secret: Option<SecretRef>,
     pub client_secret_sha256: Option<String>,
     pub api_key_sha256: Option<Vec<String>>,
+    pub mtls_subjects: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -134,6 +135,16 @@ pub struct ProxySection {
     pub request_header_timeout_ms: Option<u64>,
     pub allowed_methods: Option<Vec<String>>,
     pub allow_non_ascii_paths: Option<bool>,
+    /// `[proxy.tls]`: the listeners speak TLS.
+    pub tls: Option<TlsSection>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub client_ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

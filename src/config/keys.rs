@@ -42,11 +42,12 @@ pub struct KeyRow {
 /// then the secrets.
 pub fn table() -> Vec<KeyRow> {
     let defaults = defaults();
-    let classes: [(KeyClass, Vec<&'static str>); 5] = [
+    let classes: [(KeyClass, Vec<&'static str>); 6] = [
         (KeyClass::Restart, Process::all_keys()),
         (KeyClass::Restart, Restart::all_keys()),
         (KeyClass::Live, Live::all_keys()),
         (KeyClass::Live, AppsSettings::all_keys()),
+        (KeyClass::Live, super::tls::TlsConfig::all_keys()),
         (KeyClass::Secret, CredentialSettings::all_keys()),
     ];
     let mut rows: Vec<KeyRow> = Vec::new();
@@ -90,6 +91,7 @@ fn defaults() -> Vec<(&'static str, String)> {
     top.restart.values(&mut out);
     top.live.values(&mut out);
     config.apps.values(&mut out);
+    config.tls.values(&mut out);
     // Secrets have no default, and their values are never printed. A few values read better
     // than their `Debug` form.
     for (key, value) in &mut out {

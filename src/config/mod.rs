@@ -2,8 +2,8 @@
 //! format), [`model`] the validated types the program uses, `build` the step between them
 //! (defaults and checks, one builder per section, on `value` parsers). [`keyed`] ties each
 //! model field to its file key and its reload class; [`keys`] lists them (`check --keys`). [`credential`]: `[[credential]]`
-//! entries; [`apps`]: `[apps]` and `[[app]]` (callers and their proofs). Only this module
-//! knows TOML.
+//! entries; [`apps`]: `[apps]` and `[[app]]` (callers and their proofs); [`tls`]:
+//! `[proxy.tls]`. Only this module knows TOML.
 
 pub mod apps;
 mod build;
@@ -14,6 +14,7 @@ pub mod keyed;
 pub mod keys;
 pub mod model;
 mod policy;
+pub mod tls;
 mod upstream;
 pub(crate) mod value;
 

@@ -31,6 +31,8 @@ pub struct Config {
     pub process: Process,
     /// `[apps]` and `[[app]]`: who may call (live).
     pub apps: super::apps::AppsSettings,
+    /// `[proxy.tls]`: the listeners' certificate (live; on/off needs a restart).
+    pub tls: super::tls::TlsConfig,
     /// Never empty.
     pub credentials: Vec<Credential>,
     /// Non-fatal findings (e.g. a secret file readable by others), printed at start-up.

@@ -60,6 +60,7 @@ fn every_file_key_is_classified_exactly_once() {
     let live: BTreeSet<_> = Live::all_keys()
         .into_iter()
         .chain(apps::AppsSettings::all_keys())
+        .chain(tls::TlsConfig::all_keys())
         .collect();
     let credentials: BTreeSet<_> = CredentialSettings::all_keys().into_iter().collect();
     for key in &file_keys {

@@ -94,6 +94,7 @@ label_set! {
         Missing => "missing",
         Malformed => "malformed",
         Throttled => "throttled",
+        Certificate => "certificate",
     }
 }
 

@@ -206,6 +206,8 @@ const REJECT_REASONS: &[&str] = &[
     "unauthenticated",
     "app_not_allowed",
     "auth_throttled",
+    "tls_required",
+    "tls_handshake_failed",
 ];
 
 impl Metrics {

@@ -37,7 +37,15 @@ pub(super) async fn caller(
     }
     let req = session.req_header();
     let proof = req.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-    let index = match registry.identify(proof, unix_now()) {
+    // A verified client certificate's names, looked up only when an app can use them.
+    let names = match proof {
+        None if registry.wants_certificates() => session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .and_then(|addr| gate.peers.get(addr)),
+        _ => None,
+    };
+    let index = match registry.identify(proof, names.as_deref(), unix_now()) {
         Ok(Caller::Anonymous) => return Ok(None),
         Ok(Caller::App(app)) => {
             let allowed = app.allowed_methods.contains(&req.method)

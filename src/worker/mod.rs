@@ -4,6 +4,7 @@
 //! connection and its pooled upstream connections live on one thread with no cross-thread
 //! wake-ups (pingora's own model). We run pingora's `HttpProxy` under this loop rather than
 //! under pingora's `Server` so tests can bind port 0 and drive shutdown in-process.
+//! [`tls`]: `[proxy.tls]`, the TLS handshake and client certificates at accept.
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -22,6 +23,7 @@ use crate::proxy::{GenesysProxy, Refusal};
 use crate::shutdown::Shutdown;
 
 mod stream;
+pub mod tls;
 pub use stream::Downstream;
 
 /// Binds a listener; with `reuse_port` a second process can bind the same address, which is
@@ -47,6 +49,10 @@ pub struct Listener {
     pub app: Arc<pingora::proxy::HttpProxy<GenesysProxy>>,
     /// Admission at accept (client address, the process's connection cap).
     pub gate: Arc<Gate>,
+    /// `[proxy.tls]`: the listener speaks TLS.
+    pub tls: Option<Arc<tls::ServerTls>>,
+    /// Where a verified client certificate's names are kept for the request hooks.
+    pub peers: Arc<crate::apps::Gatekeeper>,
 }
 
 /// One proxy worker: its own runtime, an accept loop on every listener, and its connections.
@@ -92,7 +98,20 @@ async fn accept_loop(
     mut shutdown: Shutdown,
     tracker: TaskTracker,
 ) {
-    let listener = match TcpListener::from_std(l.socket) {
+    let Listener {
+        socket,
+        app,
+        gate,
+        tls,
+        peers,
+    } = l;
+    let serving = Serving {
+        app,
+        gate,
+        tls,
+        peers,
+    };
+    let listener = match TcpListener::from_std(socket) {
         Ok(listener) => listener,
         Err(e) => {
             tracing::error!(error = %e, "proxy worker cannot use the listener");
@@ -102,7 +121,7 @@ async fn accept_loop(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => accepted_one(&l.app, &l.gate, &pingora_shutdown, tcp, peer, &tracker),
+                Ok((tcp, peer)) => accepted_one(&serving, &pingora_shutdown, tcp, peer, &tracker),
                 Err(e) => {
                     // Out of file descriptors and the like: back off briefly, keep serving.
                     tracing::error!(error = %e, "accept failed");
@@ -115,15 +134,22 @@ async fn accept_loop(
 }
 
 /// Admits (or refuses) a new connection and serves it under its head clock.
+/// What serving a connection of one listener takes.
+struct Serving {
+    app: Arc<pingora::proxy::HttpProxy<GenesysProxy>>,
+    gate: Arc<Gate>,
+    tls: Option<Arc<tls::ServerTls>>,
+    peers: Arc<crate::apps::Gatekeeper>,
+}
+
 fn accepted_one(
-    app: &Arc<pingora::proxy::HttpProxy<GenesysProxy>>,
-    gate: &Arc<Gate>,
+    l: &Serving,
     pingora_shutdown: &watch::Receiver<bool>,
     tcp: TcpStream,
     peer: SocketAddr,
     tracker: &TaskTracker,
 ) {
-    let gate = gate.clone();
+    let gate = l.gate.clone();
     let refused = |refusal: Refusal| {
         let m = &gate.metrics.rejected_requests_total;
         m.with_label_values(&[refusal.reason()]).inc();
@@ -141,13 +167,27 @@ fn accepted_one(
         Admit::Drop(refusal) => return refused(refusal),
     };
     let _ = tcp.set_nodelay(true);
-    let stream = to_pingora_stream(tcp, peer);
-    let app = app.clone();
+    let app = l.app.clone();
     let watch = pingora_shutdown.clone();
     let head_timeout = gate.live.load().proxy.request_header_timeout;
+    let (tls, peers) = (l.tls.clone(), l.peers.clone());
     gate.metrics.client_connections.inc();
     tracker.spawn(async move {
+        let metrics = gate.metrics.clone();
+        let identified = peers.clone();
         let serve = async move {
+            let stream = match tls {
+                None => Box::new(downstream(tcp, peer)),
+                // The handshake runs under the head clock: a client stalling it is dropped
+                // like one trickling its request head.
+                Some(tls) => match handshake(&tls, tcp, peer, &identified).await {
+                    Ok(stream) => stream,
+                    Err(reason) => {
+                        let m = &metrics.rejected_requests_total;
+                        return m.with_label_values(&[reason]).inc();
+                    }
+                },
+            };
             // pingora serves every keep-alive request of the connection in this call.
             let _ = app.process_new(stream, &watch).await;
         };
@@ -155,17 +195,42 @@ fn accepted_one(
             let m = &gate.metrics.rejected_requests_total;
             m.with_label_values(&["request_header_timeout"]).inc();
         }
+        peers.peers.remove(&peer);
         gate.metrics.client_connections.dec();
         drop(permit);
     });
 }
 
+/// The TLS handshake of a new connection (after checking it starts like one), keeping the
+/// verified client certificate's names for the request hooks. `Err`: the refusal's label.
+async fn handshake(
+    tls: &tls::ServerTls,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    gate: &crate::apps::Gatekeeper,
+) -> Result<pingora::protocols::Stream, &'static str> {
+    if !tls::starts_with_tls(&mut tcp).await {
+        return Err("tls_required");
+    }
+    let acceptor = tls.current();
+    let stream = acceptor
+        .tls_handshake(downstream(tcp, peer))
+        .await
+        .map_err(|_| "tls_handshake_failed")?;
+    if let Some(der) =
+        pingora::protocols::Ssl::get_ssl(&stream).and_then(|r| r.peer_certificate_der())
+    {
+        gate.peers.insert(peer, tls::peer_names(der).into());
+    }
+    Ok(Box::new(stream))
+}
+
 /// Wraps an accepted socket the way pingora's own listener does: `client_addr()` works and
 /// writes are buffered (see [`Downstream`]).
-fn to_pingora_stream(tcp: tokio::net::TcpStream, peer: SocketAddr) -> pingora::protocols::Stream {
+fn downstream(tcp: tokio::net::TcpStream, peer: SocketAddr) -> Downstream {
     let mut stream = pingora::protocols::l4::stream::Stream::from(tcp);
     let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
     let _ = digest.peer_addr.set(Some(peer.into()));
     stream.set_socket_digest(digest);
-    Box::new(Downstream::new(stream))
+    Downstream::new(stream)
 }

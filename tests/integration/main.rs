@@ -12,6 +12,7 @@ mod credentials;
 mod hardening;
 mod issuer_answers;
 mod jwks;
+mod listener_tls;
 mod oauth;
 mod observability;
 mod proxy;
