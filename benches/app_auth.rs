@@ -69,13 +69,13 @@ fn identify(c: &mut Criterion) {
     forged.pop();
     forged.push('A');
     g.bench_function("no_apps", |b| {
-        b.iter(|| black_box(none.current().identify(black_box(None), now).is_ok()))
+        b.iter(|| black_box(none.current().identify(black_box(None), None, now).is_ok()))
     });
     g.bench_function("api_key", |b| {
         b.iter(|| {
             black_box(
                 with.current()
-                    .identify(black_box(Some(key_header.as_bytes())), now)
+                    .identify(black_box(Some(key_header.as_bytes())), None, now)
                     .is_ok(),
             )
         })
@@ -84,7 +84,7 @@ fn identify(c: &mut Criterion) {
         b.iter(|| {
             black_box(
                 with.current()
-                    .identify(black_box(Some(token_header.as_bytes())), now)
+                    .identify(black_box(Some(token_header.as_bytes())), None, now)
                     .is_ok(),
             )
         })
@@ -93,7 +93,7 @@ fn identify(c: &mut Criterion) {
         b.iter(|| {
             black_box(
                 with.current()
-                    .identify(black_box(Some(forged.as_bytes())), now)
+                    .identify(black_box(Some(forged.as_bytes())), None, now)
                     .is_err(),
             )
         })

@@ -231,6 +231,9 @@ fn apps_status(gate: &crate::apps::Gatekeeper) -> serde_json::Value {
             if !a.mtls_subjects.is_empty() {
                 proofs.push("client_certificate");
             }
+            if registry.settings.apps[a.index].jwt.is_some() {
+                proofs.push("workload_token");
+            }
             serde_json::json!({
                 "name": &*a.name,
                 "credential": registry.settings.apps[a.index].credential.as_str(),

@@ -8,11 +8,13 @@
 //! name, client id and key digest, and each app's metric handles); [`Gatekeeper`] holds the
 //! current registry (a reload swaps it), the failure [`guard::Guard`] and the audit log.
 //! The proofs: [`token`] (the proxy's own sealed tokens), [`login`] (the `/oauth/token` the
-//! SDKs' gateway setting posts to). Pure functions over bytes: tested without a socket.
+//! SDKs' gateway setting posts to), [`workload`] (JWTs such as Kubernetes ServiceAccount
+//! tokens), and client certificates (`mtls_subjects`, verified at the TLS handshake). Pure functions over bytes: tested without a socket.
 
 pub mod guard;
 pub mod login;
 pub mod token;
+pub mod workload;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -59,6 +61,9 @@ pub enum Caller<'a> {
     /// No app proof, and none required (no `[[app]]`, or `anonymous = "cidr"`).
     Anonymous,
     App(&'a App),
+    /// A workload token not seen yet: [`Registry::verify_workload`] decides (it may fetch the
+    /// issuer's keys).
+    Workload,
 }
 
 /// The `[[app]]` list made ready for lookups.
@@ -69,6 +74,8 @@ pub struct Registry {
     by_key: HashMap<Digest32, usize>,
     /// `mtls_subjects`: client-certificate names.
     by_subject: HashMap<String, usize>,
+    /// `jwt`: the issuers of workload tokens and the tokens already verified.
+    workload: workload::Workload,
     token_key: Option<TokenKey>,
     pub settings: AppsSettings,
 }
@@ -113,6 +120,7 @@ impl Registry {
         Registry {
             by_name,
             by_subject,
+            workload: workload::Workload::new(&settings.apps),
             by_client_id,
             by_key,
             token_key: settings
@@ -168,10 +176,32 @@ impl Registry {
             return self.by_token(credential, now).map(Caller::App);
         }
         let digest = Digest32::of(credential.as_bytes());
-        match self.by_key.get(&digest) {
-            Some(&i) => Ok(Caller::App(&self.apps[i])),
-            None => Err(AuthFailure::ApiKey),
+        if let Some(&i) = self.by_key.get(&digest) {
+            return Ok(Caller::App(&self.apps[i]));
         }
+        if !self.workload.is_empty() && workload::looks_like_jwt(credential) {
+            return Ok(match self.workload.cached(credential, now) {
+                Some(i) => Caller::App(&self.apps[i]),
+                None => Caller::Workload,
+            });
+        }
+        Err(AuthFailure::ApiKey)
+    }
+
+    /// The app a workload token proves (after [`Caller::Workload`]).
+    pub async fn verify_workload(
+        &self,
+        authorization: Option<&[u8]>,
+        now: u64,
+    ) -> Result<&App, AuthFailure> {
+        let token = authorization
+            .and_then(bearer)
+            .ok_or(AuthFailure::Malformed)?;
+        let i = self
+            .workload
+            .verify(token, &self.settings.apps, now)
+            .await?;
+        Ok(&self.apps[i])
     }
 
     fn by_token(&self, token: &str, now: u64) -> Result<&App, AuthFailure> {

@@ -20,6 +20,7 @@ fn app(name: &str, client_id: Option<&str>, secret: Option<&str>, keys: &[&str])
         client_secret_source: None,
         api_keys: keys.iter().map(|k| Digest32::of(k.as_bytes())).collect(),
         mtls_subjects: Vec::new(),
+        jwt: None,
     }
 }
 
@@ -35,6 +36,7 @@ fn name_of(r: &Result<Caller<'_>, AuthFailure>) -> Result<Option<String>, AuthFa
     match r {
         Ok(Caller::Anonymous) => Ok(None),
         Ok(Caller::App(a)) => Ok(Some(a.name.to_string())),
+        Ok(Caller::Workload) => Ok(Some("<workload token>".into())),
         Err(e) => Err(*e),
     }
 }

@@ -127,6 +127,20 @@ pub struct AppSettings {
     /// Client-certificate names that prove this app: a URI SAN as written (`spiffe://…`), or
     /// `dns:<name>` for a DNS SAN (lower case).
     pub mtls_subjects: Vec<String>,
+    /// A workload token from this issuer, for this audience, naming one of these subjects.
+    pub jwt: Option<JwtProof>,
+}
+
+/// `[[app]] jwt`: what a workload token must say to prove the app.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwtProof {
+    pub issuer: String,
+    pub audience: String,
+    pub subjects: Vec<String>,
+    /// `jwks_url`, else the issuer's OpenID discovery document.
+    pub keys: super::model::KeySource,
+    /// `ca_file`: the only CAs trusted for the JWKS and discovery hosts (DER).
+    pub ca_certs: Option<Vec<Vec<u8>>>,
 }
 
 /// Builds `[apps]` and `[[app]]` once every credential is known.
@@ -364,10 +378,14 @@ fn app(b: &mut Builder, i: usize, e: AppEntry, config: &Config) -> Built<AppSett
             "needs [proxy.tls] with client_ca_file (the CA whose client certificates are verified)",
         ));
     }
-    if client_id.is_none() && api_keys.is_empty() && mtls_subjects.is_empty() {
+    let jwt = match e.jwt {
+        None => None,
+        Some(j) => Some(jwt(b, j, &key("jwt"))?),
+    };
+    if client_id.is_none() && api_keys.is_empty() && mtls_subjects.is_empty() && jwt.is_none() {
         return Err(b.err(
             &format!("app.{name}"),
-            "has no proof: set client_id + client_secret, api_key_sha256, or mtls_subjects",
+            "has no proof: set client_id + client_secret, api_key_sha256, mtls_subjects or jwt",
         ));
     }
     Ok(AppSettings {
@@ -382,6 +400,56 @@ fn app(b: &mut Builder, i: usize, e: AppEntry, config: &Config) -> Built<AppSett
         client_secret_source,
         api_keys,
         mtls_subjects,
+        jwt,
+    })
+}
+
+fn jwt(b: &Builder, j: super::file::JwtSection, key: &str) -> Built<JwtProof> {
+    use super::model::KeySource;
+    use super::value::{load_ca_file, parse_url};
+    let k = |s: &str| format!("{key}.{s}");
+    let issuer = match j.issuer {
+        Some(i) if !i.is_empty() => i,
+        _ => return Err(b.err(&k("issuer"), "is required (the token's iss)")),
+    };
+    let audience = match j.audience {
+        Some(a) if !a.is_empty() => a,
+        _ => return Err(b.err(&k("audience"), "is required (the token's aud)")),
+    };
+    let subjects = j.subjects.unwrap_or_default();
+    if subjects.is_empty() || subjects.iter().any(String::is_empty) {
+        return Err(b.err(
+            &k("subjects"),
+            "must list the token subjects (sub) that prove the app",
+        ));
+    }
+    let keys = match j.jwks_url {
+        Some(u) => KeySource::Url(parse_url(&u).map_err(|m| b.err(&k("jwks_url"), m))?),
+        None => {
+            let doc = format!(
+                "{}/.well-known/openid-configuration",
+                issuer.trim_end_matches('/')
+            );
+            KeySource::Discover(parse_url(&doc).map_err(|m| {
+                b.err(
+                    &k("issuer"),
+                    format!("is not a URL for OpenID discovery (set jwks_url): {m}"),
+                )
+            })?)
+        }
+    };
+    let ca_certs = match j.ca_file {
+        None => None,
+        Some(f) => {
+            Some(load_ca_file(std::path::Path::new(&f)).map_err(|m| b.err(&k("ca_file"), m))?)
+        }
+    };
+    Ok(JwtProof {
+        issuer,
+        audience,
+        subjects,
+        keys,
+        ca_certs,
     })
 }
 

@@ -58,6 +58,18 @@ pub struct AppEntry {
     pub client_secret_sha256: Option<String>,
     pub api_key_sha256: Option<Vec<String>>,
     pub mtls_subjects: Option<Vec<String>>,
+    pub jwt: Option<JwtSection>,
+}
+
+/// `[[app]] jwt = { … }`: a workload token (e.g. a Kubernetes projected ServiceAccount token).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSection {
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub subjects: Option<Vec<String>>,
+    pub jwks_url: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

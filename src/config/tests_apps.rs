@@ -174,3 +174,42 @@ fn app_changes_are_live() {
     assert_eq!(row("app"), keys::KeyClass::Live);
     assert_eq!(row("apps.token_key"), keys::KeyClass::Live);
 }
+
+#[test]
+fn certificate_and_workload_proofs_are_checked() {
+    let e = err_of(&with_key(
+        "[[app]]\nname = \"a\"\nmtls_subjects = [\"spiffe://cluster.local/ns/a/sa/b\"]\n",
+    ));
+    assert!(
+        e.contains("app.a.mtls_subjects") && e.contains("client_ca_file"),
+        "{e}"
+    );
+    let e = err_of(&with_key(
+        "[[app]]\nname = \"a\"\nmtls_subjects = [\"just-a-name\"]\n",
+    ));
+    assert!(e.contains("app.a.mtls_subjects"), "{e}");
+    let e = err_of(&with_key(
+        "[[app]]\nname = \"a\"\njwt = { issuer = \"https://k8s.example\", subjects = [\"s\"] }\n",
+    ));
+    assert!(e.contains("app.a.jwt.audience"), "{e}");
+    let e = err_of(&with_key(
+        "[[app]]\nname = \"a\"\njwt = { issuer = \"https://k8s.example\", audience = \"x\" }\n",
+    ));
+    assert!(e.contains("app.a.jwt.subjects"), "{e}");
+    let c = parse(
+        &with_key(
+            "[[app]]\nname = \"a\"\njwt = { issuer = \"https://kubernetes.default.svc\", audience = \"genesys-auth-proxy\", subjects = [\"system:serviceaccount:a:b\"] }\n",
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let jwt = c.apps.apps[0].jwt.as_ref().unwrap();
+    assert_eq!(
+        jwt.keys,
+        super::model::KeySource::Discover(
+            "https://kubernetes.default.svc/.well-known/openid-configuration"
+                .parse()
+                .unwrap()
+        )
+    );
+}

@@ -95,6 +95,7 @@ label_set! {
         Malformed => "malformed",
         Throttled => "throttled",
         Certificate => "certificate",
+        WorkloadToken => "workload_token",
     }
 }
 

@@ -82,7 +82,7 @@ impl AppMetrics {
     pub fn new() -> Self {
         let m = Maker(Registry::new());
         let requests = m.labelled_counter("app_requests_total", "Requests by [[app]] (configured names, else unknown) and outcome: allowed, not_allowed (outside its methods or paths), unauthenticated (no valid proof), rate_limited (over its share: the proxy's own 429).", &["app", "outcome"]);
-        let failures = m.counter_vec("app_auth_failures_total", "Failed app proofs by kind: login (client id or secret), api_key, app_token (forged, expired or revoked), missing, malformed, throttled (refused unchecked: too many failures from the address).", "proof", AuthFailure::LABELS);
+        let failures = m.counter_vec("app_auth_failures_total", "Failed app proofs by kind: login (client id or secret), api_key, app_token (forged, expired or revoked), missing, malformed, throttled (refused unchecked: too many failures from the address), certificate (a verified client certificate naming no app), workload_token (a JWT that does not verify or names no app's subject).", "proof", AuthFailure::LABELS);
         AppMetrics {
             requests: AppCounters::new(requests, "unknown"),
             auth_failures: Handles::new(failures, &[]),

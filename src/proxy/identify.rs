@@ -45,9 +45,16 @@ pub(super) async fn caller(
             .and_then(|addr| gate.peers.get(addr)),
         _ => None,
     };
-    let index = match registry.identify(proof, names.as_deref(), unix_now()) {
+    let now = unix_now();
+    let found = match registry.identify(proof, names.as_deref(), now) {
         Ok(Caller::Anonymous) => return Ok(None),
-        Ok(Caller::App(app)) => {
+        Ok(Caller::App(app)) => Ok(app),
+        Ok(Caller::Workload) => registry.verify_workload(proof, now).await,
+        Err(failure) => Err(failure),
+    };
+    let req = session.req_header();
+    let index = match found {
+        Ok(app) => {
             let allowed = app.allowed_methods.contains(&req.method)
                 && path_allowed(
                     req.uri.path(),

@@ -94,6 +94,14 @@ impl Jwks {
     /// Verifies `token`; returns its expiry (`exp`) or why it was refused (never token
     /// material).
     pub async fn verify(&self, token: &str) -> Result<SystemTime, JwksError> {
+        self.verify_claims(token).await.map(|(exp, _)| exp)
+    }
+
+    /// [`Jwks::verify`], and the verified claims (for a workload token's `sub`).
+    pub async fn verify_claims(
+        &self,
+        token: &str,
+    ) -> Result<(SystemTime, serde_json::Value), JwksError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| JwksError::NotAJwt(e.to_string()))?;
         let alg = header.alg;
@@ -117,9 +125,10 @@ impl Jwks {
         let exp = claims["exp"].as_u64().ok_or(JwksError::NoExp)?;
         // Far-future values are taken as the latest time the clock can hold; the minter cuts
         // the lifetime to token.max_lifetime_seconds (an exp past year 9999 once panicked).
-        Ok(UNIX_EPOCH
+        let exp = UNIX_EPOCH
             .checked_add(Duration::from_secs(exp.min(LATEST_EXP)))
-            .unwrap_or(UNIX_EPOCH))
+            .unwrap_or(UNIX_EPOCH);
+        Ok((exp, claims))
     }
 
     fn validation(&self, alg: Algorithm) -> jsonwebtoken::Validation {

@@ -25,3 +25,4 @@ mod settle;
 mod sim;
 mod tls;
 mod upstream_pool;
+mod workload;

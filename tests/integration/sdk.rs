@@ -18,7 +18,7 @@ fn sdk_dir() -> PathBuf {
 }
 
 /// The installed SDK at `rel`, or `None` (with a note) where it may be missing.
-fn installed(rel: &str) -> Option<PathBuf> {
+pub fn installed(rel: &str) -> Option<PathBuf> {
     let path = sdk_dir().join(rel);
     if path.exists() {
         return Some(path);
