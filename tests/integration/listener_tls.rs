@@ -328,3 +328,105 @@ async fn a_bad_tls_file_is_refused_by_check_naming_the_key() {
         assert!(e.contains(key), "{key}: {e}");
     }
 }
+
+/// The subject of the certificate the listener serves now (a new handshake).
+async fn served_subject(pki: &Pki, port: u16) -> String {
+    let ca = pki.path("ca.crt");
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "openssl s_client -connect 127.0.0.1:{port} -CAfile {ca} </dev/null 2>/dev/null | openssl x509 -noout -subject"
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    })
+    .await
+    .unwrap()
+}
+
+/// cert-manager renews the pair under load: new handshakes get the new certificate (after a
+/// moment where the files on disk do not match, which keeps the old pair), and no request
+/// fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_pair_replaced_under_load_loses_no_request() {
+    let pki = Pki::new("pki-renew");
+    pki.issue("renewed", "ca", "DNS:localhost,IP:127.0.0.1", "2");
+    let sim = start_sim(sim_config()).await;
+    let dir = temp_dir("tls-renew");
+    // The listener's files live in the proxy's own directory, as a mounted Secret would.
+    for f in ["server.crt", "server.key"] {
+        std::fs::copy(pki.dir.join(f), dir.join(f)).unwrap();
+    }
+    let tls = format!(
+        "[proxy.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        dir.join("server.crt").display().to_string(),
+        dir.join("server.key").display().to_string()
+    );
+    let toml = proxy_toml(&sim.url(), SECRET, &tls, "", &dir) + "\n[apps]\nanonymous = \"cidr\"\n";
+    let p = start_from_toml(&toml, dir.clone()).await;
+    p.ready().await;
+    let port = p.running.proxy_addr.port();
+    assert!(served_subject(&pki, port).await.contains("CN = server"));
+    genesys_auth_proxy::app::install_crypto_provider();
+    let ca =
+        reqwest::Certificate::from_pem(&std::fs::read(pki.dir.join("ca.crt")).unwrap()).unwrap();
+    // No pooled connections: every request is a new handshake.
+    let c = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loops: Vec<_> = (0..4)
+        .map(|_| {
+            let (c, stop) = (c.clone(), stop.clone());
+            let url = format!("https://localhost:{port}/api/v2/renew");
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match c.get(&url).send().await {
+                        Ok(r) if r.status() == 200 => ok += 1,
+                        Ok(r) => failed.push(r.status().to_string()),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The certificate first, then the key: in between the pair on disk does not match.
+    write_atomic(
+        &dir.join("server.crt"),
+        &std::fs::read_to_string(pki.dir.join("renewed.crt")).unwrap(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    write_atomic(
+        &dir.join("server.key"),
+        &std::fs::read_to_string(pki.dir.join("renewed.key")).unwrap(),
+    );
+    eventually(
+        Duration::from_secs(10),
+        "new handshakes get the renewed certificate",
+        || async { served_subject(&pki, port).await.contains("CN = renewed") },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for l in loops {
+        let (o, f) = l.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    println!(
+        "certificate renewed under load: {ok} requests, {} failed",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(ok > 20, "{ok}");
+    p.running.shutdown().await;
+}
