@@ -2,7 +2,8 @@
 proxy through its documented gateway setting. Prints one JSON object of what it saw; never a
 secret or token.
 
-usage: python_gateway.py HOST PORT LOGIN_PREFIX CLIENT_ID CLIENT_SECRET TOKEN_LIFETIME_SECONDS
+usage: python_gateway.py HOST PORT LOGIN_PREFIX CLIENT_ID CLIENT_SECRET TOKEN_LIFETIME_SECONDS [CA_FILE]
+With CA_FILE the gateway is reached over HTTPS, trusting that CA (the SDK's ssl_ca_cert).
 """
 import json
 import sys
@@ -12,11 +13,14 @@ import PureCloudPlatformClientV2 as pc
 from PureCloudPlatformClientV2.rest import ApiException
 
 host, port, login_prefix, client_id, secret, lifetime = sys.argv[1:7]
+ca_file = sys.argv[7] if len(sys.argv) > 7 else None
 seen = {}
+if ca_file:
+    pc.Configuration().ssl_ca_cert = ca_file
 
 client = pc.api_client.ApiClient()
 client.gateway_configuration = pc.GatewayConfiguration(
-    host=host, protocol="http", port=int(port), path_params_login=login_prefix, path_params_api=""
+    host=host, protocol="https" if ca_file else "http", port=int(port), path_params_login=login_prefix, path_params_api=""
 )
 
 try:
