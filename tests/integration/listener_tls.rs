@@ -430,3 +430,36 @@ async fn the_certificate_pair_replaced_under_load_loses_no_request() {
     assert!(ok > 20, "{ok}");
     p.running.shutdown().await;
 }
+
+/// A client that starts a handshake and stalls is dropped within request_header_timeout_ms,
+/// like one trickling its request head.
+#[tokio::test]
+async fn a_stalled_handshake_is_dropped_within_the_head_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new("pki-stall");
+    let sim = start_sim(sim_config()).await;
+    let dir = temp_dir("tls-stall");
+    let extra = format!("request_header_timeout_ms = 500\n{}", pki.section(false));
+    let toml =
+        proxy_toml(&sim.url(), SECRET, &extra, "", &dir) + "\n[apps]\nanonymous = \"cidr\"\n";
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    let mut tcp = tokio::net::TcpStream::connect(p.running.proxy_addr)
+        .await
+        .unwrap();
+    // The first byte of a TLS record, then nothing.
+    tcp.write_all(&[0x16]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed, not answered: {read:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    p.running.shutdown().await;
+}
