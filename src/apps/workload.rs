@@ -154,22 +154,11 @@ fn unverified_issuer(token: &str) -> Option<String> {
 }
 
 fn jwks(proof: &JwtProof) -> Result<Jwks, String> {
-    let mut builder = reqwest::Client::builder();
-    if let Some(certs) = &proof.ca_certs {
-        let certs = certs
-            .iter()
-            .map(|der| reqwest::Certificate::from_der(der))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("ca_file: {e}"))?;
-        builder = builder.tls_certs_only(certs);
-    }
-    let client = builder
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("genesys-auth-proxy/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let client = crate::token::endpoint::http_client(
+        proof.ca_certs.as_deref(),
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+    )?;
     let settings = JwksSettings {
         keys: proof.keys.clone(),
         issuer: Some(proof.issuer.clone()),

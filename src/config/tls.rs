@@ -91,14 +91,7 @@ pub(super) fn tls(b: &Builder, raw: Option<TlsSection>) -> Built<TlsConfig> {
     let mut digest = Sha256::new();
     let cert_bytes = read(b, &cert_file, "proxy.tls.cert_file", &mut digest)?;
     let key_bytes = read(b, &key_file, "proxy.tls.key_file", &mut digest)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_bytes)
-        .collect::<Result<_, _>>()
-        .map_err(|e| {
-            b.err(
-                "proxy.tls.cert_file",
-                format!("is not PEM certificates: {e}"),
-            )
-        })?;
+    let chain = certificates(b, &cert_bytes, "proxy.tls.cert_file")?;
     if chain.is_empty() {
         return Err(b.err("proxy.tls.cert_file", "holds no PEM certificate"));
     }
@@ -133,14 +126,7 @@ pub(super) fn tls(b: &Builder, raw: Option<TlsSection>) -> Built<TlsConfig> {
         None => None,
         Some(ca) => {
             let bytes = read(b, ca, "proxy.tls.client_ca_file", &mut digest)?;
-            let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
-                .collect::<Result<_, _>>()
-                .map_err(|e| {
-                    b.err(
-                        "proxy.tls.client_ca_file",
-                        format!("is not PEM certificates: {e}"),
-                    )
-                })?;
+            let roots = certificates(b, &bytes, "proxy.tls.client_ca_file")?;
             let mut store = rustls::RootCertStore::empty();
             let (added, _) = store.add_parsable_certificates(roots.iter().cloned());
             if added == 0 {
@@ -161,6 +147,13 @@ pub(super) fn tls(b: &Builder, raw: Option<TlsSection>) -> Built<TlsConfig> {
             digest: digest.finalize().into(),
         }),
     })
+}
+
+/// The PEM certificates of a file (`key` names it in the error).
+fn certificates(b: &Builder, pem: &[u8], key: &str) -> Built<Vec<CertificateDer<'static>>> {
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| b.err(key, format!("is not PEM certificates: {e}")))
 }
 
 fn read(b: &Builder, path: &Path, key: &str, digest: &mut Sha256) -> Built<Vec<u8>> {

@@ -115,6 +115,31 @@ struct OAuthError {
     description: Option<String>,
 }
 
+/// An HTTP client for an issuer's hosts: `ca_certs` (DER) as the only trusted CAs when set, no
+/// redirects, the proxy's user agent. A bad certificate's error starts with `ca_file:`.
+pub fn http_client(
+    ca_certs: Option<&[Vec<u8>]>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(certs) = ca_certs {
+        let certs = certs
+            .iter()
+            .map(|der| reqwest::Certificate::from_der(der))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("ca_file: {e}"))?;
+        builder = builder.tls_certs_only(certs);
+    }
+    builder
+        .connect_timeout(connect_timeout)
+        .timeout(request_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("genesys-auth-proxy/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot build HTTP client: {e}"))
+}
+
 impl TokenEndpoint {
     /// The endpoint of `upstream` (token URL, grant, API base, `ca_file`) with these timeouts.
     pub fn new(
@@ -131,22 +156,16 @@ impl TokenEndpoint {
             ),
             IssuerKind::OAuth => None,
         };
-        let mut builder = reqwest::Client::builder();
-        if let Some(certs) = &upstream.ca_certs {
-            let certs = certs
-                .iter()
-                .map(|der| reqwest::Certificate::from_der(der))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("{}.ca_file: {e}", upstream.grant.issuer.section()))?;
-            builder = builder.tls_certs_only(certs);
-        }
-        let client = builder
-            .connect_timeout(connect_timeout)
-            .timeout(request_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("genesys-auth-proxy/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build HTTP client: {e}"))?;
+        let section = upstream.grant.issuer.section();
+        let client = http_client(
+            upstream.ca_certs.as_deref(),
+            connect_timeout,
+            request_timeout,
+        )
+        .map_err(|e| match e.starts_with("ca_file:") {
+            true => format!("{section}.{e}"),
+            false => e,
+        })?;
         Ok(TokenEndpoint {
             client,
             token_url: upstream.token_url.clone(),
