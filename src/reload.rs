@@ -311,15 +311,16 @@ impl Reloader {
             .into_iter()
             .map(String::from)
             .collect();
-        let mut apps_changed = current.apps.diff(&new.apps);
-        apps_changed.dedup();
-        if !apps_changed.is_empty() {
+        // Keys of the process-wide parts swapped in place ([apps], [proxy.tls]).
+        let mut swapped = current.apps.diff(&new.apps);
+        swapped.dedup();
+        if !swapped.is_empty() {
             self.swaps.apps.replace(&new.apps);
             current.apps = new.apps.clone();
         }
         match self.apply_tls(&mut current, &new) {
             TlsChange::None => {}
-            TlsChange::Applied => apps_changed.push("proxy.tls"),
+            TlsChange::Applied => swapped.push("proxy.tls"),
             TlsChange::RestartRequired => restart_required.push("proxy.tls".to_string()),
         }
         let parts = self.apply_all(&mut current, &new, explicit).await;
@@ -333,7 +334,7 @@ impl Reloader {
         }))
         .await;
         let changed = !restart_required.is_empty()
-            || !apps_changed.is_empty()
+            || !swapped.is_empty()
             || answers.iter().any(|(p, r)| p.changed || r.is_some());
         self.log_warnings(&new.warnings, changed);
         if !changed {
@@ -347,7 +348,7 @@ impl Reloader {
         });
         let generation = before.generation + 1;
         let (mut applied, mut rotations) = (Vec::<String>::new(), json!({}));
-        applied.extend(apps_changed.iter().map(|k| k.to_string()));
+        applied.extend(swapped.iter().map(|k| k.to_string()));
         let mut rotation = Value::Null;
         let (mut failed, mut pending) = (false, false);
         for (part, result) in answers {

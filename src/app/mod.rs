@@ -137,9 +137,7 @@ pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Runni
     tasks.push(tokio::spawn(gate.clone().run_sweeper(shutdown.clone())));
     let tls = match &config.tls.listener {
         None => None,
-        Some(t) => Some(Arc::new(
-            crate::worker::tls::ServerTls::new(t).map_err(anyhow::Error::msg)?,
-        )),
+        Some(t) => Some(Arc::new(crate::worker::tls::ServerTls::new(t)?)),
     };
     let workers = spawn_workers(&mut units, p, &gate, tls.clone(), shutdown.clone())?;
     let reloader = Arc::new(Reloader::new(

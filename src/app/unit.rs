@@ -342,7 +342,7 @@ pub(super) fn spawn_workers(
                 app,
                 gate: accept_gate.clone(),
                 tls: tls.clone(),
-                peers: gate.clone(),
+                apps: gate.clone(),
             });
         }
         let worker = Worker {

@@ -88,16 +88,11 @@ impl Registry {
             .enumerate()
             .map(|(i, a)| app(i, a, metrics))
             .collect();
-        let index = |f: &dyn Fn(&App) -> Vec<String>| {
-            let mut m = HashMap::new();
-            for (i, a) in apps.iter().enumerate() {
-                for k in f(a) {
-                    m.insert(k, i);
-                }
-            }
-            m
-        };
-        let by_client_id = index(&|a| a.client_id.iter().cloned().collect());
+        let by_client_id = apps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| Some((a.client_id.clone()?, i)))
+            .collect();
         let by_name = apps
             .iter()
             .enumerate()

@@ -312,72 +312,20 @@ fn app(b: &mut Builder, i: usize, e: AppEntry, config: &Config) -> Built<AppSett
         w @ 1..=1000 => w as u32,
         _ => return Err(b.err(&key("weight"), "must be between 1 and 1000")),
     };
-    let (client_secret, client_secret_source) = match (e.client_secret, e.client_secret_sha256) {
-        (Some(_), Some(_)) => {
-            return Err(b.err(
-                &key("client_secret"),
-                "set client_secret or client_secret_sha256, not both",
-            ))
-        }
-        (Some(r), None) => {
-            let (s, source) = secret(b, r, &key("client_secret"))?;
-            (Some(Digest32::of(s.expose().as_bytes())), Some(source))
-        }
-        (None, Some(hex)) => (
-            Some(parse_digest(b, &hex, &key("client_secret_sha256"))?),
-            None,
-        ),
-        (None, None) => (None, None),
-    };
-    let client_id = match e.client_id {
-        None => None,
-        Some(id)
-            if id.is_empty()
-                || id.len() > 256
-                || id.contains(':')
-                || id.chars().any(char::is_control) =>
-        {
-            return Err(b.err(
-                &key("client_id"),
-                "must be 1 to 256 characters without ':' or control characters",
-            ))
-        }
-        Some(id) => Some(id),
-    };
-    match (&client_id, &client_secret) {
-        (Some(_), None) => {
-            return Err(b.err(
-                &key("client_secret"),
-                "is required with client_id (or client_secret_sha256)",
-            ))
-        }
-        (None, Some(_)) => return Err(b.err(&key("client_id"), "is required with client_secret")),
-        _ => {}
-    }
+    let (client_id, client_secret, client_secret_source) = login_proof(
+        b,
+        e.client_id,
+        e.client_secret,
+        e.client_secret_sha256,
+        &key,
+    )?;
     let api_keys = e
         .api_key_sha256
         .unwrap_or_default()
         .iter()
         .map(|h| parse_digest(b, h, &key("api_key_sha256")))
         .collect::<Built<Vec<_>>>()?;
-    let mtls_subjects = e
-        .mtls_subjects
-        .unwrap_or_default()
-        .iter()
-        .map(|s| subject(s).map_err(|m| b.err(&key("mtls_subjects"), m)))
-        .collect::<Built<Vec<_>>>()?;
-    if !mtls_subjects.is_empty()
-        && config
-            .tls
-            .listener
-            .as_ref()
-            .is_none_or(|t| t.client_roots.is_none())
-    {
-        return Err(b.err(
-            &key("mtls_subjects"),
-            "needs [proxy.tls] with client_ca_file (the CA whose client certificates are verified)",
-        ));
-    }
+    let mtls_subjects = certificate_proof(b, e.mtls_subjects, config, &key("mtls_subjects"))?;
     let jwt = match e.jwt {
         None => None,
         Some(j) => Some(jwt(b, j, &key("jwt"))?),
@@ -402,6 +350,89 @@ fn app(b: &mut Builder, i: usize, e: AppEntry, config: &Config) -> Built<AppSett
         mtls_subjects,
         jwt,
     })
+}
+
+/// The login proof: `client_id` with `client_secret` (a secret source, read and hashed) or
+/// `client_secret_sha256`; all or nothing.
+type LoginProof = (Option<String>, Option<Digest32>, Option<SecretSource>);
+
+fn login_proof(
+    b: &mut Builder,
+    client_id: Option<String>,
+    client_secret: Option<super::file::SecretRef>,
+    client_secret_sha256: Option<String>,
+    key: &dyn Fn(&str) -> String,
+) -> Built<LoginProof> {
+    let (client_secret, client_secret_source) = match (client_secret, client_secret_sha256) {
+        (Some(_), Some(_)) => {
+            return Err(b.err(
+                &key("client_secret"),
+                "set client_secret or client_secret_sha256, not both",
+            ))
+        }
+        (Some(r), None) => {
+            let (s, source) = secret(b, r, &key("client_secret"))?;
+            (Some(Digest32::of(s.expose().as_bytes())), Some(source))
+        }
+        (None, Some(hex)) => (
+            Some(parse_digest(b, &hex, &key("client_secret_sha256"))?),
+            None,
+        ),
+        (None, None) => (None, None),
+    };
+    let client_id = match client_id {
+        None => None,
+        Some(id)
+            if id.is_empty()
+                || id.len() > 256
+                || id.contains(':')
+                || id.chars().any(char::is_control) =>
+        {
+            return Err(b.err(
+                &key("client_id"),
+                "must be 1 to 256 characters without ':' or control characters",
+            ))
+        }
+        Some(id) => Some(id),
+    };
+    match (&client_id, &client_secret) {
+        (Some(_), None) => {
+            return Err(b.err(
+                &key("client_secret"),
+                "is required with client_id (or client_secret_sha256)",
+            ))
+        }
+        (None, Some(_)) => return Err(b.err(&key("client_id"), "is required with client_secret")),
+        _ => {}
+    }
+    Ok((client_id, client_secret, client_secret_source))
+}
+
+/// `mtls_subjects`: each a URI or `dns:` SAN, and a client CA to verify them with.
+fn certificate_proof(
+    b: &Builder,
+    raw: Option<Vec<String>>,
+    config: &Config,
+    key: &str,
+) -> Built<Vec<String>> {
+    let mtls_subjects = raw
+        .unwrap_or_default()
+        .iter()
+        .map(|s| subject(s).map_err(|m| b.err(key, m)))
+        .collect::<Built<Vec<_>>>()?;
+    if !mtls_subjects.is_empty()
+        && config
+            .tls
+            .listener
+            .as_ref()
+            .is_none_or(|t| t.client_roots.is_none())
+    {
+        return Err(b.err(
+            key,
+            "needs [proxy.tls] with client_ca_file (the CA whose client certificates are verified)",
+        ));
+    }
+    Ok(mtls_subjects)
 }
 
 fn jwt(b: &Builder, j: super::file::JwtSection, key: &str) -> Built<JwtProof> {

@@ -51,8 +51,9 @@ pub struct Listener {
     pub gate: Arc<Gate>,
     /// `[proxy.tls]`: the listener speaks TLS.
     pub tls: Option<Arc<tls::ServerTls>>,
-    /// Where a verified client certificate's names are kept for the request hooks.
-    pub peers: Arc<crate::apps::Gatekeeper>,
+    /// Caller identity: where a verified client certificate's names are kept for the
+    /// request hooks.
+    pub apps: Arc<crate::apps::Gatekeeper>,
 }
 
 /// One proxy worker: its own runtime, an accept loop on every listener, and its connections.
@@ -103,13 +104,13 @@ async fn accept_loop(
         app,
         gate,
         tls,
-        peers,
+        apps,
     } = l;
     let serving = Serving {
         app,
         gate,
         tls,
-        peers,
+        apps,
     };
     let listener = match TcpListener::from_std(socket) {
         Ok(listener) => listener,
@@ -139,7 +140,7 @@ struct Serving {
     app: Arc<pingora::proxy::HttpProxy<GenesysProxy>>,
     gate: Arc<Gate>,
     tls: Option<Arc<tls::ServerTls>>,
-    peers: Arc<crate::apps::Gatekeeper>,
+    apps: Arc<crate::apps::Gatekeeper>,
 }
 
 fn accepted_one(
@@ -170,11 +171,11 @@ fn accepted_one(
     let app = l.app.clone();
     let watch = pingora_shutdown.clone();
     let head_timeout = gate.live.load().proxy.request_header_timeout;
-    let (tls, peers) = (l.tls.clone(), l.peers.clone());
+    let (tls, apps) = (l.tls.clone(), l.apps.clone());
     gate.metrics.client_connections.inc();
     tracker.spawn(async move {
         let metrics = gate.metrics.clone();
-        let identified = peers.clone();
+        let identified = apps.clone();
         let serve = async move {
             let stream = match tls {
                 None => Box::new(downstream(tcp, peer)),
@@ -195,7 +196,7 @@ fn accepted_one(
             let m = &gate.metrics.rejected_requests_total;
             m.with_label_values(&["request_header_timeout"]).inc();
         }
-        peers.peers.remove(&peer);
+        apps.peers.remove(&peer);
         gate.metrics.client_connections.dec();
         drop(permit);
     });

@@ -22,20 +22,29 @@ use x509_parser::extensions::GeneralName;
 use crate::config::tls::ListenerTls;
 use crate::sync::lock;
 
+/// Why rustls refused a checked pair or client CA (rare: `check` reads the same files).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("proxy.tls: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("proxy.tls.client_ca_file: {0}")]
+    ClientCa(#[from] rustls::server::VerifierBuilderError),
+}
+
 /// A listener's TLS: the current acceptor, swapped by reloads.
 pub struct ServerTls {
     acceptor: ArcSwap<Acceptor>,
 }
 
 impl ServerTls {
-    pub fn new(t: &ListenerTls) -> Result<ServerTls, String> {
+    pub fn new(t: &ListenerTls) -> Result<ServerTls, TlsError> {
         Ok(ServerTls {
             acceptor: ArcSwap::from_pointee(acceptor(t)?),
         })
     }
 
     /// New handshakes use `t` from now on.
-    pub fn replace(&self, t: &ListenerTls) -> Result<(), String> {
+    pub fn replace(&self, t: &ListenerTls) -> Result<(), TlsError> {
         self.acceptor.store(Arc::new(acceptor(t)?));
         Ok(())
     }
@@ -45,11 +54,10 @@ impl ServerTls {
     }
 }
 
-fn acceptor(t: &ListenerTls) -> Result<Acceptor, String> {
+fn acceptor(t: &ListenerTls) -> Result<Acceptor, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
-        .map_err(|e| e.to_string())?;
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?;
     let builder = match &t.client_roots {
         None => builder.with_no_client_auth(),
         Some(roots) => {
@@ -57,14 +65,11 @@ fn acceptor(t: &ListenerTls) -> Result<Acceptor, String> {
             store.add_parsable_certificates(roots.iter().cloned());
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
                 .allow_unauthenticated()
-                .build()
-                .map_err(|e| format!("proxy.tls.client_ca_file: {e}"))?;
+                .build()?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder
-        .with_single_cert(t.chain.clone(), t.key.clone_key())
-        .map_err(|e| format!("proxy.tls: {e}"))?;
+    let mut config = builder.with_single_cert(t.chain.clone(), t.key.clone_key())?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Acceptor::from_server_config(Arc::new(config)))
 }

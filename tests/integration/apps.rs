@@ -393,20 +393,14 @@ async fn an_app_is_routed_to_its_credential_from_any_listener() {
     })
     .await;
     let dir = temp_dir("apps-route");
-    let partner = secret_file(&dir, "partner-secret", "partner-secret");
     let toml = proxy_toml(&sim.url(), SECRET, "", "", &dir)
-        + &format!(
-            r#"
-[[credential]]
-name = "partner"
-listen = "127.0.0.1:0"
-[credential.genesys]
-login_url = "{url}"
-api_url = "{url}"
-client_id = "partner-client"
-client_secret = {{ file = {partner:?} }}
-"#,
-            url = sim.url()
+        + &crate::credentials::credential(
+            &dir,
+            "partner",
+            &sim,
+            "partner-client",
+            "partner-secret",
+            "",
         )
         + &apps_section(
             &dir,

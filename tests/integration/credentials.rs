@@ -22,7 +22,7 @@ fn secret_file(dir: &std::path::Path, name: &str, secret: &str) -> std::path::Pa
 }
 
 /// A `[[credential]]` entry for a simulator client.
-fn credential(
+pub fn credential(
     dir: &std::path::Path,
     name: &str,
     sim: &SimHandle,
