@@ -168,8 +168,18 @@ fn proxy(b: &Builder, p: ProxySection, default_prefix: &str) -> Built<(ProxyList
             format!("{replay_body_limit_bytes} exceeds pingora's 65536-byte retry buffer"),
         ));
     }
+    let max_request_body_bytes = match p.max_request_body_bytes.unwrap_or(512_000) {
+        n @ 1..=MAX_REQUEST_BODY_CEILING => n,
+        n => {
+            return Err(b.err(
+                "proxy.max_request_body_bytes",
+                format!("{n} must be between 1 and {MAX_REQUEST_BODY_CEILING} (Genesys refuses bodies over 512000 bytes)"),
+            ))
+        }
+    };
     let live = ProxyLive {
         allowed_client_cidrs: cidrs(b, p.allowed_client_cidrs)?,
+        max_request_body_bytes,
         allowed_path_prefixes: path_prefixes(
             b,
             p.allowed_path_prefixes,
@@ -207,6 +217,9 @@ fn proxy(b: &Builder, p: ProxySection, default_prefix: &str) -> Built<(ProxyList
     };
     Ok((listen, live))
 }
+
+/// The largest `proxy.max_request_body_bytes` accepted: 64 MiB, far above what Genesys takes.
+const MAX_REQUEST_BODY_CEILING: u64 = 64 << 20;
 
 fn cidrs(b: &Builder, raw: Option<Vec<String>>) -> Built<Vec<IpNet>> {
     let raw = raw.unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1/128".into()]);

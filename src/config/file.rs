@@ -135,6 +135,7 @@ pub struct ProxySection {
     pub allowed_client_cidrs: Option<Vec<String>>,
     pub allowed_path_prefixes: Option<Vec<String>>,
     pub replay_body_limit_bytes: Option<u64>,
+    pub max_request_body_bytes: Option<u64>,
     pub token_wait_timeout_ms: Option<u64>,
     pub refresh_wait_timeout_ms: Option<u64>,
     pub upstream_connect_timeout_ms: Option<u64>,

@@ -221,6 +221,9 @@ keyed_struct! {
         pub allowed_client_cidrs: Vec<IpNet> => "proxy.allowed_client_cidrs",
         pub allowed_path_prefixes: Vec<String> => "proxy.allowed_path_prefixes",
         pub replay_body_limit_bytes: u64 => "proxy.replay_body_limit_bytes",
+        /// Larger request bodies are refused with 413 before any API call (Genesys's
+        /// documented limit is 512,000 bytes).
+        pub max_request_body_bytes: u64 => "proxy.max_request_body_bytes",
         pub token_wait_timeout: Duration => "proxy.token_wait_timeout_ms",
         pub refresh_wait_timeout: Duration => "proxy.refresh_wait_timeout_ms",
         pub upstream_connect_timeout: Duration => "proxy.upstream_connect_timeout_ms",

@@ -27,6 +27,8 @@ pub enum Refusal {
     AppNotAllowed,
     /// Too many failed proofs from this address this minute.
     AuthThrottled,
+    /// A body over `proxy.max_request_body_bytes`.
+    RequestTooLarge,
 }
 
 impl Refusal {
@@ -35,6 +37,7 @@ impl Refusal {
             Refusal::ClientNotAllowed | Refusal::PathNotAllowed | Refusal::AppNotAllowed => 403,
             Refusal::Unauthenticated => 401,
             Refusal::AuthThrottled => 429,
+            Refusal::RequestTooLarge => 413,
             Refusal::MethodNotAllowed => 405,
             Refusal::BadRequest => 400,
             Refusal::NoToken | Refusal::TooManyConnections => 503,
@@ -57,6 +60,7 @@ impl Refusal {
             Refusal::Unauthenticated => "unauthenticated",
             Refusal::AppNotAllowed => "app_not_allowed",
             Refusal::AuthThrottled => "auth_throttled",
+            Refusal::RequestTooLarge => "request_too_large",
         }
     }
 
@@ -84,6 +88,9 @@ impl Refusal {
             }
             Refusal::AuthThrottled => {
                 "Too many failed app proofs from this address; retry after the minute ends."
+            }
+            Refusal::RequestTooLarge => {
+                "The request body exceeds the proxy's max_request_body_bytes (Genesys Cloud accepts at most 512000 bytes)."
             }
         }
     }
@@ -118,9 +125,22 @@ pub fn replayable(
     !buffer_truncated && content_length.unwrap_or(0) <= limit && body_bytes_read <= limit
 }
 
+/// The error a streamed (chunked) body raises when it passes `proxy.max_request_body_bytes`.
+pub const BODY_TOO_LARGE: ErrorType = ErrorType::Custom("request_too_large");
+
+/// A declared `Content-Length` over `limit`.
+pub fn declared_body_too_large(req: &RequestHeader, limit: u64) -> bool {
+    req.headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > limit)
+}
+
 /// Which refusal an upstream error becomes.
 pub fn refusal_for(etype: &ErrorType) -> Refusal {
     match etype {
+        &BODY_TOO_LARGE => Refusal::RequestTooLarge,
         ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
             Refusal::UpstreamTimeout
         }

@@ -15,7 +15,8 @@ mod upstream;
 
 pub use crate::metrics::status_label;
 pub use decide::{
-    client_allowed, header_u64, refusal_for, replayable, rewrite_upstream_request, Refusal,
+    client_allowed, declared_body_too_large, header_u64, refusal_for, replayable,
+    rewrite_upstream_request, Refusal,
 };
 pub use sanitize::{normalise_content_length, path_allowed, strip_upgrade};
 
@@ -113,6 +114,8 @@ pub struct RequestCtx {
     route: usize,
     /// The authenticated app, with `[[app]]`.
     caller: Option<Called>,
+    /// Body bytes read so far (a chunked body is refused once past the limit).
+    body_bytes: u64,
 }
 
 /// Why a request without an app proof is refused, if it is: the listener's methods and paths.
@@ -165,6 +168,7 @@ impl ProxyHttp for GenesysProxy {
             rate_retries: 0,
             route: self.own,
             caller: None,
+            body_bytes: 0,
         }
     }
 
@@ -221,7 +225,32 @@ impl ProxyHttp for GenesysProxy {
                 Budget::client_key(&ctx.live.budget, ip)
             }
         };
+        // Before admission: a body Genesys would refuse costs no API call and no budget.
+        if declared_body_too_large(session.req_header(), ctx.live.proxy.max_request_body_bytes) {
+            return respond::refuse(own, session, Refusal::RequestTooLarge, &ctx.live).await;
+        }
         upstream::admit(self.state(ctx), session, ctx, client).await
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // A declared length was checked in `request_filter`; this catches a chunked body
+        // before its over-limit part reaches Genesys (the unfinished request is abandoned).
+        if let Some(chunk) = body {
+            ctx.body_bytes += chunk.len() as u64;
+            if ctx.body_bytes > ctx.live.proxy.max_request_body_bytes {
+                return Error::e_explain(
+                    decide::BODY_TOO_LARGE,
+                    "the chunked request body passed proxy.max_request_body_bytes",
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_peer(
