@@ -87,6 +87,27 @@ fn pool_view(state: &CredentialView, now: Instant) -> serde_json::Value {
     serde_json::Value::Array(slots)
 }
 
+/// Routes shown in `/status` at most (the longest held first); `total` counts them all.
+const HELD_ROUTES_SHOWN: usize = 32;
+
+/// Routes held after an endpoint or org 429, with how long they have been and will be held.
+fn held_routes(state: &CredentialView, now: Instant) -> serde_json::Value {
+    let held = state.budget.holds.snapshot(now);
+    let routes: Vec<serde_json::Value> = held
+        .iter()
+        .take(HELD_ROUTES_SHOWN)
+        .map(|h| {
+            serde_json::json!({
+                "route": h.route,
+                "held_for_seconds": h.held_for.as_secs(),
+                "retry_after_seconds": h.left.as_secs_f64().ceil() as u64,
+                "limited_answers": h.hits,
+            })
+        })
+        .collect();
+    serde_json::json!({"total": held.len(), "routes": routes})
+}
+
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -312,6 +333,7 @@ fn credential_status(state: &CredentialView, audit: &AuditLog, now: Instant) -> 
             "last_error": info.last_rotation_error,
         },
         "pool": pool_view(state, now),
+        "held_routes": held_routes(state, now),
         "jwks": state.jwks.as_ref().map(|j| {
             let (keys, age, url) = j.view();
             serde_json::json!({

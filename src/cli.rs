@@ -88,4 +88,9 @@ pub struct SimArgs {
     /// that certificate (PEM) to this file: point the proxy's genesys.ca_file at it.
     #[arg(long, value_name = "FILE")]
     pub tls_cert_out: Option<PathBuf>,
+    /// An endpoint or organisation limit (repeatable): at most N calls under PATH_PREFIX from
+    /// all tokens together per SECONDS, past which the normalised 429 is answered while the
+    /// token's own inin-ratelimit headers still show budget.
+    #[arg(long = "endpoint-limit", value_name = "PATH_PREFIX=N/SECONDS")]
+    pub endpoint_limits: Vec<crate::sim::EndpointLimit>,
 }

@@ -11,10 +11,14 @@
 //! client's use goes to its [`atomic::Meter`], and an answer's rate-limit headers to the
 //! slot's [`atomic::Reported`]. The windows' lock is taken only to refill tickets, to queue,
 //! by the dispatcher, and by the 1 s gauge tick, each time applying what was reported.
+//!
+//! A 429 that came while the token still had budget is an endpoint's or the org's limit, not
+//! the token's: [`holds`] holds that route until `Retry-After` and leaves the tokens alone.
 
 mod atomic;
 mod book;
 mod dispatch;
+pub mod holds;
 pub use dispatch::dispatch;
 pub mod window;
 
@@ -135,6 +139,8 @@ pub struct Budget {
     /// `token_pool_budget_remaining{slot}` per slot, looked up once.
     slot_gauges: Vec<prometheus::IntGauge>,
     next_id: AtomicU64,
+    /// Routes held after an endpoint or org 429 (not the token's budget).
+    pub holds: holds::RouteHolds,
 }
 
 impl Budget {
@@ -165,6 +171,7 @@ impl Budget {
             live,
             metrics,
             next_id: AtomicU64::new(0),
+            holds: holds::RouteHolds::default(),
         }
     }
 
@@ -710,6 +717,28 @@ impl Budget {
         self.publish_remaining(&windows, now);
         drop(windows);
         self.window_changed();
+    }
+
+    /// What the budget knows `token` has left in its window (from the answers before), if
+    /// its slot still holds it.
+    pub fn left_of(&self, token: &Arc<Token>) -> Option<u64> {
+        let current = self
+            .store
+            .slot(token.slot)
+            .is_some_and(|t| t.generation == token.generation);
+        current
+            .then(|| self.remaining().get(token.slot).copied())
+            .flatten()
+    }
+
+    /// The calls per window Genesys allows a token, as last reported (the configured
+    /// `requests_per_window` until it reports): the proxy's own 429 says it like Genesys.
+    pub fn allowed(&self) -> u64 {
+        lock(&self.windows)
+            .iter()
+            .map(|w| w.allowed)
+            .max()
+            .unwrap_or(self.live.load().budget.requests_per_window)
     }
 
     /// Budget left per pool slot, for `/status`.

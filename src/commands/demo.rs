@@ -46,6 +46,7 @@ pub fn run_sim(args: SimArgs) -> ExitCode {
             .map(std::time::Duration::from_secs),
         token_format: args.token_format,
         tls: args.tls_cert_out.is_some(),
+        endpoint_limits: args.endpoint_limits.clone(),
     };
     let rt = match runtime() {
         Ok(rt) => rt,

@@ -51,7 +51,10 @@ pub struct Metrics {
     /// Handles to the request path's labelled counters (see [`handles`]).
     pub requests: Handles<Code>,
     pub replays: Handles<ReplayOutcome>,
+    /// `rate_limited_total{scope="token"}`.
     pub rate_limited: Handles<RateLimitOutcome>,
+    /// `rate_limited_total{scope="endpoint"}`.
+    pub rate_limited_endpoint: Handles<RateLimitOutcome>,
     pub budget_requests: AppCounters,
 }
 
@@ -234,7 +237,13 @@ impl Metrics {
         let m = Maker(registry);
         let requests_total = m.counter_vec("requests_total", "Requests answered by the proxy, by HTTP status code.", "code", &[]);
         let replays_total = m.counter_vec("replays_total", "Requests replayed or not after an upstream 401, by outcome.", "outcome", ReplayOutcome::LABELS);
-        let rate_limited_total = m.counter_vec("rate_limited_total", "Requests that met the rate limit, by outcome: absorbed (a 429 re-sent after budget freed), passed_through (Genesys's 429), queue_timeout and queue_full (the proxy's own 429).", "outcome", RateLimitOutcome::LABELS);
+        let rate_limited_total = m.labelled_counter("rate_limited_total", "Requests that met a rate limit, by scope (token: the token's own budget; endpoint: an endpoint or org limit met while the token had budget, which holds that route) and outcome: absorbed (a 429 re-sent after budget freed or the hold ended), passed_through (Genesys's 429), queue_timeout and queue_full (the proxy's own 429).", &["scope", "outcome"]);
+        // Every series from 0, so rate() and alerts work before the first event.
+        for scope in ["token", "endpoint"] {
+            for outcome in RateLimitOutcome::LABELS {
+                rate_limited_total.with_label_values(&[scope, outcome]);
+            }
+        }
         let budget_requests_total = m.labelled_counter("budget_requests_total", "Requests by application group (configured [[budget.app]] names, else other) and admission: served at once, served after queueing, or refused.", &["app", "outcome"]);
         Metrics {
             request_duration_seconds: m.hist("request_duration_seconds", "Time from request start to response end, in seconds."),
@@ -262,7 +271,8 @@ impl Metrics {
             cluster_tokens_total: Handles::new(m.counter_vec("cluster_tokens_total", "[cluster]: tokens this replica took, by how: adopted (stored by another replica), minted_shared (minted under the lease and stored), minted_standalone (minted alone while Redis failed).", "how", ClusterTake::LABELS), &[]),
             requests: Handles::new(requests_total, &[]),
             replays: Handles::new(replays_total, &[]),
-            rate_limited: Handles::new(rate_limited_total, &[]),
+            rate_limited: Handles::new(rate_limited_total.clone(), &["token"]),
+            rate_limited_endpoint: Handles::new(rate_limited_total, &["endpoint"]),
             budget_requests: AppCounters::new(budget_requests_total, "other"),
             registry: m.0,
         }

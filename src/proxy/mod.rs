@@ -116,6 +116,8 @@ pub struct RequestCtx {
     caller: Option<Called>,
     /// Body bytes read so far (a chunked body is refused once past the limit).
     body_bytes: u64,
+    /// The last upstream 429's scope and, for an endpoint limit, when its route is free.
+    limit: Option<(crate::budget::holds::Scope, Instant)>,
 }
 
 /// Why a request without an app proof is refused, if it is: the listener's methods and paths.
@@ -169,6 +171,7 @@ impl ProxyHttp for GenesysProxy {
             route: self.own,
             caller: None,
             body_bytes: 0,
+            limit: None,
         }
     }
 
@@ -312,7 +315,7 @@ impl ProxyHttp for GenesysProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let state = &self.routes[ctx.route];
-        upstream::observe_upstream(state, upstream, ctx);
+        upstream::observe_upstream(state, session.req_header(), upstream, ctx);
         if upstream.status == 429 {
             return upstream::absorb_429(state, session, ctx).await;
         }

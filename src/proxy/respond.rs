@@ -7,23 +7,30 @@ use http::header;
 use pingora::prelude::*;
 use pingora::proxy::Session;
 
+use super::decide::{RATELIMIT_ALLOWED, RATELIMIT_COUNT, RATELIMIT_RESET};
 use super::{ProxyState, Refusal};
 use crate::config::Live;
 
 /// The proxy's own 429 when no budget frees within the request's wait: Genesys's shape and
 /// message, with an honest `Retry-After`, so SDK retry policies behave as with Genesys. With
-/// `[[app]]`, the message names the app that is over its share.
+/// `[[app]]`, the message names the app that is over its share. Like Genesys's, it carries
+/// `inin-ratelimit-count/allowed/reset` (the window spent: count = allowed = the token's
+/// `allowed`, reset = `Retry-After`), so SDK retry logic reads it the same way.
 pub(super) async fn respond_rate_limited(
     session: &mut Session,
     retry_after: Duration,
     app: Option<&str>,
+    allowed: u64,
 ) -> Result<()> {
     let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
     let body = rate_limited_body(seconds, app);
-    let mut resp = ResponseHeader::build(429, Some(4))?;
+    let mut resp = ResponseHeader::build(429, Some(7))?;
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     resp.insert_header(header::RETRY_AFTER, seconds.to_string())?;
+    resp.insert_header(RATELIMIT_COUNT, allowed.to_string())?;
+    resp.insert_header(RATELIMIT_ALLOWED, allowed.to_string())?;
+    resp.insert_header(RATELIMIT_RESET, seconds.to_string())?;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
 }

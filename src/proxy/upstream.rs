@@ -14,6 +14,7 @@ use super::{
     header_u64, replay_error, replayable, ProxyState, Refusal, RequestCtx, MAX_RATE_RETRIES,
 };
 use crate::anomaly::Kind;
+use crate::budget::holds::{classify, route_key, Scope};
 use crate::budget::{Admit, Budget, ClientKey, Refused};
 use crate::metrics::{Admission, AppOutcome, RateLimitOutcome, ReplayOutcome};
 use crate::token::lease::Lease;
@@ -27,6 +28,9 @@ pub(super) async fn admit(
     client: ClientKey,
 ) -> Result<bool> {
     let settings = &ctx.live.budget;
+    if let Some(done) = wait_for_route(state, session, ctx).await? {
+        return Ok(done);
+    }
     let token_wait = ctx.live.proxy.token_wait_timeout;
     let admit = state.budget.checkout(
         settings,
@@ -75,17 +79,62 @@ pub(super) async fn admit(
                 Refused::QueueTimeout => RateLimitOutcome::QueueTimeout,
             });
             let over = ctx.caller.as_ref().map(|c| &*c.app().name);
-            respond_rate_limited(session, retry_after, over).await?;
+            respond_rate_limited(session, retry_after, over, state.budget.allowed()).await?;
             Ok(true)
         }
         Admit::NoToken => respond::refuse(state, session, Refusal::NoToken, &ctx.live).await,
     }
 }
 
+/// A request to a route held after an endpoint or org 429 waits until the hold ends, within
+/// what is left of its `max_queue_wait_ms`, or gets the proxy's own 429 with the hold's
+/// `Retry-After`: `Some(true)` when answered. Other routes pass at the cost of one atomic load.
+async fn wait_for_route(
+    state: &ProxyState,
+    session: &mut Session,
+    ctx: &RequestCtx,
+) -> Result<Option<bool>> {
+    let req = session.req_header();
+    let now = Instant::now();
+    let Some(until) = state
+        .budget
+        .holds
+        .held_until(req.method.as_str(), req.uri.path(), now)
+    else {
+        return Ok(None);
+    };
+    let deadline = ctx.started + ctx.live.budget.max_queue_wait;
+    if until > deadline {
+        state
+            .metrics
+            .rate_limited_endpoint
+            .inc(RateLimitOutcome::QueueTimeout);
+        let allowed = state.budget.allowed();
+        respond_rate_limited(session, until - now, None, allowed).await?;
+        return Ok(Some(true));
+    }
+    let sleep = tokio::time::sleep_until(until.into());
+    if has_no_body(session.req_header()) {
+        tokio::select! {
+            biased;
+            () = sleep => {}
+            () = client_left(session) => {
+                return Error::e_explain(ErrorType::ConnectionClosed, "client left while its route was held");
+            }
+        }
+    } else {
+        sleep.await;
+    }
+    Ok(None)
+}
+
 /// Records what every upstream answer tells: status, correlation id (for the access log),
-/// the rate-limit headers, and 401/429 counts for metrics and the anomaly detector.
+/// the rate-limit headers, and 401/429 counts for metrics and the anomaly detector. A 429
+/// is classified: the token's own limit rests the token; an endpoint or org limit holds the
+/// request's route instead.
 pub(super) fn observe_upstream(
     state: &ProxyState,
+    req: &RequestHeader,
     upstream: &ResponseHeader,
     ctx: &mut RequestCtx,
 ) {
@@ -99,11 +148,15 @@ pub(super) fn observe_upstream(
             .map(str::to_string);
     }
     let budget = &state.budget;
-    if let (Some(token), Some(count), Some(allowed)) = (
-        ctx.lease.as_ref().map(Lease::token),
-        header_u64(upstream, &RATELIMIT_COUNT),
-        header_u64(upstream, &RATELIMIT_ALLOWED),
-    ) {
+    let count = header_u64(upstream, &RATELIMIT_COUNT);
+    let allowed = header_u64(upstream, &RATELIMIT_ALLOWED);
+    let token = ctx.lease.as_ref().map(Lease::token);
+    // What the budget knew before this answer: only needed for a 429 without headers.
+    let left_before = match (token, count, ctx.upstream_status) {
+        (Some(token), None, 429) => budget.left_of(token),
+        _ => None,
+    };
+    if let (Some(token), Some(count), Some(allowed)) = (token, count, allowed) {
         let reset = header_u64(upstream, &RATELIMIT_RESET);
         budget.observe(token, count, allowed, reset);
     }
@@ -115,10 +168,25 @@ pub(super) fn observe_upstream(
         429 => {
             metrics.upstream_rate_limited_total.inc();
             state.anomaly.observe(Kind::RateLimitStorm);
-            if let Some(token) = ctx.lease.as_ref().map(Lease::token) {
-                let retry_after = header_u64(upstream, &header::RETRY_AFTER)
-                    .map_or(ctx.live.budget.window, Duration::from_secs);
-                budget.exhausted(token, retry_after);
+            let Some(token) = ctx.lease.as_ref().map(Lease::token) else {
+                return;
+            };
+            let retry_after = header_u64(upstream, &header::RETRY_AFTER);
+            let now = Instant::now();
+            match classify(count, allowed, left_before) {
+                Scope::Token => {
+                    let retry_after =
+                        retry_after.map_or(ctx.live.budget.window, Duration::from_secs);
+                    budget.exhausted(token, retry_after);
+                    ctx.limit = Some((Scope::Token, now + retry_after));
+                }
+                Scope::Endpoint => {
+                    let until = now + Duration::from_secs(retry_after.unwrap_or(1).max(1));
+                    let route = route_key(req.method.as_str(), req.uri.path());
+                    tracing::info!(route = %route, retry_after_seconds = (until - now).as_secs(), "Genesys limited an endpoint while the token had budget; holding the route");
+                    budget.holds.hold(route, until, now);
+                    ctx.limit = Some((Scope::Endpoint, until));
+                }
             }
         }
         _ => {}
@@ -134,7 +202,12 @@ pub(super) async fn absorb_429(
     ctx: &mut RequestCtx,
 ) -> Result<()> {
     let metrics = &state.metrics;
-    let passed = || metrics.rate_limited.inc(RateLimitOutcome::PassedThrough);
+    let (scope, free_at) = ctx.limit.unwrap_or((Scope::Token, Instant::now()));
+    let counters = match scope {
+        Scope::Token => &metrics.rate_limited,
+        Scope::Endpoint => &metrics.rate_limited_endpoint,
+    };
+    let passed = || counters.inc(RateLimitOutcome::PassedThrough);
     let token = ctx.lease.as_ref().map(|l| l.token().clone());
     let (Some(token), Some(client)) = (token, ctx.client.clone()) else {
         passed();
@@ -145,6 +218,15 @@ pub(super) async fn absorb_429(
         return Ok(());
     }
     let deadline = ctx.started + ctx.live.budget.max_queue_wait;
+    if scope == Scope::Endpoint {
+        // The token is not at fault: the request waits out the route's hold, then takes a
+        // call like any other (from the token with the most left).
+        if free_at > deadline {
+            passed();
+            return Ok(());
+        }
+        tokio::time::sleep_until(free_at.into()).await;
+    }
     let wait = deadline.saturating_duration_since(Instant::now());
     let budget = &state.budget;
     match budget.admit(&ctx.live.budget, client, &token, wait).await {
@@ -153,7 +235,7 @@ pub(super) async fn absorb_429(
                 lease.reissue(token);
             }
             ctx.rate_retries += 1;
-            metrics.rate_limited.inc(RateLimitOutcome::Absorbed);
+            counters.inc(RateLimitOutcome::Absorbed);
             Err(replay_error())
         }
         Admit::Refused { .. } | Admit::NoToken => {

@@ -74,6 +74,21 @@ pub async fn handle(
             headers,
         );
     }
+    if let Some(seconds) = state.endpoint_limited(path, Instant::now()) {
+        // Genesys's normalised body, the same as for the token's own limit; only the token's
+        // headers (count below allowed) tell it apart.
+        state.count_api(429, None);
+        let mut headers = limits;
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        let message =
+            format!("Rate limit exceeded the maximum. Retry the request in [{seconds}] seconds");
+        return genesys_error_with(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too.many.requests.retry.after",
+            &message,
+            headers,
+        );
+    }
     state.api_in_flight.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight(&state);
     let latency = state.api_latency_ms.load(Ordering::Relaxed);

@@ -56,6 +56,41 @@ pub struct SimConfig {
     pub token_format: TokenFormat,
     /// Serve HTTPS with a certificate generated at start (see [`SimHandle::cert_pem`]).
     pub tls: bool,
+    /// Endpoint (org-wide) limits: calls under a path prefix, over every token, per window.
+    pub endpoint_limits: Vec<EndpointLimit>,
+}
+
+/// `--endpoint-limit PATH_PREFIX=N/SECONDS`: at most `limit` calls whose path starts with
+/// `prefix`, from all tokens together, per `window` (fixed windows from the first call). Past
+/// it Genesys's normalised 429 is answered while the token's own headers still show budget,
+/// as Genesys does for its endpoint and organisation limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointLimit {
+    pub prefix: String,
+    pub limit: u64,
+    pub window: std::time::Duration,
+}
+
+impl std::str::FromStr for EndpointLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?}: expected PATH_PREFIX=N/SECONDS, e.g. /api/v2/flows=10/60");
+        let (prefix, rate) = s.split_once('=').ok_or_else(bad)?;
+        let (n, secs) = rate.split_once('/').ok_or_else(bad)?;
+        let limit: u64 = n.trim().parse().map_err(|_| bad())?;
+        let secs: u64 = secs.trim().parse().map_err(|_| bad())?;
+        if !prefix.starts_with("/api/v2/") || limit == 0 || !(1..=3600).contains(&secs) {
+            return Err(format!(
+                "{s:?}: the prefix must start with /api/v2/, N must be at least 1 and SECONDS 1 to 3600"
+            ));
+        }
+        Ok(EndpointLimit {
+            prefix: prefix.to_string(),
+            limit,
+            window: std::time::Duration::from_secs(secs),
+        })
+    }
 }
 
 impl Default for SimConfig {
@@ -69,6 +104,7 @@ impl Default for SimConfig {
             idle_timeout: None,
             token_format: TokenFormat::Opaque,
             tls: false,
+            endpoint_limits: Vec::new(),
         }
     }
 }

@@ -84,6 +84,7 @@ struct Stats {
     api_refused: BTreeMap<String, u64>,
     api_limited_by_token: BTreeMap<String, u64>,
     api_by_token: BTreeMap<String, u64>,
+    api_endpoint_limited: u64,
     revocations: u64,
 }
 
@@ -104,6 +105,8 @@ pub struct SimState {
     pub keys: SigningKeys,
     /// JWT mode: the last token request as received, without the secret.
     pub last_token_request: Mutex<Option<serde_json::Value>>,
+    /// Per `config.endpoint_limits` entry: the window's start and the calls counted in it.
+    endpoint_windows: Mutex<Vec<(Instant, u64)>>,
 }
 
 /// The token endpoint's throttling window (the API's is `SimConfig::api_rate_limit_window`).
@@ -119,6 +122,7 @@ impl SimState {
         }
         let lifetime = config.token_lifetime_seconds;
         let keys = SigningKeys::new(config.token_format == super::TokenFormat::Jwt);
+        let n_limits = config.endpoint_limits.len();
         SimState {
             config,
             clients: Mutex::new(clients),
@@ -133,6 +137,7 @@ impl SimState {
             api_in_flight: AtomicU64::new(0),
             keys,
             last_token_request: Mutex::new(None),
+            endpoint_windows: Mutex::new(vec![(Instant::now(), 0); n_limits]),
         }
     }
 
@@ -297,6 +302,37 @@ impl SimState {
         })
     }
 
+    /// Counts a call to `path` against the endpoint limits it falls under; `Some(seconds)`
+    /// until the first exceeded one's window resets when it is over.
+    pub fn endpoint_limited(&self, path: &str, now: Instant) -> Option<u64> {
+        let limits = &self.config.endpoint_limits;
+        if limits.is_empty() {
+            return None;
+        }
+        let mut windows = lock(&self.endpoint_windows);
+        let mut over = None;
+        for (limit, (start, count)) in limits.iter().zip(windows.iter_mut()) {
+            if !path.starts_with(&limit.prefix) {
+                continue;
+            }
+            if now.duration_since(*start) >= limit.window {
+                *start = now;
+                *count = 0;
+            }
+            if *count >= limit.limit {
+                let left = limit.window.saturating_sub(now.duration_since(*start));
+                let secs = (left.as_secs_f64().ceil() as u64).max(1);
+                over = Some(over.map_or(secs, |s: u64| s.max(secs)));
+            } else {
+                *count += 1;
+            }
+        }
+        if over.is_some() {
+            lock(&self.stats).api_endpoint_limited += 1;
+        }
+        over
+    }
+
     /// Revokes one token (DELETE /api/v2/tokens/me).
     pub fn revoke_token(&self, token: &str) -> bool {
         let removed = lock(&self.tokens).remove(token).is_some();
@@ -368,6 +404,7 @@ impl SimState {
                 "by_token": stats.api_by_token,
                 "refused": stats.api_refused,
                 "rate_limited_by_token": stats.api_limited_by_token,
+                "endpoint_limited": stats.api_endpoint_limited,
                 "in_flight": self.api_in_flight.load(Ordering::Relaxed),
             },
             "revocations": stats.revocations,

@@ -72,7 +72,7 @@ async fn a_spent_budget_gets_the_proxys_own_429_and_genesys_sees_none() {
     assert_eq!(
         metric(
             &m,
-            "genesys_proxy_rate_limited_total{outcome=\"queue_timeout\"}"
+            "genesys_proxy_rate_limited_total{outcome=\"queue_timeout\",scope=\"token\"}"
         ),
         1.0,
         "{m}"
@@ -129,13 +129,16 @@ async fn a_genesys_429_is_absorbed_and_the_request_resent_when_budget_frees() {
     assert!(sim_429s(&stats(&sim).await) >= 1, "Genesys did answer 429");
     let m = metrics_text(&p).await;
     assert!(
-        metric(&m, "genesys_proxy_rate_limited_total{outcome=\"absorbed\"}") >= 1.0,
+        metric(
+            &m,
+            "genesys_proxy_rate_limited_total{outcome=\"absorbed\",scope=\"token\"}"
+        ) >= 1.0,
         "{m}"
     );
     assert_eq!(
         metric(
             &m,
-            "genesys_proxy_rate_limited_total{outcome=\"passed_through\"}"
+            "genesys_proxy_rate_limited_total{outcome=\"passed_through\",scope=\"token\"}"
         ),
         0.0
     );

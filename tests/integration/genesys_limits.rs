@@ -93,12 +93,158 @@ async fn the_body_limit_is_a_live_key() {
     assert_eq!(post(1000).await.unwrap().status(), 200);
     assert_eq!(post(1001).await.unwrap().status(), 413);
     let conf = p.dir.join("proxy.toml");
-    let text = std::fs::read_to_string(&conf)
-        .unwrap()
-        .replace("max_request_body_bytes = 1000", "max_request_body_bytes = 2000");
+    let text = std::fs::read_to_string(&conf).unwrap().replace(
+        "max_request_body_bytes = 1000",
+        "max_request_body_bytes = 2000",
+    );
     write_atomic(&conf, &text);
     let (status, body) = post_reload(&p).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(post(1001).await.unwrap().status(), 200);
     assert_eq!(post(2001).await.unwrap().status(), 413);
+}
+
+/// A simulator with an endpoint limit on analytics queries: `n` calls per `seconds`, over
+/// every token together.
+async fn sim_with_endpoint_limit(n: u64, seconds: u64) -> genesys_auth_proxy::sim::SimHandle {
+    let limit = format!("/api/v2/analytics/conversations/details/query={n}/{seconds}");
+    start_sim(genesys_auth_proxy::sim::SimConfig {
+        endpoint_limits: vec![limit.parse().unwrap()],
+        ..sim_config()
+    })
+    .await
+}
+
+const QUERY: &str = "/api/v2/analytics/conversations/details/query";
+
+fn endpoint_metric(m: &str, outcome: &str) -> f64 {
+    metric(
+        m,
+        &format!("genesys_proxy_rate_limited_total{{outcome=\"{outcome}\",scope=\"endpoint\"}}"),
+    )
+}
+
+fn token_scope_total(m: &str) -> f64 {
+    ["absorbed", "passed_through", "queue_timeout", "queue_full"]
+        .iter()
+        .map(|o| {
+            metric(
+                m,
+                &format!("genesys_proxy_rate_limited_total{{outcome=\"{o}\",scope=\"token\"}}"),
+            )
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn an_endpoint_limit_holds_its_route_and_other_routes_keep_every_token() {
+    let sim = sim_with_endpoint_limit(2, 30).await;
+    let dir = temp_dir("endpoint-hold");
+    let toml = proxy_toml(&sim.url(), SECRET, "", "pool_size = 2", &dir)
+        .replace("[audit]", "[budget]\nmax_queue_wait_ms = 500\n\n[audit]");
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    let c = client();
+    let query = || c.post(p.url(QUERY)).body("{}").send();
+    assert_eq!(query().await.unwrap().status(), 200);
+    assert_eq!(query().await.unwrap().status(), 200);
+    // The third meets the endpoint limit while the token has budget: Genesys's 429 passes
+    // through (the hold, 30 s, is longer than the request may wait), with its Retry-After.
+    let r = query().await.unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&retry), "{retry}");
+    let genesys_429s = |s: &Value| s["api_requests"]["endpoint_limited"].as_u64().unwrap();
+    assert_eq!(
+        genesys_429s(&stats(&sim).await),
+        1,
+        "sent once, not re-sent on the other token"
+    );
+    // The route is held: the next query is answered by the proxy, costing no API call, with
+    // Genesys's rate-limit headers.
+    let before = api_total(&stats(&sim).await);
+    let r = query().await.unwrap();
+    assert_eq!(r.status(), 429);
+    let h = r.headers();
+    assert!(h.contains_key("retry-after"));
+    let allowed: u64 = h["inin-ratelimit-allowed"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(allowed, 300);
+    assert_eq!(h["inin-ratelimit-count"], h["inin-ratelimit-allowed"]);
+    assert!(h.contains_key("inin-ratelimit-reset"));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["code"], "too.many.requests.retry.after");
+    assert_eq!(api_total(&stats(&sim).await), before);
+    // Other routes keep flowing on both tokens, at once: no token was marked spent.
+    let started = std::time::Instant::now();
+    let mut served = 0;
+    for _ in 0..40 {
+        let r = c.get(p.url("/api/v2/users")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        served += 1;
+    }
+    let took = started.elapsed();
+    let s = stats(&sim).await;
+    let by_token = s["api_requests"]["by_token"].as_object().unwrap();
+    assert_eq!(by_token.len(), 2, "both tokens still serve: {s}");
+    eprintln!("served {served} requests on other routes in {took:?} while {QUERY} was held");
+    assert_eq!(token_successes(&s), 2, "no token re-minted or rested: {s}");
+    let status = get_json(&p.admin("/status")).await;
+    assert_eq!(status["held_routes"]["total"], 1, "{status}");
+    assert_eq!(
+        status["held_routes"]["routes"][0]["route"],
+        format!("POST {QUERY}")
+    );
+    for slot in status["pool"].as_array().unwrap() {
+        assert!(slot["budget_remaining"].as_u64().unwrap() > 250, "{status}");
+    }
+    let m = metrics_text(&p).await;
+    assert_eq!(endpoint_metric(&m, "passed_through"), 1.0, "{m}");
+    assert_eq!(endpoint_metric(&m, "queue_timeout"), 1.0, "{m}");
+    assert_eq!(token_scope_total(&m), 0.0, "{m}");
+}
+
+#[tokio::test]
+async fn a_request_to_a_held_route_waits_out_the_hold_within_its_queue_wait() {
+    let sim = sim_with_endpoint_limit(2, 1).await;
+    let dir = temp_dir("endpoint-wait");
+    let toml = proxy_toml(&sim.url(), SECRET, "", "pool_size = 2", &dir)
+        .replace("[audit]", "[budget]\nmax_queue_wait_ms = 5000\n\n[audit]");
+    let p = start_from_toml(&toml, dir).await;
+    p.ready().await;
+    let c = client();
+    // Five at once: two pass, the others meet the limit (Retry-After 1 s), wait for the route
+    // and are re-sent; a later request waits for the hold instead of collecting a 429.
+    let sends: Vec<_> = (0..5)
+        .map(|i| {
+            let c = c.clone();
+            let url = p.url(QUERY);
+            tokio::spawn(async move { c.post(url).body(format!("{{\"n\":{i}}}")).send().await })
+        })
+        .collect();
+    for s in sends {
+        let r = s.await.unwrap().unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    }
+    let m = metrics_text(&p).await;
+    assert!(endpoint_metric(&m, "absorbed") >= 1.0, "{m}");
+    assert_eq!(endpoint_metric(&m, "passed_through"), 0.0, "{m}");
+    assert_eq!(token_scope_total(&m), 0.0, "{m}");
+    let s = stats(&sim).await;
+    assert_eq!(token_successes(&s), 2, "{s}");
+}
+
+#[test]
+fn the_endpoint_limit_flag_names_a_bad_value() {
+    let bad: Result<genesys_auth_proxy::sim::EndpointLimit, _> = "/api/v2/flows=ten/60".parse();
+    assert!(bad.unwrap_err().contains("PATH_PREFIX=N/SECONDS"));
+    let ok: genesys_auth_proxy::sim::EndpointLimit = "/api/v2/flows=10/60".parse().unwrap();
+    assert_eq!(ok.limit, 10);
 }
