@@ -17,7 +17,8 @@
 //! - [`apps`]: caller identity (`[[app]]`): the SDKs' login against the proxy and its own
 //!   sealed tokens, API keys, per-app methods, paths, credential and budget weight, and the
 //!   failed-proof guard.
-//! - [`region`]: the Genesys Cloud region table.
+//! - [`region`]: the Genesys Cloud region table; [`egress`]: the corporate forward proxy
+//!   (`egress_proxy`) both hosts are reached through: a CONNECT tunnel for the API path.
 //! - [`token`]: the token lifecycle. One [`token::refresher`] owns the token endpoint (through
 //!   a [`token::minter::Minter`]); [`token::schedule`] decides when, as pure functions; the
 //!   pool's tokens (`[token] pool_size`) live in a [`token::store`] that requests read
@@ -69,6 +70,7 @@ pub mod cli;
 pub mod cluster;
 pub mod commands;
 pub mod config;
+pub mod egress;
 pub mod files;
 pub mod fingerprint;
 pub mod head_clock;

@@ -151,8 +151,29 @@ impl Unit {
             jwks.clone(),
             peers,
         );
-        let addrs = resolver.addresses(&config.restart.genesys.api);
-        let state = proxy_state(config, &live, addrs, &store, &metrics, &anomaly, &budget)?;
+        let upstream = &config.restart.genesys;
+        let api = &upstream.api;
+        // Through an egress proxy (unless NO_PROXY names the API host), the proxy's host is
+        // what is resolved; the API host is named in the CONNECT and resolved by the proxy.
+        let tunnel = match &upstream.egress {
+            Some(egress) if !egress.bypasses(&api.host) => {
+                let proxy_host = ApiTarget {
+                    tls: false,
+                    host: egress.host.clone(),
+                    port: egress.port,
+                };
+                let addrs = resolver.addresses(&proxy_host);
+                let timeout = config.live.proxy.upstream_connect_timeout;
+                Some(Arc::new(crate::egress::Tunnel::new(
+                    egress, &api.host, api.port, addrs, timeout,
+                )))
+            }
+            _ => None,
+        };
+        let addrs = resolver.addresses(api);
+        let state = proxy_state(
+            config, &live, addrs, tunnel, &store, &metrics, &anomaly, &budget,
+        )?;
         let mut tasks = vec![
             tokio::spawn(refresher.run(shutdown.clone())),
             spawn_anomaly_ticks(anomaly.clone(), shutdown.clone()),
@@ -208,10 +229,12 @@ impl Unit {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn proxy_state(
     config: &Credential,
     live: &Arc<ArcSwap<Live>>,
     upstream_addrs: Arc<ArcSwap<Vec<SocketAddr>>>,
+    tunnel: Option<Arc<crate::egress::Tunnel>>,
     store: &Arc<TokenStore>,
     metrics: &Arc<Metrics>,
     anomaly: &Arc<AnomalyMonitor>,
@@ -224,6 +247,7 @@ fn proxy_state(
             .context("api_url: host is not a valid Host header")?,
         api: upstream.api.clone(),
         upstream_addrs,
+        tunnel,
         store: store.clone(),
         metrics: metrics.clone(),
         anomaly: anomaly.clone(),

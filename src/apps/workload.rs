@@ -158,6 +158,8 @@ fn jwks(proof: &JwtProof) -> Result<Jwks, String> {
         proof.ca_certs.as_deref(),
         Duration::from_secs(5),
         Duration::from_secs(10),
+        // The workload issuer is inside the network (the cluster's API server, a mesh CA).
+        None,
     )?;
     let settings = JwksSettings {
         keys: proof.keys.clone(),

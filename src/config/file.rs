@@ -181,6 +181,9 @@ pub struct GenesysSection {
     pub previous_client_secret: Option<SecretRef>,
     pub watch_secret_files: Option<bool>,
     pub ca_file: Option<String>,
+    pub egress_proxy: Option<String>,
+    pub egress_proxy_username: Option<String>,
+    pub egress_proxy_password: Option<SecretRef>,
 }
 
 /// `[oauth]`: a generic OAuth2 issuer (RFC 6749 client-credentials grant).
@@ -198,6 +201,9 @@ pub struct OAuthSection {
     pub audience: Option<String>,
     pub extra_params: Option<std::collections::BTreeMap<String, String>>,
     pub ca_file: Option<String>,
+    pub egress_proxy: Option<String>,
+    pub egress_proxy_username: Option<String>,
+    pub egress_proxy_password: Option<SecretRef>,
 }
 
 /// `{ env = "NAME" }` or `{ file = "/path" }`. A plain string is refused on purpose: secrets do

@@ -34,8 +34,8 @@ use std::path::{Path, PathBuf};
 pub use keyed::Keyed;
 pub use model::{
     AnomalyThresholds, ApiTarget, AppGroup, AuditTarget, BudgetSettings, Config, Credential,
-    CredentialName, CredentialSettings, Diff, Live, LogFormat, Process, ProxyLive, Restart,
-    TokenLive, Validation,
+    CredentialName, CredentialSettings, Diff, EgressProxy, Live, LogFormat, Process, ProxyLive,
+    Restart, TokenLive, Validation,
 };
 
 /// Why a config file was refused. The message always names the file, and the key when one is

@@ -265,6 +265,32 @@ keyed_struct! {
         pub ca_certs: Option<Vec<Vec<u8>>> => "genesys.ca_file" | "oauth.ca_file",
         /// How the grant request is made.
         pub grant: Grant => "oauth.auth_method" | "oauth.scope" | "oauth.audience" | "oauth.extra_params",
+        /// `egress_proxy`: the forward proxy both hosts are reached through, unless `NO_PROXY`
+        /// names them.
+        pub egress: Option<EgressProxy> => "genesys.egress_proxy" | "oauth.egress_proxy" | "genesys.egress_proxy_username" | "oauth.egress_proxy_username" | "genesys.egress_proxy_password" | "oauth.egress_proxy_password",
+    }
+}
+
+/// A corporate HTTP forward proxy (`http://host:port`, CONNECT for HTTPS), with optional
+/// Basic credentials (the password read like a secret).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EgressProxy {
+    /// `http://host:port`, without credentials.
+    pub url: Url,
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// `NO_PROXY` (or `no_proxy`) as the environment had it at load: hosts reached directly.
+    pub no_proxy: Option<String>,
+}
+
+impl EgressProxy {
+    /// Is `host` reached directly (named by `NO_PROXY`)?
+    pub fn bypasses(&self, host: &str) -> bool {
+        self.no_proxy
+            .as_deref()
+            .is_some_and(|raw| crate::egress::NoProxy::parse(raw).matches(host))
     }
 }
 

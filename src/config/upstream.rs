@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+use reqwest::Url;
+
 use super::builder::{secret, Builder, Built};
 use super::file::{GenesysSection, OAuthSection, SecretRef};
 use super::model::*;
@@ -29,12 +31,24 @@ pub(super) fn issuer(
 ) -> Built<(UpstreamSettings, CredentialSettings)> {
     match (genesys, oauth) {
         (Some(g), None) => {
-            let upstream = genesys_upstream(b, &g)?;
+            let mut upstream = genesys_upstream(b, &g)?;
+            let egress = (
+                g.egress_proxy,
+                g.egress_proxy_username,
+                g.egress_proxy_password,
+            );
+            upstream.egress = egress_proxy(b, "genesys", egress)?;
             let ids = (g.client_id, g.client_secret, g.previous_client_secret);
             Ok((upstream, credentials(b, "genesys", ids)?))
         }
         (None, Some(o)) => {
-            let upstream = oauth_upstream(b, &o)?;
+            let mut upstream = oauth_upstream(b, &o)?;
+            let egress = (
+                o.egress_proxy,
+                o.egress_proxy_username,
+                o.egress_proxy_password,
+            );
+            upstream.egress = egress_proxy(b, "oauth", egress)?;
             let ids = (o.client_id, o.client_secret, o.previous_client_secret);
             Ok((upstream, credentials(b, "oauth", ids)?))
         }
@@ -75,6 +89,7 @@ fn genesys_upstream(b: &Builder, g: &GenesysSection) -> Built<UpstreamSettings> 
         watch_secret_files: g.watch_secret_files.unwrap_or(true),
         ca_certs: ca_file(b, g.ca_file.as_deref(), "genesys.ca_file")?,
         grant: Grant::genesys(),
+        egress: None,
     })
 }
 
@@ -134,7 +149,86 @@ fn oauth_upstream(b: &Builder, o: &OAuthSection) -> Built<UpstreamSettings> {
             auth_method,
             params,
         },
+        egress: None,
     })
+}
+
+/// `egress_proxy`, its username and password, of one issuer section.
+type Egress = (Option<String>, Option<String>, Option<SecretRef>);
+
+/// `egress_proxy = "http://host:port"`: plain HTTP to the forward proxy (the tunnel to the
+/// API is TLS end to end), no credentials in the URL (they would show wherever the URL
+/// does), a username with an optional password read like a secret.
+fn egress_proxy(b: &mut Builder, section: &str, raw: Egress) -> Built<Option<EgressProxy>> {
+    let key = |name: &str| format!("{section}.{name}");
+    let (url, username, password) = raw;
+    let Some(url) = url else {
+        if username.is_some() || password.is_some() {
+            return Err(b.err(
+                &key("egress_proxy"),
+                "is required when egress_proxy_username or egress_proxy_password is set",
+            ));
+        }
+        return Ok(None);
+    };
+    let k = key("egress_proxy");
+    let parsed = Url::parse(&url).map_err(|e| b.err(&k, format!("{url:?} is not a URL: {e}")))?;
+    if parsed.scheme() != "http" {
+        return Err(b.err(
+            &k,
+            format!(
+                "scheme {:?} is not supported: use http://host:port (the tunnel to Genesys is TLS end to end)",
+                parsed.scheme()
+            ),
+        ));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(b.err(
+            &k,
+            format!(
+                "must not carry credentials: set {} and {} instead",
+                key("egress_proxy_username"),
+                key("egress_proxy_password")
+            ),
+        ));
+    }
+    if !matches!(parsed.path(), "" | "/") || parsed.query().is_some() {
+        return Err(b.err(&k, "must be http://host[:port] with no path"));
+    }
+    let host = parsed
+        .host_str()
+        .unwrap_or_default()
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_string();
+    if host.is_empty() {
+        return Err(b.err(&k, "names no host"));
+    }
+    if let Some(user) = &username {
+        if user.is_empty() || user.contains(':') || user.chars().any(char::is_control) {
+            return Err(b.err(
+                &key("egress_proxy_username"),
+                "must be non-empty, without ':' or control characters",
+            ));
+        }
+    }
+    let password = match password {
+        None => None,
+        Some(_) if username.is_none() => {
+            return Err(b.err(
+                &key("egress_proxy_password"),
+                format!("needs {} (Basic credentials)", key("egress_proxy_username")),
+            ))
+        }
+        Some(r) => Some(secret(b, r, &key("egress_proxy_password"))?.0),
+    };
+    Ok(Some(EgressProxy {
+        port: parsed.port_or_known_default().unwrap_or(80),
+        url: parsed,
+        host,
+        username,
+        password,
+        no_proxy: crate::egress::NoProxy::from_env(),
+    }))
 }
 
 fn param_value(b: &Builder, value: &str, key: &str) -> Built<String> {

@@ -53,6 +53,8 @@ pub struct ProxyState {
     /// The API host's addresses, resolved off the request path (shared by the credentials
     /// that call the same host).
     pub upstream_addrs: Arc<ArcSwap<Vec<SocketAddr>>>,
+    /// `egress_proxy`: connections to the API go through this CONNECT tunnel.
+    pub tunnel: Option<Arc<crate::egress::Tunnel>>,
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,
     pub anomaly: Arc<AnomalyMonitor>,
@@ -264,10 +266,13 @@ impl ProxyHttp for GenesysProxy {
         ctx.tries += 1;
         let state = self.state(ctx);
         let addrs = state.upstream_addrs.load();
-        let Some(addr) = addrs
-            .get(usize::from(ctx.tries) % addrs.len().max(1))
-            .copied()
-        else {
+        let addr = match &state.tunnel {
+            Some(tunnel) => tunnel.peer_addr(),
+            None => addrs
+                .get(usize::from(ctx.tries) % addrs.len().max(1))
+                .copied(),
+        };
+        let Some(addr) = addr else {
             return Error::e_explain(
                 ErrorType::ConnectNoRoute,
                 "the Genesys API host has not resolved yet",
@@ -285,6 +290,9 @@ impl ProxyHttp for GenesysProxy {
         // wake-up per request.
         peer.options.idle_watch = false;
         peer.options.ca = state.upstream_ca.clone();
+        if let Some(tunnel) = &state.tunnel {
+            peer.options.custom_l4 = Some(tunnel.clone());
+        }
         Ok(Box::new(peer))
     }
 

@@ -117,12 +117,33 @@ struct OAuthError {
 
 /// An HTTP client for an issuer's hosts: `ca_certs` (DER) as the only trusted CAs when set, no
 /// redirects, the proxy's user agent. A bad certificate's error starts with `ca_file:`.
+///
+/// With `egress`, every call goes through that forward proxy (CONNECT for HTTPS) except to
+/// hosts `NO_PROXY` names; without it, no proxy at all: `HTTP(S)_PROXY` in the environment
+/// is not read, so the token endpoint and the API path never take different routes.
 pub fn http_client(
     ca_certs: Option<&[Vec<u8>]>,
     connect_timeout: Duration,
     request_timeout: Duration,
+    egress: Option<&crate::config::EgressProxy>,
 ) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder();
+    builder = match egress {
+        None => builder.no_proxy(),
+        Some(e) => {
+            let mut proxy = reqwest::Proxy::all(e.url.as_str())
+                .map_err(|err| format!("egress_proxy: {err}"))?
+                .no_proxy(
+                    e.no_proxy
+                        .as_deref()
+                        .and_then(reqwest::NoProxy::from_string),
+                );
+            if let Some(user) = &e.username {
+                proxy = proxy.basic_auth(user, e.password.as_ref().map_or("", |p| p.expose()));
+            }
+            builder.proxy(proxy)
+        }
+    };
     if let Some(certs) = ca_certs {
         let certs = certs
             .iter()
@@ -161,6 +182,7 @@ impl TokenEndpoint {
             upstream.ca_certs.as_deref(),
             connect_timeout,
             request_timeout,
+            upstream.egress.as_ref(),
         )
         .map_err(|e| match e.starts_with("ca_file:") {
             true => format!("{section}.{e}"),

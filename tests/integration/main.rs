@@ -9,6 +9,7 @@ mod chaos;
 mod cli;
 mod cluster;
 mod credentials;
+mod egress;
 mod genesys_limits;
 mod hardening;
 mod issuer_answers;

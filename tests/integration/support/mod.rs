@@ -759,3 +759,73 @@ pub async fn audit_events(p: &Proxy) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// A real `tinyproxy` (the Debian package), an HTTP forward proxy with CONNECT, on a free
+/// loopback port with its own log file; killed on drop.
+pub struct TinyProxy {
+    child: std::process::Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl TinyProxy {
+    /// `extra` is appended to its configuration (e.g. `BasicAuth user pass`, `ConnectPort 443`).
+    pub fn start(extra: &str) -> TinyProxy {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = temp_dir(&format!("tinyproxy-{port}"));
+        let log = dir.join("tinyproxy.log");
+        let conf = dir.join("tinyproxy.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 30\nLogFile \"{}\"\nLogLevel Info\nMaxClients 200\nAllow 127.0.0.1\nDisableViaHeader Yes\n{extra}\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("tinyproxy")
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tinyproxy is installed (.ci/run installs it)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tinyproxy did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        TinyProxy { child, port, log }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// CONNECT requests it logged for `target` (`host:port`).
+    pub fn connects_to(&self, target: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains("CONNECT") && l.contains(target))
+            .count()
+    }
+}
+
+impl Drop for TinyProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
