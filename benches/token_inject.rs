@@ -6,7 +6,7 @@
 //! Run: `cargo bench --bench token_inject`
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use genesys_auth_proxy::proxy::rewrite_upstream_request;
@@ -16,22 +16,18 @@ use pingora::http::RequestHeader;
 
 fn store_with_token() -> Arc<TokenStore> {
     let store = Arc::new(TokenStore::new());
-    let mut value =
-        HeaderValue::from_static("Bearer q2VhYzM5ZDctNjM1Yy00ZDQ3LWI1ZjEtY2E2N2E0ZjJiZjVm");
-    value.set_sensitive(true);
-    let now = Instant::now();
-    store.publish(Token {
-        header: value,
-        fingerprint: "sha256:0123456789ab".into(),
-        generation: 1,
-        slot: 0,
-        acquired_at: now,
-        expires_at: now + Duration::from_secs(86_400),
-        expires_at_wall: SystemTime::now() + Duration::from_secs(86_400),
-        lifetime: Duration::from_secs(86_400),
-        clamped_from: None,
-        source: TokenSource::Current,
-    });
+    let value =
+        genesys_auth_proxy::secret::Secret::new("q2VhYzM5ZDctNjM1Yy00ZDQ3LWI1ZjEtY2E2N2E0ZjJiZjVm");
+    let token = Token::from_secret(
+        &value,
+        Duration::from_secs(86_400),
+        1,
+        0,
+        Instant::now(),
+        TokenSource::Current,
+    )
+    .unwrap();
+    store.publish(token);
     store
 }
 

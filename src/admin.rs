@@ -80,6 +80,9 @@ fn pool_view(state: &CredentialView, now: Instant) -> serde_json::Value {
                 "valid": token.as_ref().is_some_and(|t| t.is_valid_at(now)),
                 "refused_by_api": token.as_ref().is_some_and(|t| state.store.is_refused(t)),
                 "expires_in_seconds": token.as_ref().map(|t| t.expires_at.saturating_duration_since(now).as_secs()),
+                "idle_seconds": token.as_ref().map(|t| t.idle_for(now).as_secs()),
+                "resting": token.as_ref().is_some_and(|t| state.store.is_dormant(t, now)),
+                "wanted": state.store.is_wanted(slot),
                 "budget_remaining": remaining.get(slot),
             })
         })
@@ -145,7 +148,8 @@ pub fn readiness(state: &AdminState, credential: Option<&str>) -> Result<(), Str
 /// One credential: ready when it holds a valid token.
 fn credential_readiness(state: &CredentialView) -> Result<(), &'static str> {
     let store = &state.store;
-    if store.valid(Instant::now()).is_some() {
+    // A token presumed idle-dead still counts: the next request re-mints it.
+    if store.holds_valid(Instant::now()) {
         return Ok(());
     }
     if store.current().is_none() {
@@ -166,7 +170,7 @@ fn health(
     audit: &AuditLog,
 ) -> &'static str {
     let token = state.store.current();
-    let usable = state.store.valid(Instant::now()).is_some();
+    let usable = state.store.holds_valid(Instant::now());
     if !usable {
         "unhealthy"
     } else if info.consecutive_failures > 0
@@ -334,6 +338,10 @@ fn credential_status(state: &CredentialView, audit: &AuditLog, now: Instant) -> 
         },
         "pool": pool_view(state, now),
         "held_routes": held_routes(state, now),
+        "idle_timeout": {
+            "seconds": state.store.idle.timeout().map(|t| t.as_secs_f64()),
+            "learned_from": state.store.idle.source(),
+        },
         "jwks": state.jwks.as_ref().map(|j| {
             let (keys, age, url) = j.view();
             serde_json::json!({

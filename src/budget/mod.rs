@@ -236,7 +236,8 @@ impl Budget {
         let token = self.store.slot(slot)?;
         let fresh = token.generation == tickets.generation()
             && token.is_valid_at(now)
-            && !self.store.is_refused(&token);
+            && !self.store.is_refused(&token)
+            && !self.store.is_dormant(&token, now);
         fresh.then_some(token)
     }
 
@@ -296,26 +297,57 @@ impl Budget {
         }
     }
 
-    /// Takes a call from the usable token with the most budget left.
+    /// Takes a call from the first usable token (in slot order) with at least half its
+    /// window left, else from the one with the most left. Light traffic so stays on as few
+    /// tokens as it needs and the others rest (an org's idle timeout would kill tokens that
+    /// each get a trickle); heavier traffic spills over to the next slot as the first drains,
+    /// and once every token is below half the pool is spread by budget left as before.
     fn take_best(
         windows: &mut [Window],
         tokens: &[Arc<Token>],
         now: Instant,
     ) -> Option<Arc<Token>> {
+        let plenty = |windows: &[Window], t: &Arc<Token>| {
+            windows
+                .get(t.slot)
+                .is_some_and(|w| w.remaining(now) * 2 >= w.allowed.max(1))
+        };
+        if let Some(first) = tokens.iter().find(|t| plenty(windows, t)) {
+            if windows.get_mut(first.slot).is_some_and(|w| w.take(now)) {
+                return Some(first.clone());
+            }
+        }
         let most_left = |windows: &[Window], t: &Arc<Token>| {
             std::cmp::Reverse(windows.get(t.slot).map_or(0, |w| w.remaining(now)))
         };
-        // Usually the token with the most left takes it (the first of equals, as below).
-        let best = tokens.iter().min_by_key(|t| most_left(windows, t))?;
-        if windows.get_mut(best.slot).is_some_and(|w| w.take(now)) {
-            return Some(best.clone());
-        }
         let mut order: Vec<&Arc<Token>> = tokens.iter().collect();
         order.sort_by_key(|t| most_left(windows, t));
         order
             .into_iter()
             .find(|t| windows.get_mut(t.slot).is_some_and(|w| w.take(now)))
             .cloned()
+    }
+
+    /// No usable token has half its window left, or requests are about to wait (`queueing`:
+    /// the paced budget cannot serve them now): ask for the next resting slot, so it is
+    /// minted while the tokens in use still serve (ahead of need, not after a 429).
+    fn want_more_if_pressed(
+        &self,
+        windows: &[Window],
+        tokens: &[Arc<Token>],
+        now: Instant,
+        queueing: bool,
+    ) {
+        let pressed = tokens.len() < self.store.slots()
+            && (queueing
+                || tokens.iter().all(|t| {
+                    windows
+                        .get(t.slot)
+                        .is_none_or(|w| w.remaining(now) * 2 < w.allowed.max(1))
+                }));
+        if pressed {
+            self.store.want_more(now);
+        }
     }
 
     /// When any of `tokens` can take a call again.
@@ -472,15 +504,20 @@ impl Budget {
         let mut windows = self.sync(&tokens);
         if q.len == 0 {
             if let Some(token) = Self::take_best(&mut windows, &tokens, now) {
-                self.refill_tickets(&mut windows, &tokens, now);
+                // Tickets for the slot served from only: the lock-free path stays on it.
+                self.refill_tickets(&mut windows, std::slice::from_ref(&token), now);
+                self.want_more_if_pressed(&windows, &tokens, now, false);
                 return Err(go(token));
             }
             // Tickets given back may be just what is missing.
             self.void_tickets(&mut windows);
             if let Some(token) = Self::take_best(&mut windows, &tokens, now) {
+                self.want_more_if_pressed(&windows, &tokens, now, false);
                 return Err(go(token));
             }
         }
+        // About to queue or refuse: the tokens in use cannot serve now.
+        self.want_more_if_pressed(&windows, &tokens, now, true);
         let free_at = Self::free_at(&windows, &tokens, now);
         let retry_after = free_at
             .saturating_duration_since(now)

@@ -182,10 +182,12 @@ async fn live_check(c: &config::Credential) -> Result<(String, std::time::Durati
                     .map_err(|e| e.to_string())?,
             );
         }
-        (None, config::Validation::TokensMe) => endpoint
-            .validate(&minted.access_token)
-            .await
-            .map_err(|e| e.to_string())?,
+        (None, config::Validation::TokensMe) => {
+            endpoint
+                .validate(&minted.access_token)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         (None, _) => {}
     }
     let lifetime = crate::token::minter::lifetime(&minted, exp, c.live.token.max_lifetime)

@@ -160,6 +160,11 @@ pub(super) fn observe_upstream(
         let reset = header_u64(upstream, &RATELIMIT_RESET);
         budget.observe(token, count, allowed, reset);
     }
+    if ctx.upstream_status != 401 {
+        if let Some(lease) = &ctx.lease {
+            lease.accepted(&state.store);
+        }
+    }
     match ctx.upstream_status {
         401 => {
             metrics.upstream_unauthorized_total.inc();

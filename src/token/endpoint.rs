@@ -7,7 +7,7 @@
 //! `extra_params`. Every failure is classified into one of the outcomes the metrics and audit
 //! log use. Error messages never contain a secret or a token.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -254,8 +254,10 @@ impl TokenEndpoint {
         classify(status, &body)
     }
 
-    /// Checks a new token with `GET /api/v2/tokens/me?preserveIdleTTL=true`.
-    pub async fn validate(&self, token: &Secret) -> Result<(), MintError> {
+    /// Checks a new token with `GET /api/v2/tokens/me?preserveIdleTTL=true`; its
+    /// `dateTokenIdles`, when Genesys fills it (the org's idle timeout is on), comes back as
+    /// the time left until the fresh token would idle out.
+    pub async fn validate(&self, token: &Secret) -> Result<Option<Duration>, MintError> {
         if self.tokens_me_url.is_none() {
             return Err(MintError::ValidationFailed(
                 "validation = \"tokens_me\" needs [genesys]".into(),
@@ -264,9 +266,13 @@ impl TokenEndpoint {
         let mut bearer = header::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
             .map_err(|_| MintError::InvalidResponse("token is not a valid header value".into()))?;
         bearer.set_sensitive(true);
-        let status = self.tokens_me(bearer).await?;
+        let response = self.tokens_me_response(bearer).await?;
+        let status = response.status();
         if status.is_success() {
-            Ok(())
+            let body = read_capped(response, self.max_response)
+                .await
+                .unwrap_or_default();
+            Ok(idles_after(&body))
         } else {
             Err(MintError::ValidationFailed(format!(
                 "GET /api/v2/tokens/me answered HTTP {}",
@@ -288,6 +294,13 @@ impl TokenEndpoint {
 
     /// `GET /api/v2/tokens/me?preserveIdleTTL=true` with `bearer`: the answer's status.
     async fn tokens_me(&self, bearer: header::HeaderValue) -> Result<StatusCode, MintError> {
+        Ok(self.tokens_me_response(bearer).await?.status())
+    }
+
+    async fn tokens_me_response(
+        &self,
+        bearer: header::HeaderValue,
+    ) -> Result<reqwest::Response, MintError> {
         let Some(url) = self.tokens_me_url.clone() else {
             return Err(MintError::ValidationFailed(
                 "no tokens/me with [oauth]".into(),
@@ -300,8 +313,18 @@ impl TokenEndpoint {
             .send()
             .await
             .map_err(|e| MintError::ValidationFailed(describe(&e)))?;
-        Ok(response.status())
+        Ok(response)
     }
+}
+
+/// `TokenInfo.dateTokenIdles` (RFC 3339) as time from now, when present and in the future.
+fn idles_after(body: &[u8]) -> Option<Duration> {
+    let info: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let date = info.get("dateTokenIdles")?.as_str()?;
+    let at = humantime::parse_rfc3339(date)
+        .or_else(|_| humantime::parse_rfc3339_weak(date.trim_end_matches('Z')))
+        .ok()?;
+    at.duration_since(SystemTime::now()).ok()
 }
 
 /// Turns a token-endpoint answer into a token or a classified error.

@@ -58,16 +58,28 @@ pub struct Lease {
     newest_at_send: u64,
     first: Option<FirstRefusal>,
     replays: u8,
+    /// How long the token had been idle when the request took it (what a 401 or an answer
+    /// teaches of the org's idle timeout).
+    idle_before: Duration,
 }
 
 impl Lease {
     /// `token`, handed out now.
     pub fn new(token: Arc<Token>, store: &TokenStore) -> Self {
+        let idle_before = token.touch(Instant::now());
         Lease {
             token,
             newest_at_send: store.generation(),
             first: None,
             replays: 0,
+            idle_before,
+        }
+    }
+
+    /// The API accepted the token (any answer but 401): it survived its idle time.
+    pub fn accepted(&self, store: &TokenStore) {
+        if self.idle_before >= crate::token::idle::SHORTEST {
+            store.idle.survived(self.idle_before);
         }
     }
 
@@ -82,6 +94,7 @@ impl Lease {
 
     /// The request goes again with another token for another reason (a 429 re-admitted).
     pub fn reissue(&mut self, token: Arc<Token>) {
+        self.idle_before = token.touch(Instant::now());
         self.token = token;
     }
 
@@ -97,6 +110,9 @@ impl Lease {
         let used = self.token.clone();
         let earlier = self.first.map(|f| f.newest);
         let newest_at_send = self.newest_at_send;
+        if self.first.is_none() {
+            store.idle.killed(self.idle_before);
+        }
         let first = *self.first.get_or_insert_with(|| {
             let newest = store.newest_when_refused(&used);
             FirstRefusal {
@@ -122,6 +138,7 @@ impl Lease {
         let wait = first.deadline.saturating_duration_since(Instant::now());
         match store.replacement_for(&used, first.floor, wait).await {
             Some(replacement) => {
+                self.idle_before = replacement.touch(Instant::now());
                 self.token = replacement.clone();
                 self.replays += 1;
                 Verdict::Replay(replacement)

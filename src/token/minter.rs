@@ -90,7 +90,7 @@ impl Minter {
             .with_label_values(&[outcome])
             .inc();
         let minted = result?;
-        let exp = self.validate(&minted).await?;
+        let (exp, idles_after) = self.validate(&minted).await?;
         let max = self.live.load().token.max_lifetime;
         let issued = lifetime(&minted, exp, Duration::MAX)?;
         let mut token = Token::from_secret(
@@ -101,6 +101,7 @@ impl Minter {
             started,
             source,
         )?;
+        token.idles_after = idles_after;
         if issued > max {
             token.clamped_from = Some(issued);
             tracing::warn!(
@@ -129,20 +130,21 @@ impl Minter {
         self.recent.push_back(at);
     }
 
-    /// Checks a new token per `token.validation`; a JWT's `exp` comes back with it.
-    async fn validate(&self, minted: &Minted) -> Result<Option<SystemTime>, MintError> {
+    /// Checks a new token per `token.validation`; a JWT's `exp` comes back with it, and
+    /// `tokens/me`'s `dateTokenIdles` as the time until the fresh token idles out.
+    async fn validate(&self, minted: &Minted) -> Result<Validated, MintError> {
         let validation = self.live.load().token.validation;
         let result = match (validation, &self.jwks) {
-            (Validation::None, _) => Ok(None),
+            (Validation::None, _) => Ok((None, None)),
             (Validation::TokensMe, _) => self
                 .endpoint
                 .validate(&minted.access_token)
                 .await
-                .map(|()| None),
+                .map(|idles| (None, idles)),
             (Validation::Jwks, Some(jwks)) => jwks
                 .verify(minted.access_token.expose())
                 .await
-                .map(Some)
+                .map(|exp| (Some(exp), None))
                 .map_err(|e| MintError::ValidationFailed(e.to_string())),
             (Validation::Jwks, None) => Err(MintError::ValidationFailed(
                 "validation = \"jwks\" needs token.jwks_url, which only applies after a restart"
@@ -163,6 +165,9 @@ impl Minter {
         result
     }
 }
+
+/// What a validation learned: a verified JWT's `exp`, and when a fresh token idles out.
+type Validated = (Option<SystemTime>, Option<Duration>);
 
 /// How long a token lives: the earlier of `expires_in` and a verified JWT's `exp`, at most
 /// `max` (`token.max_lifetime_seconds`: an issuer's `expires_in = 1e300` or an `exp` in the

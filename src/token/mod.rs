@@ -9,9 +9,12 @@
 //! - [`refresher`]: the one task that mints tokens (refresh and secret rotation); [`report`]
 //!   records its outcomes (metrics, audit, `/status`, anomalies); [`shared`]: its `[cluster]`
 //!   side (adopt a stored token, take the lease, publish).
+//! - [`idle`]: the org's inactivity timeout as learned (from `dateTokenIdles` and from kills):
+//!   tokens presumed idle-dead are not used, and the pool rests them until needed.
 //! - [`jwks`]: `validation = "jwks"`, verifying JWTs against the issuer's keys.
 
 pub mod endpoint;
+pub mod idle;
 pub mod jwks;
 pub mod lease;
 pub mod minter;

@@ -242,6 +242,8 @@ impl Refresher {
                 }),
                 rejected_generation: store.rejected_generation(i),
                 refresh_at: self.refresh_at[i],
+                dormant: store.slot(i).is_some_and(|t| store.is_dormant(&t, now)),
+                wanted: store.is_wanted(i),
             })
             .collect();
         Facts {

@@ -95,6 +95,8 @@ pub enum Reason {
     Rotation,
     /// `[cluster]`: another replica published a new token.
     Shared,
+    /// The slot's token is presumed dead of the org's idle timeout and requests want it.
+    Idle,
 }
 
 impl Reason {
@@ -106,6 +108,7 @@ impl Reason {
             Reason::Expired => "expired",
             Reason::Rotation => "rotation",
             Reason::Shared => "published_by_replica",
+            Reason::Idle => "idle_timeout",
         }
     }
 }
@@ -129,6 +132,10 @@ pub struct SlotFacts {
     pub rejected_generation: u64,
     /// When the slot's token is due for its proactive refresh.
     pub refresh_at: Option<Instant>,
+    /// The token is presumed dead of the org's idle timeout (unused for nine tenths of it).
+    pub dormant: bool,
+    /// Requests want this slot (budget pressure, or no usable token at all).
+    pub wanted: bool,
 }
 
 /// A rotation to a new secret, waiting for its (next) attempt.
@@ -195,8 +202,11 @@ pub fn next_step(f: &Facts) -> Step {
     }
     let starving = !f.slots.iter().any(|s| usable(s, f.now));
     let due = due_slot(f);
-    let urgent = due.filter(|(_, r)| *r != Reason::Proactive);
-    let proactive = due.filter(|(_, r)| *r == Reason::Proactive);
+    // Waking a resting slot is ahead of need (the tokens in use still serve), unless no token
+    // can serve at all.
+    let ahead = |r: &Reason| matches!(r, Reason::Proactive) || (*r == Reason::Idle && !starving);
+    let urgent = due.filter(|(_, r)| !ahead(r));
+    let proactive = due.filter(|(_, r)| ahead(r));
     let future = |t: Option<Instant>| t.filter(|t| f.now < *t);
     let backoff = future(f.backoff_until);
     let stagger = future(f.stagger_until);
@@ -266,20 +276,21 @@ pub fn rotation_next_attempt(f: &Facts) -> Option<Instant> {
         .map(|t| t.min(r.deadline))
 }
 
-/// A token requests may be sent with: present, not refused, not expired.
+/// A token requests may be sent with: present, not refused, not expired, not idle-dead.
 fn usable(s: &SlotFacts, now: Instant) -> bool {
-    s.token
-        .is_some_and(|t| s.rejected_generation < t.generation && now < t.expires_at)
+    !s.dormant
+        && s.token
+            .is_some_and(|t| s.rejected_generation < t.generation && now < t.expires_at)
 }
 
 /// The slot most in need of a token: urgent reasons (none, refused, expired) before a
-/// proactive refresh, lower slots first.
+/// proactive refresh or a wanted resting slot, lower slots first.
 fn due_slot(f: &Facts) -> Option<(usize, Reason)> {
     let mut first = None;
     for (i, s) in f.slots.iter().enumerate() {
-        match mint_reason(s, f.now) {
-            Some(Reason::Proactive) => {
-                first.get_or_insert((i, Reason::Proactive));
+        match mint_reason(i, s, f.now) {
+            Some(r @ (Reason::Proactive | Reason::Idle)) => {
+                first.get_or_insert((i, r));
             }
             Some(r) => return Some((i, r)),
             None => {}
@@ -288,11 +299,18 @@ fn due_slot(f: &Facts) -> Option<(usize, Reason)> {
     first
 }
 
-fn mint_reason(s: &SlotFacts, now: Instant) -> Option<Reason> {
+/// Why `slot` needs a mint now, if it does. A slot no request wants rests instead of being
+/// minted when its token is presumed idle-dead, or (past the first slot) expired: an idle
+/// pool costs no token requests; the first slot is still kept from expiring.
+fn mint_reason(slot: usize, s: &SlotFacts, now: Instant) -> Option<Reason> {
+    let expired = s.token.is_some_and(|t| now >= t.expires_at);
+    let resting = !s.wanted && (s.dormant || (slot > 0 && expired));
     match s.token {
         None => Some(Reason::Initial),
         Some(t) if s.rejected_generation >= t.generation => Some(Reason::Rejected),
-        Some(t) if now >= t.expires_at => Some(Reason::Expired),
+        Some(_) if resting => None,
+        Some(_) if expired => Some(Reason::Expired),
+        Some(_) if s.dormant => Some(Reason::Idle),
         Some(_) => s
             .refresh_at
             .filter(|at| now >= *at)

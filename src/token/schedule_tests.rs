@@ -79,6 +79,8 @@ fn slot(now: Instant) -> SlotFacts {
         }),
         rejected_generation: 0,
         refresh_at: Some(now + Duration::from_secs(50)),
+        dormant: false,
+        wanted: false,
     }
 }
 
@@ -408,4 +410,65 @@ fn a_refused_new_secret_is_tried_a_handful_of_times_a_minute_at_most() {
         rotation_backoff(40, FailureClass::Transient, init, max, 1.0),
         max
     );
+}
+
+#[test]
+fn idle_dead_slots_rest_until_requests_want_them() {
+    let now = Instant::now();
+    let dormant = SlotFacts {
+        dormant: true,
+        ..slot(now)
+    };
+    // Slot 0 serves; slot 1 is presumed idle-dead and nobody wants it: nothing to mint.
+    let f = Facts {
+        slots: vec![slot(now), dormant],
+        ..facts(now)
+    };
+    assert!(matches!(next_step(&f), Step::Sleep(_)));
+    // Budget pressure wants it: minted ahead of need, within the cap like a refresh.
+    let wanted = SlotFacts {
+        wanted: true,
+        ..dormant
+    };
+    let f = Facts {
+        slots: vec![slot(now), wanted],
+        ..facts(now)
+    };
+    assert_eq!(next_step(&f), Step::Mint(1, Reason::Idle));
+    let capped = Facts {
+        cap_free_at: Some(now + Duration::from_secs(5)),
+        ..f.clone()
+    };
+    assert!(matches!(next_step(&capped), Step::Sleep(_)));
+    // Every token idle-dead and a request waiting (it wants slot 0): urgent, past the cap.
+    let f = Facts {
+        slots: vec![
+            SlotFacts {
+                wanted: true,
+                ..dormant
+            },
+            dormant,
+        ],
+        cap_free_at: Some(now + Duration::from_secs(5)),
+        ..facts(now)
+    };
+    assert_eq!(next_step(&f), Step::Mint(0, Reason::Idle));
+    // An expired slot past the first rests too; the first is kept from expiring.
+    let expired = SlotFacts {
+        token: Some(HeldToken {
+            generation: 3,
+            expires_at: now - Duration::from_secs(1),
+        }),
+        ..slot(now)
+    };
+    let f = Facts {
+        slots: vec![slot(now), expired],
+        ..facts(now)
+    };
+    assert!(matches!(next_step(&f), Step::Sleep(_)));
+    let f = Facts {
+        slots: vec![expired, slot(now)],
+        ..facts(now)
+    };
+    assert_eq!(next_step(&f), Step::Mint(0, Reason::Expired));
 }

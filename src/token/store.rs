@@ -11,8 +11,8 @@
 //! minted after the request's first 401; the refresher is the only writer
 //! ([`TokenStore::publish`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -54,7 +54,26 @@ pub struct Token {
     /// The lifetime the issuer gave, when it was longer than `token.max_lifetime_seconds`.
     pub clamped_from: Option<Duration>,
     pub source: TokenSource,
+    /// `dateTokenIdles` at validation, as time left: the org's idle timeout.
+    pub idles_after: Option<Duration>,
+    /// When a request last took it, in ms of [`epoch_ms`] (the mint, until then).
+    last_used_ms: AtomicU64,
 }
+
+/// Milliseconds since the first call in this process: cheap instants that fit an atomic.
+pub fn epoch_ms(t: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    // An hour back where the clock allows, so instants taken just before the first call
+    // (a mint's start) still count from it; a store calls this when it is made.
+    let epoch = *EPOCH.get_or_init(|| {
+        let now = Instant::now();
+        now.checked_sub(Duration::from_secs(3600)).unwrap_or(now)
+    });
+    t.saturating_duration_since(epoch).as_millis() as u64
+}
+
+/// A last-use time is rewritten only when it moved this much (fewer writes to a shared line).
+const TOUCH_GRAIN_MS: u64 = 20;
 
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -102,7 +121,32 @@ impl Token {
             lifetime,
             clamped_from: None,
             source,
+            idles_after: None,
+            last_used_ms: AtomicU64::new(epoch_ms(acquired_at)),
         })
+    }
+
+    /// A request takes it now: how long it had been idle before.
+    pub fn touch(&self, now: Instant) -> Duration {
+        let now_ms = epoch_ms(now);
+        let last = self.last_used_ms.load(Ordering::Relaxed);
+        if now_ms >= last + TOUCH_GRAIN_MS {
+            self.last_used_ms.fetch_max(now_ms, Ordering::Relaxed);
+        }
+        Duration::from_millis(now_ms.saturating_sub(last))
+    }
+
+    /// How long no request has taken it.
+    pub fn idle_for(&self, now: Instant) -> Duration {
+        let last = self.last_used_ms.load(Ordering::Relaxed);
+        Duration::from_millis(epoch_ms(now).saturating_sub(last))
+    }
+
+    /// When it will have been idle for `after`, if no request takes it.
+    pub fn idle_at(&self, after: Duration) -> Instant {
+        let last = self.last_used_ms.load(Ordering::Relaxed);
+        let idle = Duration::from_millis(epoch_ms(Instant::now()).saturating_sub(last));
+        Instant::now() + after.saturating_sub(idle)
     }
 
     /// The token's value (for `[cluster]`, which stores it sealed).
@@ -129,6 +173,8 @@ struct Slot {
     /// The newest generation published when `rejected` was first reported: tokens newer than
     /// it were minted after the refusal.
     newest_at_rejection: AtomicU64,
+    /// Requests need this resting slot again (budget pressure): mint it even though it rests.
+    wanted: AtomicBool,
 }
 
 /// Shared holder of the pool's tokens.
@@ -141,6 +187,8 @@ pub struct TokenStore {
     generation_tx: watch::Sender<u64>,
     /// Wakes the refresher.
     wake: Notify,
+    /// The org's idle timeout, as learned.
+    pub idle: crate::token::idle::IdleModel,
 }
 
 impl Default for TokenStore {
@@ -156,17 +204,20 @@ impl TokenStore {
     }
 
     pub fn with_slots(n: usize) -> Self {
+        epoch_ms(Instant::now());
         TokenStore {
             slots: (0..n.max(1))
                 .map(|_| Slot {
                     current: ArcSwapOption::empty(),
                     rejected: AtomicU64::new(0),
                     newest_at_rejection: AtomicU64::new(0),
+                    wanted: AtomicBool::new(false),
                 })
                 .collect(),
             fallback: ArcSwapOption::empty(),
             generation_tx: watch::channel(0).0,
             wake: Notify::new(),
+            idle: Default::default(),
         }
     }
 
@@ -192,10 +243,53 @@ impl TokenStore {
     }
 
     fn usable_iter(&self, now: Instant) -> impl Iterator<Item = Arc<Token>> + '_ {
+        let dormant_after = self.idle.dormant_after();
         self.slots
             .iter()
             .filter_map(|s| s.current.load_full())
-            .filter(move |t| t.is_valid_at(now) && !self.is_refused(t))
+            .filter(move |t| {
+                t.is_valid_at(now)
+                    && !self.is_refused(t)
+                    && dormant_after.is_none_or(|d| t.idle_for(now) < d)
+            })
+    }
+
+    /// Is `token` presumed dead of the org's idle timeout (idle for nine tenths of it)?
+    pub fn is_dormant(&self, token: &Token, now: Instant) -> bool {
+        self.idle
+            .dormant_after()
+            .is_some_and(|d| token.idle_for(now) >= d)
+    }
+
+    /// Requests need more budget than the tokens in use have: the lowest slot that holds no
+    /// usable token (resting, expired, never minted) is wanted, and the refresher woken.
+    pub fn want_more(&self, now: Instant) {
+        let usable = |s: &Slot| {
+            s.current.load().as_ref().is_some_and(|t| {
+                t.is_valid_at(now) && !self.is_refused(t) && !self.is_dormant(t, now)
+            })
+        };
+        if let Some(slot) = self.slots.iter().find(|s| !usable(s)) {
+            if !slot.wanted.swap(true, Ordering::AcqRel) {
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// Has [`Self::want_more`] asked for `slot`?
+    pub fn is_wanted(&self, slot: usize) -> bool {
+        self.slots
+            .get(slot)
+            .is_some_and(|s| s.wanted.load(Ordering::Acquire))
+    }
+
+    /// A token is held that is neither expired nor refused (one presumed idle-dead counts:
+    /// it is re-minted as soon as a request comes). What readiness means.
+    pub fn holds_valid(&self, now: Instant) -> bool {
+        self.slots
+            .iter()
+            .filter_map(|s| s.current.load_full())
+            .any(|t| t.is_valid_at(now) && !self.is_refused(&t))
     }
 
     /// The newest usable token. An expired token is never handed out.
@@ -211,7 +305,11 @@ impl TokenStore {
     /// The refresher's write: makes `token` its slot's token and wakes every waiter.
     pub fn publish(&self, token: Token) {
         let generation = token.generation;
+        if let Some(left) = token.idles_after {
+            self.idle.reported(left);
+        }
         if let Some(slot) = self.slots.get(token.slot) {
+            slot.wanted.store(false, Ordering::Release);
             slot.current.store(Some(Arc::new(token)));
         }
         self.generation_tx.send_if_modified(|g| {
@@ -360,6 +458,8 @@ impl TokenStore {
             if let Some(t) = self.valid(Instant::now()) {
                 return Some(t);
             }
+            // Every token rests (idle-dead) or is gone: the lowest slot is wanted now.
+            self.want_more(Instant::now());
             self.wake_refresher();
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => continue,
@@ -388,6 +488,8 @@ mod tests {
             lifetime: life,
             clamped_from: None,
             source: TokenSource::Current,
+            idles_after: None,
+            last_used_ms: AtomicU64::new(epoch_ms(now)),
         }
     }
 
