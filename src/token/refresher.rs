@@ -293,7 +293,9 @@ impl Refresher {
         }
         for slot in 0..store.slots() {
             let Some(t) = store.slot(slot) else { continue };
-            if store.is_refused(&t) || !t.is_valid_at(Instant::now()) {
+            let now = Instant::now();
+            // A resting token (presumed idle-dead) is re-minted when wanted, not now.
+            if store.is_refused(&t) || !t.is_valid_at(now) || store.is_dormant(&t, now) {
                 continue;
             }
             if !self.minter.still_accepted(&t).await {
