@@ -32,12 +32,11 @@ pub(super) async fn admit(
         return Ok(done);
     }
     let token_wait = ctx.live.proxy.token_wait_timeout;
-    let admit = state.budget.checkout(
-        settings,
-        client.clone(),
-        settings.max_queue_wait,
-        token_wait,
-    );
+    // What is left of the request's queue wait (a held route's wait came out of it).
+    let wait = (ctx.started + settings.max_queue_wait).saturating_duration_since(Instant::now());
+    let admit = state
+        .budget
+        .checkout(settings, client.clone(), wait, token_wait);
     // A request without a body can notice its client leaving while it waits (a FIN on the
     // idle connection): it then gives its place back instead of being sent for nobody.
     let admitted = if has_no_body(session.req_header()) {

@@ -144,6 +144,13 @@ async fn an_endpoint_limit_holds_its_route_and_other_routes_keep_every_token() {
         .replace("[audit]", "[budget]\nmax_queue_wait_ms = 500\n\n[audit]");
     let p = start_from_toml(&toml, dir).await;
     p.ready().await;
+    // Both pool tokens minted (and validated) before anything is counted.
+    eventually(
+        std::time::Duration::from_secs(10),
+        "the pool is full",
+        || async { token_successes(&stats(&sim).await) == 2 },
+    )
+    .await;
     let c = client();
     let query = || c.post(p.url(QUERY)).body("{}").send();
     assert_eq!(query().await.unwrap().status(), 200);
