@@ -215,3 +215,30 @@ fn cluster_settings_are_checked() {
         assert!(!e.contains("hunter2"), "the password is not echoed: {e}");
     }
 }
+
+#[test]
+fn an_entry_has_its_own_egress_proxy_and_errors_name_it() {
+    let top = base("", "");
+    let text = format!(
+        "{top}{}",
+        entry(
+            "partner",
+            "127.0.0.1:8082",
+            "",
+            "genesys\nregion = \"eu-west-1\"\negress_proxy = \"http://egress.internal:3128\"",
+        )
+    );
+    let c = parse(&text, Path::new("t.toml")).unwrap();
+    assert!(c.top().restart.genesys.egress.is_none());
+    let egress = c.credentials[1].restart.genesys.egress.as_ref().unwrap();
+    assert_eq!(
+        (egress.host.as_str(), egress.port),
+        ("egress.internal", 3128)
+    );
+    let bad = text.replace(
+        "http://egress.internal:3128",
+        "socks5://egress.internal:1080",
+    );
+    let e = err_of(&bad);
+    assert!(e.contains("credential.partner.genesys.egress_proxy"), "{e}");
+}

@@ -447,6 +447,23 @@ fn describe(e: &reqwest::Error) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn date_token_idles_becomes_the_time_left() {
+        let at = SystemTime::now() + Duration::from_secs(300);
+        let millis = humantime::format_rfc3339_millis(at).to_string();
+        let left = idles_after(format!("{{\"dateTokenIdles\":\"{millis}\"}}").as_bytes()).unwrap();
+        assert!((298..=300).contains(&left.as_secs()), "{left:?}");
+        let seconds = humantime::format_rfc3339_seconds(at).to_string();
+        assert!(idles_after(format!("{{\"dateTokenIdles\":\"{seconds}\"}}").as_bytes()).is_some());
+        // Absent (no idle timeout), in the past, or not a date: nothing learned.
+        assert_eq!(idles_after(b"{\"organization\":{}}"), None);
+        assert_eq!(
+            idles_after(b"{\"dateTokenIdles\":\"2001-01-01T00:00:00Z\"}"),
+            None
+        );
+        assert_eq!(idles_after(b"{\"dateTokenIdles\":\"soon\"}"), None);
+    }
+
     fn class(status: u16, body: &str) -> Result<Minted, MintError> {
         classify(StatusCode::from_u16(status).unwrap(), body.as_bytes())
     }
