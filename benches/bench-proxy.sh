@@ -21,3 +21,15 @@ path = "$6"
 level = "warn"
 TOML
 }
+
+# start_sim BIN [sim flags…]: the simulator on a port-0 listener in the background, its pid
+# appended to PIDS (the caller's cleanup stops it), its log in $WORK/sim.out; sets SIM to its
+# URL once it prints it.
+start_sim() {
+  local bin=$1
+  shift
+  "$bin" sim --listen 127.0.0.1:0 "$@" >"$WORK/sim.out" 2>/dev/null &
+  PIDS+=($!)
+  for _ in $(seq 100); do grep -q http "$WORK/sim.out" 2>/dev/null && break; sleep 0.05; done
+  SIM=$(grep -o 'http://[0-9.:]*' "$WORK/sim.out" | head -1)
+}

@@ -17,12 +17,10 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/bench-proxy.sh
+. benches/bench-proxy.sh
 
-"$BIN" sim --listen 127.0.0.1:0 --client bench:bench-secret >"$WORK/sim.out" 2>/dev/null &
-PIDS+=($!)
-for _ in $(seq 100); do grep -q http "$WORK/sim.out" 2>/dev/null && break; sleep 0.05; done
-SIM=$(grep -o 'http://[0-9.:]*' "$WORK/sim.out" | head -1)
+start_sim "$BIN" --client bench:bench-secret
 REDIS_PORT=$(free_port)
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null &
 PIDS+=($!)

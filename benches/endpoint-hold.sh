@@ -22,11 +22,7 @@ trap cleanup EXIT
 # shellcheck source=benches/bench-proxy.sh
 . benches/bench-proxy.sh
 
-"$SIM_BIN" sim --listen 127.0.0.1:0 --client bench:bench-secret \
-  --endpoint-limit /api/v2/analytics=2/30 >"$WORK/sim.out" 2>/dev/null &
-PIDS+=($!)
-for _ in $(seq 100); do grep -q http "$WORK/sim.out" 2>/dev/null && break; sleep 0.05; done
-SIM=$(grep -o 'http://[0-9.:]*' "$WORK/sim.out" | head -1)
+start_sim "$SIM_BIN" --client bench:bench-secret --endpoint-limit /api/v2/analytics=2/30
 printf 'bench-secret\n' >"$WORK/secret"; chmod 600 "$WORK/secret"
 P=$(free_port); A=$(free_port)
 cat >"$WORK/proxy.toml" <<TOML

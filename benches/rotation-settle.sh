@@ -22,10 +22,7 @@ trap cleanup EXIT
 # shellcheck source=benches/bench-proxy.sh
 . benches/bench-proxy.sh
 
-"$BIN" sim --listen 127.0.0.1:0 --client bench:bench-secret >"$WORK/sim.out" 2>/dev/null &
-PIDS+=($!)
-for _ in $(seq 100); do grep -q http "$WORK/sim.out" 2>/dev/null && break; sleep 0.05; done
-SIM=$(grep -o 'http://[0-9.:]*' "$WORK/sim.out" | head -1)
+start_sim "$BIN" --client bench:bench-secret
 
 # A Kubernetes secret volume: client-secret -> ..data/client-secret, ..data -> ..1.
 VOL="$WORK/volume"

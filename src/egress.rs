@@ -51,8 +51,7 @@ impl NoProxy {
         list
     }
 
-    /// `NO_PROXY`, else `no_proxy`, from the environment: the raw text (kept for reqwest) and
-    /// the list.
+    /// `NO_PROXY`, else `no_proxy`, from the environment, as text (reqwest parses it too).
     pub fn from_env() -> Option<String> {
         std::env::var("NO_PROXY")
             .or_else(|_| std::env::var("no_proxy"))

@@ -22,16 +22,6 @@ pub enum Scope {
     Endpoint,
 }
 
-impl Scope {
-    /// The `scope` label of `rate_limited_total`.
-    pub fn label(self) -> &'static str {
-        match self {
-            Scope::Token => "token",
-            Scope::Endpoint => "endpoint",
-        }
-    }
-}
-
 /// Which limit a 429 met. With the token's own headers on the answer, a count below the
 /// allowed calls means the token had budget: an endpoint or org limit. Without them,
 /// `left_before` (what the budget knew the token had left, from the answers before) decides;
@@ -101,11 +91,17 @@ pub struct RouteHolds {
     map: Mutex<HashMap<String, Hold>>,
 }
 
+/// Drops the holds that ended by `now` and stores how many are left.
+fn prune(map: &mut HashMap<String, Hold>, count: &AtomicUsize, now: Instant) {
+    map.retain(|_, h| h.until > now);
+    count.store(map.len(), Ordering::Release);
+}
+
 impl RouteHolds {
     /// Holds `route` until `until` (a later hold of the same route extends it).
     pub fn hold(&self, route: String, until: Instant, now: Instant) {
         let mut map = lock(&self.map);
-        map.retain(|_, h| h.until > now);
+        prune(&mut map, &self.count, now);
         if !map.contains_key(&route) && map.len() >= MAX_HELD_ROUTES {
             if let Some(soonest) = map
                 .iter()
@@ -132,17 +128,10 @@ impl RouteHolds {
         }
         let key = route_key(method, path);
         let mut map = lock(&self.map);
-        let until = match map.get(&key) {
-            Some(h) if h.until > now => Some(h.until),
-            Some(_) => {
-                map.remove(&key);
-                None
-            }
-            None => None,
-        };
+        let until = map.get(&key).map(|h| h.until).filter(|until| *until > now);
         if until.is_none() {
-            map.retain(|_, h| h.until > now);
-            self.count.store(map.len(), Ordering::Release);
+            // Its hold ended (or another one did): forget what is over.
+            prune(&mut map, &self.count, now);
         }
         until
     }

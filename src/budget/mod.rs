@@ -234,10 +234,7 @@ impl Budget {
             return None;
         }
         let token = self.store.slot(slot)?;
-        let fresh = token.generation == tickets.generation()
-            && token.is_valid_at(now)
-            && !self.store.is_refused(&token)
-            && !self.store.is_dormant(&token, now);
+        let fresh = token.generation == tickets.generation() && self.store.serves(&token, now);
         fresh.then_some(token)
     }
 

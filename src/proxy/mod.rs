@@ -118,8 +118,9 @@ pub struct RequestCtx {
     caller: Option<Called>,
     /// Body bytes read so far (a chunked body is refused once past the limit).
     body_bytes: u64,
-    /// The last upstream 429's scope and, for an endpoint limit, when its route is free.
-    limit: Option<(crate::budget::holds::Scope, Instant)>,
+    /// The last upstream 429 was an endpoint or org limit (not the token's): when its route is
+    /// free again.
+    route_held_until: Option<Instant>,
 }
 
 /// Why a request without an app proof is refused, if it is: the listener's methods and paths.
@@ -173,7 +174,7 @@ impl ProxyHttp for GenesysProxy {
             route: self.own,
             caller: None,
             body_bytes: 0,
-            limit: None,
+            route_held_until: None,
         }
     }
 

@@ -37,19 +37,7 @@ pub(super) async fn admit(
     let admit = state
         .budget
         .checkout(settings, client.clone(), wait, token_wait);
-    // A request without a body can notice its client leaving while it waits (a FIN on the
-    // idle connection): it then gives its place back instead of being sent for nobody.
-    let admitted = if has_no_body(session.req_header()) {
-        tokio::select! {
-            biased;
-            admitted = admit => admitted,
-            () = client_left(session) => {
-                return Error::e_explain(ErrorType::ConnectionClosed, "client left while queued for rate-limit budget");
-            }
-        }
-    } else {
-        admit.await
-    };
+    let admitted = unless_client_left(session, admit, "queued for rate-limit budget").await?;
     let app = Budget::app_label(settings, &client);
     let m = &state.metrics;
     if let Some(called) = &ctx.caller {
@@ -113,17 +101,7 @@ async fn wait_for_route(
         return Ok(Some(true));
     }
     let sleep = tokio::time::sleep_until(until.into());
-    if has_no_body(session.req_header()) {
-        tokio::select! {
-            biased;
-            () = sleep => {}
-            () = client_left(session) => {
-                return Error::e_explain(ErrorType::ConnectionClosed, "client left while its route was held");
-            }
-        }
-    } else {
-        sleep.await;
-    }
+    unless_client_left(session, sleep, "waiting for its held route").await?;
     Ok(None)
 }
 
@@ -182,14 +160,14 @@ pub(super) fn observe_upstream(
                     let retry_after =
                         retry_after.map_or(ctx.live.budget.window, Duration::from_secs);
                     budget.exhausted(token, retry_after);
-                    ctx.limit = Some((Scope::Token, now + retry_after));
+                    ctx.route_held_until = None;
                 }
                 Scope::Endpoint => {
                     let until = now + Duration::from_secs(retry_after.unwrap_or(1).max(1));
                     let route = route_key(req.method.as_str(), req.uri.path());
                     tracing::info!(route = %route, retry_after_seconds = (until - now).as_secs(), "Genesys limited an endpoint while the token had budget; holding the route");
                     budget.holds.hold(route, until, now);
-                    ctx.limit = Some((Scope::Endpoint, until));
+                    ctx.route_held_until = Some(until);
                 }
             }
         }
@@ -206,10 +184,10 @@ pub(super) async fn absorb_429(
     ctx: &mut RequestCtx,
 ) -> Result<()> {
     let metrics = &state.metrics;
-    let (scope, free_at) = ctx.limit.unwrap_or((Scope::Token, Instant::now()));
-    let counters = match scope {
-        Scope::Token => &metrics.rate_limited,
-        Scope::Endpoint => &metrics.rate_limited_endpoint,
+    let held_until = ctx.route_held_until;
+    let counters = match held_until {
+        None => &metrics.rate_limited,
+        Some(_) => &metrics.rate_limited_endpoint,
     };
     let passed = || counters.inc(RateLimitOutcome::PassedThrough);
     let token = ctx.lease.as_ref().map(|l| l.token().clone());
@@ -222,7 +200,7 @@ pub(super) async fn absorb_429(
         return Ok(());
     }
     let deadline = ctx.started + ctx.live.budget.max_queue_wait;
-    if scope == Scope::Endpoint {
+    if let Some(free_at) = held_until {
         // The token is not at fault: the request waits out the route's hold, then takes a
         // call like any other (from the token with the most left).
         if free_at > deadline {
@@ -278,6 +256,27 @@ fn has_no_body(req: &pingora::http::RequestHeader) -> bool {
     !h.contains_key(header::TRANSFER_ENCODING)
         && h.get(header::CONTENT_LENGTH)
             .is_none_or(|v| v.as_bytes() == b"0")
+}
+
+/// Waits for `wait`; a request without a body also notices its client leaving meanwhile (a
+/// FIN on the idle connection) and then ends, `while_` naming what it was waiting for, instead
+/// of being sent for nobody.
+async fn unless_client_left<T>(
+    session: &mut Session,
+    wait: impl std::future::Future<Output = T>,
+    while_: &str,
+) -> Result<T> {
+    if !has_no_body(session.req_header()) {
+        return Ok(wait.await);
+    }
+    tokio::select! {
+        biased;
+        done = wait => Ok(done),
+        () = client_left(session) => Error::e_explain(
+            ErrorType::ConnectionClosed,
+            format!("client left while {while_}"),
+        ),
+    }
 }
 
 /// Resolves when the client closes its side of the connection; never otherwise (bytes of a

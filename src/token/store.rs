@@ -142,13 +142,6 @@ impl Token {
         Duration::from_millis(epoch_ms(now).saturating_sub(last))
     }
 
-    /// When it will have been idle for `after`, if no request takes it.
-    pub fn idle_at(&self, after: Duration) -> Instant {
-        let last = self.last_used_ms.load(Ordering::Relaxed);
-        let idle = Duration::from_millis(epoch_ms(Instant::now()).saturating_sub(last));
-        Instant::now() + after.saturating_sub(idle)
-    }
-
     /// The token's value (for `[cluster]`, which stores it sealed).
     pub fn access_token(&self) -> Option<crate::secret::Secret> {
         let value = self.header.to_str().ok()?.strip_prefix("Bearer ")?;
@@ -243,15 +236,16 @@ impl TokenStore {
     }
 
     fn usable_iter(&self, now: Instant) -> impl Iterator<Item = Arc<Token>> + '_ {
-        let dormant_after = self.idle.dormant_after();
         self.slots
             .iter()
             .filter_map(|s| s.current.load_full())
-            .filter(move |t| {
-                t.is_valid_at(now)
-                    && !self.is_refused(t)
-                    && dormant_after.is_none_or(|d| t.idle_for(now) < d)
-            })
+            .filter(move |t| self.serves(t, now))
+    }
+
+    /// May a request be sent with `token` now: not expired, not refused by the API, not
+    /// presumed idle-dead.
+    pub fn serves(&self, token: &Token, now: Instant) -> bool {
+        token.is_valid_at(now) && !self.is_refused(token) && !self.is_dormant(token, now)
     }
 
     /// Is `token` presumed dead of the org's idle timeout (idle for nine tenths of it)?
@@ -265,9 +259,10 @@ impl TokenStore {
     /// usable token (resting, expired, never minted) is wanted, and the refresher woken.
     pub fn want_more(&self, now: Instant) {
         let usable = |s: &Slot| {
-            s.current.load().as_ref().is_some_and(|t| {
-                t.is_valid_at(now) && !self.is_refused(t) && !self.is_dormant(t, now)
-            })
+            s.current
+                .load()
+                .as_ref()
+                .is_some_and(|t| self.serves(t, now))
         };
         if let Some(slot) = self.slots.iter().find(|s| !usable(s)) {
             if !slot.wanted.swap(true, Ordering::AcqRel) {
