@@ -230,12 +230,29 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
         .collect::<serde_json::Map<_, _>>()
         .into();
     body["apps"] = apps_status(&state.apps);
+    body["tracing"] = tracing_status();
     body["now"] = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()
         .into();
     Json(body).into_response()
+}
+
+/// `tracing` in `/status`: where spans go and what became of them (`null` when off).
+fn tracing_status() -> serde_json::Value {
+    let (Some(endpoint), Some(m)) = (crate::telemetry::endpoint(), crate::telemetry::metrics())
+    else {
+        return serde_json::Value::Null;
+    };
+    use crate::metrics::SpanOutcome as O;
+    serde_json::json!({
+        "otlp_endpoint": endpoint,
+        "queued_spans": m.queued.get(),
+        "exported_spans": m.spans.get(O::Exported).get(),
+        "dropped_spans": m.spans.get(O::Dropped).get(),
+        "failed_spans": m.spans.get(O::Failed).get(),
+    })
 }
 
 /// `apps` in `/status`: each app's credential, weight and proofs (never a secret, key or
@@ -368,9 +385,10 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render_with(
+        crate::metrics::render_process(
             state.credentials().map(|c| &*c.metrics),
             Some(&state.apps.metrics),
+            crate::telemetry::metrics(),
         ),
     )
         .into_response()

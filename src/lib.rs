@@ -35,6 +35,8 @@
 //!   read → parse → validate → compare → apply.
 //! - [`anomaly`]: the sliding-window anomaly detector and its audit/metrics wiring.
 //! - [`logging`]: JSON or text `tracing` logs, pingora's records bridged in, reloadable level.
+//! - [`telemetry`]: `[tracing]`: OpenTelemetry spans per request, upstream attempt and token
+//!   mint, `traceparent` continued to Genesys, exported over OTLP/HTTP off the request path.
 //! - [`metrics`]: every Prometheus metric, defined in one place.
 //! - [`audit`]: the hash-chained JSON-lines audit log (one writer thread) and its verifier.
 //! - [`sim`] (with the `sim` feature, on by default): the Genesys Cloud simulator used by tests,
@@ -75,6 +77,7 @@ pub mod files;
 pub mod fingerprint;
 pub mod head_clock;
 pub mod logging;
+pub mod telemetry;
 pub mod metrics;
 pub mod proxy;
 pub mod region;

@@ -88,6 +88,9 @@ pub fn install_crypto_provider() {
 pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Running> {
     install_crypto_provider();
     let p = &config.process;
+    if let Some(settings) = &p.tracing.otlp {
+        crate::telemetry::init(settings)?;
+    }
     // With [[credential]]s every metric sample and audit line names its credential; a
     // single-credential proxy renders exactly as before.
     let several = config.several();
@@ -304,5 +307,9 @@ async fn drain(
     let audit = &admin_state.audit;
     audit.record(AuditEvent::ProxyStopped, serde_json::json!({}), None);
     audit.flush().await;
+    // The last requests' spans (bounded by the export timeout; off the runtime's threads).
+    if crate::telemetry::enabled() {
+        let _ = tokio::task::spawn_blocking(crate::telemetry::flush).await;
+    }
     tracing::info!("stopped");
 }

@@ -116,6 +116,7 @@ impl Unit {
         let refresh_info: Arc<Mutex<RefreshInfo>> = Arc::default();
         let (commands, commands_rx) = mpsc::channel(16);
         let shared = refresher::Shared {
+            name: config.name.clone(),
             store: store.clone(),
             live: live.clone(),
             report: Reporter {
@@ -242,6 +243,7 @@ fn proxy_state(
 ) -> anyhow::Result<Arc<ProxyState>> {
     let upstream = &config.restart.genesys;
     Ok(Arc::new(ProxyState {
+        name: config.name.clone(),
         live: live.clone(),
         host_header: HeaderValue::from_str(&upstream.api.host_header())
             .context("api_url: host is not a valid Host header")?,

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use super::builder::{parse_cidrs, secret, Builder, Built};
 use super::credential::CredentialSource;
-use super::file::{AuditSection, FileConfig, LogSection, ProxySection, TokenSection};
+use super::file::{AuditSection, FileConfig, LogSection, ProxySection, TokenSection, TracingSection};
 use super::model::*;
 use super::policy::{anomaly, budget, exposure_warnings};
 use super::value::parse_url;
@@ -85,6 +85,9 @@ fn process(b: &mut Builder, raw: &mut FileConfig) -> Built<Process> {
         admin,
         audit: audit(b, std::mem::take(&mut raw.audit))?,
         log: log(b, raw.log.clone())?.0,
+        tracing: TracingRestart {
+            otlp: tracing_settings(b, std::mem::take(&mut raw.tracing))?,
+        },
         credentials: CredentialSet {
             listeners: Vec::new(),
         },
@@ -482,6 +485,71 @@ fn log(b: &Builder, l: LogSection) -> Built<(LogRestart, LogLive)> {
             access_log: l.access_log.unwrap_or(false),
         },
     ))
+}
+
+/// `[tracing]`: nothing is traced without `otlp_endpoint`; the other keys need it.
+fn tracing_settings(b: &Builder, t: TracingSection) -> Built<Option<TracingSettings>> {
+    let Some(raw) = t.otlp_endpoint else {
+        for (set, key) in [
+            (t.service_name.is_some(), "tracing.service_name"),
+            (t.sample_ratio.is_some(), "tracing.sample_ratio"),
+            (t.max_queue_spans.is_some(), "tracing.max_queue_spans"),
+        ] {
+            if set {
+                return Err(b.err(key, "needs tracing.otlp_endpoint (nothing is exported without it)"));
+            }
+        }
+        return Ok(None);
+    };
+    let key = "tracing.otlp_endpoint";
+    let mut endpoint = reqwest::Url::parse(&raw)
+        .map_err(|e| b.err(key, format!("{raw:?} is not a URL: {e}")))?;
+    if !matches!(endpoint.scheme(), "http" | "https") || endpoint.host_str().is_none() {
+        return Err(b.err(
+            key,
+            format!("{raw:?} must be an http:// or https:// URL with a host (OTLP over HTTP, e.g. http://collector:4318)"),
+        ));
+    }
+    if !endpoint.username().is_empty() || endpoint.password().is_some() {
+        return Err(b.err(
+            key,
+            "must not carry credentials (a collector's auth header goes in OTEL_EXPORTER_OTLP_HEADERS)",
+        ));
+    }
+    if endpoint.query().is_some() || endpoint.fragment().is_some() {
+        return Err(b.err(key, format!("{raw:?} must not have a query or fragment")));
+    }
+    // A base URL like an OTLP SDK's OTEL_EXPORTER_OTLP_ENDPOINT gets the traces path; a URL
+    // with a path is the traces URL itself.
+    if endpoint.path() == "/" {
+        endpoint.set_path("/v1/traces");
+    }
+    let service_name = t.service_name.unwrap_or_else(|| "genesys-auth-proxy".into());
+    if service_name.trim().is_empty() || service_name.len() > 255 {
+        return Err(b.err("tracing.service_name", "must be 1 to 255 characters"));
+    }
+    let sample_ratio = t.sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        return Err(b.err(
+            "tracing.sample_ratio",
+            format!("{sample_ratio} must be between 0.0 and 1.0"),
+        ));
+    }
+    let max_queue_spans = match t.max_queue_spans.unwrap_or(4096) {
+        n @ 64..=1_000_000 => n,
+        n => {
+            return Err(b.err(
+                "tracing.max_queue_spans",
+                format!("{n} must be between 64 and 1000000"),
+            ))
+        }
+    };
+    Ok(Some(TracingSettings {
+        endpoint,
+        service_name,
+        sample_ratio,
+        max_queue_spans,
+    }))
 }
 
 /// `admin.allowed_hosts`: bare host names (no scheme, port or path), lower-cased.

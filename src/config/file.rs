@@ -19,6 +19,9 @@ pub struct FileConfig {
     pub audit: AuditSection,
     #[serde(default)]
     pub log: LogSection,
+    /// `[tracing]`: OpenTelemetry spans over OTLP/HTTP (process-wide).
+    #[serde(default)]
+    pub tracing: TracingSection,
     #[serde(default)]
     pub anomaly: AnomalySection,
     #[serde(default)]
@@ -273,6 +276,15 @@ overlay!(
 #[serde(deny_unknown_fields)]
 pub struct AuditSection {
     pub path: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingSection {
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+    pub sample_ratio: Option<f64>,
+    pub max_queue_spans: Option<usize>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -35,6 +35,7 @@ pub use keyed::Keyed;
 pub use model::{
     AnomalyThresholds, ApiTarget, AppGroup, AuditTarget, BudgetSettings, Config, Credential,
     CredentialName, CredentialSettings, Diff, EgressProxy, Live, LogFormat, Process, ProxyLive,
+    TracingSettings,
     Restart, TokenLive, Validation,
 };
 

@@ -136,6 +136,7 @@ keyed_sections! {
         pub admin: AdminSettings,
         pub audit: AuditSettings,
         pub log: LogRestart,
+        pub tracing: TracingRestart,
         pub credentials: CredentialSet,
         pub cluster: ClusterRestart,
     }
@@ -148,6 +149,26 @@ keyed_sections! {
         pub genesys: UpstreamSettings,
         pub token: TokenRestart,
     }
+}
+
+keyed_struct! {
+    /// `[tracing]`: read once at start (the exporter and its queue are built once).
+    pub struct TracingRestart {
+        pub otlp: Option<TracingSettings> => "tracing.otlp_endpoint" | "tracing.service_name" | "tracing.sample_ratio" | "tracing.max_queue_spans",
+    }
+}
+
+/// Where and how spans are exported (OTLP over HTTP, protobuf).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingSettings {
+    /// The traces URL: `otlp_endpoint` as written when it has a path, else with `/v1/traces`.
+    pub endpoint: Url,
+    /// `service.name` of every span's resource.
+    pub service_name: String,
+    /// The share of new traces recorded (a request with a `traceparent` follows its flag).
+    pub sample_ratio: f64,
+    /// Finished spans waiting for export, at most; more are dropped (and counted).
+    pub max_queue_spans: usize,
 }
 
 keyed_struct! {

@@ -67,6 +67,15 @@ label_set! {
 }
 
 label_set! {
+    /// `trace_spans_total{outcome}`: what became of a finished span.
+    SpanOutcome {
+        Exported => "exported",
+        Dropped => "dropped",
+        Failed => "failed",
+    }
+}
+
+label_set! {
     /// `cluster_tokens_total{how}`: how a replica came by a token.
     ClusterTake {
         Adopted => "adopted",

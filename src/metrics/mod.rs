@@ -11,7 +11,7 @@ mod handles;
 
 pub use handles::{
     status_label, Admission, AppCounters, AppOutcome, AuthFailure, ClusterTake, Code, Handles,
-    JwksFetch, RateLimitOutcome, ReplayOutcome,
+    JwksFetch, RateLimitOutcome, ReplayOutcome, SpanOutcome,
 };
 
 use handles::LabelSet;
@@ -94,6 +94,36 @@ impl AppMetrics {
     }
 }
 
+/// The process's `[tracing]` metrics (rendered only when tracing is configured).
+pub struct TraceMetrics {
+    registry: Registry,
+    /// `trace_spans_total{outcome}`: exported, dropped (the queue was full), failed (the
+    /// collector refused or did not answer the batch).
+    pub spans: Handles<SpanOutcome>,
+    /// `trace_export_queue_spans`: finished spans waiting for export.
+    pub queued: IntGauge,
+}
+
+impl Default for TraceMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TraceMetrics {
+    #[rustfmt::skip]
+    pub fn new() -> Self {
+        let m = Maker(Registry::new());
+        let spans = m.counter_vec("trace_spans_total", "Finished trace spans by outcome: exported (the collector took them), dropped (the export queue was full: never blocks a request), failed (the collector refused the batch or did not answer in time).", "outcome", SpanOutcome::LABELS);
+        let queued = m.int_gauge("trace_export_queue_spans", "Finished spans waiting in the export queue (at most tracing.max_queue_spans).");
+        TraceMetrics {
+            spans: Handles::new(spans, &[]),
+            queued,
+            registry: m.0,
+        }
+    }
+}
+
 /// The Prometheus text exposition of several credentials' metrics: families of the same name
 /// are merged (each sample carries its `credential` label), so every family appears once.
 pub fn render_all<'a>(all: impl IntoIterator<Item = &'a Metrics>) -> String {
@@ -105,11 +135,21 @@ pub fn render_with<'a>(
     all: impl IntoIterator<Item = &'a Metrics>,
     apps: Option<&AppMetrics>,
 ) -> String {
+    render_process(all, apps, None)
+}
+
+/// [`render_with`], plus the `[tracing]` metrics when tracing is on.
+pub fn render_process<'a>(
+    all: impl IntoIterator<Item = &'a Metrics>,
+    apps: Option<&AppMetrics>,
+    traces: Option<&TraceMetrics>,
+) -> String {
     let mut families: Vec<prometheus::proto::MetricFamily> = Vec::new();
     let registries = all
         .into_iter()
         .map(|m| &m.registry)
-        .chain(apps.map(|a| &a.registry));
+        .chain(apps.map(|a| &a.registry))
+        .chain(traces.map(|t| &t.registry));
     for registry in registries {
         for mut family in registry.gather() {
             match families.iter_mut().find(|f| f.name() == family.name()) {

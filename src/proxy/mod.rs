@@ -34,6 +34,8 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorType, RetryType};
 
+use opentelemetry::KeyValue;
+
 use crate::anomaly::AnomalyMonitor;
 use crate::budget::{Budget, ClientKey};
 use crate::config::{ApiTarget, Live};
@@ -47,6 +49,8 @@ const REPLAY: ErrorType = ErrorType::Custom("replay_after_401");
 /// Everything the proxy hooks read. The live settings sit in an `ArcSwap` so a reload can
 /// replace them; each request loads them once (`RequestCtx::live`).
 pub struct ProxyState {
+    /// The credential's name (in spans).
+    pub name: crate::config::CredentialName,
     pub live: Arc<ArcSwap<Live>>,
     pub api: ApiTarget,
     pub host_header: HeaderValue,
@@ -121,6 +125,8 @@ pub struct RequestCtx {
     /// The last upstream 429 was an endpoint or org limit (not the token's): when its route is
     /// free again.
     route_held_until: Option<Instant>,
+    /// With `[tracing]`: the request's span and its current upstream attempt's.
+    trace: Option<Box<crate::telemetry::RequestTrace>>,
 }
 
 /// Why a request without an app proof is refused, if it is: the listener's methods and paths.
@@ -136,6 +142,13 @@ fn anonymous_refusal(req: &RequestHeader, settings: &crate::config::ProxyLive) -
         return Some(Refusal::PathNotAllowed);
     }
     None
+}
+
+/// The request's span (tracing on): named by its route with ids collapsed.
+fn trace_request(req: &RequestHeader) -> Option<Box<crate::telemetry::RequestTrace>> {
+    let route = crate::budget::holds::route_key(req.method.as_str(), req.uri.path());
+    let template = route.split_once(' ').map_or("", |(_, p)| p).to_string();
+    crate::telemetry::start_request(req.method.as_str(), route, &template, &req.headers)
 }
 
 /// Re-sends of one request after Genesys answered 429, at most.
@@ -175,6 +188,7 @@ impl ProxyHttp for GenesysProxy {
             caller: None,
             body_bytes: 0,
             route_held_until: None,
+            trace: None,
         }
     }
 
@@ -195,6 +209,9 @@ impl ProxyHttp for GenesysProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let own = &self.routes[self.own];
+        if crate::telemetry::enabled() {
+            ctx.trace = trace_request(session.req_header());
+        }
         if ctx.ambiguous_framing {
             return respond::refuse(own, session, Refusal::BadRequest, &ctx.live).await;
         }
@@ -294,6 +311,21 @@ impl ProxyHttp for GenesysProxy {
         if let Some(tunnel) = &state.tunnel {
             peer.options.custom_l4 = Some(tunnel.clone());
         }
+        if let Some(trace) = &mut ctx.trace {
+            let (lease, tries) = (&ctx.lease, ctx.tries);
+            trace.start_attempt(_session.req_header().method.as_str(), || {
+                let mut attributes = vec![
+                    KeyValue::new("server.address", state.api.host.clone()),
+                    KeyValue::new("server.port", i64::from(state.api.port)),
+                    KeyValue::new("http.request.resend_count", i64::from(tries - 1)),
+                ];
+                if let Some(lease) = lease {
+                    let fp = lease.token().fingerprint.clone();
+                    attributes.push(KeyValue::new("genesys.token.fingerprint", fp));
+                }
+                attributes
+            });
+        }
         Ok(Box::new(peer))
     }
 
@@ -314,7 +346,11 @@ impl ProxyHttp for GenesysProxy {
             path_and_query,
             &self.state(ctx).host_header,
             ctx.lease.as_ref().map(|l| &l.token().header),
-        )
+        )?;
+        if let Some(trace) = &ctx.trace {
+            trace.inject(upstream);
+        }
+        Ok(())
     }
 
     async fn upstream_response_filter(
@@ -375,12 +411,15 @@ impl ProxyHttp for GenesysProxy {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
         // Our replay is safe for any method: the upstream refused the request before acting on it.
         if e.etype() == &REPLAY {
             return e;
+        }
+        if let Some(trace) = &mut ctx.trace {
+            trace.end_attempt(Some(e.etype().as_str()));
         }
         let mut e = e.more_context(format!("Peer: {peer}"));
         if !session.req_header().method.is_idempotent()
@@ -423,6 +462,19 @@ impl ProxyHttp for GenesysProxy {
         }
     }
 
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(trace) = &mut ctx.trace {
+            trace.end_attempt(Some(e.etype().as_str()));
+        }
+        e
+    }
+
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         crate::head_clock::request_done(ctx.live.proxy.request_header_timeout);
         let status = session
@@ -443,6 +495,42 @@ impl ProxyHttp for GenesysProxy {
             };
             metrics.replays.inc(outcome);
         }
+        let trace_id = match ctx.trace.take() {
+            Some(trace) => {
+                let id = ctx.live.log.access_log.then(|| trace.trace_id().to_string());
+                let state = self.state(ctx);
+                let attributes = || {
+                    let mut a = vec![
+                        KeyValue::new("genesys.credential", state.name.to_string()),
+                        KeyValue::new("genesys.replays", i64::from(replays)),
+                        KeyValue::new("genesys.rate_limit_resends", i64::from(ctx.rate_retries)),
+                    ];
+                    if let Some(called) = &ctx.caller {
+                        a.push(KeyValue::new("genesys.app", called.app().name.to_string()));
+                    }
+                    if let Some(lease) = &ctx.lease {
+                        let fp = lease.token().fingerprint.clone();
+                        a.push(KeyValue::new("genesys.token.fingerprint", fp));
+                    }
+                    if let Some(id) = &ctx.correlation_id {
+                        a.push(KeyValue::new("genesys.correlation_id", id.clone()));
+                    }
+                    if ctx.upstream_status != 0 {
+                        let s = i64::from(ctx.upstream_status);
+                        a.push(KeyValue::new("genesys.upstream_status_code", s));
+                    }
+                    a
+                };
+                let attributes = if trace.recording() { attributes() } else { Vec::new() };
+                trace.finish(status, attributes);
+                id
+            }
+            None if ctx.live.log.access_log => {
+                crate::telemetry::incoming_trace_id(&session.req_header().headers)
+                    .map(str::to_string)
+            }
+            None => None,
+        };
         if ctx.live.log.access_log {
             let req = session.req_header();
             let client = session
@@ -462,6 +550,7 @@ impl ProxyHttp for GenesysProxy {
                 client = %client,
                 app = ctx.caller.as_ref().map_or("", |c| &*c.app().name),
                 correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
+                trace_id = trace_id.as_deref().unwrap_or(""),
                 "request"
             );
         }

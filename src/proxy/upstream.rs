@@ -28,6 +28,7 @@ pub(super) async fn admit(
     client: ClientKey,
 ) -> Result<bool> {
     let settings = &ctx.live.budget;
+    let arrived = Instant::now();
     if let Some(done) = wait_for_route(state, session, ctx).await? {
         return Ok(done);
     }
@@ -38,6 +39,10 @@ pub(super) async fn admit(
         .budget
         .checkout(settings, client.clone(), wait, token_wait);
     let admitted = unless_client_left(session, admit, "queued for rate-limit budget").await?;
+    if let Some(trace) = &ctx.trace {
+        let waited = arrived.elapsed().as_secs_f64() * 1000.0;
+        trace.set(opentelemetry::KeyValue::new("genesys.queue_wait_ms", waited));
+    }
     let app = Budget::app_label(settings, &client);
     let m = &state.metrics;
     if let Some(called) = &ctx.caller {
@@ -117,12 +122,15 @@ pub(super) fn observe_upstream(
 ) {
     let metrics = &state.metrics;
     ctx.upstream_status = upstream.status.as_u16();
-    if ctx.live.log.access_log {
+    if ctx.live.log.access_log || ctx.trace.is_some() {
         ctx.correlation_id = upstream
             .headers
             .get(&CORRELATION_ID)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+    }
+    if let Some(trace) = &ctx.trace {
+        trace.attempt_answered(ctx.upstream_status, ctx.correlation_id.as_deref());
     }
     let budget = &state.budget;
     let count = header_u64(upstream, &RATELIMIT_COUNT);

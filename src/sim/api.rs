@@ -146,6 +146,9 @@ fn route(
                 "client_id": admission.client_id,
                 "token_fingerprint": admission.fingerprint,
                 "header_names": header_names(headers),
+                // W3C trace context carries no secret: echoed so a test sees what Genesys got.
+                "traceparent": headers.get("traceparent").and_then(|v| v.to_str().ok()),
+                "tracestate": headers.get("tracestate").and_then(|v| v.to_str().ok()),
                 "content_length": headers.get_all(header::CONTENT_LENGTH).iter().map(|v| v.to_str().unwrap_or("")).collect::<Vec<_>>(),
             }))
             .into_response()

@@ -162,6 +162,11 @@ pub fn http_client(
 }
 
 impl TokenEndpoint {
+    /// Where tokens are requested.
+    pub fn token_url(&self) -> &Url {
+        &self.token_url
+    }
+
     /// The endpoint of `upstream` (token URL, grant, API base, `ca_file`) with these timeouts.
     pub fn new(
         upstream: &UpstreamSettings,

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use serde_json::json;
 
 use super::endpoint::{MintError, Minted, TokenEndpoint};
@@ -15,11 +17,14 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::config::{Live, Validation};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
+use crate::telemetry;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
 /// Mints and validates tokens; counts every token request against the per-minute cap.
 pub struct Minter {
+    /// The credential's name (in spans).
+    credential: String,
     endpoint: TokenEndpoint,
     /// With `validation = "jwks"`.
     jwks: Option<Arc<super::jwks::Jwks>>,
@@ -32,6 +37,7 @@ pub struct Minter {
 
 impl Minter {
     pub fn new(
+        credential: String,
         endpoint: TokenEndpoint,
         jwks: Option<Arc<super::jwks::Jwks>>,
         live: Arc<ArcSwap<Live>>,
@@ -39,6 +45,7 @@ impl Minter {
         audit: Arc<AuditLog>,
     ) -> Self {
         Minter {
+            credential,
             endpoint,
             jwks,
             live,
@@ -74,7 +81,20 @@ impl Minter {
         let started = Instant::now();
         self.note_request(started);
         let jwt = self.live.load().token.validation == Validation::Jwks;
-        let result = match self.endpoint.mint(client_id, secret).await {
+        let span = telemetry::start(
+            "POST oauth/token",
+            SpanKind::Client,
+            vec![
+                KeyValue::new("http.request.method", "POST"),
+                KeyValue::new("url.full", self.endpoint.token_url().to_string()),
+                KeyValue::new("genesys.credential", self.credential.clone()),
+                KeyValue::new("genesys.token.slot", slot as i64),
+                KeyValue::new("genesys.token.generation", generation as i64),
+                KeyValue::new("genesys.secret.fingerprint", secret.fingerprint()),
+            ],
+        );
+        let minted = telemetry::within(&span, self.endpoint.mint(client_id, secret)).await;
+        let result = match minted {
             // Only a verified JWT's exp can stand in for a missing expires_in.
             Ok(m) if m.expires_in.is_none() && !jwt => Err(MintError::InvalidResponse(
                 "no expires_in (and validation is not \"jwks\", so no exp to go by)".into(),
@@ -89,6 +109,16 @@ impl Minter {
             .token_requests_total
             .with_label_values(&[outcome])
             .inc();
+        telemetry::end(
+            span,
+            match &result {
+                Ok(m) => Ok(vec![KeyValue::new(
+                    "genesys.token.fingerprint",
+                    m.access_token.fingerprint(),
+                )]),
+                Err(_) => Err(outcome.to_string()),
+            },
+        );
         let minted = result?;
         let (exp, idles_after) = self.validate(&minted).await?;
         let max = self.live.load().token.max_lifetime;
@@ -134,7 +164,50 @@ impl Minter {
     /// `tokens/me`'s `dateTokenIdles` as the time until the fresh token idles out.
     async fn validate(&self, minted: &Minted) -> Result<Validated, MintError> {
         let validation = self.live.load().token.validation;
-        let result = match (validation, &self.jwks) {
+        let span = match validation {
+            Validation::None => None,
+            Validation::TokensMe => telemetry::start(
+                "GET /api/v2/tokens/me",
+                SpanKind::Client,
+                vec![
+                    KeyValue::new("http.request.method", "GET"),
+                    KeyValue::new("genesys.credential", self.credential.clone()),
+                    KeyValue::new("genesys.token.fingerprint", minted.access_token.fingerprint()),
+                ],
+            ),
+            Validation::Jwks => telemetry::start(
+                "token jwks verification",
+                SpanKind::Internal,
+                vec![
+                    KeyValue::new("genesys.credential", self.credential.clone()),
+                    KeyValue::new("genesys.token.fingerprint", minted.access_token.fingerprint()),
+                ],
+            ),
+        };
+        let result = telemetry::within(&span, self.check(validation, minted)).await;
+        telemetry::end(
+            span,
+            match &result {
+                Ok(_) => Ok(Vec::new()),
+                Err(e) => Err(e.outcome().to_string()),
+            },
+        );
+        if let Err(e) = &result {
+            self.metrics
+                .token_requests_total
+                .with_label_values(&["validation_failed"])
+                .inc();
+            self.audit.record(
+                AuditEvent::TokenValidationFailed,
+                json!({"error": e.to_string()}),
+                Some(&minted.access_token.fingerprint()),
+            );
+        }
+        result
+    }
+
+    async fn check(&self, validation: Validation, minted: &Minted) -> Result<Validated, MintError> {
+        match (validation, &self.jwks) {
             (Validation::None, _) => Ok((None, None)),
             (Validation::TokensMe, _) => self
                 .endpoint
@@ -150,19 +223,7 @@ impl Minter {
                 "validation = \"jwks\" needs token.jwks_url, which only applies after a restart"
                     .into(),
             )),
-        };
-        if let Err(e) = &result {
-            self.metrics
-                .token_requests_total
-                .with_label_values(&["validation_failed"])
-                .inc();
-            self.audit.record(
-                AuditEvent::TokenValidationFailed,
-                json!({"error": e.to_string()}),
-                Some(&minted.access_token.fingerprint()),
-            );
         }
-        result
     }
 }
 

@@ -18,8 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::telemetry;
 use super::endpoint::{MintError, TokenEndpoint};
 use super::minter::Minter;
 pub use super::report::RefreshInfo;
@@ -112,9 +115,22 @@ impl PendingWhy {
 
 /// What the refresher shares with the rest of the process.
 pub struct Shared {
+    /// The credential's name (in spans).
+    pub name: crate::config::CredentialName,
     pub store: Arc<TokenStore>,
     pub live: Arc<ArcSwap<Live>>,
     pub report: Reporter,
+}
+
+/// A span's outcome for a mint: the new token's fingerprint, or the error's class.
+fn token_outcome(result: &Result<Token, MintError>) -> Result<Vec<KeyValue>, String> {
+    match result {
+        Ok(token) => Ok(vec![KeyValue::new(
+            "genesys.token.fingerprint",
+            token.fingerprint.clone(),
+        )]),
+        Err(e) => Err(e.outcome().to_string()),
+    }
 }
 
 /// A rotation waiting for its (next) attempt, until its window closes.
@@ -154,6 +170,7 @@ impl Refresher {
     ) -> Self {
         let slots = shared.store.slots();
         let minter = Minter::new(
+            shared.name.to_string(),
             endpoint,
             jwks,
             shared.live.clone(),
@@ -322,22 +339,30 @@ impl Refresher {
             secret,
             previous,
         } = self.credentials.clone();
-        let mut result = self
-            .minter
-            .mint(&client_id, &secret, generation, slot, TokenSource::Current)
-            .await;
-        if let (Err(MintError::InvalidClient), Some(previous)) = (&result, previous) {
-            result = self
-                .minter
-                .mint(
-                    &client_id,
-                    &previous,
-                    generation,
-                    slot,
-                    TokenSource::Previous,
-                )
+        let span = telemetry::start(
+            "token refresh",
+            SpanKind::Internal,
+            vec![
+                KeyValue::new("genesys.credential", self.shared.name.to_string()),
+                KeyValue::new("genesys.token.slot", slot as i64),
+                KeyValue::new("genesys.refresh.reason", reason.as_str()),
+            ],
+        );
+        let minter = &mut self.minter;
+        let result = telemetry::within(&span, async {
+            let result = minter
+                .mint(&client_id, &secret, generation, slot, TokenSource::Current)
                 .await;
-        }
+            match (result, previous) {
+                (Err(MintError::InvalidClient), Some(previous)) => {
+                    let source = TokenSource::Previous;
+                    minter.mint(&client_id, &previous, generation, slot, source).await
+                }
+                (result, _) => result,
+            }
+        })
+        .await;
+        telemetry::end(span, token_outcome(&result));
         match result {
             Ok(token) => {
                 match leased {
@@ -532,10 +557,23 @@ impl Refresher {
         self.last_mint = Some(started);
         let generation = self.shared.store.generation() + 1;
         let (id, secret) = (&new.client_id, &new.secret);
-        let result = self
+        let span = telemetry::start(
+            "secret rotation",
+            SpanKind::Internal,
+            vec![
+                KeyValue::new("genesys.credential", self.shared.name.to_string()),
+                KeyValue::new("genesys.secret.fingerprint", secret.fingerprint()),
+                KeyValue::new(
+                    "genesys.secret.previous_fingerprint",
+                    self.credentials.secret.fingerprint(),
+                ),
+            ],
+        );
+        let mint = self
             .minter
-            .mint(id, secret, generation, 0, TokenSource::Current)
-            .await;
+            .mint(id, secret, generation, 0, TokenSource::Current);
+        let result = telemetry::within(&span, mint).await;
+        telemetry::end(span, token_outcome(&result));
         match result {
             Ok(token) => {
                 self.peers.rekey(&new.secret);

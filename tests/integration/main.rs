@@ -26,5 +26,6 @@ mod sdk;
 mod settle;
 mod sim;
 mod tls;
+mod tracing;
 mod upstream_pool;
 mod workload;
