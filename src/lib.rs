@@ -77,7 +77,6 @@ pub mod files;
 pub mod fingerprint;
 pub mod head_clock;
 pub mod logging;
-pub mod telemetry;
 pub mod metrics;
 pub mod proxy;
 pub mod region;
@@ -87,6 +86,7 @@ pub mod shutdown;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod sync;
+pub mod telemetry;
 pub mod token;
 pub mod watch;
 pub mod worker;

@@ -8,7 +8,9 @@ use ipnet::IpNet;
 
 use super::builder::{parse_cidrs, secret, Builder, Built};
 use super::credential::CredentialSource;
-use super::file::{AuditSection, FileConfig, LogSection, ProxySection, TokenSection, TracingSection};
+use super::file::{
+    AuditSection, FileConfig, LogSection, ProxySection, TokenSection, TracingSection,
+};
 use super::model::*;
 use super::policy::{anomaly, budget, exposure_warnings};
 use super::value::parse_url;
@@ -496,35 +498,48 @@ fn tracing_settings(b: &Builder, t: TracingSection) -> Built<Option<TracingSetti
             (t.max_queue_spans.is_some(), "tracing.max_queue_spans"),
         ] {
             if set {
-                return Err(b.err(key, "needs tracing.otlp_endpoint (nothing is exported without it)"));
+                return Err(b.err(
+                    key,
+                    "needs tracing.otlp_endpoint (nothing is exported without it)",
+                ));
             }
         }
         return Ok(None);
     };
     let key = "tracing.otlp_endpoint";
-    let mut endpoint = reqwest::Url::parse(&raw)
-        .map_err(|e| b.err(key, format!("{raw:?} is not a URL: {e}")))?;
-    if !matches!(endpoint.scheme(), "http" | "https") || endpoint.host_str().is_none() {
-        return Err(b.err(
-            key,
-            format!("{raw:?} must be an http:// or https:// URL with a host (OTLP over HTTP, e.g. http://collector:4318)"),
-        ));
-    }
+    let mut endpoint = reqwest::Url::parse(&raw).map_err(|e| {
+        // A value with userinfo is not echoed (it may hold a password).
+        let shown = if raw.contains('@') {
+            "the value".to_string()
+        } else {
+            format!("{raw:?}")
+        };
+        b.err(key, format!("{shown} is not a URL: {e}"))
+    })?;
     if !endpoint.username().is_empty() || endpoint.password().is_some() {
         return Err(b.err(
             key,
             "must not carry credentials (a collector's auth header goes in OTEL_EXPORTER_OTLP_HEADERS)",
         ));
     }
+    if !matches!(endpoint.scheme(), "http" | "https") || endpoint.host_str().is_none() {
+        return Err(b.err(
+            key,
+            format!("{raw:?} must be an http:// or https:// URL with a host (OTLP over HTTP, e.g. http://collector:4318)"),
+        ));
+    }
     if endpoint.query().is_some() || endpoint.fragment().is_some() {
-        return Err(b.err(key, format!("{raw:?} must not have a query or fragment")));
+        // Not echoed: a query is where an API key would be.
+        return Err(b.err(key, "must not have a query or fragment (a collector's auth header goes in OTEL_EXPORTER_OTLP_HEADERS)"));
     }
     // A base URL like an OTLP SDK's OTEL_EXPORTER_OTLP_ENDPOINT gets the traces path; a URL
     // with a path is the traces URL itself.
     if endpoint.path() == "/" {
         endpoint.set_path("/v1/traces");
     }
-    let service_name = t.service_name.unwrap_or_else(|| "genesys-auth-proxy".into());
+    let service_name = t
+        .service_name
+        .unwrap_or_else(|| "genesys-auth-proxy".into());
     if service_name.trim().is_empty() || service_name.len() > 255 {
         return Err(b.err("tracing.service_name", "must be 1 to 255 characters"));
     }

@@ -28,6 +28,8 @@ mod tests_classes;
 mod tests_credential;
 #[cfg(test)]
 mod tests_oauth;
+#[cfg(test)]
+mod tests_tracing;
 
 use std::path::{Path, PathBuf};
 
@@ -35,8 +37,7 @@ pub use keyed::Keyed;
 pub use model::{
     AnomalyThresholds, ApiTarget, AppGroup, AuditTarget, BudgetSettings, Config, Credential,
     CredentialName, CredentialSettings, Diff, EgressProxy, Live, LogFormat, Process, ProxyLive,
-    TracingSettings,
-    Restart, TokenLive, Validation,
+    Restart, TokenLive, TracingSettings, Validation,
 };
 
 /// Why a config file was refused. The message always names the file, and the key when one is

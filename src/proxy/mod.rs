@@ -497,7 +497,11 @@ impl ProxyHttp for GenesysProxy {
         }
         let trace_id = match ctx.trace.take() {
             Some(trace) => {
-                let id = ctx.live.log.access_log.then(|| trace.trace_id().to_string());
+                let id = ctx
+                    .live
+                    .log
+                    .access_log
+                    .then(|| trace.trace_id().to_string());
                 let state = self.state(ctx);
                 let attributes = || {
                     let mut a = vec![
@@ -521,7 +525,11 @@ impl ProxyHttp for GenesysProxy {
                     }
                     a
                 };
-                let attributes = if trace.recording() { attributes() } else { Vec::new() };
+                let attributes = if trace.recording() {
+                    attributes()
+                } else {
+                    Vec::new()
+                };
                 trace.finish(status, attributes);
                 id
             }

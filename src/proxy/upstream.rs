@@ -41,7 +41,10 @@ pub(super) async fn admit(
     let admitted = unless_client_left(session, admit, "queued for rate-limit budget").await?;
     if let Some(trace) = &ctx.trace {
         let waited = arrived.elapsed().as_secs_f64() * 1000.0;
-        trace.set(opentelemetry::KeyValue::new("genesys.queue_wait_ms", waited));
+        trace.set(opentelemetry::KeyValue::new(
+            "genesys.queue_wait_ms",
+            waited,
+        ));
     }
     let app = Budget::app_label(settings, &client);
     let m = &state.metrics;

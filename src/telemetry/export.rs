@@ -130,9 +130,9 @@ fn export_loop<E: SpanExporter>(rx: Receiver<Msg>, exporter: E, metrics: &TraceM
         failures_unreported: 0,
     };
     loop {
-        let wait = out
-            .since
-            .map_or(Duration::from_secs(3600), |t| (t + DELAY).saturating_duration_since(Instant::now()));
+        let wait = out.since.map_or(Duration::from_secs(3600), |t| {
+            (t + DELAY).saturating_duration_since(Instant::now())
+        });
         match rx.recv_timeout(wait) {
             Ok(Msg::Span(span)) => {
                 metrics.queued.dec();

@@ -80,8 +80,9 @@ pub fn init(settings: &TracingSettings) -> anyhow::Result<()> {
         .build();
     opentelemetry_sdk::trace::SpanExporter::set_resource(&mut exporter, &resource);
     let metrics = Arc::new(TraceMetrics::new());
-    let processor = export::QueueProcessor::start(exporter, settings.max_queue_spans, metrics.clone())
-        .map_err(|e| anyhow::anyhow!("tracing: cannot start the export thread: {e}"))?;
+    let processor =
+        export::QueueProcessor::start(exporter, settings.max_queue_spans, metrics.clone())
+            .map_err(|e| anyhow::anyhow!("tracing: cannot start the export thread: {e}"))?;
     let provider = SdkTracerProvider::builder()
         .with_span_processor(processor)
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
@@ -226,7 +227,10 @@ impl RequestTrace {
         if !span.is_recording() {
             return;
         }
-        span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
         if let Some(id) = correlation_id {
             span.set_attribute(KeyValue::new("genesys.correlation_id", id.to_string()));
         }
@@ -237,7 +241,9 @@ impl RequestTrace {
 
     /// Ends the current attempt, with the error that ended it if one did.
     pub fn end_attempt(&mut self, error: Option<&str>) {
-        let Some(cx) = self.attempt.take() else { return };
+        let Some(cx) = self.attempt.take() else {
+            return;
+        };
         let span = cx.span();
         if let Some(e) = error {
             span.set_attribute(KeyValue::new("error.type", e.to_string()));
@@ -257,11 +263,14 @@ impl RequestTrace {
     }
 
     /// Ends the request's span with its final status.
-    pub fn finish(mut self: Box<Self>, status: u16, attributes: Vec<KeyValue>) {
+    pub fn finish(mut self, status: u16, attributes: Vec<KeyValue>) {
         self.end_attempt(None);
         let span = self.cx.span();
         if span.is_recording() {
-            span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status),
+            ));
             span.set_attributes(attributes);
             if status >= 500 || status == 0 {
                 span.set_status(Status::error(if status == 0 {
@@ -324,11 +333,20 @@ mod tests {
             incoming_trace_id(&h).map(str::to_string)
         };
         let id = "4bf92f3577b34da6a3ce929d0e0e4736";
-        assert_eq!(with(&format!("00-{id}-00f067aa0ba902b7-01")).as_deref(), Some(id));
-        assert_eq!(with("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
+        assert_eq!(
+            with(&format!("00-{id}-00f067aa0ba902b7-01")).as_deref(),
+            Some(id)
+        );
+        assert_eq!(
+            with("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
         assert_eq!(with(&format!("ff-{id}-00f067aa0ba902b7-01")), None);
         assert_eq!(with("00-4bf92f-00f067aa0ba902b7-01"), None);
-        assert_eq!(with(&format!("00-{}-00f067aa0ba902b7-01", "g".repeat(32))), None);
+        assert_eq!(
+            with(&format!("00-{}-00f067aa0ba902b7-01", "g".repeat(32))),
+            None
+        );
         assert_eq!(incoming_trace_id(&http::HeaderMap::new()), None);
     }
 }

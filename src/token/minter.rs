@@ -172,7 +172,10 @@ impl Minter {
                 vec![
                     KeyValue::new("http.request.method", "GET"),
                     KeyValue::new("genesys.credential", self.credential.clone()),
-                    KeyValue::new("genesys.token.fingerprint", minted.access_token.fingerprint()),
+                    KeyValue::new(
+                        "genesys.token.fingerprint",
+                        minted.access_token.fingerprint(),
+                    ),
                 ],
             ),
             Validation::Jwks => telemetry::start(
@@ -180,7 +183,10 @@ impl Minter {
                 SpanKind::Internal,
                 vec![
                     KeyValue::new("genesys.credential", self.credential.clone()),
-                    KeyValue::new("genesys.token.fingerprint", minted.access_token.fingerprint()),
+                    KeyValue::new(
+                        "genesys.token.fingerprint",
+                        minted.access_token.fingerprint(),
+                    ),
                 ],
             ),
         };

@@ -22,7 +22,6 @@ use opentelemetry::trace::SpanKind;
 use opentelemetry::KeyValue;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::telemetry;
 use super::endpoint::{MintError, TokenEndpoint};
 use super::minter::Minter;
 pub use super::report::RefreshInfo;
@@ -36,6 +35,7 @@ use super::store::{Token, TokenSource, TokenStore};
 use crate::cluster::SharedEvent;
 use crate::config::Live;
 use crate::secret::Secret;
+use crate::telemetry;
 
 /// Credentials the refresher mints with.
 #[derive(Debug, Clone, PartialEq)]
@@ -356,7 +356,9 @@ impl Refresher {
             match (result, previous) {
                 (Err(MintError::InvalidClient), Some(previous)) => {
                     let source = TokenSource::Previous;
-                    minter.mint(&client_id, &previous, generation, slot, source).await
+                    minter
+                        .mint(&client_id, &previous, generation, slot, source)
+                        .await
                 }
                 (result, _) => result,
             }

@@ -85,6 +85,14 @@ fn traced_proxy(sim: &genesys_auth_proxy::sim::SimHandle, tracing: &str) -> Prox
     ProxyProcess::spawn(&conf)
 }
 
+/// The simulator without its 300-a-minute token limit: the load here is about the collector.
+fn unlimited_sim() -> genesys_auth_proxy::sim::SimConfig {
+    genesys_auth_proxy::sim::SimConfig {
+        api_rate_limit_per_minute: 1_000_000,
+        ..sim_config()
+    }
+}
+
 fn attr<'a>(span: &'a Value, key: &str) -> &'a Value {
     &span["attributes"][key]
 }
@@ -94,7 +102,7 @@ async fn spans_reach_an_otlp_receiver_with_the_contract_attributes_and_the_calle
     let Some(receiver) = Receiver::start(&[]) else {
         return;
     };
-    let sim = start_sim(sim_config()).await;
+    let sim = start_sim(unlimited_sim()).await;
     let proc = traced_proxy(
         &sim,
         &format!(
@@ -108,27 +116,42 @@ async fn spans_reach_an_otlp_receiver_with_the_contract_attributes_and_the_calle
 
     // A request continuing the caller's trace, with its tracestate.
     let r = c
-        .get(format!("http://{proxy}/api/v2/conversations/12345678/details"))
+        .get(format!(
+            "http://{proxy}/api/v2/conversations/12345678/details"
+        ))
         .header("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01"))
         .header("tracestate", "vendor=abc")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let correlation = r.headers()["inin-correlation-id"].to_str().unwrap().to_string();
+    let correlation = r.headers()["inin-correlation-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let echo: Value = r.json().await.unwrap();
-    let seen = echo["traceparent"].as_str().expect("Genesys got a traceparent");
+    let seen = echo["traceparent"]
+        .as_str()
+        .expect("Genesys got a traceparent");
     let parts: Vec<&str> = seen.split('-').collect();
     assert_eq!(parts.len(), 4, "{seen}");
-    assert_eq!(parts[1], TRACE_ID, "the caller's trace continues to Genesys");
-    assert_ne!(parts[2], PARENT_ID, "Genesys's parent is the proxy's attempt span");
+    assert_eq!(
+        parts[1], TRACE_ID,
+        "the caller's trace continues to Genesys"
+    );
+    assert_ne!(
+        parts[2], PARENT_ID,
+        "Genesys's parent is the proxy's attempt span"
+    );
     assert_eq!(parts[3], "01");
     assert_eq!(echo["tracestate"], "vendor=abc");
     let attempt_id = parts[2].to_string();
 
     // A request without one starts its own trace.
     let r = c
-        .get(format!("http://{proxy}/api/v2/users/00000000-0000-4000-8000-000000000001/roles"))
+        .get(format!(
+            "http://{proxy}/api/v2/users/00000000-0000-4000-8000-000000000001/roles"
+        ))
         .send()
         .await
         .unwrap();
@@ -140,7 +163,10 @@ async fn spans_reach_an_otlp_receiver_with_the_contract_attributes_and_the_calle
     sim_post(&sim, "/__sim/revoke", serde_json::json!({})).await;
     let r = c
         .get(format!("http://{proxy}/api/v2/analytics/x"))
-        .header("traceparent", format!("00-{}-{PARENT_ID}-01", "a".repeat(32)))
+        .header(
+            "traceparent",
+            format!("00-{}-{PARENT_ID}-01", "a".repeat(32)),
+        )
         .send()
         .await
         .unwrap();
@@ -158,24 +184,38 @@ async fn spans_reach_an_otlp_receiver_with_the_contract_attributes_and_the_calle
     assert_eq!(server["content_type"], "application/x-protobuf");
     assert_eq!(server["resource"]["service.name"], "billing-gateway");
     assert_eq!(attr(&server, "http.request.method"), "GET");
-    assert_eq!(attr(&server, "http.route"), "/api/v2/conversations/{id}/details");
+    assert_eq!(
+        attr(&server, "http.route"),
+        "/api/v2/conversations/{id}/details"
+    );
     assert_eq!(attr(&server, "http.response.status_code"), 200);
-    assert_eq!(attr(&server, "genesys.correlation_id"), correlation.as_str());
+    assert_eq!(
+        attr(&server, "genesys.correlation_id"),
+        correlation.as_str()
+    );
     assert_eq!(attr(&server, "genesys.credential"), "default");
     assert_eq!(attr(&server, "genesys.replays"), 0);
     assert!(attr(&server, "genesys.queue_wait_ms").is_f64(), "{server}");
-    let fp = attr(&server, "genesys.token.fingerprint").as_str().unwrap().to_string();
+    let fp = attr(&server, "genesys.token.fingerprint")
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(fp.starts_with("sha256:"), "{fp}");
 
     // Its upstream attempt: a client span, the parent Genesys was given.
     let attempt = receiver
-        .span("the attempt span", |s| s["trace_id"] == TRACE_ID && s["kind"] == 3)
+        .span("the attempt span", |s| {
+            s["trace_id"] == TRACE_ID && s["kind"] == 3
+        })
         .await;
     assert_eq!(attempt["span_id"], attempt_id.as_str());
     assert_eq!(attempt["parent_span_id"], server["span_id"]);
     assert_eq!(attr(&attempt, "http.response.status_code"), 200);
     assert_eq!(attr(&attempt, "http.request.resend_count"), 0);
-    assert_eq!(attr(&attempt, "genesys.correlation_id"), correlation.as_str());
+    assert_eq!(
+        attr(&attempt, "genesys.correlation_id"),
+        correlation.as_str()
+    );
     assert_eq!(attr(&attempt, "genesys.token.fingerprint"), fp.as_str());
 
     // The replayed request: 401 then 200, resend counts 0 and 1, replays 1.
@@ -186,14 +226,18 @@ async fn spans_reach_an_otlp_receiver_with_the_contract_attributes_and_the_calle
         })
         .await;
     assert_eq!(attr(&server2, "genesys.replays"), 1);
-    eventually(Duration::from_secs(15), "both attempts exported", || async {
-        receiver
-            .spans()
-            .iter()
-            .filter(|s| s["trace_id"] == replayed.as_str() && s["kind"] == 3)
-            .count()
-            == 2
-    })
+    eventually(
+        Duration::from_secs(15),
+        "both attempts exported",
+        || async {
+            receiver
+                .spans()
+                .iter()
+                .filter(|s| s["trace_id"] == replayed.as_str() && s["kind"] == 3)
+                .count()
+                == 2
+        },
+    )
     .await;
     let mut attempts: Vec<Value> = receiver
         .spans()
@@ -231,8 +275,19 @@ async fn spans_reach_an_otlp_receiver_with_the_contract_attributes_and_the_calle
         .await;
 
     let metrics = get_text(&format!("http://{}/metrics", proc.admin)).await;
-    assert!(metric(&metrics, "genesys_proxy_trace_spans_total{outcome=\"exported\"}") >= 4.0);
-    assert_eq!(metric(&metrics, "genesys_proxy_trace_spans_total{outcome=\"dropped\"}"), 0.0);
+    assert!(
+        metric(
+            &metrics,
+            "genesys_proxy_trace_spans_total{outcome=\"exported\"}"
+        ) >= 4.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "genesys_proxy_trace_spans_total{outcome=\"dropped\"}"
+        ),
+        0.0
+    );
     let status = get_json(&format!("http://{}/status", proc.admin)).await;
     assert_eq!(
         status["tracing"]["otlp_endpoint"],
@@ -252,7 +307,10 @@ async fn spans_reach_an_otlp_receiver_with_the_contract_attributes_and_the_calle
     // Nothing secret reached the collector.
     let exported = serde_json::to_string(&receiver.spans()).unwrap();
     assert!(!exported.contains(SECRET), "the client secret was exported");
-    assert!(!exported.to_lowercase().contains("bearer"), "a token was exported");
+    assert!(
+        !exported.to_lowercase().contains("bearer"),
+        "a token was exported"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,7 +318,7 @@ async fn sample_ratio_zero_records_only_what_the_caller_sampled_and_still_propag
     let Some(receiver) = Receiver::start(&[]) else {
         return;
     };
-    let sim = start_sim(sim_config()).await;
+    let sim = start_sim(unlimited_sim()).await;
     let proc = traced_proxy(
         &sim,
         &format!(
@@ -279,7 +337,9 @@ async fn sample_ratio_zero_records_only_what_the_caller_sampled_and_still_propag
             .json()
             .await
             .unwrap();
-        let tp = echo["traceparent"].as_str().expect("a traceparent even unsampled");
+        let tp = echo["traceparent"]
+            .as_str()
+            .expect("a traceparent even unsampled");
         assert!(tp.ends_with("-00"), "{tp}");
     }
     // A caller that sampled its trace is recorded whatever the ratio.
@@ -291,7 +351,9 @@ async fn sample_ratio_zero_records_only_what_the_caller_sampled_and_still_propag
         .unwrap();
     assert_eq!(r.status(), 200);
     receiver
-        .span("the sampled request", |s| s["trace_id"] == TRACE_ID && s["kind"] == 2)
+        .span("the sampled request", |s| {
+            s["trace_id"] == TRACE_ID && s["kind"] == 2
+        })
         .await;
     let metrics = get_text(&format!("http://{}/metrics", proc.admin)).await;
     // The sampled trace's server and client spans; nothing of the 20 others, no token spans.
@@ -309,14 +371,17 @@ async fn sample_ratio_zero_records_only_what_the_caller_sampled_and_still_propag
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_that_is_down_costs_requests_nothing_and_its_batches_are_counted_failed() {
-    let sim = start_sim(sim_config()).await;
+    let sim = start_sim(unlimited_sim()).await;
     // A port nothing listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let proc = traced_proxy(&sim, &format!("otlp_endpoint = \"http://127.0.0.1:{port}\"\n"));
+    let proc = traced_proxy(
+        &sim,
+        &format!("otlp_endpoint = \"http://127.0.0.1:{port}\"\n"),
+    );
     proc.wait_ready().await;
     let c = client();
     for i in 0..300 {
@@ -328,10 +393,14 @@ async fn a_collector_that_is_down_costs_requests_nothing_and_its_batches_are_cou
         assert_eq!(r.status(), 200, "request {i}");
     }
     let admin = proc.admin.clone();
-    eventually(Duration::from_secs(15), "failed batches counted", || async {
-        let m = get_text(&format!("http://{admin}/metrics")).await;
-        metric(&m, "genesys_proxy_trace_spans_total{outcome=\"failed\"}") >= 600.0
-    })
+    eventually(
+        Duration::from_secs(15),
+        "failed batches counted",
+        || async {
+            let m = get_text(&format!("http://{admin}/metrics")).await;
+            metric(&m, "genesys_proxy_trace_spans_total{outcome=\"failed\"}") >= 600.0
+        },
+    )
     .await;
     let status = get_json(&format!("http://{admin}/status")).await;
     assert_eq!(status["tracing"]["dropped_spans"], 0, "{status}");
@@ -345,7 +414,7 @@ async fn a_collector_that_is_down_costs_requests_nothing_and_its_batches_are_cou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_collector_fills_the_bounded_queue_and_spans_are_dropped_not_waited_for() {
-    let sim = start_sim(sim_config()).await;
+    let sim = start_sim(unlimited_sim()).await;
     // Accepts connections and never answers: every export waits for its timeout.
     let stall = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = stall.local_addr().unwrap().port();
@@ -374,7 +443,14 @@ async fn a_stalled_collector_fills_the_bounded_queue_and_spans_are_dropped_not_w
     // 800 spans: one batch (at most 512) is stuck in its export, 64 queued, the rest dropped.
     let dropped = metric(&m, "genesys_proxy_trace_spans_total{outcome=\"dropped\"}");
     let queued = metric(&m, "genesys_proxy_trace_export_queue_spans");
-    assert!(dropped >= 800.0 - 512.0 - 64.0, "dropped {dropped}\n{m}");
+    let (_, logs, _) = proc.stop();
+    assert!(
+        dropped >= 800.0 - 512.0 - 64.0,
+        "dropped {dropped}\n{m}\n{logs}"
+    );
     assert!(queued <= 64.0, "queued {queued}");
-    assert!(!held.lock().unwrap().is_empty(), "the exporter never connected");
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "the exporter never connected"
+    );
 }
