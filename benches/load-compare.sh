@@ -14,6 +14,11 @@
 #   APPS=1 bash benches/load-compare.sh    # also the proxy with [[app]]: callers proving
 #                                           # themselves with an API key, and with a proxy
 #                                           # token from their own login
+#   TRACING=1 bash benches/load-compare.sh  # also the proxy with [tracing]: sampling 1.0 and
+#                                           # 0.01 into a collector that takes every batch
+#                                           # (an nginx location answering 200), and 1.0 with
+#                                           # the collector down (connection refused); its RSS
+#                                           # before and after, and the spans' outcomes
 #   BASELINE=/path/to/older/genesys-auth-proxy bash benches/load-compare.sh
 #                                           # also an older build, same config: before/after
 #                                           # ratios within each run
@@ -58,7 +63,7 @@ trap cleanup EXIT
 wait_http() { for _ in $(seq 1 200); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done; echo "timeout waiting for $1" >&2; exit 1; }
 
 SIM_PORT=$(free_port); PROXY_PORT=$(free_port); ADMIN_PORT=$(free_port); NGINX_PORT=$(free_port)
-BARE_PORT=$(free_port); HAPROXY_PORT=$(free_port)
+BARE_PORT=$(free_port); HAPROXY_PORT=$(free_port); OTLP_PORT=$(free_port)
 SECRET="bench-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
 "$BIN" sim --listen "127.0.0.1:$SIM_PORT" --client "bench:$SECRET" \
@@ -107,6 +112,33 @@ TOML
     code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $h" "http://127.0.0.1:$APPS_PORT$PATH_UNDER_TEST")
     [ "$code" = 200 ] || { echo "the [[app]] proxy answered $code" >&2; exit 1; }
   done
+fi
+
+# start_variant NAME TOML_TAIL: another proxy, same config plus TOML_TAIL, on its own ports;
+# sets VARIANT_PID, VARIANT_PORT and VARIANT_ADMIN.
+start_variant() {
+  local name=$1 tail=$2
+  VARIANT_PORT=$(free_port); VARIANT_ADMIN=$(free_port)
+  sed -e "s/127.0.0.1:$PROXY_PORT/127.0.0.1:$VARIANT_PORT/" -e "s/127.0.0.1:$ADMIN_PORT/127.0.0.1:$VARIANT_ADMIN/" \
+    -e "s|$WORK/audit.jsonl|$WORK/audit-$name.jsonl|" "$WORK/proxy.toml" >"$WORK/$name.toml"
+  printf '%s\n' "$tail" >>"$WORK/$name.toml"
+  "$BIN" run -c "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
+  VARIANT_PID=$!
+  PIDS+=($VARIANT_PID)
+  for _ in $(seq 1 200); do [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$VARIANT_ADMIN/readyz")" = 200 ] && break; sleep 0.05; done
+}
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+if [ -n "${TRACING:-}" ]; then
+  # The collector is the nginx below (a location that takes the body and answers 200), so the
+  # export thread never waits on a slow receiver; "down" is a port nothing listens on.
+  DOWN_PORT=$(free_port)
+  start_variant trace-full "$(printf '[tracing]\notlp_endpoint = "http://127.0.0.1:%s"\nsample_ratio = 1.0' "$OTLP_PORT")"
+  TRACE_FULL_PID=$VARIANT_PID; TRACE_FULL_PORT=$VARIANT_PORT; TRACE_FULL_ADMIN=$VARIANT_ADMIN
+  start_variant trace-sampled "$(printf '[tracing]\notlp_endpoint = "http://127.0.0.1:%s"\nsample_ratio = 0.01' "$OTLP_PORT")"
+  TRACE_SAMPLED_PID=$VARIANT_PID; TRACE_SAMPLED_PORT=$VARIANT_PORT; TRACE_SAMPLED_ADMIN=$VARIANT_ADMIN
+  start_variant trace-down "$(printf '[tracing]\notlp_endpoint = "http://127.0.0.1:%s"\nsample_ratio = 1.0' "$DOWN_PORT")"
+  TRACE_DOWN_PID=$VARIANT_PID; TRACE_DOWN_PORT=$VARIANT_PORT; TRACE_DOWN_ADMIN=$VARIANT_ADMIN
 fi
 
 if [ -n "${BASELINE:-}" ]; then
@@ -164,6 +196,12 @@ http {
       proxy_set_header Host 127.0.0.1:$SIM_PORT;
       proxy_set_header Authorization "Bearer $TOKEN";
     }
+  }
+  server {
+    listen 127.0.0.1:$OTLP_PORT;
+    client_max_body_size 64m;
+    client_body_buffer_size 4m;
+    location / { return 200 ""; }
   }
 }
 EOF
@@ -249,6 +287,12 @@ for RUN in $(seq "$RUNS"); do
     run_wrk "proxy, app api key" "$APPS_PID" "http://127.0.0.1:$APPS_PORT$PATH_UNDER_TEST" -H "Authorization: Bearer $APP_KEY"
     run_wrk "proxy, app token" "$APPS_PID" "http://127.0.0.1:$APPS_PORT$PATH_UNDER_TEST" -H "Authorization: Bearer $APP_TOKEN"
   fi
+  if [ -n "${TRACE_FULL_PID:-}" ]; then
+    [ "$RUN" = 1 ] && DOWN_RSS_BEFORE=$(rss_kb "$TRACE_DOWN_PID")
+    run_wrk "proxy, tracing 1.0" "$TRACE_FULL_PID" "http://127.0.0.1:$TRACE_FULL_PORT$PATH_UNDER_TEST"
+    run_wrk "proxy, tracing 0.01" "$TRACE_SAMPLED_PID" "http://127.0.0.1:$TRACE_SAMPLED_PORT$PATH_UNDER_TEST"
+    run_wrk "proxy, collector down" "$TRACE_DOWN_PID" "http://127.0.0.1:$TRACE_DOWN_PORT$PATH_UNDER_TEST"
+  fi
   run_wrk "nginx (static header)" "$NGINX_PIDS" "http://127.0.0.1:$NGINX_PORT$PATH_UNDER_TEST"
   run_wrk "haproxy (static header)" "$HAPROXY_PID" "http://127.0.0.1:$HAPROXY_PORT$PATH_UNDER_TEST"
 done
@@ -279,10 +323,18 @@ for run in sorted(runs):
     show("bare/nginx   ", "bare pingora", "nginx (static header)", run)
     for app in ("proxy, app api key", "proxy, app token"):
         show(f"{app} / proxy", app, "genesys-auth-proxy", run)
+    for t in ("proxy, tracing 1.0", "proxy, tracing 0.01", "proxy, collector down"):
+        show(f"{t} / proxy", t, "genesys-auth-proxy", run)
     show("proxy/baseline", "genesys-auth-proxy", "baseline build", run)
     show("baseline/nginx", "baseline build", "nginx (static header)", run)
 EOF
 echo "proxy errors logged: $(grep -c -i '"level":"ERROR"' "$WORK/proxy.log" || true)"
+if [ -n "${TRACE_FULL_PID:-}" ]; then
+  for v in full:$TRACE_FULL_ADMIN sampled:$TRACE_SAMPLED_ADMIN down:$TRACE_DOWN_ADMIN; do
+    echo "tracing ${v%%:*}: $(curl -s "http://127.0.0.1:${v#*:}/metrics" | grep '^genesys_proxy_trace' | sed 's/genesys_proxy_trace_//' | tr '\n' ' ')"
+  done
+  echo "collector down: RSS $DOWN_RSS_BEFORE kB before its first run, $(rss_kb "$TRACE_DOWN_PID") kB after the last"
+fi
 if [ -f "$WORK/perf.data" ]; then
   echo "perf top 10 (genesys-auth-proxy, self time, first run):"
   perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null |

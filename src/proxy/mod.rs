@@ -148,7 +148,13 @@ fn anonymous_refusal(req: &RequestHeader, settings: &crate::config::ProxyLive) -
 fn trace_request(req: &RequestHeader) -> Option<Box<crate::telemetry::RequestTrace>> {
     let route = crate::budget::holds::route_key(req.method.as_str(), req.uri.path());
     let template = route.split_once(' ').map_or("", |(_, p)| p).to_string();
-    crate::telemetry::start_request(req.method.as_str(), route, &template, &req.headers)
+    crate::telemetry::start_request(
+        req.method.as_str(),
+        route,
+        &template,
+        req.uri.path(),
+        &req.headers,
+    )
 }
 
 /// Re-sends of one request after Genesys answered 429, at most.

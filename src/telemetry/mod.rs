@@ -167,13 +167,16 @@ pub fn start_request(
     method: &str,
     route: String,
     path_template: &str,
+    path: &str,
     headers: &http::HeaderMap,
 ) -> Option<Box<RequestTrace>> {
     let t = traces()?;
     let parent = t.propagator.extract(&Headers(headers));
+    // The path as the access log has it: never the query string.
     let attributes = vec![
         KeyValue::new("http.request.method", method.to_string()),
         KeyValue::new("http.route", path_template.to_string()),
+        KeyValue::new("url.path", path.to_string()),
     ];
     let span = t
         .tracer

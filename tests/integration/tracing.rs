@@ -117,7 +117,7 @@ async fn spans_reach_an_otlp_receiver_with_the_contract_attributes_and_the_calle
     // A request continuing the caller's trace, with its tracestate.
     let r = c
         .get(format!(
-            "http://{proxy}/api/v2/conversations/12345678/details"
+            "http://{proxy}/api/v2/conversations/12345678/details?expand=participants"
         ))
         .header("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01"))
         .header("tracestate", "vendor=abc")
@@ -188,6 +188,12 @@ async fn spans_reach_an_otlp_receiver_with_the_contract_attributes_and_the_calle
         attr(&server, "http.route"),
         "/api/v2/conversations/{id}/details"
     );
+    assert_eq!(
+        attr(&server, "url.path"),
+        "/api/v2/conversations/12345678/details",
+        "the path without its query"
+    );
+    assert!(!server.to_string().contains("participants"), "{server}");
     assert_eq!(attr(&server, "http.response.status_code"), 200);
     assert_eq!(
         attr(&server, "genesys.correlation_id"),
