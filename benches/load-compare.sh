@@ -292,6 +292,7 @@ for RUN in $(seq "$RUNS"); do
     run_wrk "proxy, tracing 1.0" "$TRACE_FULL_PID" "http://127.0.0.1:$TRACE_FULL_PORT$PATH_UNDER_TEST"
     run_wrk "proxy, tracing 0.01" "$TRACE_SAMPLED_PID" "http://127.0.0.1:$TRACE_SAMPLED_PORT$PATH_UNDER_TEST"
     run_wrk "proxy, collector down" "$TRACE_DOWN_PID" "http://127.0.0.1:$TRACE_DOWN_PORT$PATH_UNDER_TEST"
+    DOWN_RSS_RUNS="${DOWN_RSS_RUNS:-} $(rss_kb "$TRACE_DOWN_PID")"
   fi
   run_wrk "nginx (static header)" "$NGINX_PIDS" "http://127.0.0.1:$NGINX_PORT$PATH_UNDER_TEST"
   run_wrk "haproxy (static header)" "$HAPROXY_PID" "http://127.0.0.1:$HAPROXY_PORT$PATH_UNDER_TEST"
@@ -333,7 +334,8 @@ if [ -n "${TRACE_FULL_PID:-}" ]; then
   for v in full:$TRACE_FULL_ADMIN sampled:$TRACE_SAMPLED_ADMIN down:$TRACE_DOWN_ADMIN; do
     echo "tracing ${v%%:*}: $(curl -s "http://127.0.0.1:${v#*:}/metrics" | grep '^genesys_proxy_trace' | sed 's/genesys_proxy_trace_//' | tr '\n' ' ')"
   done
-  echo "collector down: RSS $DOWN_RSS_BEFORE kB before its first run, $(rss_kb "$TRACE_DOWN_PID") kB after the last"
+  echo "collector down: RSS $DOWN_RSS_BEFORE kB before its first run; after each run (kB):$DOWN_RSS_RUNS"
+  echo "proxy without tracing: RSS (kB) now: $(rss_kb "$PROXY_PID")"
 fi
 if [ -f "$WORK/perf.data" ]; then
   echo "perf top 10 (genesys-auth-proxy, self time, first run):"

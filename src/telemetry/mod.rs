@@ -80,9 +80,13 @@ pub fn init(settings: &TracingSettings) -> anyhow::Result<()> {
         .build();
     opentelemetry_sdk::trace::SpanExporter::set_resource(&mut exporter, &resource);
     let metrics = Arc::new(TraceMetrics::new());
-    let processor =
-        export::QueueProcessor::start(exporter, settings.max_queue_spans, metrics.clone())
-            .map_err(|e| anyhow::anyhow!("tracing: cannot start the export thread: {e}"))?;
+    let processor = export::QueueProcessor::start(
+        exporter,
+        settings.max_queue_spans,
+        export::DELAY,
+        metrics.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("tracing: cannot start the export thread: {e}"))?;
     let provider = SdkTracerProvider::builder()
         .with_span_processor(processor)
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
